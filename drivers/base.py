@@ -1,0 +1,84 @@
+"""The driver contract: what every source of samples implements.
+
+A :class:`Driver` knows a family of live nodes (simulated devices, LSL outlets, serial
+ports...). It lists them and opens one of their streams as a :class:`Source`. A source is
+an async context manager whose :meth:`Source.chunks` yields ``(timestamps, values)``
+numpy chunks: timestamps float64 of shape (n,), values of shape (n, channels).
+
+Blocking I/O belongs in a thread (``asyncio.to_thread``); a source never blocks the
+event loop.
+"""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import AsyncIterator, Mapping
+from types import TracebackType
+from typing import Any, Self
+
+import numpy as np
+
+from ..framing import Framing
+from ..model import Node, Stream
+
+__all__ = ["Chunk", "Driver", "Source"]
+
+Chunk = tuple[np.ndarray, np.ndarray]
+
+
+class Source(abc.ABC):
+    """One opened stream.
+
+    ``paced`` says who cuts frames. A live source (False) yields chunks as the device
+    delivers them and the task's framer groups them. A paced source (True) knows its
+    future, cuts each frame itself and releases it on schedule; the task passes its
+    chunks through unchanged.
+    """
+
+    paced: bool = False
+
+    def __init__(self, stream: Stream) -> None:
+        self.stream = stream
+
+    async def open(self) -> None:  # noqa: B027 - optional hook
+        """Acquire the device or file. Raise DeviceLost if it is not there (yet)."""
+
+    async def aclose(self) -> None:  # noqa: B027 - optional hook
+        """Release everything :meth:`open` acquired. Safe to call twice."""
+
+    @abc.abstractmethod
+    def chunks(self) -> AsyncIterator[Chunk]:
+        """Yield chunks until the stream ends; raise DeviceLost when the device vanishes."""
+
+    async def __aenter__(self) -> Self:
+        await self.open()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.aclose()
+
+
+class Driver(abc.ABC):
+    """A family of live nodes: lists them and opens their streams."""
+
+    #: The name the registry and configs use for this driver ("sim", "lsl", ...).
+    name: str = ""
+
+    @abc.abstractmethod
+    async def list_nodes(self) -> list[Node]:
+        """The nodes this driver can see now."""
+
+    @abc.abstractmethod
+    async def list_streams(self, node_id: str) -> list[Stream]:
+        """The streams of one node. Raise NotFound for an unknown node."""
+
+    @abc.abstractmethod
+    def open_stream(
+        self, node_id: str, stream_id: str, attrs: Mapping[str, Any], framing: Framing
+    ) -> Source:
+        """A source for one stream (not yet opened). Raise NotFound for unknown ids."""

@@ -1,0 +1,64 @@
+"""Framing: when a task turns buffered samples into a frame.
+
+A frame is flushed when it holds ``max_samples`` samples or when its oldest sample is
+``max_latency_ms`` old, whichever comes first. Presets cover the usual trade-offs.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from .errors import InvalidRequest
+
+__all__ = ["PRESETS", "Framing"]
+
+
+@dataclass(frozen=True)
+class Framing:
+    """How many samples, and how much waiting, a frame may hold."""
+
+    max_samples: int = 1024
+    max_latency_ms: float = 50.0
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.max_samples, int) or self.max_samples < 1:
+            raise InvalidRequest(f"max_samples must be an integer >= 1, not {self.max_samples!r}")
+        if not isinstance(self.max_latency_ms, int | float) or self.max_latency_ms <= 0:
+            raise InvalidRequest(f"max_latency_ms must be > 0, not {self.max_latency_ms!r}")
+
+    @property
+    def max_latency_s(self) -> float:
+        return self.max_latency_ms / 1000.0
+
+    @classmethod
+    def coerce(cls, value: Framing | str | dict[str, Any] | None) -> Framing:
+        """Accept a Framing, a preset name or a dict of fields (from config or a request)."""
+        if value is None:
+            return PRESETS["balanced"]
+        if isinstance(value, Framing):
+            return value
+        if isinstance(value, str):
+            if value not in PRESETS:
+                raise InvalidRequest(f"unknown framing preset {value!r}; use one of {sorted(PRESETS)}")
+            return PRESETS[value]
+        if isinstance(value, dict):
+            unknown = set(value) - {"max_samples", "max_latency_ms", "preset"}
+            if unknown:
+                raise InvalidRequest(f"unknown framing keys {sorted(unknown)}")
+            base = cls.coerce(value.get("preset"))
+            return cls(
+                max_samples=value.get("max_samples", base.max_samples),
+                max_latency_ms=value.get("max_latency_ms", base.max_latency_ms),
+            )
+        raise InvalidRequest(f"framing must be a preset name or a dict, not {type(value).__name__}")
+
+
+PRESETS: dict[str, Framing] = {
+    # Interactive feedback, BCI loops: a frame every few milliseconds.
+    "low-latency": Framing(max_samples=256, max_latency_ms=5.0),
+    # Dashboards and online analytics.
+    "balanced": Framing(max_samples=1024, max_latency_ms=50.0),
+    # Recording and bulk transfer: few, large frames.
+    "throughput": Framing(max_samples=16384, max_latency_ms=500.0),
+}
