@@ -1,0 +1,233 @@
+"""Replay recorded DFDS collections: find recordings, read them, release frames on time.
+
+Recordings are found from the collection's ``pattern``: ``csv://{subject}/{session}``
+matches files ``<data_dir>/<collection id>/<subject>/<session>.csv``, and each
+placeholder becomes an attribute of the recording. A ``{stream}`` placeholder puts each
+stream in a file of its own; without it, one file holds the columns of all streams.
+
+Replay knows the future, so it cuts frames itself (``paced`` source): each frame holds at
+most ``max_samples`` samples spanning at most ``max_latency_ms`` of (scaled) recording
+time, and is released when its last sample is due on an absolute schedule,
+``start + (t_last - t_first) / speed``, so waiting errors never add up to drift.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..dfds import split_pattern
+from ..errors import InvalidRequest, NotFound
+from ..framing import Framing
+from ..model import Collection, Stream
+from .base import Chunk, Source
+from .csvfile import CsvStreamReader
+
+__all__ = ["Recording", "ReplaySource", "find_recordings", "open_reader", "select_recording"]
+
+SUPPORTED_FORMATS = ("csv",)
+_PLACEHOLDER = re.compile(r"\{(\w+)\}")
+
+
+@dataclass(frozen=True)
+class Recording:
+    """One recording of a collection: its attributes and the file of each stream."""
+
+    attrs: Mapping[str, str]
+    files: Mapping[str, Path]  # stream id -> file; key "*" when one file holds every stream
+
+    def file_for(self, stream_id: str) -> Path | None:
+        return self.files.get(stream_id, self.files.get("*"))
+
+
+def _template_regex(template: str, extension: str) -> tuple[re.Pattern[str], list[str]]:
+    if not template.endswith(extension):
+        template += extension
+    parts, names, seen = [], [], set()
+    position = 0
+    for match in _PLACEHOLDER.finditer(template):
+        parts.append(re.escape(template[position : match.start()]))
+        name = match[1]
+        # A placeholder used twice must match the same text twice.
+        parts.append(f"(?P={name})" if name in seen else f"(?P<{name}>[^/]+?)")
+        if name not in seen:
+            names.append(name)
+            seen.add(name)
+        position = match.end()
+    parts.append(re.escape(template[position:]))
+    return re.compile("".join(parts)), names
+
+
+def find_recordings(collection: Collection, data_dir: Path) -> list[Recording]:
+    """Every recording of ``collection`` under ``data_dir/<collection id>``, sorted by attrs."""
+    if not collection.pattern:
+        return []
+    scheme, template = split_pattern(collection.pattern)
+    if scheme not in SUPPORTED_FORMATS:
+        raise InvalidRequest(
+            f"collection {collection.id!r}: format {scheme!r} is not supported "
+            f"(supported: {', '.join(SUPPORTED_FORMATS)})"
+        )
+    root = data_dir / collection.id
+    if not root.is_dir():
+        return []
+    regex, names = _template_regex(template, f".{scheme}")
+    by_attrs: dict[tuple[tuple[str, str], ...], dict[str, Path]] = {}
+    for path in sorted(root.rglob(f"*.{scheme}")):
+        match = regex.fullmatch(path.relative_to(root).as_posix())
+        if match is None:
+            continue
+        groups = match.groupdict()
+        stream_id = groups.pop("stream", "*")
+        if stream_id != "*" and stream_id not in collection.streams:
+            continue
+        key = tuple((name, groups[name]) for name in names if name != "stream")
+        by_attrs.setdefault(key, {})[stream_id] = path
+    return [Recording(dict(key), files) for key, files in sorted(by_attrs.items())]
+
+
+def select_recording(
+    recordings: Sequence[Recording], attrs: Mapping[str, Any], collection_id: str
+) -> Recording:
+    """The one recording whose attributes match ``attrs``.
+
+    Raises:
+        InvalidRequest: an attribute the collection does not have, or attrs that match
+            more than one recording.
+        NotFound: no recording matches.
+    """
+    known = {name for r in recordings for name in r.attrs}
+    wanted = {str(k): str(v) for k, v in attrs.items()}
+    unknown = sorted(set(wanted) - known)
+    if unknown and recordings:
+        raise InvalidRequest(
+            f"collection {collection_id!r} has no attribute {unknown}; "
+            f"recordings are selected by {sorted(known)}"
+        )
+    matches = [r for r in recordings if all(r.attrs.get(k) == v for k, v in wanted.items())]
+    if not matches:
+        examples = ", ".join(str(dict(r.attrs)) for r in recordings[:5]) or "none"
+        raise NotFound(
+            f"no recording of {collection_id!r} matches {wanted}; recordings: {examples}"
+        )
+    if len(matches) > 1:
+        examples = ", ".join(str(dict(r.attrs)) for r in matches[:5])
+        raise InvalidRequest(
+            f"{len(matches)} recordings of {collection_id!r} match {wanted}; "
+            f"add attributes to pick one: {examples}"
+        )
+    return matches[0]
+
+
+def open_reader(
+    recording: Recording, stream: Stream, *, block_bytes: int = 4 << 20
+) -> Callable[[], Iterator[Chunk]]:
+    """A factory of block iterators for one stream of one recording."""
+    path = recording.file_for(stream.id)
+    if path is None:
+        raise NotFound(f"recording {dict(recording.attrs)} has no file for stream {stream.id!r}")
+    return lambda: CsvStreamReader(path, stream, block_bytes).blocks()
+
+
+async def _blocks_in_thread(make_blocks: Callable[[], Iterator[Chunk]]) -> AsyncIterator[Chunk]:
+    """Read blocks in a worker thread, one block ahead of the consumer."""
+    blocks = make_blocks()
+    done = object()
+    pending = asyncio.ensure_future(asyncio.to_thread(next, blocks, done))
+    try:
+        while True:
+            block = await pending
+            if block is done:
+                return
+            pending = asyncio.ensure_future(asyncio.to_thread(next, blocks, done))
+            yield block
+    finally:
+        pending.cancel()
+
+
+def frame_bounds(timestamps: np.ndarray, max_samples: int, max_span: float) -> Iterator[tuple[int, int]]:
+    """Cut a block into frames of at most ``max_samples`` samples spanning <= ``max_span``.
+
+    One search per frame, never per sample. ``max_span`` <= 0 cuts by count only.
+    """
+    n = len(timestamps)
+    start = 0
+    while start < n:
+        stop = min(start + max_samples, n)
+        if max_span > 0:
+            limit = int(np.searchsorted(timestamps, timestamps[start] + max_span, side="right"))
+            stop = max(start + 1, min(stop, limit))
+        yield start, stop
+        start = stop
+
+
+class ReplaySource(Source):
+    """Frames of a recording, released on an absolute schedule.
+
+    Args:
+        stream: the stream's metadata.
+        make_blocks: returns a fresh iterator of blocks (called once per pass).
+        speed: 1.0 is real time, 2.0 twice as fast, 0 as fast as possible.
+        framing: frame size and latency limits.
+        loop: start again at the end (guided simulation); timestamps then move on
+            by the length of the recording each pass.
+    """
+
+    paced = True
+
+    def __init__(
+        self,
+        stream: Stream,
+        make_blocks: Callable[[], Iterator[Chunk]],
+        *,
+        speed: float = 1.0,
+        framing: Framing,
+        loop: bool = False,
+    ) -> None:
+        super().__init__(stream)
+        if not isinstance(speed, int | float) or isinstance(speed, bool) or speed < 0:
+            raise InvalidRequest(f"speed must be a number >= 0, not {speed!r}")
+        self.make_blocks = make_blocks
+        self.speed = float(speed)
+        self.framing = framing
+        self.loop = loop
+        #: The loop time at which the first sample was due (set on the first frame).
+        self.started_at: float | None = None
+
+    async def chunks(self) -> AsyncIterator[Chunk]:
+        clock = asyncio.get_running_loop().time
+        span = self.framing.max_latency_s * self.speed
+        first_ts: float | None = None
+        offset = 0.0  # added to timestamps on each loop pass
+        while True:
+            pass_first: float | None = None
+            last_ts: float | None = None
+            async for timestamps, values in _blocks_in_thread(self.make_blocks):
+                if len(timestamps) == 0:
+                    continue
+                if offset:
+                    timestamps = timestamps + offset
+                if first_ts is None:
+                    first_ts = float(timestamps[0])
+                    self.started_at = clock()
+                if pass_first is None:
+                    pass_first = float(timestamps[0])
+                for start, stop in frame_bounds(timestamps, self.framing.max_samples, span):
+                    if self.speed > 0:
+                        due = self.started_at + (float(timestamps[stop - 1]) - first_ts) / self.speed
+                        delay = due - clock()
+                        if delay > 0:
+                            await asyncio.sleep(delay)
+                    yield timestamps[start:stop], values[start:stop]
+                last_ts = float(timestamps[-1])
+            if not self.loop or last_ts is None or pass_first is None:
+                return
+            # The next pass continues the timeline one sample period after this one.
+            period = 1.0 / self.stream.frequency if self.stream.frequency > 0 else 0.0
+            offset += last_ts - pass_first + period

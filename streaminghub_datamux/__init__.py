@@ -1,0 +1,42 @@
+"""streaminghub-datamux: stream sensor data as numpy frames, locally or over MQTT.
+
+Quick start::
+
+    import asyncio, streaminghub_datamux as dm
+
+    async def main():
+        api = dm.API()
+        sink = asyncio.Queue()
+        ack = await api.proxy_live_stream("demo", "eeg", {}, sink)
+        async for frame in dm.frames(sink):
+            print(frame.seq, frame.values.shape)
+"""
+
+from __future__ import annotations
+
+from . import errors, util
+from .api import API
+from .framing import Framing
+from .model import Collection, Field, Frame, Group, Node, Stream, StreamAck, StreamError, StreamStatus
+from .util import END_OF_STREAM, frames
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "API",
+    "END_OF_STREAM",
+    "Collection",
+    "Field",
+    "Frame",
+    "Framing",
+    "Group",
+    "Node",
+    "Stream",
+    "StreamAck",
+    "StreamError",
+    "StreamStatus",
+    "__version__",
+    "errors",
+    "frames",
+    "util",
+]

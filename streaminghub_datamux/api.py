@@ -1,0 +1,284 @@
+"""The local API: every task runs in this process, no broker involved.
+
+``RemoteAPI`` offers the same methods over MQTT, so code written against one runs
+against the other.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import secrets
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from types import TracebackType
+from typing import Any, Self
+
+from .config import Config, load_config
+from .dfds import scan_collections
+from .drivers.base import Driver
+from .drivers.replay import ReplaySource, find_recordings, open_reader, select_recording
+from .errors import InvalidRequest, NotFound
+from .framing import Framing
+from .model import Collection, Node, Stream, StreamAck
+from .tasks import Task
+
+__all__ = ["API"]
+
+log = logging.getLogger(__name__)
+
+# Replay reads this much text per block: big blocks for throughput when not paced,
+# small ones when paced so a block never holds the loop long enough to miss a deadline.
+_BLOCK_BYTES_FAST = 4 << 20
+_BLOCK_BYTES_PACED = 256 << 10
+
+
+def _check_attrs(attrs: Any) -> dict[str, Any]:
+    if attrs is None:
+        return {}
+    if not isinstance(attrs, Mapping):
+        raise InvalidRequest(f"attrs must be a mapping, not {type(attrs).__name__}")
+    return dict(attrs)
+
+
+def _check_sink(sink: Any) -> asyncio.Queue[Any]:
+    if not isinstance(sink, asyncio.Queue):
+        raise InvalidRequest(f"sink must be an asyncio.Queue, not {type(sink).__name__}")
+    return sink
+
+
+class API:
+    """Collections, live nodes and tasks, in this process.
+
+    Args:
+        config: the effective configuration; loaded from the usual layers when omitted.
+        drivers: the live drivers; by default the simulator with the configured nodes.
+    """
+
+    def __init__(self, config: Config | None = None, *, drivers: Sequence[Driver] | None = None) -> None:
+        self.config = config if config is not None else load_config()
+        self.framing = Framing.coerce(self.config.framing or None)
+        self._drivers = list(drivers) if drivers is not None else self._default_drivers()
+        self._tasks: dict[str, Task] = {}
+
+    def _default_drivers(self) -> list[Driver]:
+        from .drivers.simulate import SimDriver
+
+        return [SimDriver(self.config.simulate.get("nodes") or {})]
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self.aclose()
+
+    async def aclose(self) -> None:
+        """Stop every task (each sink gets END_OF_STREAM)."""
+        await asyncio.gather(*(task.stop() for task in list(self._tasks.values())))
+
+    # -- collections -------------------------------------------------------------------
+
+    @property
+    def data_dir(self) -> Path:
+        return Path(self.config.data_dir)
+
+    def _collections(self) -> dict[str, Collection]:
+        collections, _ = scan_collections(Path(self.config.meta_dir))
+        return collections
+
+    def get_collection(self, collection_id: str) -> Collection:
+        """One collection by id. A broken file raises its MetadataError here."""
+        collections, problems = scan_collections(Path(self.config.meta_dir))
+        if collection_id in problems:
+            raise problems[collection_id]
+        if collection_id not in collections:
+            raise NotFound(
+                f"no collection {collection_id!r} in {self.config.meta_dir}; "
+                f"collections: {sorted(collections) or 'none'}"
+            )
+        return collections[collection_id]
+
+    def get_collection_stream(self, collection_id: str, stream_id: str) -> Stream:
+        collection = self.get_collection(collection_id)
+        if stream_id not in collection.streams:
+            raise NotFound(
+                f"collection {collection_id!r} has no stream {stream_id!r}; "
+                f"streams: {sorted(collection.streams)}"
+            )
+        return collection.streams[stream_id]
+
+    async def list_collections(self) -> list[Collection]:
+        """Every collection in ``meta_dir`` that loads (broken files are logged)."""
+        return list((await asyncio.to_thread(self._collections)).values())
+
+    async def list_collection_streams(self, collection_id: str) -> list[Stream]:
+        """The streams of one collection."""
+        collection = await asyncio.to_thread(self.get_collection, collection_id)
+        return list(collection.streams.values())
+
+    async def list_collection_recordings(self, collection_id: str) -> list[dict[str, str]]:
+        """The attrs of every recording of a collection (what ``attrs`` may select)."""
+        collection = await asyncio.to_thread(self.get_collection, collection_id)
+        recordings = await asyncio.to_thread(find_recordings, collection, self.data_dir)
+        return [dict(r.attrs) for r in recordings]
+
+    def open_replay(
+        self,
+        collection_id: str,
+        stream_id: str,
+        attrs: Mapping[str, Any],
+        *,
+        speed: float,
+        framing: Framing,
+        loop: bool = False,
+    ) -> ReplaySource:
+        """A replay source for one stream of one recording (not yet opened)."""
+        collection = self.get_collection(collection_id)
+        stream = self.get_collection_stream(collection_id, stream_id)
+        recording = select_recording(
+            find_recordings(collection, self.data_dir), attrs, collection_id
+        )
+        block_bytes = _BLOCK_BYTES_FAST if speed == 0 else _BLOCK_BYTES_PACED
+        stream = Stream.from_dict(stream.id, stream.to_dict(), attrs=dict(recording.attrs))
+        reader = open_reader(recording, stream, block_bytes=block_bytes)
+        return ReplaySource(stream, reader, speed=speed, framing=framing, loop=loop)
+
+    async def replay_collection_stream(
+        self,
+        collection_id: str,
+        stream_id: str,
+        attrs: Mapping[str, Any],
+        sink: asyncio.Queue[Any],
+        *,
+        speed: float | None = None,
+        rate_limit: bool | None = None,
+        framing: Framing | str | dict[str, Any] | None = None,
+        owner: str = "",
+    ) -> StreamAck:
+        """Replay one stream of one recording into ``sink``.
+
+        Args:
+            collection_id: the collection.
+            stream_id: the stream in it.
+            attrs: selects exactly one recording (e.g. ``{"subject": "A"}``).
+            sink: receives frames, then END_OF_STREAM.
+            speed: 1.0 real time (default), 2.0 twice as fast, 0 as fast as possible.
+            rate_limit: upstream's switch; ``False`` means speed 0.
+            framing: a :class:`Framing`, a preset name or a dict; defaults to the config.
+
+        Raises:
+            NotFound: unknown collection, stream, or no matching recording.
+            InvalidRequest: bad parameters, or attrs that match several recordings.
+        """
+        attrs = _check_attrs(attrs)
+        sink = _check_sink(sink)
+        if speed is None:
+            speed = 0.0 if rate_limit is False else 1.0
+        chosen = Framing.coerce(framing) if framing is not None else self.framing
+        source = await asyncio.to_thread(
+            self.open_replay, collection_id, stream_id, attrs, speed=speed, framing=chosen
+        )
+        frame_attrs = {**source.stream.attrs, **attrs}
+        return self._start(source.stream, lambda: source, sink, frame_attrs, chosen, owner)
+
+    # -- live nodes --------------------------------------------------------------------
+
+    async def list_live_nodes(self) -> list[Node]:
+        """Every live node the drivers can see now."""
+        nodes: list[Node] = []
+        for driver in self._drivers:
+            nodes.extend(await driver.list_nodes())
+        return nodes
+
+    async def _driver_of(self, node_id: str) -> Driver:
+        if not isinstance(node_id, str):
+            raise InvalidRequest(f"node_id must be a string, not {type(node_id).__name__}")
+        seen: list[str] = []
+        for driver in self._drivers:
+            for node in await driver.list_nodes():
+                if node.id == node_id:
+                    return driver
+                seen.append(node.id)
+        raise NotFound(f"no live node {node_id!r}; nodes: {sorted(seen) or 'none'}")
+
+    async def list_live_streams(self, node_id: str) -> list[Stream]:
+        """The streams of one live node."""
+        driver = await self._driver_of(node_id)
+        return await driver.list_streams(node_id)
+
+    async def proxy_live_stream(
+        self,
+        node_id: str,
+        stream_id: str,
+        attrs: Mapping[str, Any],
+        sink: asyncio.Queue[Any],
+        *,
+        framing: Framing | str | dict[str, Any] | None = None,
+        owner: str = "",
+    ) -> StreamAck:
+        """Stream a live stream into ``sink`` until stopped.
+
+        Raises:
+            NotFound: unknown node or stream.
+            InvalidRequest: bad parameters.
+        """
+        attrs = _check_attrs(attrs)
+        sink = _check_sink(sink)
+        chosen = Framing.coerce(framing) if framing is not None else self.framing
+        driver = await self._driver_of(node_id)
+        streams = {s.id: s for s in await driver.list_streams(node_id)}
+        if stream_id not in streams:
+            raise NotFound(f"node {node_id!r} has no stream {stream_id!r}; streams: {sorted(streams)}")
+        stream = streams[stream_id]
+
+        def open_source() -> Any:
+            return driver.open_stream(node_id, stream_id, attrs, chosen)
+
+        open_source()  # fail now, not inside the task, if the request is bad
+        frame_attrs = {**stream.attrs, **attrs}
+        return self._start(stream, open_source, sink, frame_attrs, chosen, owner)
+
+    # -- tasks -------------------------------------------------------------------------
+
+    def _start(
+        self,
+        stream: Stream,
+        open_source: Any,
+        sink: asyncio.Queue[Any],
+        attrs: Mapping[str, Any],
+        framing: Framing,
+        owner: str,
+    ) -> StreamAck:
+        task_id = secrets.token_hex(8)
+        task = Task(
+            task_id,
+            open_source,
+            sink,
+            stream_id=stream.id,
+            channels=stream.channels,
+            attrs=attrs,
+            framing=framing,
+            owner=owner,
+        )
+        self._tasks[task_id] = task
+        task.start(on_done=lambda t: self._tasks.pop(t.id, None))
+        return StreamAck(status=True, randseq=task_id)
+
+    def tasks(self) -> list[Task]:
+        """The tasks running now."""
+        return list(self._tasks.values())
+
+    async def stop_task(self, randseq: str) -> StreamAck:
+        """Stop a task; its sink gets END_OF_STREAM.
+
+        Raises:
+            NotFound: no running task has this id (unknown, or already ended).
+        """
+        task = self._tasks.get(randseq) if isinstance(randseq, str) else None
+        if task is None:
+            raise NotFound(f"no running task {randseq!r}")
+        await task.stop()
+        self._tasks.pop(randseq, None)
+        return StreamAck(status=True, randseq=randseq)

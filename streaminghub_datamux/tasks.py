@@ -1,0 +1,288 @@
+"""Tasks: one subscription each, from a source to a sink, ending with END_OF_STREAM.
+
+A task opens its source, turns chunks into frames and puts them on the sink. Whatever
+happens, the sink's last item is END_OF_STREAM: after the data, after an error item
+(:class:`StreamError`), or after :meth:`Task.stop`. Live sources that lose their device
+are reopened with exponential backoff; the task reports each loss and return with a
+:class:`StreamStatus` item and keeps going.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import deque
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import numpy as np
+
+from .errors import DeviceLost
+from .framing import Framing
+from .model import Frame, StreamError, StreamStatus
+from .util import END_OF_STREAM, describe_error
+
+__all__ = ["Framer", "Task"]
+
+log = logging.getLogger(__name__)
+
+# An unbounded sink may hold this many frames before the task waits for the consumer:
+# replay then slows to the consumer's pace and live sources drop their oldest samples,
+# instead of memory growing without limit.
+SINK_HIGH_WATER = 256
+# Live samples buffered between a device and the framer, in frames' worth.
+BUFFER_FRAMES = 16
+BACKOFF_FIRST_S = 0.1
+BACKOFF_MAX_S = 5.0
+
+
+class Framer:
+    """Groups live chunks into frames of <= ``max_samples``, flushed at ``max_latency``.
+
+    Holds at most ``capacity`` samples; past that the oldest chunks are dropped and
+    counted in :attr:`dropped`, so a stalled consumer never stalls the device.
+    """
+
+    def __init__(self, framing: Framing, capacity: int) -> None:
+        self.framing = framing
+        self.capacity = capacity
+        self.dropped = 0
+        self.arrived = asyncio.Event()
+        self._chunks: deque[tuple[np.ndarray, np.ndarray]] = deque()
+        self._size = 0
+        self._oldest_birth: float | None = None  # when the oldest held sample was taken
+
+    def __len__(self) -> int:
+        return self._size
+
+    def push(self, timestamps: np.ndarray, values: np.ndarray, now: float) -> None:
+        if len(timestamps) == 0:
+            return
+        # A chunk's first sample was taken before the chunk arrived by its time span.
+        span = float(timestamps[-1] - timestamps[0]) if timestamps.dtype.kind == "f" else 0.0
+        birth = now - min(max(span, 0.0), self.framing.max_latency_s)
+        if self._oldest_birth is None:
+            self._oldest_birth = birth
+        self._chunks.append((timestamps, values))
+        self._size += len(timestamps)
+        while self._size > self.capacity and len(self._chunks) > 1:
+            dropped_ts, _ = self._chunks.popleft()
+            self._size -= len(dropped_ts)
+            self.dropped += len(dropped_ts)
+        self.arrived.set()
+
+    def deadline(self) -> float | None:
+        """When the oldest held sample reaches max latency (None when empty)."""
+        if self._oldest_birth is None:
+            return None
+        return self._oldest_birth + self.framing.max_latency_s
+
+    def ready(self, now: float) -> bool:
+        deadline = self.deadline()
+        return self._size >= self.framing.max_samples or (deadline is not None and now >= deadline)
+
+    def pop(self, now: float) -> tuple[np.ndarray, np.ndarray]:
+        """Take up to ``max_samples`` samples from the front, as one frame."""
+        wanted = self.framing.max_samples
+        ts_parts, value_parts, taken = [], [], 0
+        while self._chunks and taken < wanted:
+            timestamps, values = self._chunks.popleft()
+            room = wanted - taken
+            if len(timestamps) > room:
+                self._chunks.appendleft((timestamps[room:], values[room:]))
+                timestamps, values = timestamps[:room], values[:room]
+            ts_parts.append(timestamps)
+            value_parts.append(values)
+            taken += len(timestamps)
+        self._size -= taken
+        # What stays behind arrived after what left: it is at most as old as now.
+        self._oldest_birth = now if self._chunks else None
+        if len(ts_parts) == 1:
+            return ts_parts[0], value_parts[0]
+        return np.concatenate(ts_parts), np.concatenate(value_parts)
+
+
+class Task:
+    """Runs one source into one sink until the source ends, fails or is stopped.
+
+    Args:
+        task_id: the id returned to the caller (``StreamAck.randseq``).
+        open_source: makes a fresh (unopened) source; called again after a device loss.
+        sink: where frames, status items, error items and END_OF_STREAM go.
+        attrs: echoed on every frame.
+        framing: frame limits for live sources.
+        owner: who started the task (a client id for remote tasks).
+    """
+
+    def __init__(
+        self,
+        task_id: str,
+        open_source: Callable[[], Any],
+        sink: asyncio.Queue[Any],
+        *,
+        stream_id: str,
+        channels: list[str],
+        attrs: Mapping[str, Any],
+        framing: Framing,
+        owner: str = "",
+    ) -> None:
+        self.id = task_id
+        self.open_source = open_source
+        self.sink = sink
+        self.stream_id = stream_id
+        self.channels = channels
+        self.attrs = dict(attrs)
+        self.framing = framing
+        self.owner = owner
+        self.frames_sent = 0
+        self.samples_sent = 0
+        self.samples_dropped = 0
+        self.started = time.time()
+        self._runner: asyncio.Task[None] | None = None
+        self._end_delivery: asyncio.Task[None] | None = None
+
+    # -- lifecycle ---------------------------------------------------------------------
+
+    def start(self, on_done: Callable[[Task], None] | None = None) -> None:
+        self._runner = asyncio.create_task(self._run(), name=f"task-{self.id}")
+        if on_done is not None:
+            self._runner.add_done_callback(lambda _: on_done(self))
+
+    @property
+    def done(self) -> bool:
+        return self._runner is not None and self._runner.done()
+
+    async def stop(self, timeout: float = 1.0) -> None:
+        """Stop the task; END_OF_STREAM is on the sink (or on its way) when this returns."""
+        if self._runner is None or self._runner.done():
+            return
+        self._runner.cancel()
+        await asyncio.wait({self._runner}, timeout=timeout)
+
+    async def wait(self) -> None:
+        if self._runner is not None:
+            await asyncio.wait({self._runner})
+
+    # -- the pipeline ------------------------------------------------------------------
+
+    async def _run(self) -> None:
+        try:
+            await self._stream_with_retries()
+        except asyncio.CancelledError:
+            log.debug("task %s stopped", self.id)
+        except Exception as exc:
+            code, message = describe_error(exc)
+            if code == "internal":
+                log.exception("task %s failed", self.id)
+            else:
+                log.warning("task %s failed: %s", self.id, message)
+            self._put_last(StreamError(self.stream_id, code, message))
+        finally:
+            self._put_last(END_OF_STREAM)
+
+    async def _stream_with_retries(self) -> None:
+        backoff = BACKOFF_FIRST_S
+        lost = False
+        while True:
+            source = self.open_source()
+            try:
+                async with source:
+                    if lost:
+                        await self._deliver(StreamStatus(self.stream_id, "reconnected"))
+                        lost, backoff = False, BACKOFF_FIRST_S
+                    if source.paced:
+                        await self._pass_through(source)
+                    else:
+                        await self._frame_live(source)
+                return
+            except DeviceLost as exc:
+                if not lost:
+                    lost = True
+                    log.warning("task %s: device lost: %s", self.id, exc)
+                    await self._deliver(StreamStatus(self.stream_id, "disconnected", str(exc)))
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, BACKOFF_MAX_S)
+
+    async def _pass_through(self, source: Any) -> None:
+        async for timestamps, values in source.chunks():
+            await self._emit(timestamps, values)
+
+    async def _frame_live(self, source: Any) -> None:
+        clock = asyncio.get_running_loop().time
+        capacity = self.framing.max_samples * BUFFER_FRAMES
+        framer = Framer(self.framing, capacity)
+        ended = asyncio.Event()
+        failure: list[BaseException] = []
+
+        async def pump() -> None:
+            try:
+                async for timestamps, values in source.chunks():
+                    framer.push(timestamps, values, clock())
+            except Exception as exc:
+                failure.append(exc)
+            finally:
+                ended.set()
+                framer.arrived.set()
+
+        pumping = asyncio.create_task(pump(), name=f"pump-{self.id}")
+        try:
+            while True:
+                now = clock()
+                if framer.ready(now) or (ended.is_set() and len(framer)):
+                    await self._emit(*framer.pop(now))
+                    self.samples_dropped = framer.dropped
+                    continue
+                if ended.is_set():
+                    break
+                deadline = framer.deadline()
+                framer.arrived.clear()
+                timeout = None if deadline is None else max(deadline - clock(), 0.0)
+                try:
+                    await asyncio.wait_for(framer.arrived.wait(), timeout)
+                except TimeoutError:
+                    pass
+        finally:
+            pumping.cancel()
+            await asyncio.wait({pumping})
+        self.samples_dropped = framer.dropped
+        if failure:
+            raise failure[0]
+
+    async def _emit(self, timestamps: np.ndarray, values: np.ndarray) -> None:
+        frame = Frame(
+            stream_id=self.stream_id,
+            seq=self.frames_sent,
+            timestamps=timestamps,
+            values=values,
+            channels=self.channels,
+            attrs=self.attrs,
+        )
+        await self._deliver(frame)
+        self.frames_sent += 1
+        self.samples_sent += len(timestamps)
+
+    async def _deliver(self, item: Any) -> None:
+        if self.sink.maxsize > 0:
+            await self.sink.put(item)
+            return
+        while self.sink.qsize() >= SINK_HIGH_WATER:
+            await asyncio.sleep(0.002)
+        self.sink.put_nowait(item)
+
+    def _put_last(self, item: Any) -> None:
+        """Put an item without waiting; a full sink gets it as soon as there is room."""
+        if self._end_delivery is None:
+            try:
+                self.sink.put_nowait(item)
+                return
+            except asyncio.QueueFull:
+                pass
+        previous = self._end_delivery
+
+        async def deliver_later() -> None:
+            if previous is not None:
+                await previous  # keep the error item ahead of END_OF_STREAM
+            await self.sink.put(item)
+
+        self._end_delivery = asyncio.get_running_loop().create_task(deliver_later())

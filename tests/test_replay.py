@@ -1,0 +1,290 @@
+"""Replay of DFDS CSV collections through the local API, on real files."""
+
+from __future__ import annotations
+
+import asyncio
+
+import numpy as np
+import pytest
+from helpers import drain, frames_of, gaze_collection, run, write_csv
+
+import streaminghub_datamux as dm
+from streaminghub_datamux.errors import DataError, InvalidRequest, NotFound
+
+
+def make_api(workspace, **extra):
+    return dm.API(workspace.config(**extra))
+
+
+def test_replay_delivers_every_sample_in_order(workspace):
+    workspace.add_collection("study", gaze_collection())
+    timestamps, values = workspace.add_gaze_recording("A", "1", n=5000)
+    workspace.add_gaze_recording("B", "1", n=10)
+
+    async def body():
+        api = make_api(workspace)
+        sink = asyncio.Queue()
+        ack = await api.replay_collection_stream(
+            "study", "gaze", {"subject": "A"}, sink, speed=0, framing={"max_samples": 300}
+        )
+        assert ack.status and ack.randseq
+        return await drain(sink)
+
+    items = run(body())
+    assert items[-1] is dm.END_OF_STREAM
+    frames = frames_of(items)
+    assert [f.seq for f in frames] == list(range(len(frames)))
+    assert all(len(f) <= 300 for f in frames)
+    got_ts = np.concatenate([f.timestamps for f in frames])
+    got_values = np.concatenate([f.values for f in frames])
+    np.testing.assert_array_equal(got_ts, timestamps)
+    np.testing.assert_array_equal(got_values, values[:, :2])
+    assert got_values.dtype == np.float32 and got_ts.dtype == np.float64
+    assert frames[0].channels == ["x", "y"]
+    assert frames[0].attrs["subject"] == "A" and frames[0].attrs["session"] == "1"
+
+
+def test_replay_other_stream_reads_its_own_columns(workspace):
+    workspace.add_collection("study", gaze_collection())
+    _, values = workspace.add_gaze_recording("A", "1", n=50)
+
+    async def body():
+        sink = asyncio.Queue()
+        await make_api(workspace).replay_collection_stream(
+            "study", "pupil", {"subject": "A", "session": "1"}, sink, rate_limit=False
+        )
+        return frames_of(await drain(sink))
+
+    frames = run(body())
+    got = np.concatenate([f.values for f in frames])
+    assert got.shape == (50, 1) and got.dtype == np.float64
+    np.testing.assert_allclose(got[:, 0], values[:, 2], rtol=1e-6)
+
+
+def test_real_time_replay_is_paced(workspace):
+    workspace.add_collection("study", gaze_collection(frequency=100))
+    workspace.add_gaze_recording("A", "1", n=50, frequency=100)  # 0.49 s of data
+
+    # Arrival times: measured by a consumer stamping each frame as it is taken.
+    async def paced_body():
+        api = make_api(workspace)
+        sink = asyncio.Queue()
+        loop = asyncio.get_running_loop()
+        start = loop.time()
+        await api.replay_collection_stream(
+            "study", "gaze", {"subject": "A"}, sink, speed=1.0, framing={"max_latency_ms": 20}
+        )
+        stamped = []
+        while (item := await sink.get()) is not dm.END_OF_STREAM:
+            stamped.append((loop.time() - start, item))
+        return stamped
+
+    stamped = run(paced_body())
+    frames = [f for _, f in stamped]
+    assert sum(len(f) for f in frames) == 50
+    elapsed = stamped[-1][0]
+    assert 0.4 <= elapsed <= 1.5, elapsed  # 0.49 s of data, generous bounds
+    # each frame spans <= 20 ms of recording time: at most 3 samples at 100 Hz
+    assert all(f.timestamps[-1] - f.timestamps[0] <= 0.02 + 1e-9 for f in frames)
+    assert len(frames) >= 50 // 3
+    for arrived, frame in stamped:
+        due = frame.timestamps[-1] - 10.0
+        assert arrived >= due - 0.005
+
+
+def test_speed_two_is_twice_as_fast(workspace):
+    workspace.add_collection("study", gaze_collection(frequency=100))
+    workspace.add_gaze_recording("A", "1", n=81, frequency=100)  # 0.8 s
+
+    async def body():
+        api = make_api(workspace)
+        sink = asyncio.Queue()
+        loop = asyncio.get_running_loop()
+        start = loop.time()
+        await api.replay_collection_stream("study", "gaze", {"subject": "A"}, sink, speed=2.0)
+        await drain(sink)
+        return loop.time() - start
+
+    elapsed = run(body())
+    assert 0.35 <= elapsed <= 1.2, elapsed
+
+
+def test_index_in_milliseconds_and_missing_index(workspace):
+    ms = gaze_collection(index_unit="ms")
+    ms["pattern"] = "csv://{subject}"
+    workspace.add_collection("ms", ms)
+    write_csv(workspace.data_dir / "ms" / "A.csv", ["t", "x", "y", "d"],
+              np.array([[1000, 1, 2, 3], [1010, 4, 5, 6]], dtype=float))  # fmt: skip
+    no_index = gaze_collection(frequency=50)
+    no_index["pattern"] = "csv://{subject}"
+    workspace.add_collection("noidx", no_index)
+    write_csv(workspace.data_dir / "noidx" / "A.csv", ["x", "y", "d"], np.ones((4, 3)))
+    undeclared = gaze_collection(frequency=100, index_unit=None)
+    undeclared["pattern"] = "csv://{subject}"
+    workspace.add_collection("guess", undeclared)
+    write_csv(workspace.data_dir / "guess" / "A.csv", ["t", "x", "y", "d"],
+              np.column_stack([np.arange(5) * 10_000_000.0, np.ones((5, 3))]))  # ns at 100 Hz
+
+    async def timestamps_of(collection):
+        sink = asyncio.Queue()
+        await make_api(workspace).replay_collection_stream(collection, "gaze", {"subject": "A"}, sink, speed=0)
+        return np.concatenate([f.timestamps for f in frames_of(await drain(sink))])
+
+    np.testing.assert_allclose(run(timestamps_of("ms")), [1.0, 1.01])
+    np.testing.assert_allclose(run(timestamps_of("noidx")), [0, 0.02, 0.04, 0.06])
+    np.testing.assert_allclose(run(timestamps_of("guess")), [0, 0.01, 0.02, 0.03, 0.04])
+
+
+def test_nested_pattern_and_stream_placeholder(workspace):
+    meta = gaze_collection()
+    meta["pattern"] = "csv://{subject}/day-{session}/{stream}"
+    workspace.add_collection("split", meta)
+    write_csv(workspace.data_dir / "split" / "A" / "day-1" / "gaze.csv", ["t", "x", "y"],
+              np.array([[0.0, 1, 2], [0.01, 3, 4]]))  # fmt: skip
+    write_csv(workspace.data_dir / "split" / "A" / "day-1" / "pupil.csv", ["t", "d"],
+              np.array([[0.0, 7.5]]))  # fmt: skip
+
+    async def body():
+        api = make_api(workspace)
+        assert await api.list_collection_recordings("split") == [{"subject": "A", "session": "1"}]
+        out = {}
+        for stream in ("gaze", "pupil"):
+            sink = asyncio.Queue()
+            await api.replay_collection_stream("split", stream, {"subject": "A"}, sink, speed=0)
+            out[stream] = np.concatenate([f.values for f in frames_of(await drain(sink))])
+        return out
+
+    out = run(body())
+    np.testing.assert_array_equal(out["gaze"], [[1, 2], [3, 4]])
+    np.testing.assert_array_equal(out["pupil"], [[7.5]])
+
+
+def test_selection_errors_are_typed_and_clear(workspace):
+    workspace.add_collection("study", gaze_collection())
+    workspace.add_gaze_recording("A", "1", n=5)
+    workspace.add_gaze_recording("A", "2", n=5)
+
+    async def attempt(collection, stream, attrs):
+        await make_api(workspace).replay_collection_stream(collection, stream, attrs, asyncio.Queue())
+
+    with pytest.raises(NotFound, match="no collection 'nope'"):
+        run(attempt("nope", "gaze", {}))
+    with pytest.raises(NotFound, match="no stream 'eeg'"):
+        run(attempt("study", "eeg", {}))
+    with pytest.raises(NotFound, match="no recording"):
+        run(attempt("study", "gaze", {"subject": "Z"}))
+    with pytest.raises(InvalidRequest, match="2 recordings"):
+        run(attempt("study", "gaze", {"subject": "A"}))
+    with pytest.raises(InvalidRequest, match="no attribute"):
+        run(attempt("study", "gaze", {"colour": "red"}))
+    with pytest.raises(InvalidRequest, match="speed"):
+        run(make_api(workspace).replay_collection_stream(
+            "study", "gaze", {"subject": "A", "session": "1"}, asyncio.Queue(), speed=-1))  # fmt: skip
+    with pytest.raises(InvalidRequest, match="sink"):
+        run(make_api(workspace).replay_collection_stream("study", "gaze", {}, []))
+
+
+def test_broken_file_delivers_good_rows_then_error_then_end(workspace):
+    workspace.add_collection("study", gaze_collection())
+    path = workspace.data_dir / "study" / "A" / "1_gaze.csv"
+    path.parent.mkdir(parents=True)
+    path.write_text("t,x,y,d\n0,1,2,3\n0.01,4,5,6\n0.02,oops,5,6\n0.03,1,1,1\n")
+
+    async def body():
+        sink = asyncio.Queue()
+        await make_api(workspace).replay_collection_stream("study", "gaze", {"subject": "A"}, sink, speed=0)
+        return await drain(sink)
+
+    items = run(body())
+    assert items[-1] is dm.END_OF_STREAM
+    error = items[-2]
+    assert isinstance(error, dm.StreamError) and error.code == "data"
+    assert "1_gaze.csv, line 4" in error.reason and "oops" in error.reason
+    good = np.concatenate([f.values for f in frames_of(items)])
+    np.testing.assert_array_equal(good, [[1, 2], [4, 5]])
+
+
+def test_missing_column_is_reported(workspace):
+    workspace.add_collection("study", gaze_collection())
+    write_csv(workspace.data_dir / "study" / "A" / "1_gaze.csv", ["t", "x"], np.zeros((2, 2)))
+
+    async def body():
+        sink = asyncio.Queue()
+        await make_api(workspace).replay_collection_stream("study", "gaze", {"subject": "A"}, sink)
+        return await drain(sink)
+
+    items = run(body())
+    assert isinstance(items[-2], dm.StreamError)
+    assert "['y']" in items[-2].reason and "header" in items[-2].reason
+
+
+def test_stop_task_ends_within_100ms_and_frees_the_id(workspace):
+    workspace.add_collection("study", gaze_collection(frequency=100))
+    workspace.add_gaze_recording("A", "1", n=100_000, frequency=100)  # 1000 s of data
+
+    async def body():
+        api = make_api(workspace)
+        sink = asyncio.Queue()
+        loop = asyncio.get_running_loop()
+        ack = await api.replay_collection_stream("study", "gaze", {"subject": "A"}, sink, speed=1.0)
+        await asyncio.sleep(0.2)
+        start = loop.time()
+        stopped = await api.stop_task(ack.randseq)
+        items = await drain(sink)
+        took = loop.time() - start
+        with pytest.raises(NotFound):
+            await api.stop_task(ack.randseq)
+        return stopped, items, took
+
+    stopped, items, took = run(body())
+    assert stopped.status and items[-1] is dm.END_OF_STREAM
+    assert took < 0.1, took
+    assert len(frames_of(items)) >= 1
+
+
+def test_bounded_sink_gets_every_frame_and_end(workspace):
+    workspace.add_collection("study", gaze_collection())
+    timestamps, _ = workspace.add_gaze_recording("A", "1", n=2000)
+
+    async def body():
+        sink = asyncio.Queue(maxsize=2)
+        await make_api(workspace).replay_collection_stream(
+            "study", "gaze", {"subject": "A"}, sink, speed=0, framing={"max_samples": 10}
+        )
+        await asyncio.sleep(0.05)  # a slow consumer: the task must wait, not drop
+        return await drain(sink)
+
+    items = run(body())
+    assert sum(len(f) for f in frames_of(items)) == len(timestamps)
+
+
+def test_many_tasks_at_once(workspace):
+    workspace.add_collection("study", gaze_collection())
+    workspace.add_gaze_recording("A", "1", n=3000)
+
+    async def body():
+        api = make_api(workspace)
+        sinks = [asyncio.Queue() for _ in range(40)]
+        for sink in sinks:
+            await api.replay_collection_stream("study", "gaze", {"subject": "A"}, sink, speed=0)
+        results = await asyncio.gather(*(drain(s) for s in sinks))
+        return [sum(len(f) for f in frames_of(items)) for items in results]
+
+    assert run(body()) == [3000] * 40
+
+
+def test_frames_helper_and_upstream_samples(workspace):
+    workspace.add_collection("study", gaze_collection())
+    timestamps, values = workspace.add_gaze_recording("A", "1", n=3)
+
+    async def body():
+        sink = asyncio.Queue()
+        await make_api(workspace).replay_collection_stream("study", "gaze", {"subject": "A"}, sink, speed=0)
+        return [f async for f in dm.frames(sink)]
+
+    frames = run(body())
+    samples = [s for f in frames for s in f.samples()]
+    assert samples[1] == {
+        "index": {"t": timestamps[1]},
+        "value": {"x": float(values[1, 0]), "y": float(values[1, 1])},
+    }
