@@ -1,0 +1,149 @@
+"""The task pipeline: live framing, device loss and return, failures, stop."""
+
+from __future__ import annotations
+
+import asyncio
+
+import numpy as np
+from helpers import drain, frames_of, run
+
+import streaminghub_datamux as dm
+from streaminghub_datamux.drivers.base import Source
+from streaminghub_datamux.errors import DataError, DeviceLost
+from streaminghub_datamux.framing import Framing
+from streaminghub_datamux.tasks import Framer, Task
+
+
+class ScriptedSource(Source):
+    """A live source that plays a list of steps: chunks, pauses, or errors to raise."""
+
+    def __init__(self, steps, opened=None, fail_open=0):
+        super().__init__(dm.Stream("s", fields={"a": dm.Field("a")}))
+        self.steps, self.opened, self.fail_open = steps, opened, fail_open
+
+    async def open(self):
+        if self.opened is not None:
+            self.opened.append(1)
+            if len(self.opened) <= self.fail_open:
+                raise DeviceLost("not plugged in yet")
+
+    async def chunks(self):
+        for step in self.steps:
+            if isinstance(step, float):
+                await asyncio.sleep(step)
+            elif isinstance(step, Exception):
+                raise step
+            else:
+                yield step
+
+
+def chunk(start, n):
+    ts = np.arange(start, start + n, dtype=np.float64) * 0.001
+    return ts, ts.reshape(-1, 1).astype(np.float32)
+
+
+def start_task(make_source, framing=Framing(max_samples=10, max_latency_ms=30)):
+    sink = asyncio.Queue()
+    task = Task("t1", make_source, sink, stream_id="s", channels=["a"], attrs={"k": "v"}, framing=framing)
+    task.start()
+    return task, sink
+
+
+def test_live_framer_flushes_by_count_and_by_latency():
+    async def body():
+        # 25 samples at once, then 3 more, then silence: 10 + 10 by count,
+        # then the rest (5 + 3) once the oldest of them is 30 ms old.
+        steps = [chunk(0, 25), 0.005, chunk(25, 3), 0.2]
+        loop = asyncio.get_running_loop()
+        task, sink = start_task(lambda: ScriptedSource(steps))
+        stamped = []
+        while (item := await sink.get()) is not dm.END_OF_STREAM:
+            stamped.append((loop.time(), item))
+        return stamped
+
+    stamped = run(body())
+    sizes = [len(f) for _, f in stamped]
+    assert sizes == [10, 10, 8]
+    waited = stamped[2][0] - stamped[1][0]
+    assert 0.02 <= waited <= 0.15, waited  # held for max latency, not until the end
+    values = np.concatenate([f.values[:, 0] for _, f in stamped])
+    np.testing.assert_allclose(values, np.arange(28) * 0.001, rtol=1e-6)
+    assert [f.seq for _, f in stamped] == [0, 1, 2]
+    assert stamped[0][1].attrs == {"k": "v"}
+
+
+def test_framer_drops_oldest_when_full_and_counts():
+    framer = Framer(Framing(max_samples=4, max_latency_ms=10), capacity=8)
+    for start in range(0, 12, 2):
+        framer.push(*chunk(start, 2), now=0.0)
+    assert len(framer) == 8 and framer.dropped == 4
+    ts, _ = framer.pop(now=0.0)
+    np.testing.assert_allclose(ts, np.arange(4, 8) * 0.001)
+
+
+def test_device_loss_reports_and_reconnects_with_backoff():
+    async def body():
+        opened = []
+        scripts = iter([[chunk(0, 10), DeviceLost("cable pulled")], [chunk(10, 10)]])
+        task, sink = start_task(lambda: ScriptedSource(next(scripts, []), opened, fail_open=0))
+        return await drain(sink), opened
+
+    items, opened = run(body())
+    kinds = [type(i).__name__ if i is not dm.END_OF_STREAM else "END" for i in items]
+    assert kinds == ["Frame", "StreamStatus", "StreamStatus", "Frame", "END"]
+    assert items[1].status == "disconnected" and "cable pulled" in items[1].reason
+    assert items[2].status == "reconnected"
+    assert [f.seq for f in frames_of(items)] == [0, 1]
+
+
+def test_device_absent_at_open_is_retried():
+    async def body():
+        opened = []
+        task, sink = start_task(lambda: ScriptedSource([chunk(0, 10)], opened, fail_open=2))
+        return await drain(sink), opened
+
+    items, opened = run(body())
+    assert len(opened) == 3
+    assert [getattr(i, "status", None) for i in items[:2]] == ["disconnected", "reconnected"]
+    assert len(frames_of(items)) == 1
+
+
+def test_failure_gives_error_item_then_end():
+    async def body():
+        task, sink = start_task(lambda: ScriptedSource([chunk(0, 3), DataError("bad", file="f.csv", line=9)]))
+        return await drain(sink)
+
+    items = run(body())
+    assert isinstance(items[-2], dm.StreamError)
+    assert items[-2].code == "data" and "f.csv, line 9" in items[-2].reason
+    assert len(frames_of(items)) == 1  # the 3 samples before the failure are delivered
+
+
+def test_stop_ends_a_silent_live_task_promptly():
+    async def body():
+        task, sink = start_task(lambda: ScriptedSource([5.0]))
+        await asyncio.sleep(0.05)
+        loop = asyncio.get_running_loop()
+        start = loop.time()
+        await task.stop()
+        items = await drain(sink)
+        return items, loop.time() - start
+
+    items, took = run(body())
+    assert items == [dm.END_OF_STREAM] and took < 0.1
+
+
+def test_end_reaches_a_full_sink_once_there_is_room():
+    async def body():
+        sink = asyncio.Queue(maxsize=1)
+        sink.put_nowait("occupied")
+        task = Task("t", lambda: ScriptedSource([RuntimeError("boom")]), sink, stream_id="s",
+                    channels=["a"], attrs={}, framing=Framing())  # fmt: skip
+        task.start()
+        await task.wait()
+        return [await sink.get() for _ in range(3)]
+
+    first, error, end = run(body())
+    assert first == "occupied"
+    assert isinstance(error, dm.StreamError) and error.code == "internal" and "boom" in error.reason
+    assert end is dm.END_OF_STREAM
