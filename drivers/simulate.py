@@ -12,6 +12,7 @@ See docs/simulate.md for the config format.
 from __future__ import annotations
 
 import asyncio
+import logging
 import math
 import re
 import time
@@ -26,6 +27,7 @@ from ..errors import ConfigError, DeviceLost, NotFound
 from ..framing import Framing
 from ..model import Field, Node, Stream, numpy_dtype
 from .base import Chunk, Driver, Source
+from .guided import GuidedSource, GuidedSpec, RecordingProvider, device_framing, parse_guided
 from .signals import (
     ChannelSpec,
     StreamSynth,
@@ -45,6 +47,8 @@ __all__ = [
     "parse_node",
     "parse_nodes",
 ]
+
+log = logging.getLogger(__name__)
 
 CONFIG_PATH = "simulate.nodes"
 DEFAULT_CHUNK_MS = 10.0
@@ -186,7 +190,7 @@ class NodeSpec:
     """One simulated node, validated."""
 
     id: str
-    streams: Mapping[str, StreamSpec]
+    streams: Mapping[str, StreamSpec | GuidedSpec]
     name: str = ""
     description: str = ""
 
@@ -334,12 +338,14 @@ def parse_node(node_id: str, data: Any, path: str | None = None) -> NodeSpec:
             key=f"{path}.streams",
             fix='add e.g. "streams": {"ecg": {"frequency": 250, "channels": {...}}}',
         )
-    streams = {
-        _check_id(sid, f"{path}.streams.{sid}", "stream"): _parse_stream(
-            node_id, sid, spec, f"{path}.streams.{sid}"
-        )
-        for sid, spec in raw_streams.items()
-    }
+    streams: dict[str, StreamSpec | GuidedSpec] = {}
+    for sid, spec in raw_streams.items():
+        stream_path = f"{path}.streams.{sid}"
+        _check_id(sid, stream_path, "stream")
+        if isinstance(spec, Mapping) and "guided" in spec:
+            streams[sid] = parse_guided(sid, spec, stream_path)
+        else:
+            streams[sid] = _parse_stream(node_id, sid, spec, stream_path)
     return NodeSpec(
         id=node_id,
         streams=streams,
@@ -378,6 +384,7 @@ class SimDriver(Driver):
 
     Args:
         nodes_config: the ``simulate.nodes`` config section (node id -> node spec).
+        recordings: where guided streams find their recordings (the local API).
 
     Raises:
         ConfigError: the config is invalid (the message names the key path and the fix).
@@ -385,7 +392,12 @@ class SimDriver(Driver):
 
     name = "sim"
 
-    def __init__(self, nodes_config: Mapping[str, Any] | None = None) -> None:
+    def __init__(
+        self,
+        nodes_config: Mapping[str, Any] | None = None,
+        recordings: RecordingProvider | None = None,
+    ) -> None:
+        self._recordings = recordings
         self._nodes: dict[str, NodeSpec] = {"demo": parse_node("demo", DEMO_NODE)}
         self._nodes.update(parse_nodes(nodes_config))
         self._devices: dict[tuple[str, str], _DeviceState] = {}
@@ -398,7 +410,7 @@ class SimDriver(Driver):
             known = ", ".join(self._nodes)
             raise NotFound(f"no simulated node {node_id!r}; known nodes: {known}") from None
 
-    def stream_spec(self, node_id: str, stream_id: str) -> StreamSpec:
+    def stream_spec(self, node_id: str, stream_id: str) -> StreamSpec | GuidedSpec:
         """The validated spec of one stream. Raises NotFound for unknown ids."""
         node = self.node_spec(node_id)
         try:
@@ -413,12 +425,34 @@ class SimDriver(Driver):
         return [spec.to_node() for spec in self._nodes.values()]
 
     async def list_streams(self, node_id: str) -> list[Stream]:
-        return [spec.to_stream(node_id) for spec in self.node_spec(node_id).streams.values()]
+        streams = []
+        for spec in self.node_spec(node_id).streams.values():
+            if isinstance(spec, GuidedSpec):
+                try:
+                    streams.append(spec.to_stream(node_id, self._recorded(spec)))
+                except Exception as exc:  # listed again once its recording is there
+                    log.warning("guided stream %s/%s unavailable: %s", node_id, spec.id, exc)
+            else:
+                streams.append(spec.to_stream(node_id))
+        return streams
+
+    def _recorded(self, spec: GuidedSpec) -> Stream:
+        if self._recordings is None:
+            raise NotFound(f"guided stream {spec.id!r}: no collections available to replay")
+        return self._recordings.get_collection_stream(spec.collection, spec.stream)
 
     def open_stream(
         self, node_id: str, stream_id: str, attrs: Mapping[str, Any], framing: Framing
-    ) -> SimSource:
+    ) -> Source:
         spec = self.stream_spec(node_id, stream_id)
+        if isinstance(spec, GuidedSpec):
+            stream = spec.to_stream(node_id, self._recorded(spec))
+            assert self._recordings is not None  # _recorded() raised otherwise
+            replay = self._recordings.open_replay(
+                spec.collection, spec.stream, spec.attrs,
+                speed=1.0, framing=device_framing(spec), loop=True,
+            )  # fmt: skip
+            return GuidedSource(stream, replay)
         device = self._devices.setdefault((node_id, stream_id), _DeviceState())
         return SimSource(spec.to_stream(node_id), spec, device, framing)
 

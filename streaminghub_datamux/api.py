@@ -16,7 +16,7 @@ from typing import Any, Self
 
 from .config import Config, load_config
 from .dfds import scan_collections
-from .drivers.base import Driver
+from .drivers.base import Driver, Source
 from .drivers.replay import ReplaySource, find_recordings, open_reader, select_recording
 from .errors import InvalidRequest, NotFound
 from .framing import Framing
@@ -64,7 +64,7 @@ class API:
     def _default_drivers(self) -> list[Driver]:
         from .drivers.simulate import SimDriver
 
-        return [SimDriver(self.config.simulate.get("nodes") or {})]
+        return [SimDriver(self.config.simulate.get("nodes") or {}, recordings=self)]
 
     async def __aenter__(self) -> Self:
         return self
@@ -228,15 +228,12 @@ class API:
         sink = _check_sink(sink)
         chosen = Framing.coerce(framing) if framing is not None else self.framing
         driver = await self._driver_of(node_id)
-        streams = {s.id: s for s in await driver.list_streams(node_id)}
-        if stream_id not in streams:
-            raise NotFound(f"node {node_id!r} has no stream {stream_id!r}; streams: {sorted(streams)}")
-        stream = streams[stream_id]
 
-        def open_source() -> Any:
+        def open_source() -> Source:
             return driver.open_stream(node_id, stream_id, attrs, chosen)
 
-        open_source()  # fail now, not inside the task, if the request is bad
+        # Built now so a bad request fails here, not inside the task; opened by the task.
+        stream = (await asyncio.to_thread(open_source)).stream
         frame_attrs = {**stream.attrs, **attrs}
         return self._start(stream, open_source, sink, frame_attrs, chosen, owner)
 

@@ -1,0 +1,251 @@
+"""``datamux ls``, ``datamux replay`` and ``datamux tail``: look at data from the shell."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any, TextIO
+
+import numpy as np
+
+from ..api import API
+from ..config import load_config
+from ..drivers.replay import find_recordings, select_recording
+from ..errors import InvalidRequest, NotFound
+from ..model import Frame, StreamError, StreamStatus
+from ..util import END_OF_STREAM
+
+__all__ = ["register"]
+
+
+def register(subparsers: argparse._SubParsersAction[Any]) -> None:
+    """Add the ``ls``, ``replay`` and ``tail`` subcommands."""
+    ls = subparsers.add_parser(
+        "ls",
+        help="list collections and live nodes, or the streams of one",
+        description="Without an id: every collection and live node. With an id: its streams "
+        "(and, for a collection, its recordings).",
+    )
+    ls.add_argument("id", nargs="?", help="a collection or node id")
+    ls.add_argument("--json", action="store_true", help="print JSON")
+    ls.set_defaults(handler=lambda args: _run(_ls(args)))
+
+    output = argparse.ArgumentParser(add_help=False)
+    output.add_argument("-a", "--attr", action="append", default=[], metavar="KEY=VALUE",
+                        help="select a recording / set a stream attribute (repeatable)")  # fmt: skip
+    output.add_argument("--rows", action="store_true",
+                        help="print one CSV row per sample instead of one line per frame")  # fmt: skip
+    output.add_argument("--frames", type=int, metavar="N", help="stop after N frames")
+    output.add_argument("--framing", metavar="PRESET",
+                        help="low-latency, balanced or throughput (default: from config)")  # fmt: skip
+
+    replay = subparsers.add_parser(
+        "replay", parents=[output], help="replay a recorded stream",
+        description="Replay one stream of one recording and print its frames.",
+    )  # fmt: skip
+    replay.add_argument("collection", help="collection id")
+    replay.add_argument("stream", help="stream id")
+    replay.add_argument("--speed", type=float, default=1.0,
+                        help="1 real time (default), 2 twice as fast, 0 as fast as possible")  # fmt: skip
+    replay.add_argument("--progress", choices=["auto", "on", "off"], default="auto",
+                        help="progress bar on stderr (auto: when stderr is a terminal)")  # fmt: skip
+    replay.set_defaults(handler=lambda args: _run(_replay(args)))
+
+    tail = subparsers.add_parser(
+        "tail", parents=[output], help="print a live stream",
+        description="Proxy a live stream (a device or a simulated one) and print its frames.",
+    )  # fmt: skip
+    tail.add_argument("node", nargs="?", default="demo", help="node id (default: demo)")
+    tail.add_argument("stream", nargs="?", default="eeg", help="stream id (default: eeg)")
+    tail.add_argument("--seconds", type=float, metavar="S", help="stop after S seconds")
+    tail.set_defaults(handler=lambda args: _run(_tail(args)))
+
+
+def _run(coro: Any) -> int:
+    try:
+        return asyncio.run(coro)
+    except KeyboardInterrupt:
+        return 130
+
+
+def _api(args: argparse.Namespace) -> API:
+    return API(load_config(flags=getattr(args, "config_flags", None)))
+
+
+def _attrs(pairs: list[str]) -> dict[str, str]:
+    attrs = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise InvalidRequest(f"--attr takes KEY=VALUE, not {pair!r}")
+        attrs[key] = value
+    return attrs
+
+
+# -- ls ----------------------------------------------------------------------------------
+
+
+async def _ls(args: argparse.Namespace) -> int:
+    api = _api(args)
+    if args.id is None:
+        collections = await api.list_collections()
+        nodes = await api.list_live_nodes()
+        if args.json:
+            print(json.dumps({"collections": [c.to_dict() for c in collections],
+                              "nodes": [n.to_dict() for n in nodes]}, indent=2))  # fmt: skip
+            return 0
+        print(f"collections in {api.config.meta_dir}:")
+        for c in collections:
+            print(f"  {c.id:<20} {len(c.streams)} streams  {c.name}")
+        if not collections:
+            print("  (none)")
+        print("live nodes:")
+        for n in nodes:
+            print(f"  {n.id:<20} {n.kind:<6} {n.name}")
+        return 0
+    try:
+        streams = await api.list_collection_streams(args.id)
+        recordings = await api.list_collection_recordings(args.id)
+    except NotFound:
+        streams, recordings = await api.list_live_streams(args.id), None
+    if args.json:
+        out: dict[str, Any] = {"streams": {s.id: s.to_dict() for s in streams}}
+        if recordings is not None:
+            out["recordings"] = recordings
+        print(json.dumps(out, indent=2))
+        return 0
+    print("streams:")
+    for s in streams:
+        rate = f"{s.frequency:g} Hz" if s.frequency else "irregular"
+        print(f"  {s.id:<14} {rate:>10}  {len(s.channels)} x {s.dtype.name if s.dtype.kind != 'U' else 'str'}"
+              f"  [{', '.join(s.channels[:8])}{', ...' if len(s.channels) > 8 else ''}]")  # fmt: skip
+    if recordings is not None:
+        print(f"recordings ({len(recordings)}):")
+        for attrs in recordings:
+            print("  " + " ".join(f"{k}={v}" for k, v in attrs.items()))
+    return 0
+
+
+# -- printing frames ---------------------------------------------------------------------
+
+
+class FramePrinter:
+    """Prints frames as one summary line each, or as CSV rows (``--rows``)."""
+
+    def __init__(self, rows: bool, out: TextIO = sys.stdout) -> None:
+        self.rows, self.out, self.header_done = rows, out, False
+
+    def frame(self, frame: Frame) -> None:
+        if self.rows:
+            if not self.header_done:
+                print(",".join(["t", *frame.channels]), file=self.out)
+                self.header_done = True
+            table = np.column_stack([frame.timestamps.astype(str), frame.values.astype(str)])
+            self.out.write("\n".join(",".join(row) for row in table.tolist()) + "\n")
+            return
+        last = frame.values[-1]
+        shown = " ".join(f"{c}={_short(v)}" for c, v in zip(frame.channels[:6], last, strict=False))
+        more = " ..." if len(frame.channels) > 6 else ""
+        print(f"#{frame.seq:<5} {len(frame):>5} samples  t={frame.timestamps[0]:.3f}..{frame.timestamps[-1]:.3f}"
+              f"  {shown}{more}", file=self.out)  # fmt: skip
+
+    def other(self, item: Any) -> None:
+        if isinstance(item, StreamStatus):
+            print(f"[{item.status}] {item.reason}", file=sys.stderr)
+        elif isinstance(item, StreamError):
+            print(f"datamux: stream failed ({item.code}): {item.reason}", file=sys.stderr)
+
+
+def _short(value: Any) -> str:
+    return f"{value:.4g}" if isinstance(value, float | np.floating) else str(value)
+
+
+class Progress:
+    """A one-line progress bar on stderr; no dependency, redrawn at most 10 times a second."""
+
+    def __init__(self, total: int, enabled: bool) -> None:
+        self.total, self.enabled, self.done, self.drawn_at = max(total, 1), enabled, 0, 0.0
+
+    def advance(self, n: int) -> None:
+        self.done += n
+        now = time.monotonic()
+        if self.enabled and (now - self.drawn_at > 0.1 or self.done >= self.total):
+            self.drawn_at = now
+            share = min(self.done / self.total, 1.0)
+            bar = "#" * int(share * 30)
+            sys.stderr.write(f"\r[{bar:<30}] {share:6.1%} {self.done}/{self.total} samples")
+            sys.stderr.flush()
+
+    def close(self) -> None:
+        if self.enabled:
+            sys.stderr.write("\n")
+
+
+async def _consume(api: API, ack_id: str, sink: asyncio.Queue[Any], args: argparse.Namespace,
+                   progress: Progress | None = None, seconds: float | None = None) -> int:  # fmt: skip
+    printer = FramePrinter(args.rows)
+    deadline = None if seconds is None else asyncio.get_running_loop().time() + seconds
+    frames, status = 0, 0
+    try:
+        while True:
+            timeout = None if deadline is None else deadline - asyncio.get_running_loop().time()
+            try:
+                item = await asyncio.wait_for(sink.get(), timeout)
+            except TimeoutError:
+                break
+            if item is END_OF_STREAM:
+                break
+            if isinstance(item, Frame):
+                printer.frame(item)
+                frames += 1
+                if progress:
+                    progress.advance(len(item))
+                if args.frames is not None and frames >= args.frames:
+                    break
+            else:
+                printer.other(item)
+                status = 1 if isinstance(item, StreamError) else status
+    finally:
+        if progress:
+            progress.close()
+        await api.aclose()
+    return status
+
+
+# -- replay and tail ---------------------------------------------------------------------
+
+
+def _count_rows(path: Path | None) -> int:
+    if path is None:
+        return 0
+    with path.open("rb") as handle:
+        return sum(block.count(b"\n") for block in iter(lambda: handle.read(1 << 20), b"")) - 1
+
+
+async def _replay(args: argparse.Namespace) -> int:
+    api = _api(args)
+    attrs = _attrs(args.attr)
+    sink: asyncio.Queue[Any] = asyncio.Queue(maxsize=64)
+    ack = await api.replay_collection_stream(
+        args.collection, args.stream, attrs, sink, speed=args.speed, framing=args.framing
+    )
+    enabled = args.progress == "on" or (args.progress == "auto" and sys.stderr.isatty())
+    progress = None
+    if enabled:
+        collection = api.get_collection(args.collection)
+        recording = select_recording(find_recordings(collection, api.data_dir), attrs, collection.id)
+        total = await asyncio.to_thread(_count_rows, recording.file_for(args.stream))
+        progress = Progress(total, enabled)
+    return await _consume(api, ack.randseq or "", sink, args, progress)
+
+
+async def _tail(args: argparse.Namespace) -> int:
+    api = _api(args)
+    sink: asyncio.Queue[Any] = asyncio.Queue(maxsize=64)
+    ack = await api.proxy_live_stream(args.node, args.stream, _attrs(args.attr), sink,
+                                      framing=args.framing)  # fmt: skip
+    return await _consume(api, ack.randseq or "", sink, args, seconds=args.seconds)

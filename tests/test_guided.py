@@ -1,0 +1,68 @@
+"""Guided simulation: a recording posing as a live device, looping at its native rate."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import numpy as np
+import pytest
+from helpers import gaze_collection, run
+
+import streaminghub_datamux as dm
+from streaminghub_datamux.errors import ConfigError, NotFound
+
+GUIDED_NODE = {
+    "lab": {
+        "name": "Replayed eye tracker",
+        "streams": {"gaze": {"guided": {"collection": "study", "stream": "gaze",
+                                        "attrs": {"subject": "A"}}}},
+    }
+}  # fmt: skip
+
+
+def test_guided_stream_is_listed_and_streams_like_a_device(workspace):
+    workspace.add_collection("study", gaze_collection(frequency=100))
+    _, values = workspace.add_gaze_recording("A", "1", n=20, frequency=100)  # 0.2 s, loops
+
+    async def body():
+        api = dm.API(workspace.config(**{"simulate.nodes": GUIDED_NODE}))
+        assert "lab" in [n.id for n in await api.list_live_nodes()]
+        (stream,) = await api.list_live_streams("lab")
+        sink = asyncio.Queue()
+        ack = await api.proxy_live_stream("lab", "gaze", {}, sink, framing={"max_latency_ms": 20})
+        frames = []
+        started = time.time()
+        while sum(len(f) for f in frames) < 50:
+            item = await sink.get()
+            assert isinstance(item, dm.Frame), item
+            frames.append(item)
+        await api.stop_task(ack.randseq)
+        return stream, frames, started
+
+    stream, frames, started = run(body())
+    assert stream.channels == ["x", "y"] and stream.frequency == 100 and stream.node_id == "lab"
+    assert stream.attrs["guided_by"] == "study/gaze"
+    got = np.concatenate([f.values for f in frames])[:50]
+    # loops: 20 recorded samples, then the same 20 again
+    np.testing.assert_array_equal(got[:20], values[:, :2])
+    np.testing.assert_array_equal(got[20:40], values[:, :2])
+    ts = np.concatenate([f.timestamps for f in frames])[:50]
+    np.testing.assert_allclose(np.diff(ts), 0.01, atol=1e-6)  # native rate, across the loop
+    assert abs(ts[0] - started) < 1.0  # on the wall clock, like a device
+
+
+def test_guided_stream_with_missing_recording_is_not_listed_and_cannot_open(workspace):
+    async def body():
+        api = dm.API(workspace.config(**{"simulate.nodes": GUIDED_NODE}))
+        assert await api.list_live_streams("lab") == []
+        with pytest.raises(NotFound, match="study"):
+            await api.proxy_live_stream("lab", "gaze", {}, asyncio.Queue())
+
+    run(body())
+
+
+def test_guided_stream_rejects_synthetic_options(workspace):
+    bad = {"lab": {"streams": {"gaze": {"guided": {"collection": "c", "stream": "s"}, "frequency": 5}}}}
+    with pytest.raises(ConfigError, match=r"simulate\.nodes\.lab\.streams\.gaze\.frequency"):
+        dm.API(workspace.config(**{"simulate.nodes": bad}))
