@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import secrets
+from collections import deque
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
@@ -31,6 +32,7 @@ log = logging.getLogger(__name__)
 # small ones when paced so a block never holds the loop long enough to miss a deadline.
 _BLOCK_BYTES_FAST = 4 << 20
 _BLOCK_BYTES_PACED = 256 << 10
+_REMEMBER_ENDED = 4096
 
 
 def _check_attrs(attrs: Any) -> dict[str, Any]:
@@ -60,6 +62,8 @@ class API:
         self.framing = Framing.coerce(self.config.framing or None)
         self._drivers = list(drivers) if drivers is not None else self._default_drivers()
         self._tasks: dict[str, Task] = {}
+        # Ids of tasks that ended, so stopping one after its END_OF_STREAM is not an error.
+        self._ended: deque[str] = deque(maxlen=_REMEMBER_ENDED)
 
     def _default_drivers(self) -> list[Driver]:
         from .drivers.simulate import SimDriver
@@ -260,22 +264,27 @@ class API:
             owner=owner,
         )
         self._tasks[task_id] = task
-        task.start(on_done=lambda t: self._tasks.pop(t.id, None))
+        task.start(on_done=self._forget)
         return StreamAck(status=True, randseq=task_id)
+
+    def _forget(self, task: Task) -> None:
+        self._tasks.pop(task.id, None)
+        self._ended.append(task.id)
 
     def tasks(self) -> list[Task]:
         """The tasks running now."""
         return list(self._tasks.values())
 
     async def stop_task(self, randseq: str) -> StreamAck:
-        """Stop a task; its sink gets END_OF_STREAM.
+        """Stop a task; its sink gets END_OF_STREAM. Stopping an ended task is a no-op.
 
         Raises:
-            NotFound: no running task has this id (unknown, or already ended).
+            NotFound: no task ever had this id (here).
         """
         task = self._tasks.get(randseq) if isinstance(randseq, str) else None
         if task is None:
-            raise NotFound(f"no running task {randseq!r}")
+            if randseq in self._ended:
+                return StreamAck(status=True, randseq=randseq)
+            raise NotFound(f"no task {randseq!r}")
         await task.stop()
-        self._tasks.pop(randseq, None)
         return StreamAck(status=True, randseq=randseq)
