@@ -77,9 +77,7 @@ class CsvStreamReader:
             if step > 0:
                 # Undeclared unit: pick the one that makes the spacing match the rate.
                 expected = 1.0 / self.stream.frequency
-                return min(
-                    _TIME_UNITS.values(), key=lambda s: abs(math.log(step * s / expected))
-                )
+                return min(_TIME_UNITS.values(), key=lambda s: abs(math.log(step * s / expected)))
         return 1.0
 
     def _loadtxt(self, source: Any, usecols: list[int]) -> np.ndarray:
@@ -87,7 +85,9 @@ class CsvStreamReader:
             source, delimiter=",", usecols=usecols, dtype=self._parse_dtype, ndmin=2, comments=None
         )
 
-    def _parse(self, text: str, first_line: int, usecols: list[int]) -> tuple[np.ndarray, DataError | None]:
+    def _parse(
+        self, text: str, first_line: int, usecols: list[int]
+    ) -> tuple[np.ndarray, DataError | None]:
         """Parse a block; on a bad line, the rows before it and the error naming it."""
         try:
             return self._loadtxt(io.StringIO(text), usecols), None
@@ -105,7 +105,9 @@ class CsvStreamReader:
                 error = DataError(str(exc), file=str(self.path), line=first_line + offset)
                 empty = np.empty((0, len(usecols)), dtype=self._parse_dtype)
                 return (good if good is not None else empty), error
-        return np.empty((0, len(usecols))), DataError(str(block_error), file=str(self.path), line=first_line)
+        return np.empty((0, len(usecols))), DataError(
+            str(block_error), file=str(self.path), line=first_line
+        )
 
     def blocks(self) -> Iterator[tuple[np.ndarray, np.ndarray]]:
         """Yield ``(timestamps float64 (n,), values (n, channels))`` blocks in file order.

@@ -31,9 +31,15 @@ class RecordingProvider(Protocol):
     def get_collection_stream(self, collection_id: str, stream_id: str) -> Stream: ...
 
     def open_replay(
-        self, collection_id: str, stream_id: str, attrs: Mapping[str, Any], *,
-        speed: float, framing: Framing, loop: bool = False,
-    ) -> Source: ...  # fmt: skip
+        self,
+        collection_id: str,
+        stream_id: str,
+        attrs: Mapping[str, Any],
+        *,
+        speed: float,
+        framing: Framing,
+        loop: bool = False,
+    ) -> Source: ...
 
 
 @dataclass(frozen=True)
@@ -52,9 +58,14 @@ class GuidedSpec:
         """The live stream's metadata: the recorded stream's channels, on this node."""
         attrs = {"mode": "simulate", "guided_by": f"{self.collection}/{self.stream}", **self.attrs}
         return Stream.from_dict(
-            self.id, recorded.to_dict(), node_id=node_id, collection_id=None, attrs=attrs,
-            name=self.name or recorded.name, description=self.description or recorded.description,
-        )  # fmt: skip
+            self.id,
+            recorded.to_dict(),
+            node_id=node_id,
+            collection_id=None,
+            attrs=attrs,
+            name=self.name or recorded.name,
+            description=self.description or recorded.description,
+        )
 
 
 def parse_guided(stream_id: str, data: Mapping[str, Any], path: str) -> GuidedSpec:
@@ -70,12 +81,16 @@ def parse_guided(stream_id: str, data: Mapping[str, Any], path: str) -> GuidedSp
     guided = check_keys(data["guided"], f"{path}.guided", _GUIDED_KEYS, "guided stream")
     for key in ("collection", "stream"):
         if not isinstance(guided.get(key), str) or not guided[key]:
-            raise ConfigError(f"missing {key}", key=f"{path}.guided.{key}",
-                              fix=f'set the recorded {key} id, e.g. "{key}": "my_{key}"')  # fmt: skip
+            raise ConfigError(
+                f"missing {key}",
+                key=f"{path}.guided.{key}",
+                fix=f'set the recorded {key} id, e.g. "{key}": "my_{key}"',
+            )
     attrs = guided.get("attrs", {})
     if not isinstance(attrs, Mapping):
-        raise ConfigError("expected an object", key=f"{path}.guided.attrs",
-                          fix='e.g. "attrs": {"subject": "1"}')  # fmt: skip
+        raise ConfigError(
+            "expected an object", key=f"{path}.guided.attrs", fix='e.g. "attrs": {"subject": "1"}'
+        )
     return GuidedSpec(
         id=stream_id,
         collection=guided["collection"],

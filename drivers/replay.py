@@ -151,7 +151,9 @@ async def _blocks_in_thread(make_blocks: Callable[[], Iterator[Chunk]]) -> Async
         pending.cancel()
 
 
-def frame_bounds(timestamps: np.ndarray, max_samples: int, max_span: float) -> Iterator[tuple[int, int]]:
+def frame_bounds(
+    timestamps: np.ndarray, max_samples: int, max_span: float
+) -> Iterator[tuple[int, int]]:
     """Cut a block into frames of at most ``max_samples`` samples spanning <= ``max_span``.
 
     One search per frame, never per sample. ``max_span`` <= 0 cuts by count only.
@@ -220,7 +222,9 @@ class ReplaySource(Source):
                     pass_first = float(timestamps[0])
                 for start, stop in frame_bounds(timestamps, self.framing.max_samples, span):
                     if self.speed > 0:
-                        due = self.started_at + (float(timestamps[stop - 1]) - first_ts) / self.speed
+                        due = (
+                            self.started_at + (float(timestamps[stop - 1]) - first_ts) / self.speed
+                        )
                         delay = due - clock()
                         if delay > 0:
                             await asyncio.sleep(delay)

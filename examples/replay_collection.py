@@ -47,7 +47,9 @@ async def main(root: Path) -> None:
     print("recordings:", await api.list_collection_recordings("mycollection"))
 
     sink = asyncio.Queue()
-    ack = await api.replay_collection_stream("mycollection", "gaze", {"subject": "A"}, sink, speed=4)
+    ack = await api.replay_collection_stream(
+        "mycollection", "gaze", {"subject": "A"}, sink, speed=4
+    )
     while (item := await sink.get()) != dm.END_OF_STREAM:
         print(item.seq, item.timestamps[0], item.values.shape)
     await api.stop_task(ack.randseq)  # already ended: a no-op

@@ -17,7 +17,17 @@ from __future__ import annotations
 from . import errors, util
 from .api import API
 from .framing import Framing
-from .model import Collection, Field, Frame, Group, Node, Stream, StreamAck, StreamError, StreamStatus
+from .model import (
+    Collection,
+    Field,
+    Frame,
+    Group,
+    Node,
+    Stream,
+    StreamAck,
+    StreamError,
+    StreamStatus,
+)
 from .util import END_OF_STREAM, frames
 
 __version__ = "0.1.0"

@@ -57,7 +57,9 @@ class API:
         drivers: the live drivers; by default the simulator with the configured nodes.
     """
 
-    def __init__(self, config: Config | None = None, *, drivers: Sequence[Driver] | None = None) -> None:
+    def __init__(
+        self, config: Config | None = None, *, drivers: Sequence[Driver] | None = None
+    ) -> None:
         self.config = config if config is not None else load_config()
         self.framing = Framing.coerce(self.config.framing or None)
         self._drivers = list(drivers) if drivers is not None else self._default_drivers()
@@ -74,7 +76,10 @@ class API:
         return self
 
     async def __aexit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
     ) -> None:
         await self.aclose()
 

@@ -69,9 +69,13 @@ def _resolve_refs(node: Any, file: Path, path: str, depth: int = 0) -> Any:
     if not isinstance(ref, str) or not ref:
         raise MetadataError("@ref must be a non-empty string", file=str(file), path=path)
     if _URL.match(ref):
-        raise MetadataError(f"@ref {ref!r} is a URL; only local files are allowed", file=str(file), path=path)
+        raise MetadataError(
+            f"@ref {ref!r} is a URL; only local files are allowed", file=str(file), path=path
+        )
     if depth >= _MAX_REF_DEPTH:
-        raise MetadataError(f"@ref chain deeper than {_MAX_REF_DEPTH} (a cycle?)", file=str(file), path=path)
+        raise MetadataError(
+            f"@ref chain deeper than {_MAX_REF_DEPTH} (a cycle?)", file=str(file), path=path
+        )
     target_name, _, pointer = ref.partition("#")
     target = (file.parent / target_name).resolve() if target_name else file
     if not target.is_file():
@@ -81,8 +85,10 @@ def _resolve_refs(node: Any, file: Path, path: str, depth: int = 0) -> Any:
 
 
 def _expect(value: Any, kind: type | tuple[type, ...], file: Path, path: str, what: str) -> Any:
-    if not isinstance(value, kind) or isinstance(value, bool) and kind is not bool:
-        raise MetadataError(f"expected {what}, found {type(value).__name__}", file=str(file), path=path)
+    if not isinstance(value, kind) or (isinstance(value, bool) and kind is not bool):
+        raise MetadataError(
+            f"expected {what}, found {type(value).__name__}", file=str(file), path=path
+        )
     return value
 
 
@@ -114,16 +120,16 @@ def _parse_stream(stream_id: str, raw: Any, collection_id: str, file: Path) -> S
         )
     fields = _parse_fields(raw.get("fields"), file, f"{path}/fields", required=True)
     index = _parse_fields(raw.get("index"), file, f"{path}/index", required=False)
-    return Stream.from_dict(
-        stream_id, raw, fields=fields, index=index, collection_id=collection_id
-    )
+    return Stream.from_dict(stream_id, raw, fields=fields, index=index, collection_id=collection_id)
 
 
 def _parse_collection(collection_id: str, raw: Any, file: Path) -> Collection:
     raw = _expect(raw, dict, file, "/", "a JSON object")
     streams_raw = _expect(raw.get("streams"), dict, file, "/streams", "an object of streams")
     if not streams_raw:
-        raise MetadataError("a collection needs at least one stream", file=str(file), path="/streams")
+        raise MetadataError(
+            "a collection needs at least one stream", file=str(file), path="/streams"
+        )
     streams = {sid: _parse_stream(sid, s, collection_id, file) for sid, s in streams_raw.items()}
 
     groups = {}

@@ -40,7 +40,9 @@ class Framing:
             return value
         if isinstance(value, str):
             if value not in PRESETS:
-                raise InvalidRequest(f"unknown framing preset {value!r}; use one of {sorted(PRESETS)}")
+                raise InvalidRequest(
+                    f"unknown framing preset {value!r}; use one of {sorted(PRESETS)}"
+                )
             return PRESETS[value]
         if isinstance(value, dict):
             unknown = set(value) - {"max_samples", "max_latency_ms", "preset"}

@@ -29,11 +29,22 @@ __all__ = [
 
 # DFDS dtype names, plus the numpy spellings people write by hand.
 _DFDS_DTYPES = {
-    "f16": "float16", "f32": "float32", "f64": "float64",
-    "i8": "int8", "i16": "int16", "i32": "int32", "i64": "int64",
-    "u8": "uint8", "u16": "uint16", "u32": "uint32", "u64": "uint64",
-    "bool": "bool", "str": "str", "string": "str", "utf8": "str",
-}  # fmt: skip
+    "f16": "float16",
+    "f32": "float32",
+    "f64": "float64",
+    "i8": "int8",
+    "i16": "int16",
+    "i32": "int32",
+    "i64": "int64",
+    "u8": "uint8",
+    "u16": "uint16",
+    "u32": "uint32",
+    "u64": "uint64",
+    "bool": "bool",
+    "str": "str",
+    "string": "str",
+    "utf8": "str",
+}
 
 
 def numpy_dtype(name: str) -> np.dtype:

@@ -10,6 +10,7 @@ are reopened with exponential backoff; the task reports each loss and return wit
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections import deque
@@ -238,10 +239,8 @@ class Task:
                 deadline = framer.deadline()
                 framer.arrived.clear()
                 timeout = None if deadline is None else max(deadline - clock(), 0.0)
-                try:
+                with contextlib.suppress(TimeoutError):  # the deadline passed: flush
                     await asyncio.wait_for(framer.arrived.wait(), timeout)
-                except TimeoutError:
-                    pass
         finally:
             pumping.cancel()
             await asyncio.wait({pumping})

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import numpy as np
+
 from streaminghub_datamux.config import load_config
 
 T = TypeVar("T")
@@ -81,9 +82,14 @@ class Workspace:
         return path
 
     def add_gaze_recording(
-        self, subject: str, session: str, n: int = 1000, frequency: float = 100.0, t0: float = 10.0,
+        self,
+        subject: str,
+        session: str,
+        n: int = 1000,
+        frequency: float = 100.0,
+        t0: float = 10.0,
         collection_id: str = "study",
-    ) -> tuple[np.ndarray, np.ndarray]:  # fmt: skip
+    ) -> tuple[np.ndarray, np.ndarray]:
         rng = np.random.default_rng(hash((subject, session)) % 2**32)
         timestamps = t0 + np.arange(n) / frequency
         values = rng.standard_normal((n, 3)).astype(np.float32)
@@ -94,8 +100,9 @@ class Workspace:
 
     def config(self, **extra: Any):
         flags = {"data_dir": str(self.data_dir), "meta_dir": str(self.meta_dir), **extra}
-        return load_config(flags=flags, env={}, cwd=self.root, home=self.root, system_rc=self.root / "none")
-
+        return load_config(
+            flags=flags, env={}, cwd=self.root, home=self.root, system_rc=self.root / "none"
+        )
 
 
 async def drain(sink: asyncio.Queue[Any], limit: int = 1_000_000) -> list[Any]:
@@ -115,4 +122,3 @@ def frames_of(items: list[Any]) -> list[Any]:
     from streaminghub_datamux import Frame
 
     return [i for i in items if isinstance(i, Frame)]
-

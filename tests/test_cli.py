@@ -17,8 +17,12 @@ def datamux(workspace, *args, timeout=60, env_extra=None):
     env.pop("STREAMINGHUB_META_DIR", None)
     return subprocess.run(
         [sys.executable, "-m", "streaminghub_datamux", *args],
-        capture_output=True, text=True, timeout=timeout, cwd=workspace.root, env=env,
-    )  # fmt: skip
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=workspace.root,
+        env=env,
+    )
 
 
 def dirs(workspace):
@@ -40,7 +44,11 @@ def test_ls_lists_collections_nodes_streams_and_recordings(workspace):
     assert out.returncode == 0, out.stderr
     assert "study" in out.stdout and "2 streams" in out.stdout and "demo" in out.stdout
     out = datamux(workspace, "ls", "study", *dirs(workspace))
-    assert "gaze" in out.stdout and "subject=A session=1" in out.stdout and "subject=B session=2" in out.stdout
+    assert (
+        "gaze" in out.stdout
+        and "subject=A session=1" in out.stdout
+        and "subject=B session=2" in out.stdout
+    )
     out = datamux(workspace, "ls", "demo", "--json", *dirs(workspace))
     assert set(json.loads(out.stdout)["streams"]) == {"eeg", "imu", "markers"}
 
@@ -48,8 +56,18 @@ def test_ls_lists_collections_nodes_streams_and_recordings(workspace):
 def test_replay_prints_rows_that_match_the_file(workspace):
     workspace.add_collection("study", gaze_collection())
     timestamps, values = workspace.add_gaze_recording("A", "1", n=40)
-    out = datamux(workspace, "replay", "study", "gaze", "-a", "subject=A", "--speed", "0", "--rows",
-                  *dirs(workspace))  # fmt: skip
+    out = datamux(
+        workspace,
+        "replay",
+        "study",
+        "gaze",
+        "-a",
+        "subject=A",
+        "--speed",
+        "0",
+        "--rows",
+        *dirs(workspace),
+    )
     assert out.returncode == 0, out.stderr
     lines = out.stdout.strip().splitlines()
     assert lines[0] == "t,x,y" and len(lines) == 41
@@ -62,8 +80,19 @@ def test_replay_prints_rows_that_match_the_file(workspace):
 def test_replay_progress_bar_on_request(workspace):
     workspace.add_collection("study", gaze_collection())
     workspace.add_gaze_recording("A", "1", n=300)
-    out = datamux(workspace, "replay", "study", "gaze", "-a", "subject=A", "--speed", "0",
-                  "--progress", "on", *dirs(workspace))  # fmt: skip
+    out = datamux(
+        workspace,
+        "replay",
+        "study",
+        "gaze",
+        "-a",
+        "subject=A",
+        "--speed",
+        "0",
+        "--progress",
+        "on",
+        *dirs(workspace),
+    )
     assert out.returncode == 0, out.stderr
     assert "100.0% 300/300 samples" in out.stderr
 
@@ -89,7 +118,9 @@ def test_tail_demo_prints_frames_and_stops(workspace):
     assert out.returncode == 0, out.stderr
     lines = out.stdout.strip().splitlines()
     assert len(lines) == 3 and lines[0].startswith("#0") and "Fp1=" in lines[0]
-    out = datamux(workspace, "tail", "demo", "markers", "--seconds", "2.5", "--rows", *dirs(workspace))
+    out = datamux(
+        workspace, "tail", "demo", "markers", "--seconds", "2.5", "--rows", *dirs(workspace)
+    )
     assert out.returncode == 0, out.stderr
     rows = out.stdout.strip().splitlines()
     assert rows[0] == "t,marker" and len(rows) >= 2
@@ -103,7 +134,9 @@ def test_init_then_config_shows_sources(workspace):
     out = datamux(workspace, "config", env_extra={"STREAMINGHUB_FRAMING__MAX_SAMPLES": "64"})
     assert out.returncode == 0, out.stderr
     rc = str(workspace.root / ".streaminghubrc")
-    line = next(ln for ln in out.stdout.splitlines() if ln.startswith("data_dir"))
-    assert str(data) in line and rc in line
     line = next(ln for ln in out.stdout.splitlines() if ln.startswith("framing.max_samples"))
     assert "64" in line and "STREAMINGHUB_FRAMING__MAX_SAMPLES" in line
+    out = datamux(workspace, "config", "--json")
+    shown = json.loads(out.stdout)
+    assert shown["data_dir"] == {"value": str(data), "source": rc}
+    assert shown["meta_dir"] == {"value": str(meta), "source": rc}

@@ -18,18 +18,27 @@ UPSTREAM_N_BACK = {
     "name": "n_back",
     "description": "Eye movements of participants during a n-back task",
     "keywords": ["n-back"],
-    "authors": [{"name": "A. T. D.", "affiliation": "Clemson University", "email": "x@example.edu"}],
+    "authors": [
+        {"name": "A. T. D.", "affiliation": "Clemson University", "email": "x@example.edu"}
+    ],
     "streams": {
         "gaze": {
-            "name": "Gaze", "description": "gaze point", "unit": "", "frequency": 1000,
-            "fields": {"x": {"name": "gaze x", "description": "Normalized X", "dtype": "f32"},
-                       "y": {"name": "gaze y", "description": "Normalized Y", "dtype": "f32"}},
-            "index": {"t": {"name": "timestamp", "description": "Recording Timestamp", "dtype": "f32"}},
+            "name": "Gaze",
+            "description": "gaze point",
+            "unit": "",
+            "frequency": 1000,
+            "fields": {
+                "x": {"name": "gaze x", "description": "Normalized X", "dtype": "f32"},
+                "y": {"name": "gaze y", "description": "Normalized Y", "dtype": "f32"},
+            },
+            "index": {
+                "t": {"name": "timestamp", "description": "Recording Timestamp", "dtype": "f32"}
+            },
         },
     },
     "groups": {"subject": {"description": "The ID of each subject", "values": ["1", "2"]}},
     "pattern": "h5://S{subject}",
-}  # fmt: skip
+}
 
 
 def test_upstream_collection_loads_unchanged(tmp_path):
@@ -48,13 +57,24 @@ def test_upstream_collection_loads_unchanged(tmp_path):
 
 def test_refs_to_local_node_files_are_resolved(tmp_path):
     (tmp_path / "nodes").mkdir()
-    node = {"device": {"model": "E4"}, "outputs": {"bvp": {
-        "name": "blood volume pulse", "unit": "lm", "frequency": 64,
-        "fields": {"bvp": {"name": "bvp", "dtype": "f32"}},
-        "index": {"t": {"name": "timestamp", "dtype": "f64"}}}}}  # fmt: skip
+    node = {
+        "device": {"model": "E4"},
+        "outputs": {
+            "bvp": {
+                "name": "blood volume pulse",
+                "unit": "lm",
+                "frequency": 64,
+                "fields": {"bvp": {"name": "bvp", "dtype": "f32"}},
+                "index": {"t": {"name": "timestamp", "dtype": "f64"}},
+            }
+        },
+    }
     (tmp_path / "nodes" / "e4.node.json").write_text(json.dumps(node))
-    meta = {"name": "run", "streams": {"bvp": {"@ref": "nodes/e4.node.json#/outputs/bvp"}},
-            "pattern": "csv://{subject}"}  # fmt: skip
+    meta = {
+        "name": "run",
+        "streams": {"bvp": {"@ref": "nodes/e4.node.json#/outputs/bvp"}},
+        "pattern": "csv://{subject}",
+    }
     path = tmp_path / "run.collection.json"
     path.write_text(json.dumps(meta))
     stream = load_collection(path).streams["bvp"]
@@ -65,7 +85,10 @@ def test_refs_to_local_node_files_are_resolved(tmp_path):
     ("mutate", "expected"),
     [
         (lambda m: m["streams"]["gaze"].update(frequency=-1), "/streams/gaze/frequency"),
-        (lambda m: m["streams"]["gaze"]["fields"]["x"].update(dtype="complex"), "/streams/gaze/fields/x/dtype"),
+        (
+            lambda m: m["streams"]["gaze"]["fields"]["x"].update(dtype="complex"),
+            "/streams/gaze/fields/x/dtype",
+        ),
         (lambda m: m["streams"]["gaze"].update(fields={}), "/streams/gaze/fields"),
         (lambda m: m.update(streams=[]), "/streams"),
         (lambda m: m.update(pattern="{subject}.csv"), "/pattern"),
@@ -102,7 +125,7 @@ def test_one_broken_file_does_not_hide_the_others(workspace):
     async def body():
         api = dm.API(workspace.config())
         listed = [c.id for c in await api.list_collections()]
-        with pytest.raises(MetadataError, match="bad.collection.json"):
+        with pytest.raises(MetadataError, match=r"bad\.collection\.json"):
             await api.list_collection_streams("bad")
         return listed
 

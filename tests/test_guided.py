@@ -15,10 +15,11 @@ from streaminghub_datamux.errors import ConfigError, NotFound
 GUIDED_NODE = {
     "lab": {
         "name": "Replayed eye tracker",
-        "streams": {"gaze": {"guided": {"collection": "study", "stream": "gaze",
-                                        "attrs": {"subject": "A"}}}},
+        "streams": {
+            "gaze": {"guided": {"collection": "study", "stream": "gaze", "attrs": {"subject": "A"}}}
+        },
     }
-}  # fmt: skip
+}
 
 
 def test_guided_stream_is_listed_and_streams_like_a_device(workspace):
@@ -63,6 +64,8 @@ def test_guided_stream_with_missing_recording_is_not_listed_and_cannot_open(work
 
 
 def test_guided_stream_rejects_synthetic_options(workspace):
-    bad = {"lab": {"streams": {"gaze": {"guided": {"collection": "c", "stream": "s"}, "frequency": 5}}}}
+    bad = {
+        "lab": {"streams": {"gaze": {"guided": {"collection": "c", "stream": "s"}, "frequency": 5}}}
+    }
     with pytest.raises(ConfigError, match=r"simulate\.nodes\.lab\.streams\.gaze\.frequency"):
         dm.API(workspace.config(**{"simulate.nodes": bad}))

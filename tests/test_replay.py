@@ -9,7 +9,7 @@ import pytest
 from helpers import drain, frames_of, gaze_collection, run, write_csv
 
 import streaminghub_datamux as dm
-from streaminghub_datamux.errors import DataError, InvalidRequest, NotFound
+from streaminghub_datamux.errors import InvalidRequest, NotFound
 
 
 def make_api(workspace, **extra):
@@ -113,8 +113,11 @@ def test_index_in_milliseconds_and_missing_index(workspace):
     ms = gaze_collection(index_unit="ms")
     ms["pattern"] = "csv://{subject}"
     workspace.add_collection("ms", ms)
-    write_csv(workspace.data_dir / "ms" / "A.csv", ["t", "x", "y", "d"],
-              np.array([[1000, 1, 2, 3], [1010, 4, 5, 6]], dtype=float))  # fmt: skip
+    write_csv(
+        workspace.data_dir / "ms" / "A.csv",
+        ["t", "x", "y", "d"],
+        np.array([[1000, 1, 2, 3], [1010, 4, 5, 6]], dtype=float),
+    )
     no_index = gaze_collection(frequency=50)
     no_index["pattern"] = "csv://{subject}"
     workspace.add_collection("noidx", no_index)
@@ -122,12 +125,17 @@ def test_index_in_milliseconds_and_missing_index(workspace):
     undeclared = gaze_collection(frequency=100, index_unit=None)
     undeclared["pattern"] = "csv://{subject}"
     workspace.add_collection("guess", undeclared)
-    write_csv(workspace.data_dir / "guess" / "A.csv", ["t", "x", "y", "d"],
-              np.column_stack([np.arange(5) * 10_000_000.0, np.ones((5, 3))]))  # ns at 100 Hz
+    write_csv(
+        workspace.data_dir / "guess" / "A.csv",
+        ["t", "x", "y", "d"],
+        np.column_stack([np.arange(5) * 10_000_000.0, np.ones((5, 3))]),
+    )  # ns at 100 Hz
 
     async def timestamps_of(collection):
         sink = asyncio.Queue()
-        await make_api(workspace).replay_collection_stream(collection, "gaze", {"subject": "A"}, sink, speed=0)
+        await make_api(workspace).replay_collection_stream(
+            collection, "gaze", {"subject": "A"}, sink, speed=0
+        )
         return np.concatenate([f.timestamps for f in frames_of(await drain(sink))])
 
     np.testing.assert_allclose(run(timestamps_of("ms")), [1.0, 1.01])
@@ -139,10 +147,16 @@ def test_nested_pattern_and_stream_placeholder(workspace):
     meta = gaze_collection()
     meta["pattern"] = "csv://{subject}/day-{session}/{stream}"
     workspace.add_collection("split", meta)
-    write_csv(workspace.data_dir / "split" / "A" / "day-1" / "gaze.csv", ["t", "x", "y"],
-              np.array([[0.0, 1, 2], [0.01, 3, 4]]))  # fmt: skip
-    write_csv(workspace.data_dir / "split" / "A" / "day-1" / "pupil.csv", ["t", "d"],
-              np.array([[0.0, 7.5]]))  # fmt: skip
+    write_csv(
+        workspace.data_dir / "split" / "A" / "day-1" / "gaze.csv",
+        ["t", "x", "y"],
+        np.array([[0.0, 1, 2], [0.01, 3, 4]]),
+    )
+    write_csv(
+        workspace.data_dir / "split" / "A" / "day-1" / "pupil.csv",
+        ["t", "d"],
+        np.array([[0.0, 7.5]]),
+    )
 
     async def body():
         api = make_api(workspace)
@@ -165,7 +179,9 @@ def test_selection_errors_are_typed_and_clear(workspace):
     workspace.add_gaze_recording("A", "2", n=5)
 
     async def attempt(collection, stream, attrs):
-        await make_api(workspace).replay_collection_stream(collection, stream, attrs, asyncio.Queue())
+        await make_api(workspace).replay_collection_stream(
+            collection, stream, attrs, asyncio.Queue()
+        )
 
     with pytest.raises(NotFound, match="no collection 'nope'"):
         run(attempt("nope", "gaze", {}))
@@ -178,8 +194,11 @@ def test_selection_errors_are_typed_and_clear(workspace):
     with pytest.raises(InvalidRequest, match="no attribute"):
         run(attempt("study", "gaze", {"colour": "red"}))
     with pytest.raises(InvalidRequest, match="speed"):
-        run(make_api(workspace).replay_collection_stream(
-            "study", "gaze", {"subject": "A", "session": "1"}, asyncio.Queue(), speed=-1))  # fmt: skip
+        run(
+            make_api(workspace).replay_collection_stream(
+                "study", "gaze", {"subject": "A", "session": "1"}, asyncio.Queue(), speed=-1
+            )
+        )
     with pytest.raises(InvalidRequest, match="sink"):
         run(make_api(workspace).replay_collection_stream("study", "gaze", {}, []))
 
@@ -192,7 +211,9 @@ def test_broken_file_delivers_good_rows_then_error_then_end(workspace):
 
     async def body():
         sink = asyncio.Queue()
-        await make_api(workspace).replay_collection_stream("study", "gaze", {"subject": "A"}, sink, speed=0)
+        await make_api(workspace).replay_collection_stream(
+            "study", "gaze", {"subject": "A"}, sink, speed=0
+        )
         return await drain(sink)
 
     items = run(body())
@@ -281,7 +302,9 @@ def test_frames_helper_and_upstream_samples(workspace):
 
     async def body():
         sink = asyncio.Queue()
-        await make_api(workspace).replay_collection_stream("study", "gaze", {"subject": "A"}, sink, speed=0)
+        await make_api(workspace).replay_collection_stream(
+            "study", "gaze", {"subject": "A"}, sink, speed=0
+        )
         return [f async for f in dm.frames(sink)]
 
     frames = run(body())

@@ -6,9 +6,9 @@ import asyncio
 
 import numpy as np
 from helpers import drain, frames_of, run
+from streaminghub_datamux.drivers.base import Source
 
 import streaminghub_datamux as dm
-from streaminghub_datamux.drivers.base import Source
 from streaminghub_datamux.errors import DataError, DeviceLost
 from streaminghub_datamux.framing import Framing
 from streaminghub_datamux.tasks import Framer, Task
@@ -42,9 +42,14 @@ def chunk(start, n):
     return ts, ts.reshape(-1, 1).astype(np.float32)
 
 
-def start_task(make_source, framing=Framing(max_samples=10, max_latency_ms=30)):
+SMALL_FRAMES = Framing(max_samples=10, max_latency_ms=30)
+
+
+def start_task(make_source, framing=SMALL_FRAMES):
     sink = asyncio.Queue()
-    task = Task("t1", make_source, sink, stream_id="s", channels=["a"], attrs={"k": "v"}, framing=framing)
+    task = Task(
+        "t1", make_source, sink, stream_id="s", channels=["a"], attrs={"k": "v"}, framing=framing
+    )
     task.start()
     return task, sink
 
@@ -55,7 +60,7 @@ def test_live_framer_flushes_by_count_and_by_latency():
         # then the rest (5 + 3) once the oldest of them is 30 ms old.
         steps = [chunk(0, 25), 0.005, chunk(25, 3), 0.2]
         loop = asyncio.get_running_loop()
-        task, sink = start_task(lambda: ScriptedSource(steps))
+        _, sink = start_task(lambda: ScriptedSource(steps))
         stamped = []
         while (item := await sink.get()) is not dm.END_OF_STREAM:
             stamped.append((loop.time(), item))
@@ -85,10 +90,10 @@ def test_device_loss_reports_and_reconnects_with_backoff():
     async def body():
         opened = []
         scripts = iter([[chunk(0, 10), DeviceLost("cable pulled")], [chunk(10, 10)]])
-        task, sink = start_task(lambda: ScriptedSource(next(scripts, []), opened, fail_open=0))
+        _, sink = start_task(lambda: ScriptedSource(next(scripts, []), opened, fail_open=0))
         return await drain(sink), opened
 
-    items, opened = run(body())
+    items, _ = run(body())
     kinds = [type(i).__name__ if i is not dm.END_OF_STREAM else "END" for i in items]
     assert kinds == ["Frame", "StreamStatus", "StreamStatus", "Frame", "END"]
     assert items[1].status == "disconnected" and "cable pulled" in items[1].reason
@@ -99,7 +104,7 @@ def test_device_loss_reports_and_reconnects_with_backoff():
 def test_device_absent_at_open_is_retried():
     async def body():
         opened = []
-        task, sink = start_task(lambda: ScriptedSource([chunk(0, 10)], opened, fail_open=2))
+        _, sink = start_task(lambda: ScriptedSource([chunk(0, 10)], opened, fail_open=2))
         return await drain(sink), opened
 
     items, opened = run(body())
@@ -110,7 +115,9 @@ def test_device_absent_at_open_is_retried():
 
 def test_failure_gives_error_item_then_end():
     async def body():
-        task, sink = start_task(lambda: ScriptedSource([chunk(0, 3), DataError("bad", file="f.csv", line=9)]))
+        _, sink = start_task(
+            lambda: ScriptedSource([chunk(0, 3), DataError("bad", file="f.csv", line=9)])
+        )
         return await drain(sink)
 
     items = run(body())
@@ -137,8 +144,15 @@ def test_end_reaches_a_full_sink_once_there_is_room():
     async def body():
         sink = asyncio.Queue(maxsize=1)
         sink.put_nowait("occupied")
-        task = Task("t", lambda: ScriptedSource([RuntimeError("boom")]), sink, stream_id="s",
-                    channels=["a"], attrs={}, framing=Framing())  # fmt: skip
+        task = Task(
+            "t",
+            lambda: ScriptedSource([RuntimeError("boom")]),
+            sink,
+            stream_id="s",
+            channels=["a"],
+            attrs={},
+            framing=Framing(),
+        )
         task.start()
         await task.wait()
         return [await sink.get() for _ in range(3)]

@@ -22,12 +22,29 @@ def _global_flags() -> argparse.ArgumentParser:
     """Flags every subcommand accepts, before or after its name."""
     parent = argparse.ArgumentParser(add_help=False)
     group = parent.add_argument_group("config overrides (highest precedence)")
-    group.add_argument("--data_dir", "--data-dir", dest="g_data_dir", metavar="DIR",
-                       default=argparse.SUPPRESS, help="folder of recordings")  # fmt: skip
-    group.add_argument("--meta_dir", "--meta-dir", dest="g_meta_dir", metavar="DIR",
-                       default=argparse.SUPPRESS, help="folder of *.collection.json files")  # fmt: skip
-    group.add_argument("-v", "--verbose", action="count", default=argparse.SUPPRESS,
-                       help="more log output (-vv for debug)")  # fmt: skip
+    group.add_argument(
+        "--data_dir",
+        "--data-dir",
+        dest="g_data_dir",
+        metavar="DIR",
+        default=argparse.SUPPRESS,
+        help="folder of recordings",
+    )
+    group.add_argument(
+        "--meta_dir",
+        "--meta-dir",
+        dest="g_meta_dir",
+        metavar="DIR",
+        default=argparse.SUPPRESS,
+        help="folder of *.collection.json files",
+    )
+    group.add_argument(
+        "-v",
+        "--verbose",
+        action="count",
+        default=argparse.SUPPRESS,
+        help="more log output (-vv for debug)",
+    )
     return parent
 
 
@@ -66,7 +83,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
     args.config_flags = {
-        key: getattr(args, f"g_{key}") for key in ("data_dir", "meta_dir") if hasattr(args, f"g_{key}")
+        key: getattr(args, f"g_{key}")
+        for key in ("data_dir", "meta_dir")
+        if hasattr(args, f"g_{key}")
     }
     try:
         return int(args.handler(args))
@@ -81,4 +100,3 @@ def main(argv: Sequence[str] | None = None) -> int:
     except BrokenPipeError:  # e.g. `datamux tail ... | head`
         sys.stderr.close()
         return 0
-

@@ -35,30 +35,54 @@ def register(subparsers: argparse._SubParsersAction[Any]) -> None:
     ls.set_defaults(handler=lambda args: _run(_ls(args)))
 
     output = argparse.ArgumentParser(add_help=False)
-    output.add_argument("-a", "--attr", action="append", default=[], metavar="KEY=VALUE",
-                        help="select a recording / set a stream attribute (repeatable)")  # fmt: skip
-    output.add_argument("--rows", action="store_true",
-                        help="print one CSV row per sample instead of one line per frame")  # fmt: skip
+    output.add_argument(
+        "-a",
+        "--attr",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="select a recording / set a stream attribute (repeatable)",
+    )
+    output.add_argument(
+        "--rows",
+        action="store_true",
+        help="print one CSV row per sample instead of one line per frame",
+    )
     output.add_argument("--frames", type=int, metavar="N", help="stop after N frames")
-    output.add_argument("--framing", metavar="PRESET",
-                        help="low-latency, balanced or throughput (default: from config)")  # fmt: skip
+    output.add_argument(
+        "--framing",
+        metavar="PRESET",
+        help="low-latency, balanced or throughput (default: from config)",
+    )
 
     replay = subparsers.add_parser(
-        "replay", parents=[output], help="replay a recorded stream",
+        "replay",
+        parents=[output],
+        help="replay a recorded stream",
         description="Replay one stream of one recording and print its frames.",
-    )  # fmt: skip
+    )
     replay.add_argument("collection", help="collection id")
     replay.add_argument("stream", help="stream id")
-    replay.add_argument("--speed", type=float, default=1.0,
-                        help="1 real time (default), 2 twice as fast, 0 as fast as possible")  # fmt: skip
-    replay.add_argument("--progress", choices=["auto", "on", "off"], default="auto",
-                        help="progress bar on stderr (auto: when stderr is a terminal)")  # fmt: skip
+    replay.add_argument(
+        "--speed",
+        type=float,
+        default=1.0,
+        help="1 real time (default), 2 twice as fast, 0 as fast as possible",
+    )
+    replay.add_argument(
+        "--progress",
+        choices=["auto", "on", "off"],
+        default="auto",
+        help="progress bar on stderr (auto: when stderr is a terminal)",
+    )
     replay.set_defaults(handler=lambda args: _run(_replay(args)))
 
     tail = subparsers.add_parser(
-        "tail", parents=[output], help="print a live stream",
+        "tail",
+        parents=[output],
+        help="print a live stream",
         description="Proxy a live stream (a device or a simulated one) and print its frames.",
-    )  # fmt: skip
+    )
     tail.add_argument("node", nargs="?", default="demo", help="node id (default: demo)")
     tail.add_argument("stream", nargs="?", default="eeg", help="stream id (default: eeg)")
     tail.add_argument("--seconds", type=float, metavar="S", help="stop after S seconds")
@@ -95,8 +119,15 @@ async def _ls(args: argparse.Namespace) -> int:
         collections = await api.list_collections()
         nodes = await api.list_live_nodes()
         if args.json:
-            print(json.dumps({"collections": [c.to_dict() for c in collections],
-                              "nodes": [n.to_dict() for n in nodes]}, indent=2))  # fmt: skip
+            print(
+                json.dumps(
+                    {
+                        "collections": [c.to_dict() for c in collections],
+                        "nodes": [n.to_dict() for n in nodes],
+                    },
+                    indent=2,
+                )
+            )
             return 0
         print(f"collections in {api.config.meta_dir}:")
         for c in collections:
@@ -121,8 +152,9 @@ async def _ls(args: argparse.Namespace) -> int:
     print("streams:")
     for s in streams:
         rate = f"{s.frequency:g} Hz" if s.frequency else "irregular"
-        print(f"  {s.id:<14} {rate:>10}  {len(s.channels)} x {s.dtype.name if s.dtype.kind != 'U' else 'str'}"
-              f"  [{', '.join(s.channels[:8])}{', ...' if len(s.channels) > 8 else ''}]")  # fmt: skip
+        dtype = "str" if s.dtype.kind == "U" else s.dtype.name
+        channels = ", ".join(s.channels[:8]) + (", ..." if len(s.channels) > 8 else "")
+        print(f"  {s.id:<14} {rate:>10}  {len(s.channels)} x {dtype}  [{channels}]")
     if recordings is not None:
         print(f"recordings ({len(recordings)}):")
         for attrs in recordings:
@@ -150,8 +182,8 @@ class FramePrinter:
         last = frame.values[-1]
         shown = " ".join(f"{c}={_short(v)}" for c, v in zip(frame.channels[:6], last, strict=False))
         more = " ..." if len(frame.channels) > 6 else ""
-        print(f"#{frame.seq:<5} {len(frame):>5} samples  t={frame.timestamps[0]:.3f}..{frame.timestamps[-1]:.3f}"
-              f"  {shown}{more}", file=self.out)  # fmt: skip
+        span = f"t={frame.timestamps[0]:.3f}..{frame.timestamps[-1]:.3f}"
+        print(f"#{frame.seq:<5} {len(frame):>5} samples  {span}  {shown}{more}", file=self.out)
 
     def other(self, item: Any) -> None:
         if isinstance(item, StreamStatus):
@@ -185,8 +217,14 @@ class Progress:
             sys.stderr.write("\n")
 
 
-async def _consume(api: API, ack_id: str, sink: asyncio.Queue[Any], args: argparse.Namespace,
-                   progress: Progress | None = None, seconds: float | None = None) -> int:  # fmt: skip
+async def _consume(
+    api: API,
+    ack_id: str,
+    sink: asyncio.Queue[Any],
+    args: argparse.Namespace,
+    progress: Progress | None = None,
+    seconds: float | None = None,
+) -> int:
     printer = FramePrinter(args.rows)
     deadline = None if seconds is None else asyncio.get_running_loop().time() + seconds
     frames, status = 0, 0
@@ -237,7 +275,9 @@ async def _replay(args: argparse.Namespace) -> int:
     progress = None
     if enabled:
         collection = api.get_collection(args.collection)
-        recording = select_recording(find_recordings(collection, api.data_dir), attrs, collection.id)
+        recording = select_recording(
+            find_recordings(collection, api.data_dir), attrs, collection.id
+        )
         total = await asyncio.to_thread(_count_rows, recording.file_for(args.stream))
         progress = Progress(total, enabled)
     return await _consume(api, ack.randseq or "", sink, args, progress)
@@ -246,6 +286,7 @@ async def _replay(args: argparse.Namespace) -> int:
 async def _tail(args: argparse.Namespace) -> int:
     api = _api(args)
     sink: asyncio.Queue[Any] = asyncio.Queue(maxsize=64)
-    ack = await api.proxy_live_stream(args.node, args.stream, _attrs(args.attr), sink,
-                                      framing=args.framing)  # fmt: skip
+    ack = await api.proxy_live_stream(
+        args.node, args.stream, _attrs(args.attr), sink, framing=args.framing
+    )
     return await _consume(api, ack.randseq or "", sink, args, seconds=args.seconds)
