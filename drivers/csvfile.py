@@ -82,32 +82,39 @@ class CsvStreamReader:
 
     def _loadtxt(self, source: Any, usecols: list[int]) -> np.ndarray:
         return np.loadtxt(
-            source, delimiter=",", usecols=usecols, dtype=self._parse_dtype, ndmin=2, comments=None
+            source,
+            delimiter=",",
+            usecols=usecols,
+            dtype=self._parse_dtype,
+            ndmin=2,
+            comments=None,
+            encoding="utf-8",
         )
 
     def _parse(
-        self, text: str, first_line: int, usecols: list[int]
+        self, text: bytes, first_line: int, usecols: list[int]
     ) -> tuple[np.ndarray, DataError | None]:
         """Parse a block; on a bad line, the rows before it and the error naming it."""
+        # Bytes, not str: numpy parses a byte stream about 3x faster, and a StringIO
+        # would hold the block as 4-byte characters.
         try:
-            return self._loadtxt(io.StringIO(text), usecols), None
+            return self._loadtxt(io.BytesIO(text), usecols), None
         except ValueError as exc:
             block_error = exc
         # Slow path, errors only: find the exact bad line so the message can name it.
-        lines = text.splitlines()
+        lines = text.splitlines(keepends=True)
         for offset, line in enumerate(lines):
             if not line.strip():
                 continue
             try:
-                self._loadtxt([line], usecols)
+                self._loadtxt(io.BytesIO(line), usecols)
             except ValueError as exc:
-                good = self._loadtxt(lines[:offset], usecols) if offset else None
                 error = DataError(str(exc), file=str(self.path), line=first_line + offset)
-                empty = np.empty((0, len(usecols)), dtype=self._parse_dtype)
-                return (good if good is not None else empty), error
-        return np.empty((0, len(usecols))), DataError(
-            str(block_error), file=str(self.path), line=first_line
-        )
+                if not any(ln.strip() for ln in lines[:offset]):
+                    return np.empty((0, len(usecols)), dtype=self._parse_dtype), error
+                return self._loadtxt(io.BytesIO(b"".join(lines[:offset])), usecols), error
+        error = DataError(str(block_error), file=str(self.path), line=first_line)
+        return np.empty((0, len(usecols)), dtype=self._parse_dtype), error
 
     def blocks(self) -> Iterator[tuple[np.ndarray, np.ndarray]]:
         """Yield ``(timestamps float64 (n,), values (n, channels))`` blocks in file order.
@@ -136,7 +143,7 @@ class CsvStreamReader:
                     cut = buffer.rfind(b"\n") + 1
                     text, rest = buffer[:cut], buffer[cut:]
                 if text.strip():
-                    table, error = self._parse(text.decode("utf-8"), line_no, usecols)
+                    table, error = self._parse(text, line_no, usecols)
                     n = len(table)
                     if index_col is None:
                         timestamps = np.arange(row_no, row_no + n) / self.stream.frequency

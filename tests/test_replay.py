@@ -313,3 +313,60 @@ def test_frames_helper_and_upstream_samples(workspace):
         "index": {"t": timestamps[1]},
         "value": {"x": float(values[1, 0]), "y": float(values[1, 1])},
     }
+
+
+def test_memory_stays_flat_whatever_the_file_size(workspace):
+    """Peak traced memory does not grow with the file: blocks, not the whole file."""
+    import tracemalloc
+
+    meta = gaze_collection(frequency=1000)
+    meta["streams"]["gaze"]["fields"] = {f"c{i}": {"dtype": "f32"} for i in range(8)}
+    meta["pattern"] = "csv://{subject}"
+    workspace.add_collection("big", meta)
+    sizes = {"small": 200_000, "large": 800_000}
+    rng = np.random.default_rng(1)
+    for subject, n in sizes.items():
+        rows = np.column_stack([np.arange(n) / 1000, rng.random((n, 8))])
+        path = workspace.data_dir / "big" / f"{subject}.csv"
+        write_csv(path, ["t", *(f"c{i}" for i in range(8))], rows, fmt="%.6f")
+
+    async def replay(subject):
+        sink = asyncio.Queue()  # unbounded: the task must still not run ahead
+        api = make_api(workspace)
+        await api.replay_collection_stream("big", "gaze", {"subject": subject}, sink, speed=0)
+        count = 0
+        while (item := await sink.get()) is not dm.END_OF_STREAM:
+            count += len(item)
+            if item.seq % 50 == 0:
+                await asyncio.sleep(0.001)  # a consumer slower than the reader
+        return count
+
+    peaks = {}
+    for subject, n in sizes.items():
+        tracemalloc.start()
+        try:
+            assert run(replay(subject), timeout=120) == n
+            peaks[subject] = tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+    large_file = (workspace.data_dir / "big" / "large.csv").stat().st_size
+    # 4x the data, about the same peak; and far below the file's size
+    assert peaks["large"] < 1.3 * peaks["small"], peaks
+    assert peaks["large"] < 0.5 * large_file, (peaks, large_file)
+
+
+def test_bad_first_line_gives_error_and_no_frames(workspace):
+    workspace.add_collection("study", gaze_collection())
+    path = workspace.data_dir / "study" / "A" / "1_gaze.csv"
+    path.parent.mkdir(parents=True)
+    path.write_text("t,x,y,d\n0,1,2\n0.01,4,5,6\n")
+
+    async def body():
+        sink = asyncio.Queue()
+        api = make_api(workspace)
+        await api.replay_collection_stream("study", "gaze", {"subject": "A"}, sink, speed=0)
+        return await drain(sink)
+
+    items = run(body())
+    assert len(items) == 2 and isinstance(items[0], dm.StreamError)
+    assert "line 2" in items[0].reason
