@@ -359,7 +359,7 @@ def test_bad_first_line_gives_error_and_no_frames(workspace):
     workspace.add_collection("study", gaze_collection())
     path = workspace.data_dir / "study" / "A" / "1_gaze.csv"
     path.parent.mkdir(parents=True)
-    path.write_text("t,x,y,d\n0,1,2\n0.01,4,5,6\n")
+    path.write_text("t,x,y,d\n0,1\n0.01,4,5,6\n")
 
     async def body():
         sink = asyncio.Queue()
