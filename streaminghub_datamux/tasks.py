@@ -156,10 +156,16 @@ class Task:
 
     async def stop(self, timeout: float = 1.0) -> None:
         """Stop the task; END_OF_STREAM is on the sink (or on its way) when this returns."""
-        if self._runner is None or self._runner.done():
+        if self._runner is None:
             return
-        self._runner.cancel()
-        await asyncio.wait({self._runner}, timeout=timeout)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        # Cancel again if a cancellation got lost (library code may swallow one).
+        while not self._runner.done() and loop.time() < deadline:
+            self._runner.cancel()
+            await asyncio.wait({self._runner}, timeout=min(0.1, deadline - loop.time()))
+        if not self._runner.done():
+            log.error("task %s did not stop within %.1f s", self.id, timeout)
 
     async def wait(self) -> None:
         if self._runner is not None:
@@ -239,8 +245,11 @@ class Task:
                 deadline = framer.deadline()
                 framer.arrived.clear()
                 timeout = None if deadline is None else max(deadline - clock(), 0.0)
+                # asyncio.timeout, not wait_for: on 3.11 wait_for can swallow a
+                # cancellation that races with the event, and the task would never stop.
                 with contextlib.suppress(TimeoutError):  # the deadline passed: flush
-                    await asyncio.wait_for(framer.arrived.wait(), timeout)
+                    async with asyncio.timeout(timeout):
+                        await framer.arrived.wait()
         finally:
             pumping.cancel()
             await asyncio.wait({pumping})

@@ -161,3 +161,25 @@ def test_end_reaches_a_full_sink_once_there_is_room():
     assert first == "occupied"
     assert isinstance(error, dm.StreamError) and error.code == "internal" and "boom" in error.reason
     assert end is dm.END_OF_STREAM
+
+
+def test_stopping_busy_live_tasks_always_ends_them(workspace):
+    """Regression: a cancellation racing a frame deadline must not be lost (3.11 wait_for)."""
+
+    async def body():
+        api = dm.API(workspace.config())
+        sinks = [asyncio.Queue() for _ in range(20)]
+        acks = [
+            await api.proxy_live_stream("demo", "eeg", {}, sink, framing="low-latency")
+            for sink in sinks
+        ]
+        await asyncio.sleep(0.5)
+        loop = asyncio.get_running_loop()
+        start = loop.time()
+        await asyncio.gather(*(api.stop_task(ack.randseq) for ack in acks))
+        ends = await asyncio.gather(*(drain(sink) for sink in sinks))
+        return loop.time() - start, [items[-1] for items in ends]
+
+    took, lasts = run(body(), timeout=20)
+    assert all(item is dm.END_OF_STREAM for item in lasts)
+    assert took < 1.0, took

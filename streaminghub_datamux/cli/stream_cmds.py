@@ -229,24 +229,20 @@ async def _consume(
     deadline = None if seconds is None else asyncio.get_running_loop().time() + seconds
     frames, status = 0, 0
     try:
-        while True:
-            timeout = None if deadline is None else deadline - asyncio.get_running_loop().time()
-            try:
-                item = await asyncio.wait_for(sink.get(), timeout)
-            except TimeoutError:
-                break
-            if item is END_OF_STREAM:
-                break
-            if isinstance(item, Frame):
+        async with asyncio.timeout_at(deadline):
+            while (item := await sink.get()) is not END_OF_STREAM:
+                if not isinstance(item, Frame):
+                    printer.other(item)
+                    status = 1 if isinstance(item, StreamError) else status
+                    continue
                 printer.frame(item)
                 frames += 1
                 if progress:
                     progress.advance(len(item))
                 if args.frames is not None and frames >= args.frames:
                     break
-            else:
-                printer.other(item)
-                status = 1 if isinstance(item, StreamError) else status
+    except TimeoutError:
+        pass  # --seconds elapsed
     finally:
         if progress:
             progress.close()
