@@ -12,8 +12,6 @@ Quick start::
             print(frame.seq, frame.values.shape)
 """
 
-from __future__ import annotations
-
 from . import errors, util
 from .api import API
 from .framing import Framing

@@ -1,0 +1,43 @@
+"""Packaging: every sub-package is shipped, and the public names are what __all__ says."""
+
+from __future__ import annotations
+
+import tomllib
+from pathlib import Path
+
+import pytest
+
+import streaminghub_datamux as dm
+
+ROOT = Path(__file__).resolve().parent.parent
+PYPROJECT = ROOT / "pyproject.toml"
+
+
+@pytest.mark.skipif(not PYPROJECT.exists(), reason="runs from a source checkout")
+def test_every_package_folder_is_listed_in_pyproject():
+    setuptools = tomllib.loads(PYPROJECT.read_text())["tool"]["setuptools"]
+    listed = set(setuptools["packages"])
+    found = set()
+    for package, folder in setuptools["package-dir"].items():
+        for init in (ROOT / folder).rglob("__init__.py"):
+            relative = init.parent.relative_to(ROOT / folder).parts
+            found.add(".".join((package, *relative)))
+    assert found <= listed, f"add to [tool.setuptools] packages: {sorted(found - listed)}"
+
+
+def test_public_names_match_all():
+    public = {name for name in vars(dm) if not name.startswith("_")}
+    modules = {"api", "config", "dfds", "framing", "model", "tasks", "drivers", "cli"}
+    assert set(dm.__all__) - {"__version__"} == public - modules
+    assert dm.util.END_OF_STREAM is dm.END_OF_STREAM
+
+
+def test_subpackages_import_under_the_public_name():
+    import streaminghub_datamux.agent
+    import streaminghub_datamux.cli
+    import streaminghub_datamux.client
+    import streaminghub_datamux.drivers.simulate as simulate
+
+    assert simulate.SimDriver.name == "sim"
+    assert streaminghub_datamux.cli.main is not None
+    assert streaminghub_datamux.agent.__all__ == [] and streaminghub_datamux.client.__all__ == []
