@@ -17,8 +17,10 @@ import numpy as np
 
 from ..errors import DataError
 from ..model import Stream
+from .base import Chunk
+from .formats import RecordingFormat
 
-__all__ = ["CsvStreamReader"]
+__all__ = ["CsvFormat", "CsvStreamReader"]
 
 # Seconds per unit of a declared index column.
 _TIME_UNITS = {"s": 1.0, "ms": 1e-3, "us": 1e-6, "µs": 1e-6, "ns": 1e-9}
@@ -164,3 +166,13 @@ class CsvStreamReader:
                     line_no += text.count(b"\n")
                 if not raw:
                     return
+
+
+class CsvFormat(RecordingFormat):
+    """DFDS CSV recordings: a header row, then one row per sample."""
+
+    name = "csv"
+    extensions = (".csv",)
+
+    def blocks(self, path: Path, stream: Stream, block_bytes: int) -> Iterator[Chunk]:
+        return CsvStreamReader(path, stream, block_bytes).blocks()

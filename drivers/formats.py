@@ -1,0 +1,95 @@
+"""Recording file formats: how replay reads a file, and what streams a file holds.
+
+Each format is a :class:`RecordingFormat` registered by name (the scheme of a DFDS
+pattern, ``csv://...``) and by file extension. Formats whose files describe themselves
+(XDF, EDF, BDF) implement :meth:`RecordingFormat.describe`, which lets a plain folder of
+such files be a collection with no hand-written metadata.
+
+Optional readers (pyxdf, pyedflib) are imported only when their format is used.
+"""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import Iterator
+from importlib import import_module
+from pathlib import Path
+
+from ..errors import InvalidRequest
+from ..model import Stream
+from .base import Chunk
+
+__all__ = ["FORMAT_MODULES", "RecordingFormat", "format_for_path", "get_format"]
+
+
+class RecordingFormat(abc.ABC):
+    """One file format: read blocks of one stream; optionally describe a file's streams."""
+
+    #: The pattern scheme ("csv") and the default extension (".csv").
+    name: str = ""
+    #: Every file extension of the format, lower case, with the dot.
+    extensions: tuple[str, ...] = ()
+    #: True when files carry their own stream metadata (describe() works).
+    self_describing: bool = False
+
+    def describe(self, path: Path) -> dict[str, Stream]:
+        """The streams in ``path`` by id, with metadata read from the file.
+
+        Raises:
+            DataError: the file cannot be read (naming the file and what is wrong).
+        """
+        raise InvalidRequest(f"{self.name} files need a DFDS metadata file to describe them")
+
+    @abc.abstractmethod
+    def blocks(self, path: Path, stream: Stream, block_bytes: int) -> Iterator[Chunk]:
+        """Yield ``(timestamps float64 (n,) seconds, values (n, channels))`` in time order.
+
+        ``stream`` is the stream's metadata (from a collection file or :meth:`describe`);
+        ``block_bytes`` is a hint for how much to read at a time.
+
+        Raises:
+            DataError: the file is broken (blocks before the problem were yielded).
+        """
+
+
+# name -> "module:class"; imported on first use so optional readers stay optional.
+FORMAT_MODULES: dict[str, str] = {
+    "csv": "streaminghub_datamux.drivers.csvfile:CsvFormat",
+    "xdf": "streaminghub_datamux.drivers.xdf:XdfFormat",
+    "edf": "streaminghub_datamux.drivers.edf:EdfFormat",
+    "bdf": "streaminghub_datamux.drivers.edf:EdfFormat",
+}
+_EXTENSIONS = {".csv": "csv", ".xdf": "xdf", ".xdfz": "xdf", ".edf": "edf", ".bdf": "bdf"}
+_loaded: dict[str, RecordingFormat] = {}
+
+
+def get_format(name: str) -> RecordingFormat:
+    """The format registered under ``name``.
+
+    Raises:
+        InvalidRequest: no such format, or its optional reader is not installed.
+    """
+    if name not in FORMAT_MODULES:
+        raise InvalidRequest(f"format {name!r} is not supported (supported: {sorted(FORMAT_MODULES)})")
+    if name not in _loaded:
+        module_name, _, class_name = FORMAT_MODULES[name].partition(":")
+        try:
+            module = import_module(module_name)
+        except ImportError as exc:
+            raise InvalidRequest(
+                f"reading {name} files needs an optional package: {exc.msg}. "
+                f"Install it with: pip install 'streaminghub-datamux[{name}]'"
+            ) from exc
+        _loaded[name] = getattr(module, class_name)()
+    return _loaded[name]
+
+
+def format_for_path(path: Path) -> RecordingFormat | None:
+    """The format of a file, by its extension (None when not a recording)."""
+    name = _EXTENSIONS.get(path.suffix.lower())
+    return get_format(name) if name else None
+
+
+def extensions_of(name: str) -> tuple[str, ...]:
+    """Every extension of a format name, e.g. ``("xdf",)`` -> ``(".xdf", ".xdfz")``."""
+    return tuple(ext for ext, fmt in _EXTENSIONS.items() if fmt == name)
