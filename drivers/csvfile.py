@@ -176,3 +176,9 @@ class CsvFormat(RecordingFormat):
 
     def blocks(self, path: Path, stream: Stream, block_bytes: int) -> Iterator[Chunk]:
         return CsvStreamReader(path, stream, block_bytes).blocks()
+
+    def sample_count(self, path: Path, stream: Stream) -> int | None:
+        """Rows after the header (a newline count: quoted multi-line markers count more)."""
+        with path.open("rb") as handle:
+            newlines = sum(chunk.count(b"\n") for chunk in iter(lambda: handle.read(1 << 20), b""))
+        return max(newlines - 1, 0)

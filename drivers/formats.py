@@ -19,7 +19,14 @@ from ..errors import InvalidRequest
 from ..model import Stream
 from .base import Chunk
 
-__all__ = ["FORMAT_MODULES", "RecordingFormat", "format_for_path", "get_format"]
+__all__ = [
+    "FORMAT_MODULES",
+    "SELF_DESCRIBING",
+    "RecordingFormat",
+    "extensions_of",
+    "format_for_path",
+    "get_format",
+]
 
 
 class RecordingFormat(abc.ABC):
@@ -40,6 +47,10 @@ class RecordingFormat(abc.ABC):
         """
         raise InvalidRequest(f"{self.name} files need a DFDS metadata file to describe them")
 
+    def sample_count(self, path: Path, stream: Stream) -> int | None:
+        """How many samples of ``stream`` the file holds, if cheap to tell (for progress)."""
+        return None
+
     @abc.abstractmethod
     def blocks(self, path: Path, stream: Stream, block_bytes: int) -> Iterator[Chunk]:
         """Yield ``(timestamps float64 (n,) seconds, values (n, channels))`` in time order.
@@ -59,6 +70,8 @@ FORMAT_MODULES: dict[str, str] = {
     "edf": "streaminghub_datamux.drivers.edf:EdfFormat",
     "bdf": "streaminghub_datamux.drivers.edf:EdfFormat",
 }
+#: Formats whose files carry their own stream metadata (no hand-written streams needed).
+SELF_DESCRIBING = frozenset({"xdf", "edf", "bdf"})
 _EXTENSIONS = {".csv": "csv", ".xdf": "xdf", ".xdfz": "xdf", ".edf": "edf", ".bdf": "bdf"}
 _loaded: dict[str, RecordingFormat] = {}
 
@@ -70,7 +83,9 @@ def get_format(name: str) -> RecordingFormat:
         InvalidRequest: no such format, or its optional reader is not installed.
     """
     if name not in FORMAT_MODULES:
-        raise InvalidRequest(f"format {name!r} is not supported (supported: {sorted(FORMAT_MODULES)})")
+        raise InvalidRequest(
+            f"format {name!r} is not supported (supported: {sorted(FORMAT_MODULES)})"
+        )
     if name not in _loaded:
         module_name, _, class_name = FORMAT_MODULES[name].partition(":")
         try:
@@ -84,10 +99,21 @@ def get_format(name: str) -> RecordingFormat:
     return _loaded[name]
 
 
-def format_for_path(path: Path) -> RecordingFormat | None:
-    """The format of a file, by its extension (None when not a recording)."""
-    name = _EXTENSIONS.get(path.suffix.lower())
-    return get_format(name) if name else None
+def format_name_of(path: Path) -> str | None:
+    """The format name of a file, by its extension (None when not a recording)."""
+    return _EXTENSIONS.get(path.suffix.lower())
+
+
+def format_for_path(path: Path) -> RecordingFormat:
+    """The format of a recording file, by its extension.
+
+    Raises:
+        InvalidRequest: not a known recording extension, or its reader is not installed.
+    """
+    name = format_name_of(path)
+    if name is None:
+        raise InvalidRequest(f"{path.name}: not a recording file ({', '.join(_EXTENSIONS)})")
+    return get_format(name)
 
 
 def extensions_of(name: str) -> tuple[str, ...]:

@@ -27,11 +27,11 @@ from ..errors import InvalidRequest, NotFound
 from ..framing import Framing
 from ..model import Collection, Stream
 from .base import Chunk, Source
-from .csvfile import CsvStreamReader
+from .formats import SELF_DESCRIBING, extensions_of, format_for_path, get_format
 
 __all__ = ["Recording", "ReplaySource", "find_recordings", "open_reader", "select_recording"]
 
-SUPPORTED_FORMATS = ("csv",)
+SELF_DESCRIBING_EXTENSIONS = tuple(ext for name in SELF_DESCRIBING for ext in extensions_of(name))
 _PLACEHOLDER = re.compile(r"\{(\w+)\}")
 
 
@@ -46,9 +46,9 @@ class Recording:
         return self.files.get(stream_id, self.files.get("*"))
 
 
-def _template_regex(template: str, extension: str) -> tuple[re.Pattern[str], list[str]]:
-    if not template.endswith(extension):
-        template += extension
+def _template_regex(
+    template: str, extensions: tuple[str, ...]
+) -> tuple[re.Pattern[str], list[str]]:
     parts, names, seen = [], [], set()
     position = 0
     for match in _PLACEHOLDER.finditer(template):
@@ -61,31 +61,42 @@ def _template_regex(template: str, extension: str) -> tuple[re.Pattern[str], lis
             seen.add(name)
         position = match.end()
     parts.append(re.escape(template[position:]))
-    return re.compile("".join(parts)), names
+    if not template.lower().endswith(extensions):
+        parts.append("(?:" + "|".join(re.escape(ext) for ext in extensions) + ")")
+    return re.compile("".join(parts), re.IGNORECASE), names
+
+
+def _files_under(root: Path, extensions: tuple[str, ...]) -> list[Path]:
+    return sorted(p for p in root.rglob("*") if p.suffix.lower() in extensions and p.is_file())
 
 
 def find_recordings(collection: Collection, data_dir: Path) -> list[Recording]:
-    """Every recording of ``collection`` under ``data_dir/<collection id>``, sorted by attrs."""
-    if not collection.pattern:
-        return []
-    scheme, template = split_pattern(collection.pattern)
-    if scheme not in SUPPORTED_FORMATS:
-        raise InvalidRequest(
-            f"collection {collection.id!r}: format {scheme!r} is not supported "
-            f"(supported: {', '.join(SUPPORTED_FORMATS)})"
-        )
+    """Every recording of ``collection`` under ``data_dir/<collection id>``, sorted by attrs.
+
+    A collection without a pattern (a folder of XDF/EDF/BDF files) has one recording per
+    file, with the attribute ``file``: its path below the folder, without the extension.
+    """
     root = data_dir / collection.id
     if not root.is_dir():
         return []
-    regex, names = _template_regex(template, f".{scheme}")
+    if not collection.pattern:
+        return [
+            Recording({"file": path.relative_to(root).with_suffix("").as_posix()}, {"*": path})
+            for path in _files_under(root, SELF_DESCRIBING_EXTENSIONS)
+        ]
+    scheme, template = split_pattern(collection.pattern)
+    extensions = extensions_of(scheme)
+    if not extensions:
+        get_format(scheme)  # raises InvalidRequest naming the supported formats
+    regex, names = _template_regex(template, extensions)
     by_attrs: dict[tuple[tuple[str, str], ...], dict[str, Path]] = {}
-    for path in sorted(root.rglob(f"*.{scheme}")):
+    for path in _files_under(root, extensions):
         match = regex.fullmatch(path.relative_to(root).as_posix())
         if match is None:
             continue
         groups = match.groupdict()
         stream_id = groups.pop("stream", "*")
-        if stream_id != "*" and stream_id not in collection.streams:
+        if stream_id != "*" and collection.streams and stream_id not in collection.streams:
             continue
         key = tuple((name, groups[name]) for name in names if name != "stream")
         by_attrs.setdefault(key, {})[stream_id] = path
@@ -132,7 +143,8 @@ def open_reader(
     path = recording.file_for(stream.id)
     if path is None:
         raise NotFound(f"recording {dict(recording.attrs)} has no file for stream {stream.id!r}")
-    return lambda: CsvStreamReader(path, stream, block_bytes).blocks()
+    reader = format_for_path(path)
+    return lambda: reader.blocks(path, stream, block_bytes)
 
 
 async def _blocks_in_thread(make_blocks: Callable[[], Iterator[Chunk]]) -> AsyncIterator[Chunk]:

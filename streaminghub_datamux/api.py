@@ -15,10 +15,10 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any, Self
 
+from .catalog import Catalog
 from .config import Config, load_config
-from .dfds import scan_collections
 from .drivers.base import Driver, Source
-from .drivers.replay import ReplaySource, find_recordings, open_reader, select_recording
+from .drivers.replay import ReplaySource, open_reader
 from .errors import InvalidRequest, NotFound
 from .framing import Framing
 from .model import Collection, Node, Stream, StreamAck
@@ -62,6 +62,7 @@ class API:
     ) -> None:
         self.config = config if config is not None else load_config()
         self.framing = Framing.coerce(self.config.framing or None)
+        self.catalog = Catalog(Path(self.config.data_dir), Path(self.config.meta_dir))
         self._drivers = list(drivers) if drivers is not None else self._default_drivers()
         self._tasks: dict[str, Task] = {}
         # Ids of tasks that ended, so stopping one after its END_OF_STREAM is not an error.
@@ -93,21 +94,9 @@ class API:
     def data_dir(self) -> Path:
         return Path(self.config.data_dir)
 
-    def _collections(self) -> dict[str, Collection]:
-        collections, _ = scan_collections(Path(self.config.meta_dir))
-        return collections
-
     def get_collection(self, collection_id: str) -> Collection:
-        """One collection by id. A broken file raises its MetadataError here."""
-        collections, problems = scan_collections(Path(self.config.meta_dir))
-        if collection_id in problems:
-            raise problems[collection_id]
-        if collection_id not in collections:
-            raise NotFound(
-                f"no collection {collection_id!r} in {self.config.meta_dir}; "
-                f"collections: {sorted(collections) or 'none'}"
-            )
-        return collections[collection_id]
+        """One collection by id. A broken metadata file raises its MetadataError here."""
+        return self.catalog.get(collection_id)
 
     def get_collection_stream(self, collection_id: str, stream_id: str) -> Stream:
         collection = self.get_collection(collection_id)
@@ -119,8 +108,9 @@ class API:
         return collection.streams[stream_id]
 
     async def list_collections(self) -> list[Collection]:
-        """Every collection in ``meta_dir`` that loads (broken files are logged)."""
-        return list((await asyncio.to_thread(self._collections)).values())
+        """Every collection that loads (broken metadata files are logged and skipped)."""
+        collections, _ = await asyncio.to_thread(self.catalog.scan)
+        return list(collections.values())
 
     async def list_collection_streams(self, collection_id: str) -> list[Stream]:
         """The streams of one collection."""
@@ -130,7 +120,7 @@ class API:
     async def list_collection_recordings(self, collection_id: str) -> list[dict[str, str]]:
         """The attrs of every recording of a collection (what ``attrs`` may select)."""
         collection = await asyncio.to_thread(self.get_collection, collection_id)
-        recordings = await asyncio.to_thread(find_recordings, collection, self.data_dir)
+        recordings = await asyncio.to_thread(self.catalog.recordings, collection)
         return [dict(r.attrs) for r in recordings]
 
     def open_replay(
@@ -144,13 +134,8 @@ class API:
         loop: bool = False,
     ) -> ReplaySource:
         """A replay source for one stream of one recording (not yet opened)."""
-        collection = self.get_collection(collection_id)
-        stream = self.get_collection_stream(collection_id, stream_id)
-        recording = select_recording(
-            find_recordings(collection, self.data_dir), attrs, collection_id
-        )
+        stream, recording = self.catalog.resolve(collection_id, stream_id, dict(attrs))
         block_bytes = _BLOCK_BYTES_FAST if speed == 0 else _BLOCK_BYTES_PACED
-        stream = Stream.from_dict(stream.id, stream.to_dict(), attrs=dict(recording.attrs))
         reader = open_reader(recording, stream, block_bytes=block_bytes)
         return ReplaySource(stream, reader, speed=speed, framing=framing, loop=loop)
 

@@ -15,6 +15,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from .drivers.formats import SELF_DESCRIBING
 from .errors import MetadataError
 from .model import Collection, Field, Group, Stream, numpy_dtype
 
@@ -125,8 +126,12 @@ def _parse_stream(stream_id: str, raw: Any, collection_id: str, file: Path) -> S
 
 def _parse_collection(collection_id: str, raw: Any, file: Path) -> Collection:
     raw = _expect(raw, dict, file, "/", "a JSON object")
-    streams_raw = _expect(raw.get("streams"), dict, file, "/streams", "an object of streams")
-    if not streams_raw:
+    pattern = raw.get("pattern", "")
+    # XDF/EDF/BDF files describe their own streams: "streams" may then be left out.
+    described_by_files = isinstance(pattern, str) and pattern.split("://")[0] in SELF_DESCRIBING
+    streams_raw = raw.get("streams", {} if described_by_files else None)
+    streams_raw = _expect(streams_raw, dict, file, "/streams", "an object of streams")
+    if not streams_raw and not described_by_files:
         raise MetadataError(
             "a collection needs at least one stream", file=str(file), path="/streams"
         )
@@ -138,7 +143,6 @@ def _parse_collection(collection_id: str, raw: Any, file: Path) -> Collection:
         values = _expect(g.get("values", []), list, file, f"/groups/{gid}/values", "a list")
         groups[gid] = Group(gid, str(g.get("description", "")), tuple(str(v) for v in values))
 
-    pattern = raw.get("pattern", "")
     if pattern:
         _expect(pattern, str, file, "/pattern", "a string")
         if not _PATTERN.match(pattern):

@@ -7,14 +7,13 @@ import asyncio
 import json
 import sys
 import time
-from pathlib import Path
 from typing import Any, TextIO
 
 import numpy as np
 
 from ..api import API
 from ..config import load_config
-from ..drivers.replay import find_recordings, select_recording
+from ..drivers.formats import format_for_path
 from ..errors import InvalidRequest, NotFound
 from ..model import Frame, StreamError, StreamStatus
 from ..util import END_OF_STREAM
@@ -197,20 +196,29 @@ def _short(value: Any) -> str:
 
 
 class Progress:
-    """A one-line progress bar on stderr; no dependency, redrawn at most 10 times a second."""
+    """A one-line progress bar on stderr (a counter when the total is unknown).
 
-    def __init__(self, total: int, enabled: bool) -> None:
-        self.total, self.enabled, self.done, self.drawn_at = max(total, 1), enabled, 0, 0.0
+    No dependency; redrawn at most 10 times a second.
+    """
+
+    def __init__(self, total: int | None, enabled: bool) -> None:
+        self.total, self.enabled, self.done, self.drawn_at = total, enabled, 0, 0.0
 
     def advance(self, n: int) -> None:
         self.done += n
         now = time.monotonic()
-        if self.enabled and (now - self.drawn_at > 0.1 or self.done >= self.total):
-            self.drawn_at = now
+        finished = self.total is not None and self.done >= self.total
+        if not self.enabled or (now - self.drawn_at < 0.1 and not finished):
+            return
+        self.drawn_at = now
+        if self.total:
             share = min(self.done / self.total, 1.0)
             bar = "#" * int(share * 30)
-            sys.stderr.write(f"\r[{bar:<30}] {share:6.1%} {self.done}/{self.total} samples")
-            sys.stderr.flush()
+            line = f"[{bar:<30}] {share:6.1%} {self.done}/{self.total} samples"
+        else:
+            line = f"{self.done} samples"
+        sys.stderr.write("\r" + line)
+        sys.stderr.flush()
 
     def close(self) -> None:
         if self.enabled:
@@ -253,13 +261,6 @@ async def _consume(
 # -- replay and tail ---------------------------------------------------------------------
 
 
-def _count_rows(path: Path | None) -> int:
-    if path is None:
-        return 0
-    with path.open("rb") as handle:
-        return sum(block.count(b"\n") for block in iter(lambda: handle.read(1 << 20), b"")) - 1
-
-
 async def _replay(args: argparse.Namespace) -> int:
     api = _api(args)
     attrs = _attrs(args.attr)
@@ -270,11 +271,11 @@ async def _replay(args: argparse.Namespace) -> int:
     enabled = args.progress == "on" or (args.progress == "auto" and sys.stderr.isatty())
     progress = None
     if enabled:
-        collection = api.get_collection(args.collection)
-        recording = select_recording(
-            find_recordings(collection, api.data_dir), attrs, collection.id
-        )
-        total = await asyncio.to_thread(_count_rows, recording.file_for(args.stream))
+        stream, recording = api.catalog.resolve(args.collection, args.stream, attrs)
+        path = recording.file_for(args.stream)
+        total = None
+        if path is not None:
+            total = await asyncio.to_thread(format_for_path(path).sample_count, path, stream)
         progress = Progress(total, enabled)
     return await _consume(api, ack.randseq or "", sink, args, progress)
 

@@ -1,0 +1,150 @@
+"""The catalog of collections: DFDS metadata files, plus folders of self-describing files.
+
+A collection comes from ``<meta_dir>/<id>.collection.json``, or, with no metadata at all,
+from a folder ``<data_dir>/<id>/`` holding XDF, EDF or BDF files. When a collection's
+streams are not written out (a folder, or a metadata file whose pattern is ``xdf://``,
+``edf://`` or ``bdf://`` without ``streams``), they are read from the files themselves.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from dataclasses import replace
+from pathlib import Path
+
+from .dfds import scan_collections
+from .drivers.formats import format_for_path
+from .drivers.replay import (
+    SELF_DESCRIBING_EXTENSIONS,
+    Recording,
+    find_recordings,
+    select_recording,
+)
+from .errors import DatamuxError, NotFound
+from .model import Collection, Stream
+
+__all__ = ["Catalog"]
+
+log = logging.getLogger(__name__)
+
+_FOLDER_ID = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,63}")
+_DESCRIBE_CACHE_SIZE = 512
+
+
+class Catalog:
+    """Finds collections, their streams and recordings under ``data_dir`` and ``meta_dir``."""
+
+    def __init__(self, data_dir: Path, meta_dir: Path) -> None:
+        self.data_dir = Path(data_dir)
+        self.meta_dir = Path(meta_dir)
+        # (path, mtime_ns, size) -> streams: describing an XDF file means parsing it.
+        self._described: dict[tuple[str, int, int], dict[str, Stream]] = {}
+
+    # -- listing ---------------------------------------------------------------------------
+
+    def scan(self) -> tuple[dict[str, Collection], dict[str, DatamuxError]]:
+        """Every collection by id (streams filled in), and the error of each broken one."""
+        collections, problems = scan_collections(self.meta_dir)
+        found: dict[str, Collection] = {}
+        errors: dict[str, DatamuxError] = dict(problems)
+        for collection_id, collection in collections.items():
+            found[collection_id] = collection
+        for collection_id in self._folder_ids(set(collections) | set(problems)):
+            found[collection_id] = Collection(
+                id=collection_id,
+                name=collection_id,
+                description=f"recordings in {self.data_dir / collection_id}",
+            )
+        for collection_id, collection in list(found.items()):
+            if not collection.streams:
+                found[collection_id] = replace(collection, streams=self._derive_streams(collection))
+        return found, errors
+
+    def _folder_ids(self, taken: set[str]) -> list[str]:
+        if not self.data_dir.is_dir():
+            return []
+        ids = []
+        for folder in sorted(p for p in self.data_dir.iterdir() if p.is_dir()):
+            if folder.name in taken or not _FOLDER_ID.fullmatch(folder.name):
+                continue
+            if any(p.suffix.lower() in SELF_DESCRIBING_EXTENSIONS for p in folder.rglob("*")):
+                ids.append(folder.name)
+        return ids
+
+    def get(self, collection_id: str) -> Collection:
+        """One collection by id.
+
+        Raises:
+            NotFound: no such collection.
+            MetadataError: its metadata file is broken.
+        """
+        collections, problems = self.scan()
+        if collection_id in problems:
+            raise problems[collection_id]
+        if collection_id not in collections:
+            raise NotFound(
+                f"no collection {collection_id!r} in {self.meta_dir} or {self.data_dir}; "
+                f"collections: {sorted(collections) or 'none'}"
+            )
+        return collections[collection_id]
+
+    def recordings(self, collection: Collection) -> list[Recording]:
+        return find_recordings(collection, self.data_dir)
+
+    # -- streams of self-describing files ---------------------------------------------------
+
+    def describe(self, path: Path) -> dict[str, Stream]:
+        """The streams in one XDF/EDF/BDF file (cached while the file is unchanged)."""
+        stat = path.stat()
+        key = (str(path), stat.st_mtime_ns, stat.st_size)
+        if key not in self._described:
+            if len(self._described) >= _DESCRIBE_CACHE_SIZE:
+                self._described.pop(next(iter(self._described)))
+            self._described[key] = format_for_path(path).describe(path)
+        return self._described[key]
+
+    def _derive_streams(self, collection: Collection) -> dict[str, Stream]:
+        """The union of the streams in every recording (first description wins)."""
+        streams: dict[str, Stream] = {}
+        for recording in self.recordings(collection):
+            path = recording.file_for("*")
+            if path is None:
+                continue
+            try:
+                described = self.describe(path)
+            except DatamuxError as exc:  # one broken file must not hide the others
+                log.warning("collection %s: skipping %s: %s", collection.id, path, exc)
+                continue
+            for stream_id, stream in described.items():
+                streams.setdefault(stream_id, replace(stream, collection_id=collection.id))
+        return streams
+
+    def resolve(
+        self, collection_id: str, stream_id: str, attrs: dict[str, object]
+    ) -> tuple[Stream, Recording]:
+        """The stream's metadata as found in the one recording that ``attrs`` selects.
+
+        Raises:
+            NotFound: unknown collection, stream or recording.
+            InvalidRequest: attrs that are unknown or match several recordings.
+        """
+        collection = self.get(collection_id)
+        if stream_id not in collection.streams:
+            raise NotFound(
+                f"collection {collection_id!r} has no stream {stream_id!r}; "
+                f"streams: {sorted(collection.streams)}"
+            )
+        recording = select_recording(self.recordings(collection), attrs, collection_id)
+        stream = collection.streams[stream_id]
+        path = recording.file_for(stream_id)
+        if path is not None and path.suffix.lower() in SELF_DESCRIBING_EXTENSIONS:
+            # Each file numbers its own streams: read this stream's layout from this file.
+            in_file = self.describe(path)
+            if stream_id not in in_file:
+                raise NotFound(
+                    f"recording {dict(recording.attrs)} of {collection_id!r} has no stream "
+                    f"{stream_id!r}; it has {sorted(in_file)}"
+                )
+            stream = replace(in_file[stream_id], collection_id=collection_id)
+        return replace(stream, attrs={**stream.attrs, **recording.attrs}), recording
