@@ -41,7 +41,10 @@ class CsvStreamReader:
         self.stream = stream
         self.block_bytes = block_bytes
         self.dtype = stream.dtype
-        self._parse_dtype = np.str_ if self.dtype.kind == "U" else np.float64
+        self._markers = self.dtype.kind == "U"
+        if self._markers:
+            # Quoted fields may hold newlines: never cut such a file into blocks.
+            self.block_bytes = -1
 
     def _columns(self, header: str) -> tuple[int | None, list[int]]:
         names = [name.strip().strip('"') for name in header.rstrip("\r\n").split(",")]
@@ -82,21 +85,45 @@ class CsvStreamReader:
                 return min(_TIME_UNITS.values(), key=lambda s: abs(math.log(step * s / expected)))
         return 1.0
 
+    def _table_dtype(self, usecols: list[int], has_index: bool) -> np.dtype:
+        if self._markers:
+            return np.dtype(np.str_)
+        if self.dtype.kind in "iub":
+            # One typed column each, so int64 values above 2**53 are read exactly.
+            n_values = len(usecols) - has_index
+            columns = [("t", "f8")] if has_index else []
+            columns += [(f"v{i}", self.dtype) for i in range(n_values)]
+            return np.dtype(columns)
+        return np.dtype(np.float64)
+
     def _loadtxt(self, source: Any, usecols: list[int]) -> np.ndarray:
-        return np.loadtxt(
+        table = np.loadtxt(
             source,
             delimiter=",",
             usecols=usecols,
             dtype=self._parse_dtype,
-            ndmin=2,
+            ndmin=1 if self._parse_dtype.names else 2,
             comments=None,
             encoding="utf-8",
+            quotechar='"' if self._markers else None,
         )
+        return table
+
+    def _split(self, table: np.ndarray, has_index: bool) -> tuple[np.ndarray | None, np.ndarray]:
+        """``(raw index column or None, values (n, channels))`` of a parsed table."""
+        names = table.dtype.names
+        if names is None:
+            return (table[:, 0].astype(np.float64), table[:, 1:]) if has_index else (None, table)
+        value_names = names[1:] if has_index else names
+        values = np.empty((len(table), len(value_names)), dtype=self.dtype)
+        for column, name in enumerate(value_names):
+            values[:, column] = table[name]
+        return (table["t"].astype(np.float64) if has_index else None), values
 
     def _parse(
         self, text: bytes, first_line: int, usecols: list[int]
-    ) -> tuple[np.ndarray, DataError | None]:
-        """Parse a block; on a bad line, the rows before it and the error naming it."""
+    ) -> tuple[np.ndarray | None, DataError | None]:
+        """Parse a block; on a bad line, the rows before it (or None) and the error."""
         # Bytes, not str: numpy parses a byte stream about 3x faster, and a StringIO
         # would hold the block as 4-byte characters.
         try:
@@ -113,10 +140,10 @@ class CsvStreamReader:
             except ValueError as exc:
                 error = DataError(str(exc), file=str(self.path), line=first_line + offset)
                 if not any(ln.strip() for ln in lines[:offset]):
-                    return np.empty((0, len(usecols)), dtype=self._parse_dtype), error
+                    return None, error
                 return self._loadtxt(io.BytesIO(b"".join(lines[:offset])), usecols), error
         error = DataError(str(block_error), file=str(self.path), line=first_line)
-        return np.empty((0, len(usecols)), dtype=self._parse_dtype), error
+        return None, error
 
     def blocks(self) -> Iterator[tuple[np.ndarray, np.ndarray]]:
         """Yield ``(timestamps float64 (n,), values (n, channels))`` blocks in file order.
@@ -135,6 +162,7 @@ class CsvStreamReader:
                 return
             index_col, value_cols = self._columns(header)
             usecols = value_cols if index_col is None else [index_col, *value_cols]
+            self._parse_dtype = self._table_dtype(usecols, index_col is not None)
             line_no, row_no, scale, rest = 2, 0, None, b""
             while True:
                 raw = handle.read(self.block_bytes)
@@ -146,19 +174,17 @@ class CsvStreamReader:
                     text, rest = buffer[:cut], buffer[cut:]
                 if text.strip():
                     table, error = self._parse(text, line_no, usecols)
-                    n = len(table)
-                    if index_col is None:
-                        timestamps = np.arange(row_no, row_no + n) / self.stream.frequency
-                        values = table
-                    else:
-                        raw_ts = table[:, 0].astype(np.float64)
-                        if scale is None:
-                            scale = self._time_scale(raw_ts)
-                        timestamps = raw_ts * scale if scale != 1.0 else raw_ts
-                        values = table[:, 1:]
-                    if values.dtype != self.dtype:
-                        values = values.astype(self.dtype)
+                    n = 0 if table is None else len(table)
                     if n:
+                        raw_ts, values = self._split(table, index_col is not None)
+                        if raw_ts is None:
+                            timestamps = np.arange(row_no, row_no + n) / self.stream.frequency
+                        else:
+                            if scale is None:
+                                scale = self._time_scale(raw_ts)
+                            timestamps = raw_ts * scale if scale != 1.0 else raw_ts
+                        if values.dtype != self.dtype:
+                            values = values.astype(self.dtype)
                         yield np.ascontiguousarray(timestamps), np.ascontiguousarray(values)
                     if error is not None:
                         raise error

@@ -16,6 +16,7 @@ from ..config import load_config
 from ..drivers.formats import format_for_path
 from ..errors import InvalidRequest, NotFound
 from ..model import Frame, StreamError, StreamStatus
+from ..recording import record
 from ..util import END_OF_STREAM
 
 __all__ = ["register"]
@@ -86,6 +87,52 @@ def register(subparsers: argparse._SubParsersAction[Any]) -> None:
     tail.add_argument("stream", nargs="?", default="eeg", help="stream id (default: eeg)")
     tail.add_argument("--seconds", type=float, metavar="S", help="stop after S seconds")
     tail.set_defaults(handler=lambda args: _run(_tail(args)))
+
+    rec = subparsers.add_parser(
+        "record",
+        help="record a live or replayed stream into a replayable collection",
+        description="Record one stream into <data_dir>/<into>/<recording attrs...>/<stream>.csv "
+        "and describe it in <meta_dir>/<into>.collection.json. Ctrl-C stops; what was "
+        "written stays replayable.",
+    )
+    source = rec.add_mutually_exclusive_group(required=True)
+    source.add_argument("--node", help="record a live stream of this node")
+    source.add_argument("--collection", help="record a replay of this collection")
+    rec.add_argument("stream", help="stream id")
+    rec.add_argument(
+        "--into", required=True, metavar="COLLECTION", help="collection to record into"
+    )
+    rec.add_argument(
+        "-r",
+        "--recording",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="attribute of the new recording, e.g. -r subject=A (repeatable)",
+    )
+    rec.add_argument(
+        "-a",
+        "--attr",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="attribute of the source (for --collection: which recording)",
+    )
+    rec.add_argument("--seconds", type=float, metavar="S", help="stop after S seconds")
+    rec.add_argument(
+        "--speed",
+        type=float,
+        default=0.0,
+        help="replay speed for --collection (default 0: as fast as possible)",
+    )
+    rec.add_argument("--overwrite", action="store_true", help="replace an existing recording")
+    rec.add_argument(
+        "--progress",
+        choices=["auto", "on", "off"],
+        default="auto",
+        help="show progress on stderr (auto: when stderr is a terminal)",
+    )
+    rec.set_defaults(handler=lambda args: _run(_record(args)))
 
 
 def _run(coro: Any) -> int:
@@ -287,3 +334,33 @@ async def _tail(args: argparse.Namespace) -> int:
         args.node, args.stream, _attrs(args.attr), sink, framing=args.framing
     )
     return await _consume(api, ack.randseq or "", sink, args, seconds=args.seconds)
+
+
+async def _record(args: argparse.Namespace) -> int:
+    api = _api(args)
+    enabled = args.progress == "on" or (args.progress == "auto" and sys.stderr.isatty())
+    progress = Progress(None, enabled)
+    summary = await record(
+        api,
+        mode="proxy" if args.node else "replay",
+        source_id=args.node or args.collection,
+        stream_id=args.stream,
+        into=args.into,
+        recording=_attrs(args.recording),
+        attrs=_attrs(args.attr),
+        config=api.config,
+        duration=args.seconds,
+        speed=args.speed,
+        overwrite=args.overwrite,
+        on_frame=lambda frame: progress.advance(len(frame)),
+    )
+    progress.close()
+    await api.aclose()
+    print(
+        f"recorded {summary.samples} samples in {summary.frames} frames "
+        f"({summary.seconds:.1f} s) to {summary.path}"
+    )
+    if summary.error:
+        print(f"datamux: the stream failed: {summary.error}", file=sys.stderr)
+        return 1
+    return 0

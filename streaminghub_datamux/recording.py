@@ -1,0 +1,309 @@
+"""Record any stream (live or replayed, local or remote) into a replayable DFDS collection.
+
+A recording is one CSV file per stream, ``<data_dir>/<collection>/<attr values...>/<stream>.csv``,
+described by ``<meta_dir>/<collection>.collection.json`` with the pattern
+``csv://{attr1}/{attr2}/{stream}``. Replay reads it back bit-exact: numbers are written in
+the shortest text that reads back to the same float32/float64/integer, markers are quoted.
+
+Crash-safe by construction: the metadata file is written (atomically) before any data;
+each frame is appended with one unbuffered ``write`` of whole lines, and the file is
+fsync'ed at least once a second. A recording killed mid-way keeps every frame written
+before the kill and replays as it is.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import re
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal, Protocol
+
+import numpy as np
+
+from .config import Config, load_config
+from .errors import DataError, InvalidRequest, NotFound
+from .model import Frame, Stream, StreamError, dtype_name
+from .util import END_OF_STREAM
+
+__all__ = ["CsvFrameWriter", "RecordingSummary", "record"]
+
+_SAFE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,63}")
+_FSYNC_EVERY_S = 1.0
+
+
+class _StreamingAPI(Protocol):
+    """The part of the API (local or remote) that recording uses."""
+
+    async def list_live_streams(self, node_id: str) -> list[Stream]: ...
+    async def list_collection_streams(self, collection_id: str) -> list[Stream]: ...
+    async def proxy_live_stream(self, *args: Any, **kwargs: Any) -> Any: ...
+    async def replay_collection_stream(self, *args: Any, **kwargs: Any) -> Any: ...
+    async def stop_task(self, randseq: str) -> Any: ...
+
+
+@dataclass(frozen=True)
+class RecordingSummary:
+    """What a recording wrote."""
+
+    path: Path
+    frames: int
+    samples: int
+    seconds: float
+    error: str | None = None
+
+
+def _check_segment(value: str, what: str) -> str:
+    """Ids and attr values become path segments: no separators, no '..'."""
+    if not isinstance(value, str) or not _SAFE.fullmatch(value) or value in (".", ".."):
+        raise InvalidRequest(
+            f"{what} {value!r} cannot name a file: use letters, digits, '_', '-' and '.' "
+            "(at most 64, not starting with '.' or '-')"
+        )
+    return value
+
+
+def _column_id(channel: str, taken: set[str]) -> str:
+    """A CSV-safe column name for a channel (the original stays as the field's name)."""
+    base = re.sub(r'[,"\r\n]', "_", channel).strip() or "ch"
+    column, n = base, 1
+    while column in taken or column == "t":
+        n += 1
+        column = f"{base}_{n}"
+    taken.add(column)
+    return column
+
+
+def _text_columns(values: np.ndarray) -> list[np.ndarray]:
+    """Each column as shortest round-trip text (numpy's repr), markers quoted."""
+    if values.dtype.kind == "U":
+        quoted = np.char.replace(values.astype(str), '"', '""')
+        return [np.char.add(np.char.add('"', quoted[:, j]), '"') for j in range(values.shape[1])]
+    if values.dtype.kind == "b":
+        values = values.astype(np.uint8)
+    return [values[:, j].astype(str) for j in range(values.shape[1])]
+
+
+class CsvFrameWriter:
+    """Appends frames to one CSV recording file, whole lines per write."""
+
+    def __init__(self, path: Path, columns: list[str]) -> None:
+        self.path = path
+        self.columns = columns
+        self._fd: int | None = None
+        self._synced_at = 0.0
+
+    def open(self, overwrite: bool = False) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        flags = os.O_WRONLY | os.O_CREAT | (os.O_TRUNC if overwrite else os.O_EXCL)
+        try:
+            self._fd = os.open(self.path, flags, 0o644)
+        except FileExistsError:
+            raise InvalidRequest(
+                f"{self.path} exists; pick other recording attrs or allow overwriting"
+            ) from None
+        self._write_all(("t," + ",".join(self.columns) + "\n").encode())
+
+    def _write_all(self, data: bytes) -> None:
+        assert self._fd is not None
+        view = memoryview(data)
+        while view:
+            view = view[os.write(self._fd, view) :]
+
+    def write(self, timestamps: np.ndarray, values: np.ndarray) -> None:
+        if len(timestamps) == 0:
+            return
+        row = timestamps.astype(np.float64).astype(str)
+        for column in _text_columns(values):
+            row = np.char.add(np.char.add(row, ","), column)
+        self._write_all(("\n".join(row.tolist()) + "\n").encode())
+        now = time.monotonic()
+        if now - self._synced_at >= _FSYNC_EVERY_S:
+            assert self._fd is not None
+            os.fsync(self._fd)
+            self._synced_at = now
+
+    def close(self) -> None:
+        if self._fd is not None:
+            os.fsync(self._fd)
+            os.close(self._fd)
+            self._fd = None
+
+
+def _stream_metadata(stream: Stream, columns: list[str]) -> dict[str, Any]:
+    fields = {}
+    for column, field in zip(columns, stream.fields.values(), strict=True):
+        fields[column] = {**field.to_dict(), "name": field.name or field.id}
+        fields[column]["dtype"] = dtype_name(stream.dtype)
+    return {
+        "name": stream.name,
+        "description": stream.description,
+        "unit": stream.unit,
+        "frequency": stream.frequency,
+        "fields": fields,
+        "index": {"t": {"name": "timestamp", "dtype": "f64", "unit": "s"}},
+    }
+
+
+def _write_metadata(
+    meta_dir: Path, collection_id: str, stream: Stream, columns: list[str], attr_keys: list[str]
+) -> None:
+    """Create or extend ``<collection>.collection.json``, atomically."""
+    path = meta_dir / f"{collection_id}.collection.json"
+    pattern = "csv://" + "/".join([*(f"{{{k}}}" for k in attr_keys), "{stream}"])
+    if path.exists():
+        meta = json.loads(path.read_text(encoding="utf-8"))
+        if meta.get("pattern") != pattern:
+            raise InvalidRequest(
+                f"{path} has pattern {meta.get('pattern')!r}; recording with attrs "
+                f"{attr_keys} needs {pattern!r}: record into another collection"
+            )
+    else:
+        meta = {
+            "name": collection_id,
+            "description": "recorded by streaminghub-datamux",
+            "keywords": [],
+            "authors": [],
+            "streams": {},
+            "groups": {},
+            "pattern": pattern,
+        }
+    new = _stream_metadata(stream, columns)
+    old = meta["streams"].get(stream.id)
+    if old is not None and (old.get("fields") != new["fields"]):
+        raise InvalidRequest(
+            f"{path}: stream {stream.id!r} is already recorded with other channels or dtype"
+        )
+    meta["streams"][stream.id] = new
+    for key in attr_keys:
+        meta["groups"].setdefault(key, {"description": "", "values": []})
+    meta_dir.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_suffix(".json.tmp")
+    temporary.write_text(json.dumps(meta, indent=2), encoding="utf-8")
+    os.replace(temporary, path)
+
+
+def _add_group_values(meta_dir: Path, collection_id: str, attrs: Mapping[str, str]) -> None:
+    path = meta_dir / f"{collection_id}.collection.json"
+    meta = json.loads(path.read_text(encoding="utf-8"))
+    for key, value in attrs.items():
+        values = meta["groups"].setdefault(key, {"values": []}).setdefault("values", [])
+        if value not in values:
+            values.append(value)
+    temporary = path.with_suffix(".json.tmp")
+    temporary.write_text(json.dumps(meta, indent=2), encoding="utf-8")
+    os.replace(temporary, path)
+
+
+async def _find_stream(api: _StreamingAPI, mode: str, source_id: str, stream_id: str) -> Stream:
+    streams = (
+        await api.list_live_streams(source_id)
+        if mode == "proxy"
+        else await api.list_collection_streams(source_id)
+    )
+    for stream in streams:
+        if stream.id == stream_id:
+            return stream
+    raise NotFound(f"{source_id!r} has no stream {stream_id!r}; streams: {[s.id for s in streams]}")
+
+
+async def record(
+    api: _StreamingAPI,
+    *,
+    mode: Literal["proxy", "replay"],
+    source_id: str,
+    stream_id: str,
+    into: str,
+    recording: Mapping[str, str],
+    attrs: Mapping[str, Any] | None = None,
+    config: Config | None = None,
+    duration: float | None = None,
+    speed: float = 0.0,
+    overwrite: bool = False,
+    on_frame: Callable[[Frame], None] | None = None,
+) -> RecordingSummary:
+    """Record one stream into the collection ``into`` until it ends or ``duration`` passes.
+
+    Works with any API object (``dm.API`` or ``dm.RemoteAPI``): it only uses the public
+    methods. Cancel the coroutine (or Ctrl-C in ``datamux record``) to stop early; what was
+    written stays replayable.
+
+    Args:
+        api: where the stream comes from.
+        mode: ``"proxy"`` a live stream of node ``source_id``, or ``"replay"`` a stream of
+            collection ``source_id``.
+        source_id: the node or collection id.
+        stream_id: the stream.
+        into: the collection to record into (created if missing, extended otherwise).
+        recording: the new recording's attrs, e.g. ``{"subject": "A", "session": "1"}``;
+            they become folders and the collection's groups.
+        attrs: passed to the proxy/replay request (for replay: which recording).
+        config: where ``data_dir``/``meta_dir`` are; the usual layers by default.
+        duration: stop after this many seconds (live streams run until stopped otherwise).
+        speed: replay speed (0, the default, records a replay as fast as possible).
+        overwrite: replace an existing recording with the same attrs.
+        on_frame: called with every frame written (e.g. for progress).
+
+    Raises:
+        InvalidRequest: unsafe ids or attrs, an existing recording, a clash with the
+            collection's existing pattern or channels.
+        NotFound: unknown node, collection or stream.
+    """
+    config = config or load_config()
+    _check_segment(into, "collection id")
+    _check_segment(stream_id, "stream id")
+    attr_keys = list(recording)
+    for key, value in recording.items():
+        _check_segment(key, "attribute name")
+        _check_segment(str(value), f"value of {key!r}")
+    stream = await _find_stream(api, mode, source_id, stream_id)
+    taken: set[str] = set()
+    columns = [_column_id(channel, taken) for channel in stream.channels]
+
+    meta_dir, data_dir = Path(config.meta_dir), Path(config.data_dir)
+    path = data_dir / into / Path(*(str(recording[k]) for k in attr_keys)) / f"{stream_id}.csv"
+    _write_metadata(meta_dir, into, stream, columns, attr_keys)
+    writer = CsvFrameWriter(path, columns)
+    writer.open(overwrite=overwrite)
+
+    sink: asyncio.Queue[Any] = asyncio.Queue(maxsize=256)
+    if mode == "proxy":
+        ack = await api.proxy_live_stream(source_id, stream_id, attrs or {}, sink)
+    else:
+        ack = await api.replay_collection_stream(
+            source_id, stream_id, attrs or {}, sink, speed=speed, framing="throughput"
+        )
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    deadline = None if duration is None else started + duration
+    frames = samples = 0
+    error = None
+    try:
+        async with asyncio.timeout_at(deadline):
+            while (item := await sink.get()) is not END_OF_STREAM:
+                if isinstance(item, StreamError):
+                    error = f"{item.code}: {item.reason}"
+                if not isinstance(item, Frame):
+                    continue
+                if item.values.shape[1] != len(columns):
+                    raise DataError(
+                        f"stream {stream_id!r} sent {item.values.shape[1]} channels, "
+                        f"its metadata declares {len(columns)}",
+                        file=str(path),
+                    )
+                await asyncio.to_thread(writer.write, item.timestamps, item.values)
+                frames += 1
+                samples += len(item)
+                if on_frame is not None:
+                    on_frame(item)
+    except TimeoutError:
+        pass  # duration reached
+    finally:
+        writer.close()
+        await api.stop_task(ack.randseq)
+        _add_group_values(meta_dir, into, {k: str(v) for k, v in recording.items()})
+    return RecordingSummary(path, frames, samples, loop.time() - started, error)
