@@ -21,15 +21,24 @@ TRICKY_MARKERS = ["a,b", 'say "hi"', "two\nlines", "plain", "ünïcödé"]
 NODES = {
     "bench": {
         "streams": {
-            "big": {"frequency": 200, "dtype": "i64", "seed": 3,
-                    "channels": {"v": {"signal": "sine", "freq_hz": 2, "amplitude": 4e18}}},
-            "flags": {"frequency": 200, "dtype": "bool", "seed": 4,
-                      "channels": {"on": {"signal": "square", "freq_hz": 5}}},
-            "events": {"channels": {"label": {"signal": "marker", "labels": TRICKY_MARKERS,
-                                              "rate_hz": 40}}},
+            "big": {
+                "frequency": 200,
+                "dtype": "i64",
+                "seed": 3,
+                "channels": {"v": {"signal": "sine", "freq_hz": 2, "amplitude": 4e18}},
+            },
+            "flags": {
+                "frequency": 200,
+                "dtype": "bool",
+                "seed": 4,
+                "channels": {"on": {"signal": "square", "freq_hz": 5}},
+            },
+            "events": {
+                "channels": {"label": {"signal": "marker", "labels": TRICKY_MARKERS, "rate_hz": 40}}
+            },
         }
     }
-}  # fmt: skip
+}
 
 
 async def replay_all(api, collection, stream, attrs):
@@ -50,9 +59,16 @@ def test_replay_recorded_into_a_collection_replays_bit_exact(workspace):
 
     async def body():
         api = dm.API(workspace.config())
-        summary = await record(api, mode="replay", source_id="study", stream_id="gaze",
-                               attrs={"subject": "A"}, into="copy",
-                               recording={"subject": "A", "session": "1"}, config=api.config)  # fmt: skip
+        summary = await record(
+            api,
+            mode="replay",
+            source_id="study",
+            stream_id="gaze",
+            attrs={"subject": "A"},
+            into="copy",
+            recording={"subject": "A", "session": "1"},
+            config=api.config,
+        )
         original = await replay_all(api, "study", "gaze", {"subject": "A"})
         copied = await replay_all(api, "copy", "gaze", {"subject": "A", "session": "1"})
         streams = await api.list_collection_streams("copy")
@@ -77,9 +93,17 @@ def test_live_streams_of_every_dtype_round_trip(workspace):
         results = {}
         for stream_id in ("big", "flags", "events"):
             seen = []
-            summary = await record(api, mode="proxy", source_id="bench", stream_id=stream_id,
-                                   into="live", recording={"take": "1"}, config=api.config,
-                                   duration=1.0, on_frame=seen.append)  # fmt: skip
+            summary = await record(
+                api,
+                mode="proxy",
+                source_id="bench",
+                stream_id=stream_id,
+                into="live",
+                recording={"take": "1"},
+                config=api.config,
+                duration=1.0,
+                on_frame=seen.append,
+            )
             back = await replay_all(api, "live", stream_id, {"take": "1"})
             results[stream_id] = (summary, seen, back)
         return results
@@ -101,8 +125,9 @@ def test_live_streams_of_every_dtype_round_trip(workspace):
 def test_recording_refuses_unsafe_names_and_existing_recordings(workspace):
     async def body():
         api = dm.API(workspace.config())
-        common = dict(mode="proxy", source_id="demo", stream_id="eeg", config=api.config,
-                      duration=0.2)  # fmt: skip
+        common = dict(
+            mode="proxy", source_id="demo", stream_id="eeg", config=api.config, duration=0.2
+        )
         with pytest.raises(InvalidRequest, match="cannot name a file"):
             await record(api, into="ok", recording={"subject": "../etc"}, **common)
         with pytest.raises(InvalidRequest, match="cannot name a file"):
@@ -121,9 +146,23 @@ def test_recording_refuses_unsafe_names_and_existing_recordings(workspace):
 
 def test_a_recording_killed_mid_way_stays_replayable(workspace):
     env = {**os.environ, "HOME": str(workspace.root)}
-    command = [sys.executable, "-m", "streaminghub_datamux", "record", "--node", "demo", "eeg",
-               "--into", "crash", "-r", "subject=A", "--data_dir", str(workspace.data_dir),
-               "--meta_dir", str(workspace.meta_dir)]  # fmt: skip
+    command = [
+        sys.executable,
+        "-m",
+        "streaminghub_datamux",
+        "record",
+        "--node",
+        "demo",
+        "eeg",
+        "--into",
+        "crash",
+        "-r",
+        "subject=A",
+        "--data_dir",
+        str(workspace.data_dir),
+        "--meta_dir",
+        str(workspace.meta_dir),
+    ]
     log = workspace.root / "record.log"
     with log.open("wb") as output:
         process = subprocess.Popen(command, env=env, stdout=output, stderr=output)
