@@ -26,6 +26,7 @@ from .model import (
     StreamError,
     StreamStatus,
 )
+from .recording import record
 from .util import END_OF_STREAM, frames
 
 __version__ = "0.1.0"
@@ -46,5 +47,6 @@ __all__ = [
     "__version__",
     "errors",
     "frames",
+    "record",
     "util",
 ]

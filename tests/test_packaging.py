@@ -27,7 +27,18 @@ def test_every_package_folder_is_listed_in_pyproject():
 
 def test_public_names_match_all():
     public = {name for name in vars(dm) if not name.startswith("_")}
-    modules = {"api", "catalog", "config", "dfds", "framing", "model", "tasks", "drivers", "cli"}
+    modules = {
+        "api",
+        "catalog",
+        "config",
+        "dfds",
+        "framing",
+        "model",
+        "tasks",
+        "drivers",
+        "cli",
+        "recording",
+    }
     assert set(dm.__all__) - {"__version__"} == public - modules
     assert dm.util.END_OF_STREAM is dm.END_OF_STREAM
 
