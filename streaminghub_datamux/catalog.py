@@ -13,7 +13,7 @@ import re
 from dataclasses import replace
 from pathlib import Path
 
-from .dfds import scan_collections
+from .dfds import COLLECTION_SUFFIX, load_collection, scan_collections
 from .drivers.formats import format_for_path
 from .drivers.replay import (
     SELF_DESCRIBING_EXTENSIONS,
@@ -51,43 +51,61 @@ class Catalog:
         for collection_id, collection in collections.items():
             found[collection_id] = collection
         for collection_id in self._folder_ids(set(collections) | set(problems)):
-            found[collection_id] = Collection(
-                id=collection_id,
-                name=collection_id,
-                description=f"recordings in {self.data_dir / collection_id}",
-            )
-        for collection_id, collection in list(found.items()):
-            if not collection.streams:
-                found[collection_id] = replace(collection, streams=self._derive_streams(collection))
+            found[collection_id] = self._folder_collection(collection_id)
+        for collection_id, collection in found.items():
+            found[collection_id] = self._with_streams(collection)
         return found, errors
 
-    def _folder_ids(self, taken: set[str]) -> list[str]:
+    def _folder_ids(self, taken: set[str], only: str | None = None) -> list[str]:
+        """Folders of data_dir holding XDF/EDF/BDF files and no metadata file of their own."""
         if not self.data_dir.is_dir():
             return []
+        folders = [self.data_dir / only] if only else sorted(self.data_dir.iterdir())
         ids = []
-        for folder in sorted(p for p in self.data_dir.iterdir() if p.is_dir()):
-            if folder.name in taken or not _FOLDER_ID.fullmatch(folder.name):
+        for folder in folders:
+            if not folder.is_dir() or folder.name in taken or not _FOLDER_ID.fullmatch(folder.name):
                 continue
             if any(p.suffix.lower() in SELF_DESCRIBING_EXTENSIONS for p in folder.rglob("*")):
                 ids.append(folder.name)
         return ids
 
     def get(self, collection_id: str) -> Collection:
-        """One collection by id.
+        """One collection by id, loading only that collection.
 
         Raises:
             NotFound: no such collection.
             MetadataError: its metadata file is broken.
         """
-        collections, problems = self.scan()
-        if collection_id in problems:
-            raise problems[collection_id]
-        if collection_id not in collections:
-            raise NotFound(
-                f"no collection {collection_id!r} in {self.meta_dir} or {self.data_dir}; "
-                f"collections: {sorted(collections) or 'none'}"
-            )
-        return collections[collection_id]
+        # Ids come from requests: check them before they get near a file name.
+        if isinstance(collection_id, str) and _FOLDER_ID.fullmatch(collection_id):
+            path = self.meta_dir / f"{collection_id}{COLLECTION_SUFFIX}"
+            if path.is_file():
+                return self._with_streams(load_collection(path))
+            if collection_id in self._folder_ids(set(), only=collection_id):
+                return self._with_streams(self._folder_collection(collection_id))
+        known = sorted({p.name[: -len(COLLECTION_SUFFIX)] for p in self._metadata_files()})
+        known += self._folder_ids(set(known))
+        raise NotFound(
+            f"no collection {collection_id!r} in {self.meta_dir} or {self.data_dir}; "
+            f"collections: {known or 'none'}"
+        )
+
+    def _metadata_files(self) -> list[Path]:
+        if not self.meta_dir.is_dir():
+            return []
+        return sorted(self.meta_dir.glob(f"*{COLLECTION_SUFFIX}"))
+
+    def _folder_collection(self, collection_id: str) -> Collection:
+        return Collection(
+            id=collection_id,
+            name=collection_id,
+            description=f"recordings in {self.data_dir / collection_id}",
+        )
+
+    def _with_streams(self, collection: Collection) -> Collection:
+        if collection.streams:
+            return collection
+        return replace(collection, streams=self._derive_streams(collection))
 
     def recordings(self, collection: Collection) -> list[Recording]:
         return find_recordings(collection, self.data_dir)
