@@ -279,6 +279,16 @@ class EdfFormat(RecordingFormat):
             # Also runs when the consumer stops early (generator close or collection).
             reader.close()
 
+    def sample_count(self, path: Path, stream: Stream) -> int | None:
+        """Samples of ``stream`` in the file, from the header (for progress)."""
+        reader = _open(path)
+        try:
+            if stream.id == ANNOTATIONS:
+                return int(reader.annotations_in_file)
+            return int(reader.samples_in_file(self._channels(path, reader, stream)[0]))
+        finally:
+            reader.close()
+
     @staticmethod
     def _channels(path: Path, reader: pyedflib.EdfReader, stream: Stream) -> list[int]:
         """The signal numbers of ``stream``'s fields, in field order."""

@@ -20,7 +20,9 @@ import streaminghub_datamux as dm
 from streaminghub_datamux.errors import DataError, NotFound
 
 SHARED_XDF = Path(__file__).resolve().parents[2] / "shared" / "data" / "xdf"
-needs_xdf = pytest.mark.skipif(not SHARED_XDF.is_dir(), reason=f"no shared XDF files at {SHARED_XDF}")
+needs_xdf = pytest.mark.skipif(
+    not SHARED_XDF.is_dir(), reason=f"no shared XDF files at {SHARED_XDF}"
+)
 
 
 async def replay_all(api, collection, stream, attrs):
@@ -30,7 +32,9 @@ async def replay_all(api, collection, stream, attrs):
 
 
 def concat(frames):
-    return np.concatenate([f.timestamps for f in frames]), np.concatenate([f.values for f in frames])
+    return np.concatenate([f.timestamps for f in frames]), np.concatenate(
+        [f.values for f in frames]
+    )
 
 
 def test_folder_of_edf_files_is_a_collection(workspace):
@@ -95,3 +99,136 @@ def test_a_broken_file_in_a_folder_does_not_hide_the_others(workspace):
 
     streams = run(body())
     assert {s.id for s in streams} == {"signals_256hz", "signals_64hz"}
+
+
+@pytest.fixture
+def xdf_folder(workspace):
+    folder = workspace.data_dir / "lab"
+    folder.mkdir()
+    for name in ("minimal.xdf", "empty_streams.xdf", "clock_resets.xdf"):
+        shutil.copy(SHARED_XDF / name, folder / name)
+    return folder
+
+
+@needs_xdf
+def test_shared_xdf_files_replay_through_the_api(workspace, xdf_folder):
+    import pyxdf
+
+    async def body():
+        api = dm.API(workspace.config())
+        streams = {s.id: s for s in await api.list_collection_streams("lab")}
+        numbers = await replay_all(api, "lab", "SendDataC", {"file": "minimal"})
+        markers = await replay_all(api, "lab", "MyMarkerStream", {"file": "clock_resets"})
+        empty = await replay_all(
+            api, "lab", "Empty_marker_stream__test_stream_0_counter", {"file": "empty_streams"}
+        )
+        return streams, numbers, markers, empty
+
+    streams, numbers, markers, empty = run(body())
+    assert {"SendDataC", "SendDataString", "BioSemi", "MyMarkerStream"} <= set(streams)
+    assert streams["SendDataC"].dtype == np.int16 and streams["SendDataC"].frequency == 10
+    data, _ = pyxdf.load_xdf(
+        str(xdf_folder / "minimal.xdf"),
+        synchronize_clocks=True,
+        handle_clock_resets=True,
+        dejitter_timestamps=True,
+    )
+    expected = next(s for s in data if s["info"]["name"][0] == "SendDataC")
+    timestamps, values = concat(frames_of(numbers))
+    np.testing.assert_array_equal(values, expected["time_series"])
+    np.testing.assert_array_equal(timestamps, expected["time_stamps"])
+    _, labels = concat(frames_of(markers))
+    assert labels.dtype.kind == "U" and labels.shape == (175, 1)
+    assert empty == [dm.END_OF_STREAM]  # listed, and ends at once
+
+
+@needs_xdf
+def test_xdf_record_then_replay_is_bit_exact(workspace, xdf_folder):
+    async def body():
+        api = dm.API(workspace.config())
+        out = {}
+        for stream in ("SendDataC", "SendDataString"):
+            await dm.record(
+                api,
+                mode="replay",
+                source_id="lab",
+                stream_id=stream,
+                attrs={"file": "minimal"},
+                into="copy",
+                recording={"take": "1"},
+                config=api.config,
+            )
+            original = frames_of(await replay_all(api, "lab", stream, {"file": "minimal"}))
+            copied = frames_of(await replay_all(api, "copy", stream, {"take": "1"}))
+            out[stream] = (concat(original), concat(copied))
+        return out
+
+    for stream, ((ts0, v0), (ts1, v1)) in run(body()).items():
+        np.testing.assert_array_equal(ts1, ts0, err_msg=stream)
+        np.testing.assert_array_equal(v1, v0, err_msg=stream)
+        assert v1.dtype == v0.dtype or v1.dtype.kind == v0.dtype.kind == "U"
+
+
+@needs_xdf
+def test_ls_shows_folder_collections(workspace, xdf_folder):
+    env = {**os.environ, "HOME": str(workspace.root)}
+    dirs = ["--data_dir", str(workspace.data_dir), "--meta_dir", str(workspace.meta_dir)]
+    command = [sys.executable, "-m", "streaminghub_datamux"]
+    listing = subprocess.run(
+        [*command, "ls", *dirs], capture_output=True, text=True, env=env, timeout=60
+    )
+    assert listing.returncode == 0, listing.stderr
+    assert "lab" in listing.stdout
+    detail = subprocess.run(
+        [*command, "ls", "lab", "--json", *dirs],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=60,
+    )
+    shown = json.loads(detail.stdout)
+    assert {"file": "clock_resets"} in shown["recordings"]
+    assert shown["streams"]["BioSemi"]["frequency"] == 100
+
+
+def test_unknown_collection_ids_never_reach_the_filesystem(workspace):
+    async def body():
+        api = dm.API(workspace.config())
+        for bad in ("../etc", "a/b", "", ".hidden"):
+            with pytest.raises(NotFound):
+                await api.list_collection_streams(bad)
+
+    run(body())
+
+
+@needs_xdf
+def test_replay_progress_knows_the_length_of_xdf_and_edf_recordings(workspace, xdf_folder):
+    write_file(xdf_folder / "sleep.edf", pyedflib.FILETYPE_EDF)
+    env = {**os.environ, "HOME": str(workspace.root)}
+    dirs = ["--data_dir", str(workspace.data_dir), "--meta_dir", str(workspace.meta_dir)]
+    for stream, attr, total in (("BioSemi", "clock_resets", 27815), ("signals_64hz", "sleep", 640)):
+        out = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "streaminghub_datamux",
+                "replay",
+                "lab",
+                stream,
+                "-a",
+                f"file={attr}",
+                "--speed",
+                "0",
+                "--progress",
+                "on",
+                "--frames",
+                "100000",
+                *dirs,
+            ],
+            capture_output=True,
+            text=True,
+            env=env,
+            timeout=60,
+        )
+        assert out.returncode == 0, out.stderr
+        assert f"100.0% {total}/{total} samples" in out.stderr
