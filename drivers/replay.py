@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 
 from ..dfds import split_pattern
-from ..errors import InvalidRequest, NotFound
+from ..errors import DatamuxError, InvalidRequest, NotFound
 from ..framing import Framing
 from ..model import Collection, Stream
 from .base import Chunk, Source
@@ -31,6 +31,9 @@ from .formats import SELF_DESCRIBING, extensions_of, format_for_path, get_format
 
 __all__ = ["Recording", "ReplaySource", "find_recordings", "open_reader", "select_recording"]
 
+# Paced replay sleeps until this long before a frame is due, then yields to the event
+# loop until it is (see ReplaySource._sleep_until); capped at 10% of max latency.
+PACING_MARGIN_S = 0.0012
 SELF_DESCRIBING_EXTENSIONS = tuple(ext for name in SELF_DESCRIBING for ext in extensions_of(name))
 _PLACEHOLDER = re.compile(r"\{(\w+)\}")
 
@@ -164,18 +167,22 @@ async def _blocks_in_thread(make_blocks: Callable[[], Iterator[Chunk]]) -> Async
 
 
 def frame_bounds(
-    timestamps: np.ndarray, max_samples: int, max_span: float
+    timestamps: np.ndarray, max_samples: int, max_span: float, tolerance: float = 0.0
 ) -> Iterator[tuple[int, int]]:
-    """Cut a block into frames of at most ``max_samples`` samples spanning <= ``max_span``.
+    """Cut a block into frames of at most ``max_samples`` samples spanning < ``max_span``.
 
-    One search per frame, never per sample. ``max_span`` <= 0 cuts by count only.
+    ``tolerance`` (half a sample period for regular streams) keeps float rounding of the
+    timestamps from deciding whether a sample exactly ``max_span`` later joins the frame:
+    at 100 Hz and 50 ms, every frame holds 5 samples. One search per frame, never per
+    sample. ``max_span`` <= 0 cuts by count only.
     """
     n = len(timestamps)
     start = 0
     while start < n:
         stop = min(start + max_samples, n)
         if max_span > 0:
-            limit = int(np.searchsorted(timestamps, timestamps[start] + max_span, side="right"))
+            end = timestamps[start] + max_span - tolerance
+            limit = int(np.searchsorted(timestamps, end, side="right"))
             stop = max(start + 1, min(stop, limit))
         yield start, stop
         start = stop
@@ -214,34 +221,75 @@ class ReplaySource(Source):
         #: The loop time at which the first sample was due (set on the first frame).
         self.started_at: float | None = None
 
+    async def _sleep_until(self, due: float) -> None:
+        """Sleep until loop time ``due``, on time.
+
+        asyncio wakes up to 1 ms late (epoll rounds timeouts up to whole milliseconds),
+        so sleep until just before ``due``, then yield to the loop until it is reached:
+        other tasks keep running, at the cost of up to ``margin`` of busy time per frame.
+        """
+        clock = asyncio.get_running_loop().time
+        margin = min(PACING_MARGIN_S, 0.1 * self.framing.max_latency_s)
+        delay = due - clock() - margin
+        if delay > 0:
+            await asyncio.sleep(delay)
+        while clock() < due:
+            await asyncio.sleep(0)
+
     async def chunks(self) -> AsyncIterator[Chunk]:
         clock = asyncio.get_running_loop().time
+        max_samples = self.framing.max_samples
         span = self.framing.max_latency_s * self.speed
+        tolerance = 0.5 / self.stream.frequency if self.stream.frequency > 0 else 0.0
         first_ts: float | None = None
         offset = 0.0  # added to timestamps on each loop pass
+
+        async def release(timestamps: np.ndarray, values: np.ndarray) -> None:
+            if self.speed > 0:
+                assert self.started_at is not None and first_ts is not None
+                await self._sleep_until(
+                    self.started_at + (float(timestamps[-1]) - first_ts) / self.speed
+                )
+
         while True:
             pass_first: float | None = None
             last_ts: float | None = None
-            async for timestamps, values in _blocks_in_thread(self.make_blocks):
+            held: Chunk | None = None  # a block's last frame, which may go on in the next
+            blocks = _blocks_in_thread(self.make_blocks)
+            while True:
+                try:
+                    timestamps, values = await anext(blocks)
+                except StopAsyncIteration:
+                    break
+                except DatamuxError:
+                    if held is not None:  # deliver every good sample before the failure
+                        yield held
+                    raise
                 if len(timestamps) == 0:
                     continue
                 if offset:
                     timestamps = timestamps + offset
+                if held is not None:
+                    timestamps = np.concatenate([held[0], timestamps])
+                    values = np.concatenate([held[1], values])
+                    held = None
                 if first_ts is None:
                     first_ts = float(timestamps[0])
                     self.started_at = clock()
                 if pass_first is None:
                     pass_first = float(timestamps[0])
-                for start, stop in frame_bounds(timestamps, self.framing.max_samples, span):
-                    if self.speed > 0:
-                        due = (
-                            self.started_at + (float(timestamps[stop - 1]) - first_ts) / self.speed
-                        )
-                        delay = due - clock()
-                        if delay > 0:
-                            await asyncio.sleep(delay)
-                    yield timestamps[start:stop], values[start:stop]
                 last_ts = float(timestamps[-1])
+                bounds = list(frame_bounds(timestamps, max_samples, span, tolerance))
+                start, stop = bounds[-1]
+                if stop - start < max_samples:  # it may go on in the next block
+                    held = (timestamps[start:], values[start:])
+                    bounds.pop()
+                for start, stop in bounds:
+                    await release(timestamps[start:stop], values[start:stop])
+                    yield timestamps[start:stop], values[start:stop]
+            if held is not None:
+                await release(*held)
+                yield held
             if not self.loop or last_ts is None or pass_first is None:
                 return
             # The next pass continues the timeline one sample period after this one.
