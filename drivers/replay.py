@@ -188,6 +188,52 @@ def frame_bounds(
         start = stop
 
 
+class FrameCutter:
+    """Cuts consecutive blocks into frames (see :func:`frame_bounds`).
+
+    A block's last frame may go on in the next block, so it is held back until the next
+    block completes it (only that frame is copied, never a whole block) or :meth:`flush`.
+    """
+
+    def __init__(self, max_samples: int, max_span: float, tolerance: float) -> None:
+        self.max_samples, self.max_span, self.tolerance = max_samples, max_span, tolerance
+        self._held: Chunk | None = None
+
+    def feed(self, timestamps: np.ndarray, values: np.ndarray) -> list[Chunk]:
+        """The frames completed by one more block."""
+        frames: list[Chunk] = []
+        if self._held is not None:
+            held_ts, held_values = self._held
+            take = self.max_samples - len(held_ts)
+            if self.max_span > 0:
+                end = held_ts[0] + self.max_span - self.tolerance
+                take = min(take, int(np.searchsorted(timestamps, end, side="right")))
+            merged = (
+                np.concatenate([held_ts, timestamps[:take]]),
+                np.concatenate([held_values, values[:take]]),
+            )
+            timestamps, values = timestamps[take:], values[take:]
+            self._held = None
+            if len(timestamps) == 0 and len(merged[0]) < self.max_samples:
+                self._held = merged  # the whole block fit: the frame may still go on
+                return frames
+            frames.append(merged)
+        if len(timestamps) == 0:
+            return frames
+        bounds = list(frame_bounds(timestamps, self.max_samples, self.max_span, self.tolerance))
+        start, stop = bounds[-1]
+        if stop - start < self.max_samples:
+            self._held = (timestamps[start:], values[start:])
+            bounds.pop()
+        frames.extend((timestamps[a:b], values[a:b]) for a, b in bounds)
+        return frames
+
+    def flush(self) -> Chunk | None:
+        """The held frame, at the end of the data."""
+        held, self._held = self._held, None
+        return held
+
+
 class ReplaySource(Source):
     """Frames of a recording, released on an absolute schedule.
 
@@ -238,23 +284,14 @@ class ReplaySource(Source):
 
     async def chunks(self) -> AsyncIterator[Chunk]:
         clock = asyncio.get_running_loop().time
-        max_samples = self.framing.max_samples
         span = self.framing.max_latency_s * self.speed
         tolerance = 0.5 / self.stream.frequency if self.stream.frequency > 0 else 0.0
         first_ts: float | None = None
         offset = 0.0  # added to timestamps on each loop pass
-
-        async def release(timestamps: np.ndarray, values: np.ndarray) -> None:
-            if self.speed > 0:
-                assert self.started_at is not None and first_ts is not None
-                await self._sleep_until(
-                    self.started_at + (float(timestamps[-1]) - first_ts) / self.speed
-                )
-
         while True:
+            cutter = FrameCutter(self.framing.max_samples, span, tolerance)
             pass_first: float | None = None
             last_ts: float | None = None
-            held: Chunk | None = None  # a block's last frame, which may go on in the next
             blocks = _blocks_in_thread(self.make_blocks)
             while True:
                 try:
@@ -262,36 +299,33 @@ class ReplaySource(Source):
                 except StopAsyncIteration:
                     break
                 except DatamuxError:
-                    if held is not None:  # deliver every good sample before the failure
-                        yield held
+                    if (tail := cutter.flush()) is not None:
+                        yield tail  # every good sample before the failure
                     raise
                 if len(timestamps) == 0:
                     continue
                 if offset:
                     timestamps = timestamps + offset
-                if held is not None:
-                    timestamps = np.concatenate([held[0], timestamps])
-                    values = np.concatenate([held[1], values])
-                    held = None
                 if first_ts is None:
                     first_ts = float(timestamps[0])
                     self.started_at = clock()
                 if pass_first is None:
                     pass_first = float(timestamps[0])
                 last_ts = float(timestamps[-1])
-                bounds = list(frame_bounds(timestamps, max_samples, span, tolerance))
-                start, stop = bounds[-1]
-                if stop - start < max_samples:  # it may go on in the next block
-                    held = (timestamps[start:], values[start:])
-                    bounds.pop()
-                for start, stop in bounds:
-                    await release(timestamps[start:stop], values[start:stop])
-                    yield timestamps[start:stop], values[start:stop]
-            if held is not None:
-                await release(*held)
-                yield held
+                for frame in cutter.feed(timestamps, values):
+                    await self._release(frame, first_ts)
+                    yield frame
+            if (tail := cutter.flush()) is not None and first_ts is not None:
+                await self._release(tail, first_ts)
+                yield tail
             if not self.loop or last_ts is None or pass_first is None:
                 return
             # The next pass continues the timeline one sample period after this one.
             period = 1.0 / self.stream.frequency if self.stream.frequency > 0 else 0.0
             offset += last_ts - pass_first + period
+
+    async def _release(self, frame: Chunk, first_ts: float) -> None:
+        """Wait until the frame's last sample is due (at once at speed 0)."""
+        if self.speed > 0 and self.started_at is not None:
+            due = self.started_at + (float(frame[0][-1]) - first_ts) / self.speed
+            await self._sleep_until(due)

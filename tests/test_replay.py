@@ -370,3 +370,30 @@ def test_bad_first_line_gives_error_and_no_frames(workspace):
     items = run(body())
     assert len(items) == 2 and isinstance(items[0], dm.StreamError)
     assert "line 2" in items[0].reason
+
+
+@pytest.mark.parametrize("span", [0.0, 0.05, 0.0123])
+def test_frames_do_not_depend_on_how_the_file_is_cut_into_blocks(span):
+    from streaminghub_datamux.drivers.replay import FrameCutter, frame_bounds
+
+    rng = np.random.default_rng(7)
+    timestamps = np.cumsum(rng.uniform(0.001, 0.02, 2000))
+    values = np.arange(2000, dtype=np.float32).reshape(-1, 1)
+    whole = [(a, b) for a, b in frame_bounds(timestamps, 64, span, 0.0)]
+    for _ in range(5):
+        cuts = np.sort(rng.choice(np.arange(1, 2000), size=30, replace=False))
+        cutter = FrameCutter(64, span, 0.0)
+        frames = []
+        for ts, vs in zip(np.split(timestamps, cuts), np.split(values, cuts), strict=True):
+            frames += cutter.feed(ts, vs)
+        frames.append(cutter.flush())
+        assert [len(f[0]) for f in frames] == [b - a for a, b in whole]
+        np.testing.assert_array_equal(np.concatenate([f[1] for f in frames]), values)
+
+
+def test_regular_frames_have_a_constant_size_despite_rounding():
+    from streaminghub_datamux.drivers.replay import frame_bounds
+
+    timestamps = 10.0 + np.arange(1000) / 100  # 100 Hz: sums of 0.01 do not round evenly
+    sizes = {b - a for a, b in frame_bounds(timestamps, 1024, 0.05, 0.5 / 100)}
+    assert sizes == {5}
