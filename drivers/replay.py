@@ -191,47 +191,49 @@ def frame_bounds(
 class FrameCutter:
     """Cuts consecutive blocks into frames (see :func:`frame_bounds`).
 
-    A block's last frame may go on in the next block, so it is held back until the next
-    block completes it (only that frame is copied, never a whole block) or :meth:`flush`.
+    A block's last frame may go on in the next blocks, so its pieces are held back until
+    a later block completes it or :meth:`flush`; they are joined once, so only the frame
+    that straddles blocks is copied, and only once.
     """
 
     def __init__(self, max_samples: int, max_span: float, tolerance: float) -> None:
         self.max_samples, self.max_span, self.tolerance = max_samples, max_span, tolerance
-        self._held: Chunk | None = None
+        self._pieces: list[Chunk] = []  # the unfinished frame, in pieces
+        self._held = 0  # samples in those pieces
+
+    def _take_held(self) -> Chunk:
+        pieces, self._pieces, self._held = self._pieces, [], 0
+        if len(pieces) == 1:
+            return pieces[0]
+        return np.concatenate([p[0] for p in pieces]), np.concatenate([p[1] for p in pieces])
 
     def feed(self, timestamps: np.ndarray, values: np.ndarray) -> list[Chunk]:
         """The frames completed by one more block."""
         frames: list[Chunk] = []
-        if self._held is not None:
-            held_ts, held_values = self._held
-            take = self.max_samples - len(held_ts)
+        if self._pieces:
+            take = self.max_samples - self._held
             if self.max_span > 0:
-                end = held_ts[0] + self.max_span - self.tolerance
+                end = self._pieces[0][0][0] + self.max_span - self.tolerance
                 take = min(take, int(np.searchsorted(timestamps, end, side="right")))
-            merged = (
-                np.concatenate([held_ts, timestamps[:take]]),
-                np.concatenate([held_values, values[:take]]),
-            )
+            self._pieces.append((timestamps[:take], values[:take]))
+            self._held += len(timestamps[:take])
             timestamps, values = timestamps[take:], values[take:]
-            self._held = None
-            if len(timestamps) == 0 and len(merged[0]) < self.max_samples:
-                self._held = merged  # the whole block fit: the frame may still go on
-                return frames
-            frames.append(merged)
+            if len(timestamps) == 0 and self._held < self.max_samples:
+                return frames  # the whole block fit: the frame may still go on
+            frames.append(self._take_held())
         if len(timestamps) == 0:
             return frames
         bounds = list(frame_bounds(timestamps, self.max_samples, self.max_span, self.tolerance))
         start, stop = bounds[-1]
         if stop - start < self.max_samples:
-            self._held = (timestamps[start:], values[start:])
+            self._pieces, self._held = [(timestamps[start:], values[start:])], stop - start
             bounds.pop()
         frames.extend((timestamps[a:b], values[a:b]) for a, b in bounds)
         return frames
 
     def flush(self) -> Chunk | None:
         """The held frame, at the end of the data."""
-        held, self._held = self._held, None
-        return held
+        return self._take_held() if self._pieces else None
 
 
 class ReplaySource(Source):

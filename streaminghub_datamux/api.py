@@ -99,13 +99,7 @@ class API:
         return self.catalog.get(collection_id)
 
     def get_collection_stream(self, collection_id: str, stream_id: str) -> Stream:
-        collection = self.get_collection(collection_id)
-        if stream_id not in collection.streams:
-            raise NotFound(
-                f"collection {collection_id!r} has no stream {stream_id!r}; "
-                f"streams: {sorted(collection.streams)}"
-            )
-        return collection.streams[stream_id]
+        return self.catalog.stream(self.get_collection(collection_id), stream_id)
 
     async def list_collections(self) -> list[Collection]:
         """Every collection that loads (broken metadata files are logged and skipped)."""

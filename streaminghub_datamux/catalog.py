@@ -138,6 +138,16 @@ class Catalog:
                 streams.setdefault(stream_id, replace(stream, collection_id=collection.id))
         return streams
 
+    @staticmethod
+    def stream(collection: Collection, stream_id: str) -> Stream:
+        """One stream of a collection. Raises NotFound naming the streams there are."""
+        if stream_id not in collection.streams:
+            raise NotFound(
+                f"collection {collection.id!r} has no stream {stream_id!r}; "
+                f"streams: {sorted(collection.streams)}"
+            )
+        return collection.streams[stream_id]
+
     def resolve(
         self, collection_id: str, stream_id: str, attrs: dict[str, object]
     ) -> tuple[Stream, Recording]:
@@ -148,13 +158,8 @@ class Catalog:
             InvalidRequest: attrs that are unknown or match several recordings.
         """
         collection = self.get(collection_id)
-        if stream_id not in collection.streams:
-            raise NotFound(
-                f"collection {collection_id!r} has no stream {stream_id!r}; "
-                f"streams: {sorted(collection.streams)}"
-            )
+        stream = self.stream(collection, stream_id)
         recording = select_recording(self.recordings(collection), attrs, collection_id)
-        stream = collection.streams[stream_id]
         path = recording.file_for(stream_id)
         if path is not None and path.suffix.lower() in SELF_DESCRIBING_EXTENSIONS:
             # Each file numbers its own streams: read this stream's layout from this file.
