@@ -40,10 +40,10 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from streaminghub_datamux.drivers.replay import ReplaySource
 
 import streaminghub_datamux as dm
 from streaminghub_datamux.config import load_config
+from streaminghub_datamux.drivers.replay import ReplaySource
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_DOC = REPO / "docs" / "performance.md"

@@ -69,6 +69,18 @@ class Driver(abc.ABC):
     #: The name the registry and configs use for this driver ("sim", "lsl", ...).
     name: str = ""
 
+    @classmethod
+    def from_config(cls, options: Mapping[str, Any], *, recordings: Any = None) -> Self:
+        """Build the driver from its config section, ``drivers.<name>``.
+
+        Raise ConfigError naming the key (``drivers.<name>.<key>``) on bad options.
+        ``recordings`` gives access to collections (for drivers that replay them).
+        """
+        return cls()
+
+    async def aclose(self) -> None:  # noqa: B027 - optional hook
+        """Release what the driver holds (discovery threads, an adapter...)."""
+
     @abc.abstractmethod
     async def list_nodes(self) -> list[Node]:
         """The nodes this driver can see now."""

@@ -402,6 +402,13 @@ class SimDriver(Driver):
         self._nodes.update(parse_nodes(nodes_config))
         self._devices: dict[tuple[str, str], _DeviceState] = {}
 
+    @classmethod
+    def from_config(
+        cls, options: Mapping[str, Any], *, recordings: RecordingProvider | None = None
+    ) -> SimDriver:
+        """From the ``simulate`` config section (``{"nodes": {...}}``)."""
+        return cls(options.get("nodes") or {}, recordings=recordings)
+
     def node_spec(self, node_id: str) -> NodeSpec:
         """The validated spec of one node. Raises NotFound for an unknown id."""
         try:

@@ -18,6 +18,7 @@ from typing import Any, Self
 from .catalog import Catalog
 from .config import Config, load_config
 from .drivers.base import Driver, Source
+from .drivers.registry import create_drivers
 from .drivers.replay import ReplaySource, open_reader
 from .errors import InvalidRequest, NotFound
 from .framing import Framing
@@ -69,9 +70,14 @@ class API:
         self._ended: deque[str] = deque(maxlen=_REMEMBER_ENDED)
 
     def _default_drivers(self) -> list[Driver]:
-        from .drivers.simulate import SimDriver
-
-        return [SimDriver(self.config.simulate.get("nodes") or {}, recordings=self)]
+        options = {
+            "sim": self.config.simulate,
+            "lsl": self.config.get("drivers.lsl"),
+            "serial": self.config.get("drivers.serial"),
+            "ble": self.config.get("drivers.ble"),
+            **self.config.get("drivers.extra"),
+        }
+        return create_drivers(self.config.get("drivers.enabled"), options, recordings=self)
 
     async def __aenter__(self) -> Self:
         return self
@@ -85,8 +91,9 @@ class API:
         await self.aclose()
 
     async def aclose(self) -> None:
-        """Stop every task (each sink gets END_OF_STREAM)."""
+        """Stop every task (each sink gets END_OF_STREAM), then release the drivers."""
         await asyncio.gather(*(task.stop() for task in list(self._tasks.values())))
+        await asyncio.gather(*(driver.aclose() for driver in self._drivers))
 
     # -- collections -------------------------------------------------------------------
 

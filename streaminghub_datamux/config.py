@@ -116,6 +116,36 @@ _KEYS = (
         "Simulated nodes by id; the simulate driver checks each (docs/simulate.md).",
         example={"bench-1": {"streams": {"ecg": {"frequency": 500, "channels": {"c1": {}}}}}},
     ),
+    Key(
+        "drivers.enabled",
+        "str",
+        "auto",
+        'Live drivers to run: "auto" (every one whose packages are installed) or a comma '
+        'list such as "sim,lsl".',
+        example="sim,lsl,serial",
+    ),
+    Key("drivers.lsl", "dict", {}, "Options of the LSL driver (docs/drivers.md).", example={}),
+    Key(
+        "drivers.serial",
+        "dict",
+        {},
+        "Serial devices and options of the serial driver (docs/drivers.md).",
+        example={"devices": {}},
+    ),
+    Key(
+        "drivers.ble",
+        "dict",
+        {},
+        "BLE devices and options of the BLE driver (docs/drivers.md).",
+        example={"devices": {}},
+    ),
+    Key(
+        "drivers.extra",
+        "dict",
+        {},
+        "Options of third-party drivers, by driver name (docs/drivers.md).",
+        example={},
+    ),
     Key("log_level", "str", "INFO", "Logging level.", choices=LOG_LEVELS),
 )
 

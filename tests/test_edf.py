@@ -14,7 +14,6 @@ pyedflib = pytest.importorskip("pyedflib")
 
 from streaminghub_datamux.drivers.edf import EdfFormat, _field_ids  # noqa: E402
 from streaminghub_datamux.drivers.formats import format_for_path, get_format  # noqa: E402
-
 from streaminghub_datamux.errors import DataError  # noqa: E402
 from streaminghub_datamux.model import Field, Stream  # noqa: E402
 

@@ -45,10 +45,9 @@ def test_public_names_match_all():
 
 def test_subpackages_import_under_the_public_name():
     import streaminghub_datamux.agent
+    import streaminghub_datamux.cli
     import streaminghub_datamux.client
     import streaminghub_datamux.drivers.simulate as simulate
-
-    import streaminghub_datamux.cli
 
     assert simulate.SimDriver.name == "sim"
     assert streaminghub_datamux.cli.main is not None

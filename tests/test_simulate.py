@@ -8,9 +8,9 @@ from typing import Any
 
 import numpy as np
 import pytest
+
 from streaminghub_datamux.drivers.signals import StreamSynth, parse_channel
 from streaminghub_datamux.drivers.simulate import SimDriver, SimSource, parse_node
-
 from streaminghub_datamux.errors import ConfigError, DeviceLost, NotFound
 from streaminghub_datamux.framing import Framing
 

@@ -6,9 +6,9 @@ import asyncio
 
 import numpy as np
 from helpers import drain, frames_of, run
-from streaminghub_datamux.drivers.base import Source
 
 import streaminghub_datamux as dm
+from streaminghub_datamux.drivers.base import Source
 from streaminghub_datamux.errors import DataError, DeviceLost
 from streaminghub_datamux.framing import Framing
 from streaminghub_datamux.tasks import Framer, Task

@@ -18,7 +18,6 @@ pyxdf = pytest.importorskip("pyxdf")
 from streaminghub_datamux.drivers import xdf as xdf_module  # noqa: E402
 from streaminghub_datamux.drivers.formats import format_for_path  # noqa: E402
 from streaminghub_datamux.drivers.xdf import LOAD_OPTIONS, XdfFormat  # noqa: E402
-
 from streaminghub_datamux.errors import DataError  # noqa: E402
 from streaminghub_datamux.model import Stream  # noqa: E402
 
