@@ -1,0 +1,523 @@
+"""The LSL driver against real outlets on loopback, and ``datamux simulate --lsl``.
+
+Every test names its outlets with a fresh uuid so that tests (and other runs on the same
+machine) never see each other's streams, and deletes every outlet and stops every
+process it started.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from typing import Any
+
+import numpy as np
+import pytest
+from helpers import frames_of, run
+
+import streaminghub_datamux as dm
+from streaminghub_datamux.errors import ConfigError, NotFound
+
+pylsl = pytest.importorskip("pylsl")
+lsl = pytest.importorskip("streaminghub_datamux.drivers.lsl")
+
+# Short waits: tests poll for their outlets instead of relying on the first wait.
+FAST = {"wait_s": 0.2, "forget_after_s": 1.0}
+FIND_TIMEOUT_S = 8.0
+
+
+def unique(prefix: str = "t") -> str:
+    return f"{prefix}-{uuid.uuid4().hex[:10]}"
+
+
+def make_outlet(
+    name: str,
+    channels: int = 1,
+    rate: float = 0.0,
+    fmt: str = "float32",
+    source_id: str = "",
+    labels: list[str] | None = None,
+    units: list[str] | None = None,
+    stream_type: str = "EEG",
+) -> Any:
+    info = pylsl.StreamInfo(name, stream_type, channels, rate, fmt, source_id)
+    if labels is not None or units is not None:
+        node = info.desc().append_child("channels")
+        for i in range(len(labels or units or [])):
+            channel = node.append_child("channel")
+            if labels is not None:
+                channel.append_child_value("label", labels[i])
+            if units is not None:
+                channel.append_child_value("unit", units[i])
+    return pylsl.StreamOutlet(info)
+
+
+@contextlib.contextmanager
+def outlets(*made: Any) -> Iterator[list[Any]]:
+    """Hold outlets for a block; each leaves the network when the block ends."""
+    held = list(made)
+    try:
+        yield held
+    finally:
+        held.clear()  # the last references: liblsl destroys the outlets now
+
+
+def node_of(outlet: Any) -> str:
+    return lsl.safe_id(outlet.get_info().hostname(), prefix="lsl-")
+
+
+def make_api(workspace, **options: Any) -> dm.API:
+    return dm.API(workspace.config(**{"drivers.lsl": {**FAST, **options}}))
+
+
+async def find_stream(api: dm.API, node_id: str, name: str) -> dm.Stream:
+    """The listed stream of the outlet called ``name`` (polls until the resolver has it)."""
+    deadline = time.monotonic() + FIND_TIMEOUT_S
+    while True:
+        if node_id in [n.id for n in await api.list_live_nodes()]:
+            for stream in await api.list_live_streams(node_id):
+                if stream.name == name:
+                    return stream
+        if time.monotonic() > deadline:
+            raise AssertionError(f"LSL outlet {name!r} not listed on {node_id}")
+        await asyncio.sleep(0.1)
+
+
+async def next_item(sink: asyncio.Queue[Any], timeout: float = 10.0) -> Any:
+    return await asyncio.wait_for(sink.get(), timeout)
+
+
+async def collect(sink: asyncio.Queue[Any], samples: int, timeout: float = 10.0) -> list[Any]:
+    """Items until ``samples`` samples have arrived in frames."""
+    items: list[Any] = []
+    async with asyncio.timeout(timeout):
+        while sum(len(f) for f in frames_of(items)) < samples:
+            items.append(await sink.get())
+    return items
+
+
+def reader_threads() -> list[str]:
+    return [t.name for t in threading.enumerate() if t.name.startswith("lsl-")]
+
+
+# -- options and metadata, no network --------------------------------------------------
+
+
+def test_options_are_validated_and_errors_name_the_key():
+    assert lsl.LslOptions.parse({}) == lsl.LslOptions(1.0, 5.0, 60.0)
+    assert lsl.LslOptions.parse({"wait_s": 0}).wait_s == 0
+    for options, key in (
+        ({"wait": 1}, "drivers.lsl.wait"),
+        ({"wait_s": -1}, "drivers.lsl.wait_s"),
+        ({"forget_after_s": 0}, "drivers.lsl.forget_after_s"),
+        ({"max_buffered_s": "big"}, "drivers.lsl.max_buffered_s"),
+    ):
+        with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+            lsl.LslDriver.from_config(options)
+
+
+def test_ids_are_made_safe():
+    assert lsl.safe_id("EEG stream/1") == "EEG_stream_1"
+    assert lsl.safe_id("-x") == "_-x"
+    assert lsl.safe_id("") == "stream"
+    assert lsl.safe_id("my host", prefix="lsl-") == "lsl-my_host"
+    assert len(lsl.safe_id("a" * 200)) == 64
+
+
+def _xml(channels: str) -> str:
+    return f"<info><name>x</name><desc>{channels}</desc></info>"
+
+
+def test_channel_labels_and_units_fall_back_on_odd_descriptions():
+    good = _xml(
+        "<channels><channel><label>Fz</label><unit>uV</unit></channel>"
+        "<channel><label>Cz</label></channel></channels>"
+    )
+    described = lsl.describe_channels(good, 2)
+    assert described.labels == ("Fz", "Cz") and described.units == ("uV", "")
+    fallback = ("ch0", "ch1")
+    for odd in (
+        "",  # no XML at all
+        "<info><desc/></info>",  # no channels
+        _xml("<channels><channel><label>a</label></channel></channels>"),  # too few
+        _xml("<channels><channel><label>a</label></channel>" * 1 + "<channel/></channels>"),
+        _xml(
+            "<channels><channel><label>a</label></channel><channel><label>a</label>"
+            "</channel></channels>"
+        ),
+        "<info><desc><channels><channel>",  # broken XML
+    ):
+        assert lsl.describe_channels(odd, 2).labels == fallback, odd
+
+
+# -- discovery ---------------------------------------------------------------------------
+
+
+def test_discovery_lists_an_outlet_with_labels_units_rate_and_format(workspace):
+    name = unique("eeg")
+    labels, units = ["Fp1", "Fp2", "C3", "C4"], ["uV", "uV", "uV", "mV"]
+    source_id = unique("src")
+
+    async def body():
+        with outlets(make_outlet(name, 4, 1000, "float32", source_id, labels, units)) as held:
+            node_id = node_of(held[0])
+            api = make_api(workspace)
+            try:
+                stream = await find_stream(api, node_id, name)
+                nodes = {n.id: n for n in await api.list_live_nodes()}
+            finally:
+                await api.aclose()
+            return node_id, stream, nodes, held[0].get_info().uid()
+
+    node_id, stream, nodes, uid = run(body())
+    assert nodes[node_id].kind == "lsl" and nodes[node_id].device["hostname"]
+    assert stream.id == name and stream.node_id == node_id
+    assert stream.channels == labels
+    assert [f.unit for f in stream.fields.values()] == units
+    assert stream.frequency == 1000 and stream.dtype == np.float32
+    assert stream.attrs["type"] == "EEG"
+    assert stream.attrs["source_id"] == source_id and stream.attrs["uid"] == uid
+
+
+def test_outlets_with_odd_or_no_descriptions_and_clashing_names_are_listed(workspace):
+    base = unique("odd")
+    made = [
+        make_outlet(base + " no/desc", 2, 0, "int16"),
+        make_outlet(base + "-dup", 2, 10, "double64", labels=["a", "a"]),
+        make_outlet(base + "-short", 3, 10, "int32", labels=["only-one"]),
+        make_outlet(base + "-empty", 2, 10, "int8", labels=["", ""], units=["", ""]),
+        make_outlet(base + "-str", 1, 0, "string", unique("m")),
+        make_outlet(base + "-i64", 1, 5, "int64", unique("i")),
+        make_outlet(base + "-same", 1, 10, "float32", source_id=unique("s")),
+        make_outlet(base + "-same", 1, 10, "float32", source_id=unique("s")),
+    ]
+
+    async def body():
+        with outlets(*made) as held:
+            node_id = node_of(held[0])
+            api = make_api(workspace)
+            try:
+                await find_stream(api, node_id, base + "-i64")
+                deadline = time.monotonic() + FIND_TIMEOUT_S
+                while True:  # until all eight are listed
+                    mine = [s for s in await api.list_live_streams(node_id) if base in s.name]
+                    if len(mine) == len(made) or time.monotonic() > deadline:
+                        return mine
+                    await asyncio.sleep(0.1)
+            finally:
+                await api.aclose()
+
+    streams = {s.name + "/" + s.attrs["source_id"]: s for s in run(body())}
+    by_name = {}
+    for stream in streams.values():
+        by_name.setdefault(stream.name, []).append(stream)
+    assert len(streams) == len(made)
+    (no_desc,) = by_name[base + " no/desc"]
+    assert no_desc.id == base + "_no_desc" and no_desc.channels == ["ch0", "ch1"]
+    assert no_desc.frequency == 0 and no_desc.dtype == np.int16
+    assert by_name[base + "-dup"][0].channels == ["ch0", "ch1"]
+    assert by_name[base + "-dup"][0].dtype == np.float64
+    assert by_name[base + "-short"][0].channels == ["ch0", "ch1", "ch2"]
+    assert by_name[base + "-empty"][0].dtype == np.int8
+    assert by_name[base + "-str"][0].dtype.kind == "U"
+    assert by_name[base + "-i64"][0].dtype == np.int64
+    clashing = sorted(s.id for s in by_name[base + "-same"])
+    assert len(set(clashing)) == 2 and base + "-same" in clashing
+
+
+# -- proxying ----------------------------------------------------------------------------
+
+
+def test_proxy_float32_at_1khz_delivers_the_pushed_values_in_order(workspace):
+    name, source_id = unique("f32"), unique("src")
+    rng = np.random.default_rng(1)
+    chunks = [rng.standard_normal((100, 8)).astype(np.float32) for _ in range(10)]
+
+    async def body():
+        outlet = make_outlet(name, 8, 1000, "float32", source_id, [f"c{i}" for i in range(8)])
+        with outlets(outlet):
+            api = make_api(workspace)
+            try:
+                stream = await find_stream(api, node_of(outlet), name)
+                sink: asyncio.Queue[Any] = asyncio.Queue()
+                ack = await api.proxy_live_stream(
+                    stream.node_id, stream.id, {}, sink, framing="low-latency"
+                )
+                assert await asyncio.to_thread(outlet.wait_for_consumers, 5.0)
+                ends = []
+                for chunk in chunks:  # 1 kHz in chunks of 100 samples
+                    ends.append(pylsl.local_clock())
+                    outlet.push_chunk(chunk, ends[-1])
+                    await asyncio.sleep(0.1)
+                items = await collect(sink, 1000)
+                received_at = pylsl.local_clock()
+                await api.stop_task(ack.randseq)
+            finally:
+                await api.aclose()
+            return items, ends, received_at
+
+    items, ends, received_at = run(body())
+    frames = frames_of(items)
+    assert [f.seq for f in frames] == list(range(len(frames)))
+    values = np.concatenate([f.values for f in frames])
+    timestamps = np.concatenate([f.timestamps for f in frames])
+    assert values.dtype == np.float32 and frames[0].channels == [f"c{i}" for i in range(8)]
+    np.testing.assert_array_equal(values, np.concatenate(chunks))
+    # Each chunk's last sample carries the stamp given at push; the rest step back 1 ms.
+    expected = np.concatenate([end - np.arange(99, -1, -1) / 1000 for end in ends])
+    np.testing.assert_allclose(timestamps, expected, rtol=0, atol=1e-3)
+    assert timestamps.dtype == np.float64 and np.all(np.diff(timestamps) > 0)
+    assert received_at - 5 < timestamps[-1] <= received_at  # on this host's LSL clock
+
+
+def test_proxy_string_markers_arrive_as_str_arrays(workspace):
+    name, source_id = unique("markers"), unique("src")
+    markers = ["stimulus", "response", "ünïcode ✓", "", "a,b;c"]
+
+    async def body():
+        outlet = make_outlet(name, 1, 0, "string", source_id, ["marker"], stream_type="Markers")
+        with outlets(outlet):
+            api = make_api(workspace)
+            try:
+                stream = await find_stream(api, node_of(outlet), name)
+                sink: asyncio.Queue[Any] = asyncio.Queue()
+                ack = await api.proxy_live_stream(
+                    stream.node_id, stream.id, {}, sink, framing="low-latency"
+                )
+                assert await asyncio.to_thread(outlet.wait_for_consumers, 5.0)
+                stamps = []
+                for marker in markers:
+                    stamps.append(pylsl.local_clock())
+                    outlet.push_sample([marker], stamps[-1])
+                    await asyncio.sleep(0.02)
+                items = await collect(sink, len(markers))
+                await api.stop_task(ack.randseq)
+            finally:
+                await api.aclose()
+            return stream, items, stamps
+
+    stream, items, stamps = run(body())
+    assert stream.frequency == 0 and stream.channels == ["marker"]
+    frames = frames_of(items)
+    values = np.concatenate([f.values for f in frames])
+    assert values.dtype.kind == "U" and values.shape == (len(markers), 1)
+    assert values[:, 0].tolist() == markers
+    timestamps = np.concatenate([f.timestamps for f in frames])
+    np.testing.assert_allclose(timestamps, stamps, rtol=0, atol=1e-3)
+
+
+def test_stop_ends_the_stream_and_its_reader_thread(workspace):
+    name = unique("stop")
+
+    async def body():
+        outlet = make_outlet(name, 2, 100, "float32", unique("src"))
+        with outlets(outlet):
+            api = make_api(workspace)
+            try:
+                stream = await find_stream(api, node_of(outlet), name)
+                sink: asyncio.Queue[Any] = asyncio.Queue()
+                ack = await api.proxy_live_stream(stream.node_id, stream.id, {}, sink)
+                assert await asyncio.to_thread(outlet.wait_for_consumers, 5.0)
+                outlet.push_chunk(np.ones((10, 2), np.float32))
+                await collect(sink, 10)
+                running = reader_threads()
+                await api.stop_task(ack.randseq)
+                rest = [await next_item(sink) for _ in range(sink.qsize())]
+                after_stop = reader_threads()
+            finally:
+                await api.aclose()
+            return stream, running, rest, after_stop
+
+    stream, running, rest, after_stop = run(body())
+    assert f"lsl-{stream.id}" in running
+    assert rest and rest[-1] is dm.END_OF_STREAM
+    assert f"lsl-{stream.id}" not in after_stop
+    assert f"lsl-{stream.id}" not in reader_threads()
+
+
+def test_a_vanished_outlet_is_lost_and_resumes_when_its_source_id_returns(workspace):
+    name = unique("loss")
+    source_id = "s1-" + name  # "s1", made unique per run
+
+    async def body():
+        api = make_api(workspace)
+        first = make_outlet(name, 2, 100, "float32", source_id, ["x", "y"])
+        node_id = node_of(first)
+        try:
+            stream = await find_stream(api, node_id, name)
+            sink: asyncio.Queue[Any] = asyncio.Queue()
+            ack = await api.proxy_live_stream(node_id, stream.id, {}, sink, framing="low-latency")
+            assert await asyncio.to_thread(first.wait_for_consumers, 5.0)
+            first.push_chunk(np.full((20, 2), 1, np.float32))
+            before = await collect(sink, 20)
+            del first  # outlet A leaves the network
+            lost = await next_item(sink)
+            second = make_outlet(name, 2, 100, "float32", source_id, ["x", "y"])
+            with outlets(second):
+                assert await asyncio.to_thread(second.wait_for_consumers, 8.0)
+                back = await next_item(sink)
+                second.push_chunk(np.full((20, 2), 2, np.float32))
+                after = await collect(sink, 20)
+                await api.stop_task(ack.randseq)
+        finally:
+            await api.aclose()
+        return before, lost, back, after
+
+    before, lost, back, after = run(body())
+    assert frames_of(before)[0].values[0].tolist() == [1, 1]
+    assert isinstance(lost, dm.StreamStatus) and lost.status == "disconnected"
+    assert source_id in lost.reason
+    assert isinstance(back, dm.StreamStatus) and back.status == "reconnected"
+    frames = frames_of(after)
+    assert np.concatenate([f.values for f in frames]).tolist() == [[2, 2]] * 20
+    seqs = [f.seq for f in frames_of(before) + frames]
+    assert seqs == list(range(len(seqs)))  # the task lived on: seq continues
+
+
+_FROZEN_OUTLET = textwrap.dedent(
+    """
+    import sys, time, numpy as np, pylsl
+    info = pylsl.StreamInfo(sys.argv[1], "EEG", 1, 100, "float32", sys.argv[1])
+    outlet = pylsl.StreamOutlet(info)
+    print("ready", flush=True)
+    while True:
+        outlet.push_chunk(np.zeros((10, 1), np.float32))
+        time.sleep(0.1)
+    """
+)
+
+
+def test_an_outlet_that_stops_answering_without_closing_is_lost(workspace):
+    """A frozen process keeps its TCP connection open: only the resolver notices."""
+    name = unique("frozen")
+    process = subprocess.Popen(
+        [sys.executable, "-c", _FROZEN_OUTLET, name],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+    )
+
+    async def body():
+        api = make_api(workspace)
+        try:
+            assert process.stdout is not None
+            assert (await asyncio.to_thread(process.stdout.readline)).strip() == "ready"
+            (info,) = await asyncio.to_thread(pylsl.resolve_byprop, "name", name, 1, 5.0)
+            node_id = lsl.safe_id(info.hostname(), prefix="lsl-")
+            stream = await find_stream(api, node_id, name)
+            sink: asyncio.Queue[Any] = asyncio.Queue()
+            await api.proxy_live_stream(node_id, stream.id, {}, sink, framing="low-latency")
+            await collect(sink, 10)
+            os.kill(process.pid, signal.SIGSTOP)
+            frozen_at = time.monotonic()
+            while not isinstance(item := await next_item(sink), dm.StreamStatus):
+                pass  # what was in flight
+            return item, time.monotonic() - frozen_at
+        finally:
+            await api.aclose()
+
+    try:
+        status, took = run(body())
+    finally:
+        os.kill(process.pid, signal.SIGCONT)
+        process.kill()
+        process.communicate(timeout=10)  # also closes the pipe
+    assert status.status == "disconnected" and "no longer answers" in status.reason
+    assert took < FAST["forget_after_s"] + 4
+
+
+def test_unknown_ids_are_not_found(workspace):
+    name = unique("known")
+
+    async def body():
+        outlet = make_outlet(name, 1, 10, "float32", unique("src"))
+        with outlets(outlet):
+            api = make_api(workspace)
+            try:
+                stream = await find_stream(api, node_of(outlet), name)
+                sink: asyncio.Queue[Any] = asyncio.Queue()
+                with pytest.raises(NotFound, match="no live node"):
+                    await api.proxy_live_stream("lsl-no-such-host", "x", {}, sink)
+                with pytest.raises(NotFound):
+                    await api.list_live_streams("lsl-no-such-host")
+                with pytest.raises(NotFound, match="no stream 'nope'"):
+                    await api.proxy_live_stream(stream.node_id, "nope", {}, sink)
+            finally:
+                await api.aclose()
+        driver = lsl.LslDriver(lsl.LslOptions(wait_s=0.2))
+        try:
+            with pytest.raises(NotFound, match="no LSL node"):
+                await driver.list_streams("lsl-no-such-host")
+            with pytest.raises(NotFound, match="no LSL node"):
+                driver.open_stream("lsl-no-such-host", "x", {}, dm.Framing())
+        finally:
+            await driver.aclose()
+
+    run(body())
+
+
+# -- datamux simulate --lsl --------------------------------------------------------------
+
+# Until cli/__init__.py registers simulate_cmd, the test adds it the way it will be added.
+_LAUNCHER = textwrap.dedent(
+    """
+    import sys
+    from streaminghub_datamux import cli
+    from streaminghub_datamux.cli import simulate_cmd, stream_cmds
+    registered = stream_cmds.register
+    def register(subparsers):
+        registered(subparsers)
+        simulate_cmd.register(subparsers)
+    stream_cmds.register = register
+    sys.exit(cli.main(sys.argv[1:]))
+    """
+)
+
+
+def datamux_command() -> list[str]:
+    from streaminghub_datamux.cli import build_parser
+
+    try:
+        build_parser().parse_args(["simulate", "--lsl"])
+    except SystemExit:
+        return [sys.executable, "-c", _LAUNCHER]
+    return [sys.executable, "-m", "streaminghub_datamux"]
+
+
+def test_datamux_simulate_publishes_the_demo_eeg_as_an_lsl_outlet(workspace):
+    env = {**os.environ, "HOME": str(workspace.root)}
+    process = subprocess.Popen(
+        [*datamux_command(), "simulate", "--lsl", "demo", "--streams", "eeg", "--seconds", "3",
+         "--data_dir", str(workspace.data_dir), "--meta_dir", str(workspace.meta_dir)],
+        cwd=workspace.root, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        found = pylsl.resolve_byprop("source_id", "datamux-sim-demo-eeg", timeout=10)
+        assert found, "no outlet with source_id datamux-sim-demo-eeg"
+        inlet = pylsl.StreamInlet(found[0], processing_flags=pylsl.proc_clocksync)
+        full = inlet.info(timeout=5)
+        labels = lsl.describe_channels(full.as_xml(), full.channel_count()).labels
+        values, timestamps = inlet.pull_chunk(timeout=1.0, max_samples=1000, as_numpy=True)
+        now = pylsl.local_clock()
+        del inlet
+        out, err = process.communicate(timeout=20)
+    finally:
+        process.kill()
+        process.wait(timeout=10)
+    assert process.returncode == 0, err
+    assert "publishing demo/eeg as LSL outlet 'demo-eeg'" in out
+    assert "stopped demo/eeg:" in out
+    assert full.name() == "demo-eeg" and full.nominal_srate() == 250
+    assert labels == ("Fp1", "Fp2", "C3", "C4", "P3", "P4", "O1", "O2")
+    assert values.ndim == 2 and values.shape[1] == 8 and values.dtype == np.float32
+    assert len(values) > 50
+    assert np.all(np.abs(timestamps - now) < 5)  # sim stamps moved onto the LSL clock
