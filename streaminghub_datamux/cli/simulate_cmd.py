@@ -1,0 +1,343 @@
+"""``datamux simulate``: publish simulated streams on a real transport.
+
+``datamux simulate --lsl [NODE] [--streams eeg,imu] [--seconds S]`` turns the streams of
+a simulated node (default ``demo``) into real LSL outlets, so LSL tools (LabRecorder,
+viewers, datamux's own LSL driver on another machine) see a device. The data comes from
+the API (``proxy_live_stream`` of the sim node with low-latency framing), so the node's
+simulated faults apply: a simulated disconnect takes the outlet off the network until
+the device is back, like a real device would.
+
+Each target is one ``publish_<target>(api, node_id, stream_ids, stop_event)`` coroutine;
+a new transport (``--serial``) is a new function and a new entry in :data:`TARGETS`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import signal
+import sys
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from ..api import API
+from ..config import load_config
+from ..errors import ConfigError, InvalidRequest, NotFound
+from ..model import Frame, Stream, StreamError, StreamStatus
+from ..util import END_OF_STREAM
+
+__all__ = ["TARGETS", "PublishedStream", "publish_lsl", "register"]
+
+# Stamps within this share of a sample period of the nominal grid count as regular, so
+# the outlet can derive them from the chunk's last stamp (no per-sample list).
+_REGULAR_TOLERANCE = 1e-3
+_STOP_TIMEOUT_S = 2.0
+
+
+def register(subparsers: argparse._SubParsersAction[Any]) -> None:
+    """Add the ``simulate`` subcommand."""
+    parser = subparsers.add_parser(
+        "simulate",
+        help="publish simulated streams as real devices (LSL outlets)",
+        description="Publish the streams of a simulated node on a real transport until "
+        "Ctrl-C or --seconds. Simulated faults (jitter, drops, disconnects) apply.",
+    )
+    target = parser.add_mutually_exclusive_group(required=True)
+    target.add_argument(
+        "--lsl",
+        nargs="?",
+        const="demo",
+        metavar="NODE",
+        help="publish NODE's streams as LSL outlets (default node: demo)",
+    )
+    parser.add_argument(
+        "--streams",
+        metavar="IDS",
+        help="comma list of stream ids, e.g. eeg,imu (default: every stream of the node)",
+    )
+    parser.add_argument("--seconds", type=float, metavar="S", help="stop after S seconds")
+    parser.set_defaults(handler=_handle)
+
+
+def _handle(args: argparse.Namespace) -> int:
+    if args.seconds is not None and args.seconds <= 0:
+        raise InvalidRequest(f"--seconds must be > 0, not {args.seconds:g}")
+    stream_ids = [s.strip() for s in (args.streams or "").split(",") if s.strip()] or None
+    config = load_config(flags=getattr(args, "config_flags", None))
+    for name, publish in TARGETS.items():
+        node_id = getattr(args, name, None)
+        if node_id is not None:
+            return asyncio.run(_simulate(API(config), publish, node_id, stream_ids, args.seconds))
+    raise InvalidRequest("choose where to publish, e.g. --lsl")
+
+
+async def _simulate(
+    api: API,
+    publish: Publisher,
+    node_id: str,
+    stream_ids: Sequence[str] | None,
+    seconds: float | None,
+) -> int:
+    """Run one publisher until Ctrl-C, SIGTERM or ``seconds``; 1 if a stream failed."""
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    handled = []
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        # A signal ends the run cleanly (outlets closed) instead of a KeyboardInterrupt.
+        with contextlib.suppress(NotImplementedError, RuntimeError):
+            loop.add_signal_handler(sig, stop.set)
+            handled.append(sig)
+    timer = loop.call_later(seconds, stop.set) if seconds is not None else None
+    try:
+        published = await publish(api, node_id, stream_ids, stop)
+    finally:
+        if timer is not None:
+            timer.cancel()
+        for sig in handled:
+            loop.remove_signal_handler(sig)
+        await api.aclose()
+    for item in published:
+        print(f"stopped {item.node_id}/{item.stream_id}: {item.samples} samples published")
+    return 1 if any(item.error for item in published) else 0
+
+
+# -- publishing ----------------------------------------------------------------------------
+
+
+@dataclass
+class PublishedStream:
+    """What one stream published (returned by the publishers)."""
+
+    node_id: str
+    stream_id: str
+    samples: int = 0
+    error: str = ""
+
+
+Publisher = Callable[
+    [API, str, Sequence[str] | None, asyncio.Event], Awaitable[list[PublishedStream]]
+]
+
+
+async def _select_streams(api: API, node_id: str, stream_ids: Sequence[str] | None) -> list[Stream]:
+    streams = {s.id: s for s in await api.list_live_streams(node_id)}
+    if stream_ids is None:
+        return list(streams.values())
+    unknown = [sid for sid in stream_ids if sid not in streams]
+    if unknown:
+        raise NotFound(f"node {node_id!r} has no stream {unknown[0]!r}; streams: {sorted(streams)}")
+    return [streams[sid] for sid in dict.fromkeys(stream_ids)]
+
+
+async def publish_lsl(
+    api: API, node_id: str, stream_ids: Sequence[str] | None, stop_event: asyncio.Event
+) -> list[PublishedStream]:
+    """Publish streams of a live node as LSL outlets until ``stop_event`` is set.
+
+    Each stream becomes an outlet named ``<node>-<stream>`` with source_id
+    ``datamux-sim-<node>-<stream>``, its channel labels and units in ``desc/channels``,
+    its nominal rate and a matching channel format. Timestamps are moved from the wall
+    clock to the LSL clock with one offset taken at the start, so their spacing is kept.
+
+    Args:
+        api: where the data comes from (``proxy_live_stream``).
+        node_id: the node, usually a simulated one.
+        stream_ids: the streams to publish; None for all.
+        stop_event: set it to stop; the outlets are gone when this returns.
+
+    Raises:
+        NotFound: unknown node or stream.
+        ConfigError: pylsl (the ``lsl`` extra) is not installed.
+    """
+    try:
+        import pylsl
+    except (ImportError, RuntimeError) as exc:
+        raise ConfigError(
+            f"publishing on LSL needs pylsl and liblsl: {exc}",
+            fix="pip install 'streaminghub-datamux[lsl]'",
+        ) from exc
+    streams = await _select_streams(api, node_id, stream_ids)
+    # One offset for the whole run: per-chunk offsets would add clock-read jitter.
+    offset = pylsl.local_clock() - time.time()
+    publishers = [_LslPublisher(pylsl, node_id, stream, offset) for stream in streams]
+    for publisher in publishers:
+        print(publisher.describe(), flush=True)
+    runs = [
+        asyncio.create_task(publisher.run(api, stop_event), name=f"publish-{publisher.stream.id}")
+        for publisher in publishers
+    ]
+    stopping = asyncio.create_task(stop_event.wait())
+    try:
+        # Until stopped, or until every stream has ended (each failed, say).
+        await asyncio.wait({stopping, asyncio.gather(*runs)}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        stop_event.set()
+        await asyncio.gather(*runs, return_exceptions=True)
+        stopping.cancel()
+    return [publisher.result for publisher in publishers]
+
+
+# LSL has no unsigned, bool or half formats: those go out in the next wider signed one.
+_LSL_FORMATS: dict[str, tuple[str, str]] = {
+    # numpy dtype name -> (LSL channel format, numpy dtype pushed)
+    "float32": ("float32", "float32"),
+    "float64": ("double64", "float64"),
+    "float16": ("float32", "float32"),
+    "int8": ("int8", "int8"),
+    "int16": ("int16", "int16"),
+    "int32": ("int32", "int32"),
+    "int64": ("int64", "int64"),
+    "uint8": ("int16", "int16"),
+    "uint16": ("int32", "int32"),
+    "uint32": ("int64", "int64"),
+    "uint64": ("double64", "float64"),
+    "bool": ("int8", "int8"),
+}
+
+
+def lsl_format(stream: Stream) -> tuple[str, np.dtype | None]:
+    """The LSL channel format for a stream, and the dtype its values are pushed in."""
+    dtype = stream.dtype
+    if dtype.kind == "U":
+        return "string", None
+    channel_format, pushed = _LSL_FORMATS.get(dtype.name, ("double64", "float64"))
+    return channel_format, np.dtype(pushed)
+
+
+class _LslPublisher:
+    """One stream proxied from the API into one LSL outlet."""
+
+    def __init__(self, pylsl: Any, node_id: str, stream: Stream, offset: float) -> None:
+        self.pylsl = pylsl
+        self.node_id = node_id
+        self.stream = stream
+        self.offset = offset
+        self.channel_format, self.push_dtype = lsl_format(stream)
+        self.name = f"{node_id}-{stream.id}"
+        self.source_id = f"datamux-sim-{node_id}-{stream.id}"
+        # LSL content types are conventions ("EEG", "Markers"...): markers are marked as
+        # such, other streams carry their name, which for the demo node is the type.
+        self.type = "Markers" if self.push_dtype is None else (stream.name or stream.id)
+        self.result = PublishedStream(node_id, stream.id)
+        self._outlet: Any = None
+
+    def describe(self) -> str:
+        rate = f"{self.stream.frequency:g} Hz" if self.stream.frequency else "irregular"
+        return (
+            f"publishing {self.node_id}/{self.stream.id} as LSL outlet {self.name!r} "
+            f"(type {self.type}, {len(self.stream.channels)} x {self.channel_format}, {rate}, "
+            f"source_id {self.source_id})"
+        )
+
+    def _info(self) -> Any:
+        info = self.pylsl.StreamInfo(
+            self.name,
+            self.type,
+            len(self.stream.channels),
+            self.stream.frequency,
+            self.channel_format,
+            self.source_id,
+        )
+        desc = info.desc()
+        desc.append_child_value("manufacturer", "streaminghub-datamux (simulated)")
+        channels = desc.append_child("channels")
+        for field in self.stream.fields.values():
+            channel = channels.append_child("channel")
+            channel.append_child_value("label", field.id)
+            channel.append_child_value("unit", field.unit or self.stream.unit)
+            channel.append_child_value("type", self.type)
+        return info
+
+    def _open(self) -> None:
+        if self._outlet is None:
+            self._outlet = self.pylsl.StreamOutlet(self._info())
+
+    def _close(self) -> None:
+        # The outlet leaves the network when its last reference goes.
+        self._outlet = None
+
+    async def run(self, api: API, stop: asyncio.Event) -> None:
+        """Publish until ``stop`` is set or the stream ends; errors end up in ``result``."""
+        try:
+            await self._run(api, stop)
+        except Exception as exc:
+            self.result.error = f"{type(exc).__name__}: {exc}"
+            print(f"datamux: {self.node_id}/{self.stream.id} failed: {exc}", file=sys.stderr)
+        finally:
+            self._close()
+
+    async def _run(self, api: API, stop: asyncio.Event) -> None:
+        sink: asyncio.Queue[Any] = asyncio.Queue(maxsize=64)
+        ack = await api.proxy_live_stream(
+            self.node_id, self.stream.id, {}, sink, framing="low-latency"
+        )
+        self._open()
+        stopping = asyncio.create_task(stop.wait())
+        try:
+            while not stop.is_set():
+                getting = asyncio.create_task(sink.get())
+                await asyncio.wait({getting, stopping}, return_when=asyncio.FIRST_COMPLETED)
+                if not getting.done():
+                    getting.cancel()
+                    break
+                if not self._handle(getting.result()):
+                    break
+        finally:
+            stopping.cancel()
+            with contextlib.suppress(NotFound):
+                await api.stop_task(ack.randseq or "")
+
+    def _handle(self, item: Any) -> bool:
+        """Publish one sink item; False once the stream has ended."""
+        if isinstance(item, Frame):
+            self._open()
+            self._push(item)
+            return True
+        if isinstance(item, StreamStatus):
+            # A simulated disconnect takes the outlet off the network, as a device would.
+            print(f"[{item.status}] {self.node_id}/{self.stream.id} {item.reason}", file=sys.stderr)
+            if item.status == "disconnected":
+                self._close()
+            return True
+        if isinstance(item, StreamError):
+            self.result.error = item.reason
+            print(
+                f"datamux: {self.node_id}/{self.stream.id} failed: {item.reason}", file=sys.stderr
+            )
+            return False
+        return item is not END_OF_STREAM
+
+    def _push(self, frame: Frame) -> None:
+        timestamps = frame.timestamps + self.offset
+        if self.push_dtype is None:
+            # A string outlet takes a flat list of values, sample after sample.
+            self._outlet.push_chunk(
+                frame.values.astype(str).reshape(-1).tolist(), timestamps.tolist()
+            )
+        elif _regular(timestamps, self.stream.frequency):
+            self._outlet.push_chunk(
+                np.ascontiguousarray(frame.values, dtype=self.push_dtype), float(timestamps[-1])
+            )
+        else:  # drops or jitter: every sample keeps its own stamp
+            self._outlet.push_chunk(
+                np.ascontiguousarray(frame.values, dtype=self.push_dtype), timestamps.tolist()
+            )
+        self.result.samples += len(frame)
+
+
+def _regular(timestamps: np.ndarray, frequency: float) -> bool:
+    """Whether stamps sit on the nominal grid, so LSL can derive them from the last one."""
+    if frequency <= 0:
+        return len(timestamps) == 1
+    if len(timestamps) < 2:
+        return True
+    steps = np.diff(timestamps) * frequency
+    return bool(np.all(np.abs(steps - 1.0) <= _REGULAR_TOLERANCE))
+
+
+TARGETS: dict[str, Publisher] = {"lsl": publish_lsl}
