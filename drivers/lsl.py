@@ -46,7 +46,15 @@ from ..model import Field, Node, Stream, numpy_dtype
 from .base import Chunk, Driver, Source
 from .signals import check_keys, config_number
 
-__all__ = ["LSL_DTYPES", "LslDriver", "LslOptions", "LslSource", "safe_id"]
+__all__ = [
+    "LSL_DTYPES",
+    "PROCESSING_FLAGS",
+    "LslDriver",
+    "LslOptions",
+    "LslSource",
+    "describe_channels",
+    "safe_id",
+]
 
 log = logging.getLogger(__name__)
 
