@@ -99,7 +99,13 @@ class Workspace:
         return timestamps, values
 
     def config(self, **extra: Any):
-        flags = {"data_dir": str(self.data_dir), "meta_dir": str(self.meta_dir), **extra}
+        # Only the simulator unless a test asks for more: no LSL discovery wait, no ports.
+        flags = {
+            "data_dir": str(self.data_dir),
+            "meta_dir": str(self.meta_dir),
+            "drivers.enabled": "sim",
+            **extra,
+        }
         return load_config(
             flags=flags, env={}, cwd=self.root, home=self.root, system_rc=self.root / "none"
         )

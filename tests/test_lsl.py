@@ -76,7 +76,9 @@ def node_of(outlet: Any) -> str:
 
 
 def make_api(workspace, **options: Any) -> dm.API:
-    return dm.API(workspace.config(**{"drivers.lsl": {**FAST, **options}}))
+    return dm.API(
+        workspace.config(**{"drivers.enabled": "sim,lsl", "drivers.lsl": {**FAST, **options}})
+    )
 
 
 async def find_stream(api: dm.API, node_id: str, name: str) -> dm.Stream:

@@ -51,7 +51,11 @@ def sim_node(faults: dict[str, Any] | None = None) -> dict[str, Any]:
 
 def make_api(workspace, node_id: str, faults: dict[str, Any] | None = None) -> dm.API:
     config = workspace.config(
-        **{"simulate.nodes": {node_id: sim_node(faults)}, "drivers.lsl": FAST_LSL}
+        **{
+            "simulate.nodes": {node_id: sim_node(faults)},
+            "drivers.enabled": "sim,lsl",
+            "drivers.lsl": FAST_LSL,
+        }
     )
     return dm.API(config)
 

@@ -13,7 +13,7 @@ from typing import Any
 
 from .. import __version__
 from ..errors import ConfigError, DatamuxError
-from . import setup_cmds, stream_cmds
+from . import setup_cmds, simulate_cmd, stream_cmds
 
 __all__ = ["build_parser", "main"]
 
@@ -71,6 +71,7 @@ def build_parser() -> argparse.ArgumentParser:
     subparsers.add_parser = add_parser  # type: ignore[method-assign]
     setup_cmds.register(subparsers)
     stream_cmds.register(subparsers)
+    simulate_cmd.register(subparsers)
     return parser
 
 
