@@ -46,7 +46,9 @@ def test_third_party_driver_from_an_entry_point(workspace, counter_plugin):
     assert available()["counter"] == "counter_driver:CounterDriver"
 
     async def body():
-        config = workspace.config(**{"drivers.extra": {"counter": {"step": 2}}})
+        config = workspace.config(
+            **{"drivers.enabled": "auto", "drivers.extra": {"counter": {"step": 2}}}
+        )
         api = dm.API(config)
         nodes = [n.id for n in await api.list_live_nodes()]
         sink = asyncio.Queue()
@@ -74,4 +76,8 @@ def test_enabled_list_limits_the_drivers(workspace, counter_plugin):
 
 def test_bad_plugin_options_name_the_key(workspace, counter_plugin):
     with pytest.raises(ConfigError, match=r"drivers\.extra\.counter\.step"):
-        dm.API(workspace.config(**{"drivers.extra": {"counter": {"step": 0}}}))
+        dm.API(
+            workspace.config(
+                **{"drivers.enabled": "counter", "drivers.extra": {"counter": {"step": 0}}}
+            )
+        )
