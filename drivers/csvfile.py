@@ -57,6 +57,15 @@ class CsvStreamReader:
                 line=1,
             )
         index_id = next(iter(self.stream.index), None)
+        if index_id is not None and index_id not in position:
+            # A declared time column that is not there is a broken file, not a cue to
+            # invent timestamps.
+            raise DataError(
+                f"index column {index_id!r} of stream {self.stream.id!r} is not in the "
+                f"header {names}",
+                file=str(self.path),
+                line=1,
+            )
         index_col = position.get(index_id) if index_id is not None else None
         if index_col is None and self.stream.frequency <= 0:
             raise DataError(
@@ -157,7 +166,8 @@ class CsvStreamReader:
         except OSError as exc:
             raise DataError(f"cannot open: {exc.strerror}", file=str(self.path)) from exc
         with handle:
-            header = handle.readline().decode("utf-8", errors="replace")
+            # utf-8-sig: spreadsheets often start the file with a byte-order mark.
+            header = handle.readline().decode("utf-8-sig", errors="replace")
             if not header.strip():
                 return
             index_col, value_cols = self._columns(header)

@@ -9,6 +9,8 @@ declared in a simulated node's config::
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import time
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass, field
@@ -114,17 +116,22 @@ class GuidedSource(Source):
 
     async def open(self) -> None:
         await self._replay.open()
-        self._t0_wall = time.time()
 
     async def aclose(self) -> None:
         await self._replay.aclose()
 
     async def chunks(self) -> AsyncIterator[Chunk]:
+        loop = asyncio.get_running_loop()
         first: float | None = None
-        async for timestamps, values in self._replay.chunks():
-            if first is None:
-                first = float(timestamps[0])
-            yield self._t0_wall + (timestamps - first), values
+        async with contextlib.aclosing(self._replay.chunks()) as chunks:
+            async for timestamps, values in chunks:
+                if first is None:
+                    first = float(timestamps[0])
+                    # The wall time at which the first sample was due, not when the file
+                    # was opened: loading the file must not look like latency.
+                    started = getattr(self._replay, "started_at", None) or loop.time()
+                    self._t0_wall = time.time() - (loop.time() - started)
+                yield self._t0_wall + (timestamps - first), values
 
 
 def device_framing(spec: GuidedSpec) -> Framing:

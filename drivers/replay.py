@@ -14,6 +14,7 @@ time, and is released when its last sample is due on an absolute schedule,
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import re
 from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -34,6 +35,7 @@ __all__ = ["Recording", "ReplaySource", "find_recordings", "open_reader", "selec
 # Paced replay sleeps until this long before a frame is due, then yields to the event
 # loop until it is (see ReplaySource._sleep_until); capped at 10% of max latency.
 PACING_MARGIN_S = 0.0012
+_MIN_LOOP_GAP_S = 1e-3
 SELF_DESCRIBING_EXTENSIONS = tuple(ext for name in SELF_DESCRIBING for ext in extensions_of(name))
 _PLACEHOLDER = re.compile(r"\{(\w+)\}")
 
@@ -163,7 +165,12 @@ async def _blocks_in_thread(make_blocks: Callable[[], Iterator[Chunk]]) -> Async
             pending = asyncio.ensure_future(asyncio.to_thread(next, blocks, done))
             yield block
     finally:
-        pending.cancel()
+        # The read in flight cannot be interrupted; close the reader (its file) as soon
+        # as that read is over, instead of whenever the garbage collector gets to it.
+        if pending.done():
+            blocks.close()
+        else:
+            pending.add_done_callback(lambda _: blocks.close())
 
 
 def frame_bounds(
@@ -294,37 +301,46 @@ class ReplaySource(Source):
             cutter = FrameCutter(self.framing.max_samples, span, tolerance)
             pass_first: float | None = None
             last_ts: float | None = None
+            pass_samples = 0
             blocks = _blocks_in_thread(self.make_blocks)
-            while True:
-                try:
-                    timestamps, values = await anext(blocks)
-                except StopAsyncIteration:
-                    break
-                except DatamuxError:
-                    if (tail := cutter.flush()) is not None:
-                        yield tail  # every good sample before the failure
-                    raise
-                if len(timestamps) == 0:
-                    continue
-                if offset:
-                    timestamps = timestamps + offset
-                if first_ts is None:
-                    first_ts = float(timestamps[0])
-                    self.started_at = clock()
-                if pass_first is None:
-                    pass_first = float(timestamps[0])
-                last_ts = float(timestamps[-1])
-                for frame in cutter.feed(timestamps, values):
-                    await self._release(frame, first_ts)
-                    yield frame
+            async with contextlib.aclosing(blocks):
+                while True:
+                    try:
+                        timestamps, values = await anext(blocks)
+                    except StopAsyncIteration:
+                        break
+                    except DatamuxError:
+                        if (tail := cutter.flush()) is not None:
+                            yield tail  # every good sample before the failure
+                        raise
+                    if len(timestamps) == 0:
+                        continue
+                    if offset:
+                        timestamps = timestamps + offset
+                    if first_ts is None:
+                        first_ts = float(timestamps[0])
+                        self.started_at = clock()
+                    if pass_first is None:
+                        pass_first = float(timestamps[0])
+                    last_ts = float(timestamps[-1])
+                    pass_samples += len(timestamps)
+                    for frame in cutter.feed(timestamps, values):
+                        await self._release(frame, first_ts)
+                        yield frame
             if (tail := cutter.flush()) is not None and first_ts is not None:
                 await self._release(tail, first_ts)
                 yield tail
             if not self.loop or last_ts is None or pass_first is None:
                 return
-            # The next pass continues the timeline one sample period after this one.
-            period = 1.0 / self.stream.frequency if self.stream.frequency > 0 else 0.0
-            offset += last_ts - pass_first + period
+            # The next pass continues the timeline one sample period after this one. An
+            # irregular stream has no period: use its mean spacing, and never less than
+            # _MIN_LOOP_GAP_S, so timestamps never repeat and a one-sample file cannot spin.
+            length = last_ts - pass_first
+            if self.stream.frequency > 0:
+                period = 1.0 / self.stream.frequency
+            else:
+                period = length / max(pass_samples - 1, 1) if pass_samples > 1 else 1.0
+            offset += length + max(period, _MIN_LOOP_GAP_S)
 
     async def _release(self, frame: Chunk, first_ts: float) -> None:
         """Wait until the frame's last sample is due (at once at speed 0)."""

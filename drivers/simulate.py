@@ -436,7 +436,9 @@ class SimDriver(Driver):
         for spec in self.node_spec(node_id).streams.values():
             if isinstance(spec, GuidedSpec):
                 try:
-                    streams.append(spec.to_stream(node_id, self._recorded(spec)))
+                    # Reads the collection's files: in a thread, never on the loop.
+                    recorded = await asyncio.to_thread(self._recorded, spec)
+                    streams.append(spec.to_stream(node_id, recorded))
                 except Exception as exc:  # listed again once its recording is there
                     log.warning("guided stream %s/%s unavailable: %s", node_id, spec.id, exc)
             else:

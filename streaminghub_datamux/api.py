@@ -44,6 +44,12 @@ def _check_attrs(attrs: Any) -> dict[str, Any]:
     return dict(attrs)
 
 
+def _check_id(value: Any, what: str) -> str:
+    if not isinstance(value, str):
+        raise InvalidRequest(f"{what} must be a string, not {type(value).__name__}")
+    return value
+
+
 def _check_sink(sink: Any) -> asyncio.Queue[Any]:
     if not isinstance(sink, asyncio.Queue):
         raise InvalidRequest(f"sink must be an asyncio.Queue, not {type(sink).__name__}")
@@ -103,9 +109,10 @@ class API:
 
     def get_collection(self, collection_id: str) -> Collection:
         """One collection by id. A broken metadata file raises its MetadataError here."""
-        return self.catalog.get(collection_id)
+        return self.catalog.get(_check_id(collection_id, "collection_id"))
 
     def get_collection_stream(self, collection_id: str, stream_id: str) -> Stream:
+        stream_id = _check_id(stream_id, "stream_id")
         return self.catalog.stream(self.get_collection(collection_id), stream_id)
 
     async def list_collections(self) -> list[Collection]:
@@ -135,7 +142,9 @@ class API:
         loop: bool = False,
     ) -> ReplaySource:
         """A replay source for one stream of one recording (not yet opened)."""
-        stream, recording = self.catalog.resolve(collection_id, stream_id, dict(attrs))
+        stream, recording = self.catalog.resolve(
+            _check_id(collection_id, "collection_id"), _check_id(stream_id, "stream_id"), attrs
+        )
         reader = open_reader(recording, stream, block_bytes=_BLOCK_BYTES)
         return ReplaySource(stream, reader, speed=speed, framing=framing, loop=loop)
 
@@ -187,8 +196,7 @@ class API:
         return nodes
 
     async def _driver_of(self, node_id: str) -> Driver:
-        if not isinstance(node_id, str):
-            raise InvalidRequest(f"node_id must be a string, not {type(node_id).__name__}")
+        _check_id(node_id, "node_id")
         seen: list[str] = []
         for driver in self._drivers:
             for node in await driver.list_nodes():
@@ -220,6 +228,7 @@ class API:
         """
         attrs = _check_attrs(attrs)
         sink = _check_sink(sink)
+        stream_id = _check_id(stream_id, "stream_id")
         chosen = Framing.coerce(framing) if framing is not None else self.framing
         driver = await self._driver_of(node_id)
 

@@ -21,7 +21,7 @@ from .drivers.replay import (
     find_recordings,
     select_recording,
 )
-from .errors import DatamuxError, NotFound
+from .errors import DatamuxError, MetadataError, NotFound
 from .model import Collection, Stream
 
 __all__ = ["Catalog"]
@@ -49,6 +49,15 @@ class Catalog:
         found: dict[str, Collection] = {}
         errors: dict[str, DatamuxError] = dict(problems)
         for collection_id, collection in collections.items():
+            if not _FOLDER_ID.fullmatch(collection_id):
+                # Ids travel in requests and topics: a file name that is no plain id is
+                # reported, not listed as something that cannot then be opened.
+                errors[collection_id] = MetadataError(
+                    "the file name must be <id>.collection.json with an id of letters, "
+                    "digits, '_', '-' and '.' (at most 64); rename the file",
+                    file=str(self.meta_dir / f"{collection_id}{COLLECTION_SUFFIX}"),
+                )
+                continue
             found[collection_id] = collection
         for collection_id in self._folder_ids(set(collections) | set(problems)):
             found[collection_id] = self._folder_collection(collection_id)
@@ -83,7 +92,11 @@ class Catalog:
                 return self._with_streams(load_collection(path))
             if collection_id in self._folder_ids(set(), only=collection_id):
                 return self._with_streams(self._folder_collection(collection_id))
-        known = sorted({p.name[: -len(COLLECTION_SUFFIX)] for p in self._metadata_files()})
+        known = sorted(
+            name
+            for name in (p.name[: -len(COLLECTION_SUFFIX)] for p in self._metadata_files())
+            if _FOLDER_ID.fullmatch(name)
+        )
         known += self._folder_ids(set(known))
         raise NotFound(
             f"no collection {collection_id!r} in {self.meta_dir} or {self.data_dir}; "

@@ -58,14 +58,14 @@ def _follow_pointer(document: Any, pointer: str, file: Path) -> Any:
     return node
 
 
-def _resolve_refs(node: Any, file: Path, path: str, depth: int = 0) -> Any:
+def _resolve_refs(node: Any, file: Path, path: str, root: Path, depth: int = 0) -> Any:
     """Replace every ``{"@ref": ...}`` object with what it points to, recursively."""
     if isinstance(node, list):
-        return [_resolve_refs(v, file, f"{path}/{i}", depth) for i, v in enumerate(node)]
+        return [_resolve_refs(v, file, f"{path}/{i}", root, depth) for i, v in enumerate(node)]
     if not isinstance(node, dict):
         return node
     if "@ref" not in node:
-        return {k: _resolve_refs(v, file, f"{path}/{k}", depth) for k, v in node.items()}
+        return {k: _resolve_refs(v, file, f"{path}/{k}", root, depth) for k, v in node.items()}
     ref = node["@ref"]
     if not isinstance(ref, str) or not ref:
         raise MetadataError("@ref must be a non-empty string", file=str(file), path=path)
@@ -79,10 +79,17 @@ def _resolve_refs(node: Any, file: Path, path: str, depth: int = 0) -> Any:
         )
     target_name, _, pointer = ref.partition("#")
     target = (file.parent / target_name).resolve() if target_name else file
+    if not target.is_relative_to(root):
+        # Metadata is served to remote clients: it may not pull in files from elsewhere.
+        raise MetadataError(
+            f"@ref {ref!r} points outside {root}; keep referenced files beside the collection",
+            file=str(file),
+            path=path,
+        )
     if not target.is_file():
         raise MetadataError(f"@ref {ref!r}: no file {target}", file=str(file), path=path)
     resolved = _follow_pointer(_read_json(target), pointer, target)
-    return _resolve_refs(resolved, target, f"{target.name}#{pointer}", depth + 1)
+    return _resolve_refs(resolved, target, f"{target.name}#{pointer}", root, depth + 1)
 
 
 def _expect(value: Any, kind: type | tuple[type, ...], file: Path, path: str, what: str) -> Any:
@@ -174,7 +181,7 @@ def load_collection(path: Path) -> Collection:
     if not path.name.endswith(COLLECTION_SUFFIX):
         raise MetadataError(f"collection files end with {COLLECTION_SUFFIX}", file=str(path))
     collection_id = path.name[: -len(COLLECTION_SUFFIX)]
-    raw = _resolve_refs(_read_json(path), path, "")
+    raw = _resolve_refs(_read_json(path), path, "", path.parent.resolve())
     return _parse_collection(collection_id, raw, path)
 
 

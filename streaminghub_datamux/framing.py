@@ -6,6 +6,7 @@ A frame is flushed when it holds ``max_samples`` samples or when its oldest samp
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -22,10 +23,16 @@ class Framing:
     max_latency_ms: float = 50.0
 
     def __post_init__(self) -> None:
-        if not isinstance(self.max_samples, int) or self.max_samples < 1:
-            raise InvalidRequest(f"max_samples must be an integer >= 1, not {self.max_samples!r}")
-        if not isinstance(self.max_latency_ms, int | float) or self.max_latency_ms <= 0:
-            raise InvalidRequest(f"max_latency_ms must be > 0, not {self.max_latency_ms!r}")
+        samples, latency = self.max_samples, self.max_latency_ms
+        if isinstance(samples, bool) or not isinstance(samples, int) or samples < 1:
+            raise InvalidRequest(f"max_samples must be an integer >= 1, not {samples!r}")
+        if (
+            isinstance(latency, bool)
+            or not isinstance(latency, int | float)
+            or not math.isfinite(latency)
+            or latency <= 0
+        ):
+            raise InvalidRequest(f"max_latency_ms must be a finite number > 0, not {latency!r}")
 
     @property
     def max_latency_s(self) -> float:

@@ -14,11 +14,14 @@ before the kill and replays as it is.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import fcntl
 import json
 import os
 import re
+import tempfile
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, Protocol
@@ -149,54 +152,74 @@ def _stream_metadata(stream: Stream, columns: list[str]) -> dict[str, Any]:
     }
 
 
+@contextlib.contextmanager
+def _metadata_for_update(meta_dir: Path, collection_id: str) -> Iterator[tuple[Path, dict | None]]:
+    """Hold an exclusive lock on a collection's metadata while it is read and rewritten.
+
+    Two recordings into one collection (two shells, two streams) would otherwise both read
+    the old file and the last writer would drop the other's stream.
+    """
+    meta_dir.mkdir(parents=True, exist_ok=True)
+    path = meta_dir / f"{collection_id}.collection.json"
+    with open(meta_dir / f".{collection_id}.collection.lock", "a+") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            meta = json.loads(path.read_text(encoding="utf-8")) if path.exists() else None
+            yield path, meta
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+def _replace_json(path: Path, meta: dict[str, Any]) -> None:
+    """Write ``path`` atomically (a unique temporary file, then a rename)."""
+    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    with os.fdopen(handle, "w", encoding="utf-8") as out:
+        out.write(json.dumps(meta, indent=2))
+    os.replace(temporary, path)
+
+
 def _write_metadata(
     meta_dir: Path, collection_id: str, stream: Stream, columns: list[str], attr_keys: list[str]
 ) -> None:
-    """Create or extend ``<collection>.collection.json``, atomically."""
-    path = meta_dir / f"{collection_id}.collection.json"
+    """Create or extend ``<collection>.collection.json``, atomically and under a lock."""
     pattern = "csv://" + "/".join([*(f"{{{k}}}" for k in attr_keys), "{stream}"])
-    if path.exists():
-        meta = json.loads(path.read_text(encoding="utf-8"))
-        if meta.get("pattern") != pattern:
+    with _metadata_for_update(meta_dir, collection_id) as (path, meta):
+        if meta is not None and meta.get("pattern") != pattern:
             raise InvalidRequest(
                 f"{path} has pattern {meta.get('pattern')!r}; recording with attrs "
                 f"{attr_keys} needs {pattern!r}: record into another collection"
             )
-    else:
-        meta = {
-            "name": collection_id,
-            "description": "recorded by streaminghub-datamux",
-            "keywords": [],
-            "authors": [],
-            "streams": {},
-            "groups": {},
-            "pattern": pattern,
-        }
-    new = _stream_metadata(stream, columns)
-    old = meta["streams"].get(stream.id)
-    if old is not None and (old.get("fields") != new["fields"]):
-        raise InvalidRequest(
-            f"{path}: stream {stream.id!r} is already recorded with other channels or dtype"
-        )
-    meta["streams"][stream.id] = new
-    for key in attr_keys:
-        meta["groups"].setdefault(key, {"description": "", "values": []})
-    meta_dir.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_suffix(".json.tmp")
-    temporary.write_text(json.dumps(meta, indent=2), encoding="utf-8")
-    os.replace(temporary, path)
+        if meta is None:
+            meta = {
+                "name": collection_id,
+                "description": "recorded by streaminghub-datamux",
+                "keywords": [],
+                "authors": [],
+                "streams": {},
+                "groups": {},
+                "pattern": pattern,
+            }
+        new = _stream_metadata(stream, columns)
+        old = meta["streams"].get(stream.id)
+        if old is not None and (old.get("fields") != new["fields"]):
+            raise InvalidRequest(
+                f"{path}: stream {stream.id!r} is already recorded with other channels or dtype"
+            )
+        meta["streams"][stream.id] = new
+        for key in attr_keys:
+            meta["groups"].setdefault(key, {"description": "", "values": []})
+        _replace_json(path, meta)
 
 
 def _add_group_values(meta_dir: Path, collection_id: str, attrs: Mapping[str, str]) -> None:
-    path = meta_dir / f"{collection_id}.collection.json"
-    meta = json.loads(path.read_text(encoding="utf-8"))
-    for key, value in attrs.items():
-        values = meta["groups"].setdefault(key, {"values": []}).setdefault("values", [])
-        if value not in values:
-            values.append(value)
-    temporary = path.with_suffix(".json.tmp")
-    temporary.write_text(json.dumps(meta, indent=2), encoding="utf-8")
-    os.replace(temporary, path)
+    with _metadata_for_update(meta_dir, collection_id) as (path, meta):
+        if meta is None:
+            return
+        for key, value in attrs.items():
+            values = meta["groups"].setdefault(key, {"values": []}).setdefault("values", [])
+            if value not in values:
+                values.append(value)
+        _replace_json(path, meta)
 
 
 async def _find_stream(api: _StreamingAPI, mode: str, source_id: str, stream_id: str) -> Stream:
@@ -266,9 +289,9 @@ async def record(
 
     meta_dir, data_dir = Path(config.meta_dir), Path(config.data_dir)
     path = data_dir / into / Path(*(str(recording[k]) for k in attr_keys)) / f"{stream_id}.csv"
-    _write_metadata(meta_dir, into, stream, columns, attr_keys)
+    await asyncio.to_thread(_write_metadata, meta_dir, into, stream, columns, attr_keys)
     writer = CsvFrameWriter(path, columns)
-    writer.open(overwrite=overwrite)
+    await asyncio.to_thread(writer.open, overwrite)
 
     sink: asyncio.Queue[Any] = asyncio.Queue(maxsize=256)
     if mode == "proxy":
@@ -282,6 +305,7 @@ async def record(
     deadline = None if duration is None else started + duration
     frames = samples = 0
     error = None
+    writing: asyncio.Future[None] | None = None
     try:
         async with asyncio.timeout_at(deadline):
             while (item := await sink.get()) is not END_OF_STREAM:
@@ -295,7 +319,11 @@ async def record(
                         f"its metadata declares {len(columns)}",
                         file=str(path),
                     )
-                await asyncio.to_thread(writer.write, item.timestamps, item.values)
+                # Shielded: a stop must not close the file under a write in progress.
+                writing = asyncio.ensure_future(
+                    asyncio.to_thread(writer.write, item.timestamps, item.values)
+                )
+                await asyncio.shield(writing)
                 frames += 1
                 samples += len(item)
                 if on_frame is not None:
@@ -303,7 +331,10 @@ async def record(
     except TimeoutError:
         pass  # duration reached
     finally:
-        writer.close()
+        if writing is not None and not writing.done():
+            await asyncio.wait({writing})  # the frame being written is kept
+        await asyncio.to_thread(writer.close)
         await api.stop_task(ack.randseq)
-        _add_group_values(meta_dir, into, {k: str(v) for k, v in recording.items()})
+        values = {k: str(v) for k, v in recording.items()}
+        await asyncio.to_thread(_add_group_values, meta_dir, into, values)
     return RecordingSummary(path, frames, samples, loop.time() - started, error)

@@ -158,12 +158,13 @@ class Task:
         """Stop the task; END_OF_STREAM is on the sink (or on its way) when this returns."""
         if self._runner is None:
             return
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + timeout
-        # Cancel again if a cancellation got lost (library code may swallow one).
-        while not self._runner.done() and loop.time() < deadline:
+        self._runner.cancel()
+        await asyncio.wait({self._runner}, timeout=timeout / 2)
+        if not self._runner.done():
+            # Library code can swallow a cancellation; cancel once more rather than hang.
+            # (Not sooner: a second cancel would cut the source's cleanup short.)
             self._runner.cancel()
-            await asyncio.wait({self._runner}, timeout=min(0.1, deadline - loop.time()))
+            await asyncio.wait({self._runner}, timeout=timeout / 2)
         if not self._runner.done():
             log.error("task %s did not stop within %.1f s", self.id, timeout)
 
@@ -192,7 +193,8 @@ class Task:
         backoff = BACKOFF_FIRST_S
         lost = False
         while True:
-            source = self.open_source()
+            # Building a source may touch files (guided simulation): not on the loop.
+            source = await asyncio.to_thread(self.open_source)
             try:
                 async with source:
                     if lost:
@@ -212,8 +214,10 @@ class Task:
                 backoff = min(backoff * 2, BACKOFF_MAX_S)
 
     async def _pass_through(self, source: Any) -> None:
-        async for timestamps, values in source.chunks():
-            await self._emit(timestamps, values)
+        # aclosing: a stop or a failure closes the generator (and its file) at once.
+        async with contextlib.aclosing(source.chunks()) as chunks:
+            async for timestamps, values in chunks:
+                await self._emit(timestamps, values)
 
     async def _frame_live(self, source: Any) -> None:
         clock = asyncio.get_running_loop().time
@@ -224,8 +228,9 @@ class Task:
 
         async def pump() -> None:
             try:
-                async for timestamps, values in source.chunks():
-                    framer.push(timestamps, values, clock())
+                async with contextlib.aclosing(source.chunks()) as chunks:
+                    async for timestamps, values in chunks:
+                        framer.push(timestamps, values, clock())
             except Exception as exc:
                 failure.append(exc)
             finally:
@@ -236,9 +241,10 @@ class Task:
         try:
             while True:
                 now = clock()
+                if framer.dropped > self.samples_dropped:
+                    await self._report_drops(framer.dropped)
                 if framer.ready(now) or (ended.is_set() and len(framer)):
                     await self._emit(*framer.pop(now))
-                    self.samples_dropped = framer.dropped
                     continue
                 if ended.is_set():
                     break
@@ -253,9 +259,17 @@ class Task:
         finally:
             pumping.cancel()
             await asyncio.wait({pumping})
-        self.samples_dropped = framer.dropped
+        if framer.dropped > self.samples_dropped:
+            await self._report_drops(framer.dropped)
         if failure:
             raise failure[0]
+
+    async def _report_drops(self, total: int) -> None:
+        """Tell the consumer that samples were lost, so lost data is never silent."""
+        newly, self.samples_dropped = total - self.samples_dropped, total
+        log.warning("task %s: the consumer is too slow; %d samples dropped", self.id, newly)
+        reason = f"{newly} samples dropped (consumer too slow; {total} in all)"
+        await self._deliver(StreamStatus(self.stream_id, "dropped", reason))
 
     async def _emit(self, timestamps: np.ndarray, values: np.ndarray) -> None:
         frame = Frame(

@@ -96,6 +96,7 @@ def test_refs_to_local_node_files_are_resolved(tmp_path):
         (lambda m: m["streams"].update(gaze={"@ref": "missing.json#/a"}), "no file"),
         (lambda m: m["streams"].update(gaze={"@ref": "#/nowhere"}), "points to nothing"),
         (lambda m: m["streams"].update(gaze={"@ref": "#/streams/gaze"}), "deeper than"),
+        (lambda m: m["streams"].update(gaze={"@ref": "../elsewhere.json#/a"}), "points outside"),
     ],
 )
 def test_bad_metadata_names_file_and_json_path(tmp_path, mutate, expected):
@@ -138,3 +139,20 @@ def test_model_round_trips_through_dicts(tmp_path):
     stream = load_collection(path).streams["gaze"]
     again = dm.Stream.from_dict(stream.id, json.loads(json.dumps(stream.to_dict())))
     assert again == stream
+
+
+def test_a_file_name_that_is_no_plain_id_is_reported_not_listed(workspace):
+    workspace.add_collection("my data", gaze_collection())
+    workspace.add_collection("good", gaze_collection())
+
+    async def body():
+        api = dm.API(workspace.config())
+        listed = [c.id for c in await api.list_collections()]
+        _, problems = api.catalog.scan()
+        with pytest.raises(dm.errors.NotFound) as caught:
+            await api.list_collection_streams("my data")
+        return listed, problems, str(caught.value)
+
+    listed, problems, message = run(body())
+    assert listed == ["good"] and "rename the file" in str(problems["my data"])
+    assert "collections: ['good']" in message

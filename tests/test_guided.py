@@ -69,3 +69,47 @@ def test_guided_stream_rejects_synthetic_options(workspace):
     }
     with pytest.raises(ConfigError, match=r"simulate\.nodes\.lab\.streams\.gaze\.frequency"):
         dm.API(workspace.config(**{"simulate.nodes": bad}))
+
+
+def test_guided_irregular_markers_loop_without_repeating_timestamps(workspace):
+    meta = {
+        "name": "events",
+        "streams": {
+            "ev": {
+                "frequency": 0,
+                "fields": {"label": {"dtype": "str"}},
+                "index": {"t": {"dtype": "f64", "unit": "s"}},
+            }
+        },
+        "pattern": "csv://{subject}",
+    }
+    workspace.add_collection("events", meta)
+    path = workspace.data_dir / "events" / "A.csv"
+    path.parent.mkdir(parents=True)
+    path.write_text('t,label\n0.0,"go"\n0.1,"stop"\n0.2,"go"\n')
+    nodes = {
+        "lab": {
+            "streams": {
+                "ev": {
+                    "guided": {"collection": "events", "stream": "ev", "attrs": {"subject": "A"}}
+                }
+            }
+        }
+    }
+
+    async def body():
+        api = dm.API(workspace.config(**{"simulate.nodes": nodes}))
+        sink = asyncio.Queue()
+        ack = await api.proxy_live_stream("lab", "ev", {}, sink, framing="low-latency")
+        frames = []
+        while sum(len(f) for f in frames) < 7:
+            frames.append(await sink.get())
+        await api.stop_task(ack.randseq)
+        return frames
+
+    frames = run(body())
+    ts = np.concatenate([f.timestamps for f in frames])[:7]
+    labels = np.concatenate([f.values[:, 0] for f in frames])[:7]
+    assert list(labels) == ["go", "stop", "go", "go", "stop", "go", "go"]
+    assert np.all(np.diff(ts) > 0.05)  # the loop continues at the mean spacing (0.1 s)
+    assert abs(ts[0] - time.time()) < 2.0

@@ -183,3 +183,22 @@ def test_a_recording_killed_mid_way_stays_replayable(workspace):
     timestamps, values = concat(run(body()))
     assert len(timestamps) > 50 and values.shape[1] == 8
     assert np.all(np.diff(timestamps) > 0)
+
+
+def test_two_recordings_into_one_collection_at_once_keep_both_streams(workspace):
+    async def body():
+        api = dm.API(workspace.config())
+        common = dict(
+            mode="proxy",
+            source_id="demo",
+            into="lab",
+            recording={"subject": "A"},
+            config=api.config,
+            duration=0.5,
+        )
+        await asyncio.gather(
+            record(api, stream_id="eeg", **common), record(api, stream_id="imu", **common)
+        )
+        return {s.id for s in await api.list_collection_streams("lab")}
+
+    assert run(body()) == {"eeg", "imu"}

@@ -120,6 +120,8 @@ def test_index_in_milliseconds_and_missing_index(workspace):
     )
     no_index = gaze_collection(frequency=50)
     no_index["pattern"] = "csv://{subject}"
+    for stream in no_index["streams"].values():
+        del stream["index"]  # no time column declared: synthesised from the rate
     workspace.add_collection("noidx", no_index)
     write_csv(workspace.data_dir / "noidx" / "A.csv", ["x", "y", "d"], np.ones((4, 3)))
     undeclared = gaze_collection(frequency=100, index_unit=None)
@@ -397,3 +399,26 @@ def test_regular_frames_have_a_constant_size_despite_rounding():
     timestamps = 10.0 + np.arange(1000) / 100  # 100 Hz: sums of 0.01 do not round evenly
     sizes = {b - a for a, b in frame_bounds(timestamps, 1024, 0.05, 0.5 / 100)}
     assert sizes == {5}
+
+
+def test_declared_index_missing_from_the_file_is_an_error_and_bom_is_ignored(workspace):
+    workspace.add_collection("study", gaze_collection())
+    write_csv(
+        workspace.data_dir / "study" / "A" / "1_gaze.csv", ["time", "x", "y"], np.ones((2, 3))
+    )
+    workspace.add_collection("bom", {**gaze_collection(), "pattern": "csv://{subject}"})
+    bom = workspace.data_dir / "bom" / "A.csv"
+    bom.parent.mkdir(parents=True)
+    bom.write_bytes("\ufefft,x,y,d\n0.5,1,2,3\n".encode())
+
+    async def body(collection):
+        sink = asyncio.Queue()
+        await make_api(workspace).replay_collection_stream(
+            collection, "gaze", {"subject": "A"}, sink
+        )
+        return await drain(sink)
+
+    items = run(body("study"))
+    assert isinstance(items[-2], dm.StreamError) and "index column 't'" in items[-2].reason
+    (frame,) = frames_of(run(body("bom")))
+    assert frame.timestamps.tolist() == [0.5]

@@ -183,3 +183,28 @@ def test_stopping_busy_live_tasks_always_ends_them(workspace):
     took, lasts = run(body(), timeout=20)
     assert all(item is dm.END_OF_STREAM for item in lasts)
     assert took < 1.0, took
+
+
+def test_dropped_samples_are_reported_not_silent():
+    async def body():
+        steps = [chunk(i * 10, 10) for i in range(100)]  # 1000 samples, at once
+        sink = asyncio.Queue(maxsize=1)
+        task = Task(
+            "t",
+            lambda: ScriptedSource(steps),
+            sink,
+            stream_id="s",
+            channels=["a"],
+            attrs={},
+            framing=SMALL_FRAMES,
+        )
+        task.start()
+        await asyncio.sleep(0.3)  # the consumer is away; the device is not
+        return await drain(sink), task.samples_dropped
+
+    items, dropped = run(body())
+    statuses = [i for i in items if isinstance(i, dm.StreamStatus)]
+    received = sum(len(f) for f in frames_of(items))
+    assert statuses and all(s.status == "dropped" for s in statuses)
+    assert dropped > 0 and received + dropped == 1000
+    assert str(dropped) in statuses[-1].reason

@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import json
 import signal
 import sys
 import time
@@ -28,7 +29,7 @@ import numpy as np
 from ..api import API
 from ..config import load_config
 from ..errors import ConfigError, InvalidRequest, NotFound
-from ..model import Frame, Stream, StreamError, StreamStatus
+from ..model import Frame, Stream, StreamError, StreamStatus, dtype_name
 from ..util import END_OF_STREAM
 
 __all__ = ["TARGETS", "PublishedStream", "publish_lsl", "register"]
@@ -43,7 +44,7 @@ def register(subparsers: argparse._SubParsersAction[Any]) -> None:
     """Add the ``simulate`` subcommand."""
     parser = subparsers.add_parser(
         "simulate",
-        help="publish simulated streams as real devices (LSL outlets)",
+        help="publish simulated streams as real devices (LSL outlets, serial ports)",
         description="Publish the streams of a simulated node on a real transport until "
         "Ctrl-C or --seconds. Simulated faults (jitter, drops, disconnects) apply.",
     )
@@ -54,6 +55,14 @@ def register(subparsers: argparse._SubParsersAction[Any]) -> None:
         const="demo",
         metavar="NODE",
         help="publish NODE's streams as LSL outlets (default node: demo)",
+    )
+    target.add_argument(
+        "--serial",
+        nargs="?",
+        const="demo",
+        metavar="NODE",
+        help="present each of NODE's streams as a serial device on a new pseudo-terminal "
+        "(CSV lines; prints the port and the drivers.serial entry that reads it)",
     )
     parser.add_argument(
         "--streams",
@@ -340,4 +349,63 @@ def _regular(timestamps: np.ndarray, frequency: float) -> bool:
     return bool(np.all(np.abs(steps - 1.0) <= _REGULAR_TOLERANCE))
 
 
-TARGETS: dict[str, Publisher] = {"lsl": publish_lsl}
+async def publish_serial(
+    api: API, node_id: str, stream_ids: Sequence[str] | None, stop_event: asyncio.Event
+) -> list[PublishedStream]:
+    """Present streams of a live node as serial devices until ``stop_event`` is set.
+
+    Each stream gets its own pseudo-terminal sending CSV lines, one sample per line; the
+    port path and a ``drivers.serial.devices`` entry that reads it back are printed.
+    """
+    try:
+        from ..drivers.serialframes import PtySerialWriter
+    except ImportError as exc:  # pragma: no cover - numpy only, but keep the error clear
+        raise ConfigError(f"serial simulation is unavailable: {exc}") from exc
+    streams = await _select_streams(api, node_id, stream_ids)
+    results = [PublishedStream(node_id, stream.id) for stream in streams]
+
+    async def serve(stream: Stream, result: PublishedStream) -> None:
+        with PtySerialWriter() as writer:
+            entry = writer.device_config(
+                stream.channels,
+                rate=stream.frequency,
+                stream=stream.id,
+                dtype=dtype_name(stream.dtype),
+            )
+            print(f"{node_id}/{stream.id} on {writer.path}", flush=True)
+            print(
+                f'  "drivers": {{"serial": {{"devices": {{"{node_id}-{stream.id}": '
+                f"{json.dumps(entry)}}}}}}}",
+                flush=True,
+            )
+            sink: asyncio.Queue[Any] = asyncio.Queue(maxsize=256)
+            ack = await api.proxy_live_stream(node_id, stream.id, {}, sink, framing="low-latency")
+            try:
+                while not stop_event.is_set():
+                    item = await sink.get()
+                    if item is END_OF_STREAM:
+                        break
+                    if isinstance(item, StreamError):
+                        result.error = item.reason
+                        break
+                    if isinstance(item, Frame):
+                        writer.write_frame(item)
+                        result.samples += len(item)
+            finally:
+                await api.stop_task(ack.randseq or "")
+
+    runs = [asyncio.create_task(serve(s, r)) for s, r in zip(streams, results, strict=True)]
+    all_runs = asyncio.gather(*runs, return_exceptions=True)
+    stopping = asyncio.create_task(stop_event.wait())
+    try:
+        await asyncio.wait({stopping, all_runs}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        stop_event.set()
+        for run in runs:
+            run.cancel()  # each is waiting for its next frame
+        await all_runs
+        stopping.cancel()
+    return results
+
+
+TARGETS: dict[str, Publisher] = {"lsl": publish_lsl, "serial": publish_serial}
