@@ -60,6 +60,8 @@ __all__ = [
     "HeartRate",
     "StreamSpec",
     "StructDecoder",
+    "heart_rate_streams",
+    "parse_device",
     "parse_heart_rate",
     "rr_timestamps",
     "scanned_node_id",
