@@ -193,3 +193,58 @@ def test_unknown_streams_and_nodes_are_not_found(workspace):
             await api.aclose()
 
     run(body())
+
+
+def test_simulate_serial_is_read_back_by_the_serial_driver(workspace):
+    import json
+    import os
+    import subprocess
+    import sys
+
+    pytest.importorskip("serial")
+    command = [
+        sys.executable,
+        "-m",
+        "streaminghub_datamux",
+        "simulate",
+        "--serial",
+        "demo",
+        "--streams",
+        "imu",
+        "--seconds",
+        "6",
+        "--data_dir",
+        str(workspace.data_dir),
+        "--meta_dir",
+        str(workspace.meta_dir),
+    ]
+    env = {**os.environ, "HOME": str(workspace.root)}
+    process = subprocess.Popen(
+        command, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env
+    )
+    try:
+        assert process.stdout is not None
+        first, second = process.stdout.readline(), process.stdout.readline()
+        assert first.startswith("demo/imu on /dev/")
+        devices = json.loads("{" + second.strip() + "}")["drivers"]["serial"]["devices"]
+
+        async def body():
+            config = workspace.config(
+                **{"drivers.enabled": "sim,serial", "drivers.serial": {"devices": devices}}
+            )
+            api = dm.API(config)
+            sink = asyncio.Queue()
+            ack = await api.proxy_live_stream("demo-imu", "imu", {}, sink)
+            frames = await collect(sink, 50)
+            await api.stop_task(ack.randseq)
+            return frames_of(frames)
+
+        frames = run(body(), timeout=20)
+    finally:
+        process.terminate()
+        process.wait(timeout=10)
+        if process.stdout is not None:
+            process.stdout.close()
+    values = np.concatenate([f.values for f in frames])
+    assert values.shape[1] == 6 and frames[0].channels == ["ax", "ay", "az", "gx", "gy", "gz"]
+    assert abs(float(np.median(values[:, 2])) - 9.81) < 1.0  # az: gravity
