@@ -46,7 +46,7 @@ from bleak.uuids import normalize_uuid_str
 
 from ..errors import ConfigError, DeviceError, DeviceLost, NotFound
 from ..framing import Framing
-from ..model import Field, Node, Stream, numpy_dtype
+from ..model import Field, Node, Stream, numpy_dtype, seconds_index
 from .base import Chunk, Driver, Source
 from .signals import check_keys, config_number, config_text
 
@@ -259,7 +259,7 @@ class StreamSpec:
             unit=self.unit,
             frequency=self.frequency,
             fields=fields,
-            index={"t": Field(id="t", name="t", dtype="f64", unit="s")},
+            index=seconds_index(),
             node_id=device.id,
             attrs={"mode": "ble", "address": device.address, "profile": device.profile},
         )

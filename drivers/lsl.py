@@ -42,7 +42,7 @@ except RuntimeError as exc:  # pylsl is installed but cannot find liblsl
 
 from ..errors import DeviceLost, NotFound
 from ..framing import Framing
-from ..model import Field, Node, Stream, numpy_dtype
+from ..model import Field, Node, Stream, numpy_dtype, seconds_index
 from .base import Chunk, Driver, Source
 from .signals import check_keys, config_number
 
@@ -256,7 +256,7 @@ def _build_stream(
         unit=units.pop() if len(units) == 1 else "",
         frequency=outlet.rate,
         fields=fields,
-        index={"t": Field(id="t", name="t", dtype="f64", unit="s")},
+        index=seconds_index(),
         node_id=node_id,
         attrs={
             "mode": "lsl",

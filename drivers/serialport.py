@@ -35,7 +35,7 @@ from serial.tools import list_ports
 
 from ..errors import ConfigError, DeviceError, DeviceLost, NotFound
 from ..framing import Framing
-from ..model import Field, Node, Stream, dtype_name, numpy_dtype
+from ..model import Field, Node, Stream, dtype_name, numpy_dtype, seconds_index
 from .base import Chunk, Driver, Source
 from .serialframes import (
     FormatSpec,
@@ -149,7 +149,7 @@ class DeviceSpec:
             unit=self.unit,
             frequency=self.rate,
             fields=fields,
-            index={"t": Field(id="t", name="t", dtype="f64", unit="s")},
+            index=seconds_index(),
             node_id=self.id,
             attrs={"mode": "live"},
         )

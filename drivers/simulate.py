@@ -25,7 +25,7 @@ import numpy as np
 
 from ..errors import ConfigError, DeviceLost, NotFound
 from ..framing import Framing
-from ..model import Field, Node, Stream, numpy_dtype
+from ..model import Field, Node, Stream, numpy_dtype, seconds_index
 from .base import Chunk, Driver, Source
 from .guided import GuidedSource, GuidedSpec, RecordingProvider, device_framing, parse_guided
 from .signals import (
@@ -179,7 +179,7 @@ class StreamSpec:
             unit=self.unit,
             frequency=self.frequency,
             fields=fields,
-            index={"t": Field(id="t", name="t", dtype="f64", unit="s")},
+            index=seconds_index(),
             node_id=node_id,
             attrs={"mode": "simulate"},
         )

@@ -25,6 +25,7 @@ __all__ = [
     "StreamError",
     "StreamStatus",
     "numpy_dtype",
+    "seconds_index",
 ]
 
 # DFDS dtype names, plus the numpy spellings people write by hand.
@@ -286,6 +287,11 @@ class StreamStatus:
     stream_id: str
     status: str
     reason: str = ""
+
+
+def seconds_index() -> dict[str, Field]:
+    """The index of live streams: one column ``t``, float64 seconds."""
+    return {"t": Field(id="t", name="t", dtype="f64", unit="s")}
 
 
 def dtype_name(dtype: np.dtype) -> str:
