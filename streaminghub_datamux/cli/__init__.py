@@ -12,6 +12,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from .. import __version__
+from ..config import load_config
 from ..errors import ConfigError, DatamuxError
 from . import setup_cmds, simulate_cmd, stream_cmds
 
@@ -89,6 +90,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         if hasattr(args, f"g_{key}")
     }
     try:
+        if not verbosity:
+            _apply_configured_log_level(args.config_flags)
         return int(args.handler(args))
     except KeyboardInterrupt:
         return 130
@@ -101,3 +104,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except BrokenPipeError:  # e.g. `datamux tail ... | head`
         sys.stderr.close()
         return 0
+
+
+def _apply_configured_log_level(flags: dict[str, Any]) -> None:
+    """Use ``log_level`` from the config when one was set there (-v wins over it)."""
+    config = load_config(flags=flags)
+    if config.sources.get("log_level", "default") != "default":
+        logging.getLogger().setLevel(config.log_level)
