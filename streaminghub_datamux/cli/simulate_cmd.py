@@ -365,6 +365,13 @@ async def publish_serial(
     results = [PublishedStream(node_id, stream.id) for stream in streams]
 
     async def serve(stream: Stream, result: PublishedStream) -> None:
+        try:
+            await serve_on_pty(stream, result)
+        except Exception as exc:  # reported, and the exit code says so
+            result.error = f"{type(exc).__name__}: {exc}"
+            print(f"datamux: {node_id}/{stream.id} failed: {exc}", file=sys.stderr)
+
+    async def serve_on_pty(stream: Stream, result: PublishedStream) -> None:
         with PtySerialWriter() as writer:
             entry = writer.device_config(
                 stream.channels,
