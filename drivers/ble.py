@@ -50,6 +50,13 @@ from ..model import Field, Node, Stream, numpy_dtype, seconds_index
 from .base import Chunk, Driver, Source
 from .signals import check_keys, config_number, config_text
 
+try:  # bleak >= 3.0
+    from bleak.exc import BleakGATTProtocolError
+except ImportError:  # pragma: no cover - older bleak
+    _GATT_PROTOCOL_ERRORS: tuple[type[BaseException], ...] = ()
+else:
+    _GATT_PROTOCOL_ERRORS = (BleakGATTProtocolError,)
+
 __all__ = [
     "HEART_RATE_MEASUREMENT",
     "HEART_RATE_SERVICE",
@@ -84,6 +91,9 @@ BACKSTOP_S = 2.0
 # How long a source waits for a notification before asking whether the link is alive:
 # covers a backend that misses the disconnect event.
 LIVENESS_CHECK_S = 1.0
+# A stream with a rate continues its sample clock while the newest sample stays within
+# max(CLOCK_SLACK_S, 2 / rate) of the notification's arrival (see BleSource._clocked).
+CLOCK_SLACK_S = 0.1
 # Chunks held between the notify callback and the task; past that the oldest are dropped
 # (the task's own buffer is bounded too, so this only fills if the loop starves).
 MAX_PENDING_CHUNKS = 1024
@@ -720,33 +730,85 @@ class _Link:
 
         return on_notify
 
-    async def subscribe(self, characteristic: str, listener: _Listener) -> None:
+    async def subscribe(self, characteristic: str, listener: _Listener) -> int:
         """Deliver the characteristic's notifications to ``listener`` (start_notify once).
 
+        Returns:
+            The link's generation the listener is subscribed under: once the link's
+            generation differs (or it has no client), the listener has lost the device.
+
         Raises:
-            DeviceLost: not connected, or start_notify failed or timed out.
-            DeviceError: the device has no such characteristic (retrying will not help).
+            DeviceLost: not connected, disconnected while subscribing, or start_notify
+                failed or timed out.
+            DeviceError: the device has no such characteristic, it can neither notify nor
+                indicate, or the device refused (a GATT protocol error such as missing
+                authentication): retrying will not help.
         """
         async with self._notify_lock:
             client = self.client
+            generation = self.generation
             if client is None or not client.is_connected:
                 raise DeviceLost(f"BLE device {self.address} disconnected")
             listeners = self._listeners.get(characteristic)
             if listeners is None:
+                target = self._notify_target(client, characteristic)
                 try:
                     async with asyncio.timeout(NOTIFY_TIMEOUT_S):
-                        await client.start_notify(characteristic, self._notifier(characteristic))
+                        await client.start_notify(target, self._notifier(characteristic))
                 except BleakCharacteristicNotFoundError as exc:
                     raise DeviceError(
                         f"BLE device {self.address} has no characteristic {characteristic}"
+                    ) from exc
+                except _GATT_PROTOCOL_ERRORS as exc:
+                    raise DeviceError(
+                        f"BLE device {self.address} refused notifications of "
+                        f"{characteristic}: {_reason(exc)}"
                     ) from exc
                 except (BleakError, TimeoutError, OSError) as exc:
                     raise DeviceLost(
                         f"BLE device {self.address}: cannot subscribe to {characteristic}: "
                         f"{_reason(exc)}"
                     ) from exc
+                # The disconnect callback may have run while start_notify was pending
+                # (BlueZ can deliver both in one loop iteration): then the listeners were
+                # already told and forgotten, and this one would wait forever.
+                if self.client is not client or self.generation != generation:
+                    raise DeviceLost(f"BLE device {self.address}: disconnected")
+                if not client.is_connected:
+                    self._drop("connection lost")
+                    raise DeviceLost(f"BLE device {self.address}: connection lost")
                 listeners = self._listeners[characteristic] = set()
             listeners.add(listener)
+            return generation
+
+    def _notify_target(self, client: BleakClient, characteristic: str) -> Any:
+        """The characteristic to pass to start_notify, checked for notify or indicate.
+
+        Raises:
+            DeviceError: the device has no such characteristic (or several), or it can
+                neither notify nor indicate.
+        """
+        try:
+            services = client.services
+        except BleakError:  # not discovered yet: let start_notify find it
+            return characteristic
+        try:
+            found = services.get_characteristic(characteristic)
+        except BleakError as exc:  # several with this UUID
+            raise DeviceError(f"BLE device {self.address}: {_reason(exc)}") from exc
+        if found is None:
+            raise DeviceError(f"BLE device {self.address} has no characteristic {characteristic}")
+        if not {"notify", "indicate"} & set(found.properties):
+            raise DeviceError(
+                f"BLE device {self.address}: characteristic {characteristic} can neither "
+                f"notify nor indicate (properties: {', '.join(found.properties) or 'none'})"
+            )
+        return found
+
+    def alive(self, generation: int) -> bool:
+        """Whether a listener subscribed under ``generation`` still has its connection."""
+        self.check()
+        return self.client is not None and self.generation == generation
 
     async def unsubscribe(self, characteristic: str, listener: _Listener) -> None:
         """Stop delivering to ``listener``; the last listener stops notifications."""
@@ -791,6 +853,10 @@ class BleSource(Source):
     Timestamps are wall-clock seconds (``time.time()``) at the notification's arrival,
     spread backwards for several samples per notification (see :func:`rr_timestamps`
     and :class:`StructDecoder`), then clamped so they never go backwards.
+
+    A stream with a rate keeps a sample clock instead (see :meth:`_clocked`): BLE
+    delivers several notifications per connection event, so arrival times bunch up,
+    and stamping each notification's last sample on arrival would give equal stamps.
     """
 
     paced = False
@@ -805,6 +871,7 @@ class BleSource(Source):
         self._link: _Link | None = None
         self._queue: asyncio.Queue[Any] = asyncio.Queue()
         self._last_t = -math.inf
+        self._generation: int | None = None  # the link's, when subscribed
         self._closed = False
 
     async def open(self) -> None:
@@ -818,7 +885,7 @@ class BleSource(Source):
         await link.acquire()
         self._link = link
         try:
-            await link.subscribe(self.spec.characteristic, self)
+            self._generation = await link.subscribe(self.spec.characteristic, self)
         except BaseException:
             await self.aclose()
             raise
@@ -849,6 +916,8 @@ class BleSource(Source):
             return
         if len(timestamps) == 0:
             return
+        if self.spec.frequency > 0:
+            timestamps = self._clocked(len(timestamps), arrival, self.spec.frequency)
         # Arrival times jitter; a later notification must not stamp before an earlier one.
         timestamps = np.maximum.accumulate(np.maximum(timestamps, self._last_t))
         self._last_t = float(timestamps[-1])
@@ -857,6 +926,31 @@ class BleSource(Source):
             if isinstance(old, tuple):
                 self.dropped += len(old[0])
         self._queue.put_nowait((timestamps, values))
+
+    def _clocked(self, count: int, arrival: float, rate: float) -> np.ndarray:
+        """Timestamps of ``count`` samples at ``rate`` that arrived at ``arrival``.
+
+        The clock continues from the previous sample (``1 / rate`` later each) while
+        that keeps the newest sample within ``max(CLOCK_SLACK_S, 2 / rate)`` of arrival.
+        Further behind (a gap, a dropped notification, a device slower than its rate)
+        it re-anchors the newest sample to arrival. Further ahead (a device faster than
+        its rate) the samples are squeezed between the previous one and that bound, so
+        stamps never go backwards nor run ahead of arrival by more than the bound.
+        """
+        period = 1.0 / rate
+        slack = max(CLOCK_SLACK_S, 2.0 * period)
+        steps = np.arange(1, count + 1, dtype=np.float64)
+        anchored = arrival - (count - steps) * period
+        previous = self._last_t
+        if not math.isfinite(previous):
+            return anchored
+        lag = arrival - (previous + count * period)
+        if lag > slack:
+            return anchored
+        if lag >= -slack:
+            return previous + steps * period
+        room = max(arrival + slack - previous, 0.0)
+        return previous + steps * min(period, room / count)
 
     def lost(self, reason: str) -> None:
         self._queue.put_nowait(_Lost(reason))
@@ -870,8 +964,16 @@ class BleSource(Source):
                 async with asyncio.timeout(LIVENESS_CHECK_S):
                     item = await self._queue.get()
             except TimeoutError:
-                if self._link is not None:
-                    self._link.check()  # a silent loss becomes a _Lost item
+                link = self._link
+                if (
+                    link is not None
+                    and self._generation is not None
+                    and not link.alive(self._generation)
+                    and self._queue.empty()  # else the _Lost item check() just queued
+                ):
+                    # A loss this source was not told about (a client gone without a
+                    # disconnect event is told through check(), as a _Lost item).
+                    raise DeviceLost(f"BLE device {self.device.address}: connection lost") from None
                 continue
             if item is _CLOSED:
                 return

@@ -35,11 +35,12 @@ ble = pytest.importorskip("streaminghub_datamux.drivers.ble")
 from bleak.backends.characteristic import BleakGATTCharacteristic  # noqa: E402
 from bleak.backends.device import BLEDevice  # noqa: E402
 from bleak.backends.scanner import AdvertisementData  # noqa: E402
-from bleak.backends.service import BleakGATTService  # noqa: E402
+from bleak.backends.service import BleakGATTService, BleakGATTServiceCollection  # noqa: E402
 from bleak.exc import (  # noqa: E402
     BleakCharacteristicNotFoundError,
     BleakDeviceNotFoundError,
     BleakError,
+    BleakGATTProtocolError,
 )
 from bleak.uuids import normalize_uuid_str  # noqa: E402
 
@@ -66,6 +67,9 @@ class FakePeripheral:
         self.characteristics = characteristics  # characteristic uuid -> service uuid
         self.powered = True
         self.fail_connects = 0  # this many next connects fail with a BleakError
+        self.properties: dict[str, list[str]] = {}  # per characteristic; default ["notify"]
+        self.notify_error: Exception | None = None  # start_notify raises this
+        self.drop_on_subscribe = 0  # this many next start_notify calls lose the link
 
     @property
     def services(self) -> list[str]:
@@ -213,22 +217,53 @@ class FakeClient:
         if self._disconnected_callback is not None:
             self._disconnected_callback(self)
 
-    def _characteristic(self, specifier: str) -> BleakGATTCharacteristic:
-        uuid = normalize_uuid_str(specifier)
+    @property
+    def services(self) -> BleakGATTServiceCollection:
+        if not self._connected:
+            raise BleakError("Service Discovery has not been performed yet")
+        peripheral = self.air.peripherals[self.address]
+        collection = BleakGATTServiceCollection()
+        handles: dict[str, int] = {}
+        for uuid, service_uuid in peripheral.characteristics.items():
+            if service_uuid not in handles:
+                handles[service_uuid] = 100 * (len(handles) + 1)
+                collection.add_service(BleakGATTService(None, handles[service_uuid], service_uuid))
+            service = collection.get_service(service_uuid)
+            handle = handles[service_uuid] + len(service.characteristics) + 1
+            properties = peripheral.properties.get(uuid, ["notify"])
+            collection.add_characteristic(
+                BleakGATTCharacteristic(None, handle, uuid, properties, lambda: 20, service)
+            )
+        return collection
+
+    def _characteristic(self, specifier: Any) -> BleakGATTCharacteristic:
+        uuid = normalize_uuid_str(str(getattr(specifier, "uuid", specifier)))
         peripheral = self.air.peripherals[self.address]
         if uuid not in peripheral.characteristics:
             raise BleakCharacteristicNotFoundError(specifier)
         service = BleakGATTService(None, 1, peripheral.characteristics[uuid])
-        return BleakGATTCharacteristic(None, 3, uuid, ["notify"], lambda: 20, service)
+        properties = peripheral.properties.get(uuid, ["notify"])
+        return BleakGATTCharacteristic(None, 3, uuid, properties, lambda: 20, service)
 
-    async def start_notify(self, char_specifier: str, callback: Any, **kwargs: Any) -> None:
+    async def start_notify(self, char_specifier: Any, callback: Any, **kwargs: Any) -> None:
         if not self._connected:
             raise BleakError("Not connected")
         characteristic = self._characteristic(char_specifier)
         await asyncio.sleep(0)
+        peripheral = self.air.peripherals[self.address]
+        if peripheral.notify_error is not None:
+            raise peripheral.notify_error
+        if not {"notify", "indicate"} & set(characteristic.properties):
+            # What BlueZ answers for a characteristic that cannot notify.
+            raise BleakError("[org.bluez.Error.NotSupported] Operation is not supported")
         # Like bleak: the backend calls back with the data only; the characteristic is bound.
         self.notifying[characteristic.uuid] = functools.partial(callback, characteristic)
         self.started.append(characteristic.uuid)
+        if peripheral.drop_on_subscribe:
+            # BlueZ can deliver the disconnect in the same loop iteration as the reply
+            # to StartNotify: the callback has run by the time start_notify returns.
+            peripheral.drop_on_subscribe -= 1
+            self.lose()
 
     async def stop_notify(self, char_specifier: str) -> None:
         characteristic = self._characteristic(char_specifier)
@@ -764,5 +799,112 @@ def test_a_missing_characteristic_ends_the_task(workspace, air):
             [error] = [i for i in items if isinstance(i, StreamError)]
             assert error.code == "device" and IMU_DATA in error.reason
             await until(lambda: not air.connected(IMU))  # the link was released
+
+    run(body())
+
+
+def test_a_disconnect_during_start_notify_is_reported_and_resumed(workspace, air):
+    air.peripherals[STRAP].drop_on_subscribe = 1
+
+    async def body():
+        async with make_api(workspace, **strap_config()) as api:
+            sink: asyncio.Queue[Any] = asyncio.Queue()
+            await api.proxy_live_stream("chest", "hr", {}, sink, framing="low-latency")
+            items = await take(sink, lambda got: "reconnected" in statuses(got))
+            assert statuses(items) == ["disconnected", "reconnected"]
+            assert len(air.clients) == 2
+            await until(lambda: air.subscribed(STRAP, HRM))
+            await send(air, STRAP, HRM, [hr_only(66)])
+            items += await take(sink, samples(1))
+            np.testing.assert_array_equal(values_of(items), [[66]])
+            assert listening(api, STRAP, HRM) == 1
+
+    run(body())
+
+
+def imu_device(**extra: Any) -> dict[str, Any]:
+    return {
+        "address": IMU,
+        "profile": "custom",
+        "characteristic": IMU_DATA,
+        "layout": "<h",
+        "channels": ["x"],
+        **extra,
+    }
+
+
+def clocked_source(rate: float) -> ble.BleSource:
+    options = ble.BleOptions.parse({"devices": {"imu": imu_device(rate=rate)}})
+    device = options.devices["imu"]
+    return ble.BleSource(ble.BleDriver(options), device, device.streams["data"])
+
+
+def delivered(source: ble.BleSource, packets: list[tuple[int, float]]) -> np.ndarray:
+    """Deliver (sample count, arrival) packets; the timestamps they got, in order."""
+    for count, arrival in packets:
+        source.deliver(bytes(2 * count), arrival)
+    stamps = []
+    while not source._queue.empty():
+        stamps.append(source._queue.get_nowait()[0])
+    return np.concatenate(stamps)
+
+
+def test_packets_arriving_together_continue_the_sample_clock():
+    # Two 5-sample packets at 100 Hz, 1 ms apart (one connection event).
+    stamps = delivered(clocked_source(100), [(5, 100.0), (5, 100.001)])
+    assert np.all(np.diff(stamps) > 0)
+    np.testing.assert_allclose(np.diff(stamps), 0.01)
+    assert stamps[4] == pytest.approx(100.0)  # the first is anchored on its arrival
+
+
+def test_the_sample_clock_re_anchors_after_a_gap_and_never_runs_ahead():
+    # A gap: the next packet is stamped from its own arrival again.
+    stamps = delivered(clocked_source(100), [(5, 100.0), (5, 101.0)])
+    assert stamps[-1] == pytest.approx(101.0)
+    np.testing.assert_allclose(np.diff(stamps[5:]), 0.01)
+    # A device faster than its rate: stamps stay increasing, at most the slack ahead.
+    packets = [(5, 100.0 + i * 0.001) for i in range(20)]
+    stamps = delivered(clocked_source(100), packets)
+    assert np.all(np.diff(stamps) > 0)
+    assert stamps[-1] <= packets[-1][1] + ble.CLOCK_SLACK_S + 1e-9
+
+
+@pytest.mark.parametrize(
+    ("problem", "reason"),
+    [
+        ({"properties": {IMU_DATA: ["read", "write"]}}, "neither notify nor indicate"),
+        ({"notify_error": BleakGATTProtocolError(0x05)}, "Authentication"),
+    ],
+)
+def test_a_characteristic_that_cannot_notify_ends_the_task(workspace, air, problem, reason):
+    imu = air.add(IMU, "IMU", {IMU_DATA: IMU_SERVICE})
+    for name, value in problem.items():
+        setattr(imu, name, value)
+
+    async def body():
+        async with make_api(workspace, devices={"imu": imu_device()}) as api:
+            sink: asyncio.Queue[Any] = asyncio.Queue()
+            await api.proxy_live_stream("imu", "data", {}, sink)
+            items = await take(sink, lambda got: bool(got) and got[-1] is END_OF_STREAM)
+            [error] = [i for i in items if isinstance(i, StreamError)]
+            assert error.code == "device" and reason in error.reason
+            assert statuses(items) == []  # no retry loop
+            assert len(air.clients) == 1
+            await until(lambda: not air.connected(IMU))
+
+    run(body())
+
+
+def test_a_source_whose_link_forgot_it_notices_at_the_liveness_check(workspace, air):
+    async def body():
+        async with make_api(workspace, **strap_config()) as api:
+            sink: asyncio.Queue[Any] = asyncio.Queue()
+            await api.proxy_live_stream("chest", "hr", {}, sink, framing="low-latency")
+            await until(lambda: air.subscribed(STRAP, HRM))
+            [driver] = api._drivers
+            client = driver._links[STRAP]._forget_client()  # gone, and no listener told
+            client._connected = False  # the strap is free to reconnect
+            items = await take(sink, lambda got: "reconnected" in statuses(got))
+            assert statuses(items) == ["disconnected", "reconnected"]
 
     run(body())
