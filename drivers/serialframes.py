@@ -797,9 +797,13 @@ class SampleClock:
       absorbs a device slower than its nominal rate and ignores read jitter;
     - arrived later by more than ``max(CLOCK_MAX_LAG_S, 2 / rate)``: a gap (the device
       paused or samples were lost without a counter): ``t0`` re-anchors at this batch.
+    - arrived earlier by more than that: the device counter jumped forward (a reset
+      read as a wrap, a corrupted counter): ``t0`` re-anchors so the batch's last sample
+      is stamped at its arrival (or just after the previous stamp, if later).
 
-    Corrections never exceed half a period per batch and re-anchoring only moves
-    forward, so timestamps always increase. Irregular streams (rate 0) are stamped with
+    Corrections within the allowed lag never exceed half a period per batch, and a
+    batch whose stamps would not follow the previous ones is pushed after them, so
+    timestamps always increase. Irregular streams (rate 0) are stamped with
     their arrival time.
 
     Args:
@@ -845,6 +849,14 @@ class SampleClock:
         half = 0.5 * self.period
         if lag > self.max_lag:  # a gap: start a new run at this batch
             self._t0 = arrival - k[-1] * self.period
+            self.reanchors += 1
+        elif lag < -self.max_lag:
+            # The model runs far ahead of arrival: the counter jumped forward (a reset
+            # read as a wrap, a corrupted value). Half a period per batch would take
+            # minutes to catch up, stamping samples in the future meanwhile: re-anchor so
+            # the last sample lands at arrival (never before the last stamp).
+            last = max(arrival, self._last_t + self.period)
+            self._t0 = last - k[-1] * self.period
             self.reanchors += 1
         elif lag < 0:
             self._t0 += max(lag, -half)

@@ -12,6 +12,14 @@ shares that reader, since a serial port has one byte stream and two readers woul
 it between them. A read that fails (unplugged adapter, closed pseudo-terminal) ends the
 chunks with :class:`~streaminghub_datamux.errors.DeviceLost`; the task then reopens the
 port with backoff and reports the gap.
+
+A consumer that falls behind by more than :data:`MAX_QUEUED_CHUNKS` chunks loses the
+oldest ones. The loss is counted (:attr:`SerialSource.dropped`, the device's
+``stats.dropped``), logged at WARNING with the count (rate-limited), and shows in the
+data as a gap in the timestamps (they come from the device's clock model, not from
+delivery). The task does not yet turn it into a "dropped" status the way it does for
+its own framer: the driver contract (drivers/base.py) has no channel for it, so that
+needs the task to read ``source.dropped``.
 """
 
 from __future__ import annotations
@@ -362,7 +370,14 @@ class _Warner:
 def _open_port(spec: DeviceSpec) -> serial.SerialBase:
     """Open the port (blocking). Raises DeviceLost if it is not there (yet)."""
     try:
-        return serial.serial_for_url(spec.port, baudrate=spec.baudrate, timeout=READ_TIMEOUT_S)
+        return serial.serial_for_url(
+            spec.port,
+            baudrate=spec.baudrate,
+            timeout=READ_TIMEOUT_S,
+            # POSIX: an flock, so another process cannot open the port and split the
+            # byte stream with us (pyserial ignores it for URL handlers).
+            **({"exclusive": True} if os.name == "posix" else {}),
+        )
     except (serial.SerialException, OSError) as exc:
         hint = ""
         if getattr(exc, "errno", None) == errno.EACCES:
@@ -428,13 +443,21 @@ class _PortReader:
                     self._subscribers.append(source)
                     return
             await self._join()  # a reader that is ending still holds the port
+            if self.running:
+                # It did not stop in time: opening the port again would give two readers
+                # one byte stream. The task retries later, when the old one has ended.
+                raise DeviceLost(f"the previous reader of {self.spec.port} has not stopped yet")
             port = await _open_port_async(self.spec)
+            stop = threading.Event()  # each reader has its own: an old one cannot clear it
             with self._guard:
                 self._subscribers.append(source)
                 self._port = port
-                self._stop.clear()
+                self._stop = stop
                 self._thread = threading.Thread(
-                    target=self._run, args=(port,), name=f"serial-{self.spec.id}", daemon=True
+                    target=self._run,
+                    args=(port, stop),
+                    name=f"serial-{self.spec.id}",
+                    daemon=True,
                 )
                 self._thread.start()
 
@@ -480,7 +503,7 @@ class _PortReader:
             # Every consumer gets arrays of its own: frames are theirs to modify.
             source.post(chunk if i == 0 else (chunk[0].copy(), chunk[1].copy()))
 
-    def _run(self, port: serial.SerialBase) -> None:
+    def _run(self, port: serial.SerialBase, stop: threading.Event) -> None:
         """The reader thread: read, parse, stamp, publish, until stopped or lost."""
         spec = self.spec
         ending: _Closed | _Ended = _CLOSED
@@ -490,11 +513,11 @@ class _PortReader:
             clock = SampleClock(spec.rate, spec.format.counter_bits)
             if spec.start:
                 port.write(spec.start)
-            while not self._stop.is_set():
+            while not stop.is_set():
                 data = port.read(max(1, port.in_waiting))
                 if not data:
                     continue
-                if self._batch_s and self._stop.wait(self._batch_s):
+                if self._batch_s and stop.wait(self._batch_s):
                     break
                 waiting = port.in_waiting
                 if waiting:
@@ -505,24 +528,28 @@ class _PortReader:
                     self._publish((clock.stamp(len(values), arrival, counters), values))
                 warner.check()
         except (serial.SerialException, OSError) as exc:
-            if not self._stop.is_set():
+            if not stop.is_set():
                 ending = _Ended(f"port {spec.port} lost: {exc}", lost=True)
         except Exception as exc:  # a bug here, not the device: end the tasks, loudly
             log.exception("serial reader of %s failed", spec.id)
             ending = _Ended(f"serial reader of {spec.id} failed: {exc!r}", lost=False)
         finally:
-            self._finish(port, ending)
+            self._finish(port, stop, ending)
             warner.check()
 
-    def _finish(self, port: serial.SerialBase, ending: _Closed | _Ended) -> None:
+    def _finish(
+        self, port: serial.SerialBase, stop: threading.Event, ending: _Closed | _Ended
+    ) -> None:
         if self.spec.stop and ending is _CLOSED:
             with contextlib.suppress(Exception):  # best effort: the device may be gone
                 port.write(self.spec.stop)
                 port.flush()
+        subscribers: list[SerialSource] = []
         with self._guard:
-            subscribers, self._subscribers = self._subscribers, []
-            self._port = None
-            self._stop.set()  # a stopped reader is not reused: the next attach reopens
+            stop.set()  # a stopped reader is not reused: the next attach reopens
+            if self._port is port:  # only the current reader's state is ours to end
+                subscribers, self._subscribers = self._subscribers, []
+                self._port = None
             with contextlib.suppress(Exception):
                 port.close()
         for source in subscribers:
@@ -547,6 +574,7 @@ class SerialSource(Source):
         self._queue: asyncio.Queue[Any] = asyncio.Queue()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._attached = False
+        self._dropped = 0
 
     @property
     def stats(self) -> ParseStats:
@@ -561,6 +589,11 @@ class SerialSource(Source):
     def missing(self) -> int:
         """key=value: channel values missing from good lines so far (NaN)."""
         return self.stats.missing
+
+    @property
+    def dropped(self) -> int:
+        """Samples this source's consumer lost by falling behind (oldest chunks first)."""
+        return self._dropped
 
     @property
     def resyncs(self) -> int:
@@ -597,6 +630,7 @@ class SerialSource(Source):
             old = self._queue.get_nowait()  # only chunks queue up: endings come last
             if isinstance(old, tuple):
                 self.stats.dropped += len(old[0])
+                self._dropped += len(old[0])
         self._queue.put_nowait(item)
 
     async def chunks(self) -> AsyncIterator[Chunk]:

@@ -618,6 +618,98 @@ def test_aclose_stops_the_reader_and_closes_the_port(devices):
     assert no_reader_threads()
 
 
+class StuckPort:
+    """A port whose reads ignore cancel_read and block until released."""
+
+    def __init__(self) -> None:
+        self.release = threading.Event()
+        self.closed = False
+        self.in_waiting = 0
+
+    def read(self, n: int) -> bytes:
+        self.release.wait(5.0)
+        return b""
+
+    def write(self, data: bytes) -> int:
+        return len(data)
+
+    def flush(self) -> None:
+        pass
+
+    def close(self) -> None:
+        self.closed = True
+
+
+def test_a_reader_that_does_not_stop_is_not_doubled_and_cannot_end_the_next(monkeypatch):
+    monkeypatch.setattr(serialport, "JOIN_TIMEOUT_S", 0.1)
+    ports: list[StuckPort] = []
+
+    def open_port(spec: Any) -> StuckPort:
+        ports.append(StuckPort())
+        return ports[-1]
+
+    monkeypatch.setattr(serialport, "_open_port", open_port)
+    driver = SerialDriver.from_config({"devices": {"dev": device_entry("/dev/null")}})
+
+    async def body():
+        one = driver.open_stream("dev", "data", {}, dm.Framing())
+        await one.open()
+        await one.aclose()  # the reader is stuck in a read: the join times out
+        two = driver.open_stream("dev", "data", {}, dm.Framing())
+        with pytest.raises(DeviceLost, match="not stopped"):
+            await two.open()  # no second reader on the same port: retry later
+        assert len(ports) == 1
+        ports[0].release.set()  # the old reader ends now...
+        for _ in range(100):
+            if no_reader_threads():
+                break
+            await asyncio.sleep(0.01)
+        await two.open()  # ...and the port opens again
+        assert len(ports) == 2 and ports[0].closed and driver._reader("dev").running
+        ports[1].release.set()
+        await driver.aclose()
+        assert [c async for c in two.chunks()] == []
+        await two.aclose()
+
+    run(body())
+    assert no_reader_threads()
+
+
+def test_finish_of_an_old_reader_leaves_the_current_one_alone():
+    driver = SerialDriver.from_config({"devices": {"dev": device_entry("/dev/null")}})
+    reader = driver._reader("dev")
+    old, current = StuckPort(), StuckPort()
+    source = driver.open_stream("dev", "data", {}, dm.Framing())
+    reader._port, reader._subscribers = current, [source]
+    reader._finish(old, threading.Event(), serialport._CLOSED)
+    assert old.closed and not current.closed
+    assert reader._port is current and reader._subscribers == [source]
+
+
+@pytest.mark.skipif(os.name != "posix", reason="exclusive opens are POSIX locks")
+def test_ports_are_opened_exclusively(devices):
+    device = devices(csv_lines)
+    spec = serialport.parse_device("dev", device_entry(device.path))
+    port = serialport._open_port(spec)
+    try:
+        with pytest.raises(DeviceLost):
+            serialport._open_port(spec)  # another reader would split the byte stream
+    finally:
+        port.close()
+    serialport._open_port(spec).close()
+
+
+def test_chunks_a_slow_consumer_loses_are_counted_on_the_source_and_leave_a_gap():
+    driver = SerialDriver.from_config({"devices": {"dev": device_entry("/dev/null")}})
+    source = driver.open_stream("dev", "data", {}, dm.Framing())
+    values = np.zeros((2, len(CHANNELS)))
+    for i in range(serialport.MAX_QUEUED_CHUNKS + 3):
+        source._put((np.array([2.0 * i, 2.0 * i + 1]), values))
+    assert source.dropped == 6 and driver.stats("dev").dropped == 6
+    first = source._queue.get_nowait()
+    assert first[0][0] == 6.0  # the timestamps show where the samples went missing
+
+
 # -- config ----------------------------------------------------------------------------
 
 
@@ -827,6 +919,26 @@ def test_clock_is_monotonic_under_read_jitter_and_reanchors_after_a_pause():
     big = np.flatnonzero(dt > 0.1)
     assert len(big) == 1 and dt[big[0]] == pytest.approx(0.501, abs=0.006)
     assert np.median(dt) == pytest.approx(1 / RATE, rel=0.01)
+
+
+def test_clock_reanchors_when_a_wrapping_counter_is_reset_mid_stream():
+    # A u16 counter at 1 kHz reset to 0 reads as a wrap, i.e. a jump ~35 s forward: the
+    # stamps must not run ahead of arrival while the model catches up half a period a time.
+    clock = SampleClock(1000.0, counter_bits=16)
+    counter, t, stamps, arrivals = 30000, 1000.0, [], []
+    for i in range(500):
+        if i == 250:
+            counter = 0  # the device was reset
+        t += 0.004
+        batch = clock.stamp(4, t, np.arange(counter, counter + 4, dtype=np.float64) % 65536)
+        counter += 4
+        stamps.append(batch)
+        arrivals.append(np.full(4, t))
+    ts, arrived = np.concatenate(stamps), np.concatenate(arrivals)
+    assert np.all(np.diff(ts) > 0)
+    assert np.max(ts - arrived) < 0.2
+    assert clock.reanchors == 1
+    assert np.median(np.diff(ts)) == pytest.approx(0.001, rel=0.01)
 
 
 def test_clock_unwraps_counters_and_irregular_streams_use_arrival():
