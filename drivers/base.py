@@ -36,6 +36,9 @@ class Source(abc.ABC):
     """
 
     paced: bool = False
+    #: Samples the source itself had to drop (a full device buffer...); the task reports
+    #: every increase to the consumer as a ``StreamStatus("dropped")``.
+    dropped: int = 0
 
     def __init__(self, stream: Stream) -> None:
         self.stream = stream

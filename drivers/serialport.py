@@ -17,9 +17,8 @@ A consumer that falls behind by more than :data:`MAX_QUEUED_CHUNKS` chunks loses
 oldest ones. The loss is counted (:attr:`SerialSource.dropped`, the device's
 ``stats.dropped``), logged at WARNING with the count (rate-limited), and shows in the
 data as a gap in the timestamps (they come from the device's clock model, not from
-delivery). The task does not yet turn it into a "dropped" status the way it does for
-its own framer: the driver contract (drivers/base.py) has no channel for it, so that
-needs the task to read ``source.dropped``.
+delivery). The task reads ``source.dropped`` and reports every increase to the consumer
+as a ``StreamStatus("dropped")``, as it does for its own framer.
 """
 
 from __future__ import annotations

@@ -223,6 +223,7 @@ class Task:
         clock = asyncio.get_running_loop().time
         capacity = self.framing.max_samples * BUFFER_FRAMES
         framer = Framer(self.framing, capacity)
+        seen_drops = 0  # drops (framer's and source's) already reported
         ended = asyncio.Event()
         failure: list[BaseException] = []
 
@@ -241,8 +242,9 @@ class Task:
         try:
             while True:
                 now = clock()
-                if framer.dropped > self.samples_dropped:
-                    await self._report_drops(framer.dropped)
+                if (lost := framer.dropped + source.dropped - seen_drops) > 0:
+                    seen_drops += lost
+                    await self._report_drops(lost)
                 if framer.ready(now) or (ended.is_set() and len(framer)):
                     await self._emit(*framer.pop(now))
                     continue
@@ -259,14 +261,15 @@ class Task:
         finally:
             pumping.cancel()
             await asyncio.wait({pumping})
-        if framer.dropped > self.samples_dropped:
-            await self._report_drops(framer.dropped)
+        if (lost := framer.dropped + source.dropped - seen_drops) > 0:
+            await self._report_drops(lost)
         if failure:
             raise failure[0]
 
-    async def _report_drops(self, total: int) -> None:
+    async def _report_drops(self, newly: int) -> None:
         """Tell the consumer that samples were lost, so lost data is never silent."""
-        newly, self.samples_dropped = total - self.samples_dropped, total
+        self.samples_dropped += newly
+        total = self.samples_dropped
         log.warning("task %s: the consumer is too slow; %d samples dropped", self.id, newly)
         reason = f"{newly} samples dropped (consumer too slow; {total} in all)"
         await self._deliver(StreamStatus(self.stream_id, "dropped", reason))

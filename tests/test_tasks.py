@@ -208,3 +208,29 @@ def test_dropped_samples_are_reported_not_silent():
     assert statuses and all(s.status == "dropped" for s in statuses)
     assert dropped > 0 and received + dropped == 1000
     assert str(dropped) in statuses[-1].reason
+
+
+def test_drops_inside_a_source_are_reported_too():
+    class LossySource(ScriptedSource):
+        async def chunks(self):
+            yield chunk(0, 10)
+            self.dropped += 7  # e.g. a device buffer overflowed
+            yield chunk(17, 10)
+
+    async def body():
+        sink = asyncio.Queue()
+        task = Task(
+            "t",
+            lambda: LossySource([]),
+            sink,
+            stream_id="s",
+            channels=["a"],
+            attrs={},
+            framing=SMALL_FRAMES,
+        )
+        task.start()
+        return await drain(sink), task.samples_dropped
+
+    items, dropped = run(body())
+    (status,) = [i for i in items if isinstance(i, dm.StreamStatus)]
+    assert status.status == "dropped" and status.reason.startswith("7 samples") and dropped == 7
