@@ -40,7 +40,7 @@ except RuntimeError as exc:  # pylsl is installed but cannot find liblsl
     # The registry skips drivers whose import fails with ImportError ("auto" mode).
     raise ImportError(f"pylsl cannot load liblsl: {exc}", name="liblsl") from exc
 
-from ..errors import DeviceLost, NotFound
+from ..errors import DatamuxError, DeviceError, DeviceLost, NotFound
 from ..framing import Framing
 from ..model import Field, Node, Stream, numpy_dtype, seconds_index
 from .base import Chunk, Driver, Source
@@ -321,6 +321,7 @@ class LslDriver(Driver):
         self._suspect: dict[str, float] = {}
         self._lock = threading.Lock()  # _suspect is written by reader threads
         self._readers: set[_InletReader] = set()
+        self._closed = False  # after aclose: no discovery, no new sources
 
     @classmethod
     def from_config(cls, options: Mapping[str, Any], *, recordings: Any = None) -> LslDriver:
@@ -332,7 +333,12 @@ class LslDriver(Driver):
         return cls(LslOptions.parse(options))
 
     async def aclose(self) -> None:
-        """Stop the resolver and every reader thread still running."""
+        """Stop the resolver and every reader thread still running.
+
+        Open sources end with a DeviceError ("LSL driver closed"); afterwards listings
+        are empty and opening a stream raises DeviceError.
+        """
+        self._closed = True
         readers = list(self._readers)
         for reader in readers:
             reader.stop()
@@ -345,6 +351,8 @@ class LslDriver(Driver):
 
     async def _ensure_resolver(self) -> None:
         loop = asyncio.get_running_loop()
+        if self._closed:  # no resolver is started again after aclose
+            return
         if self._resolver is None:
             try:
                 self._resolver = pylsl.ContinuousResolver(forget_after=self.options.forget_after_s)
@@ -414,6 +422,8 @@ class LslDriver(Driver):
 
     async def _refresh(self) -> dict[str, dict[str, _Known]]:
         """List the outlets now; update ids and metadata. Returns node -> id -> stream."""
+        if self._closed:
+            return {}
         await self._ensure_resolver()
         outlets = await asyncio.to_thread(self._results)
         await self._describe(outlets)
@@ -490,13 +500,19 @@ class LslDriver(Driver):
 
     async def _candidates(self, known: _Known) -> list[_Outlet]:
         """Outlets that could be this stream's device now, newest first."""
+        self._check_open()
         await self._ensure_resolver()
         outlets = await asyncio.to_thread(self._results)
         found = [o for o in outlets if known.matches(o)]
         found.sort(key=lambda o: (o.uid != known.outlet.uid, -o.created_at))
         return found
 
+    def _check_open(self) -> None:
+        if self._closed:
+            raise DeviceError("LSL driver closed")
+
     def _register(self, reader: _InletReader) -> None:
+        self._check_open()
         self._readers.add(reader)
 
     def _unregister(self, reader: _InletReader) -> None:
@@ -535,6 +551,10 @@ class _Lost(Exception):
     """The inlet's outlet is gone (raised inside a reader thread)."""
 
 
+class _Stopped(Exception):
+    """The reader was stopped (by its source or the driver): not the outlet's fault."""
+
+
 class _InletReader(threading.Thread):
     """Owns one inlet: connects, pulls chunks, hands them to the event loop.
 
@@ -545,7 +565,8 @@ class _InletReader(threading.Thread):
     destroyed by the thread that uses it, never while a pull is running.
 
     Items put on ``queue``: ``("ready", outlet)``, ``("chunk", (timestamps, values))``,
-    ``("lost", reason)`` or ``("error", exception)``; the thread ends after the last two.
+    ``("lost", reason)``, ``("error", exception)`` or ``("stopped", None)``; the thread
+    always posts one of the last three, then ends.
     """
 
     def __init__(
@@ -576,9 +597,17 @@ class _InletReader(threading.Thread):
             inlet, outlet = self._connect()
             self._emit(("ready", outlet))
             self._pump(inlet, outlet)
+            self._emit(("stopped", None))  # the pump returns only when stopped
+        except _Stopped:
+            self._emit(("stopped", None))
         except _Lost as exc:
             self._emit(("lost", str(exc)))
         except Exception as exc:
+            if not isinstance(exc, DatamuxError):
+                reason = f"{type(exc).__name__}: {exc}"
+                wrapped = DeviceError(f"{self.known.label()} failed: {reason}")
+                wrapped.__cause__ = exc
+                exc = wrapped
             self._emit(("error", exc))
         finally:
             if inlet is not None:
@@ -602,24 +631,28 @@ class _InletReader(threading.Thread):
                     f"{outlet.channel_format}, expected {expected[0]} of {expected[1]}"
                 )
                 continue
-            inlet = pylsl.StreamInlet(
-                outlet.info,
-                max_buflen=max(1, math.ceil(self.driver.options.max_buffered_s)),
-                recover=False,  # we want LostError, and to report the outage ourselves
-                processing_flags=PROCESSING_FLAGS,
-            )
+            inlet = None
             try:
+                inlet = pylsl.StreamInlet(
+                    outlet.info,
+                    max_buflen=max(1, math.ceil(self.driver.options.max_buffered_s)),
+                    recover=False,  # we want LostError, and to report the outage ourselves
+                    processing_flags=PROCESSING_FLAGS,
+                )
                 self._until_connected(inlet.open_stream)
                 # The first correction takes a few round trips: take it now, so the
                 # first pull is not delayed and a dead outlet fails here.
                 self._until_connected(inlet.time_correction)
                 return inlet, outlet
-            except (_Lost, LostError, LslTimeout) as exc:
+            except _Stopped:
+                del inlet  # a stop says nothing about the outlet: it stays listed
+                raise
+            except (_Lost, RuntimeError) as exc:  # pylsl's errors are RuntimeErrors
                 self.driver._mark_suspect(outlet.uid)
                 reasons.append(f"{outlet.uid}: {exc or type(exc).__name__}")
                 del inlet
             if self._stopping.is_set():
-                break
+                raise _Stopped
         detail = "; ".join(reasons) or "not on the network"
         raise _Lost(f"{self.known.label()}: {detail}")
 
@@ -627,7 +660,7 @@ class _InletReader(threading.Thread):
         deadline = time.monotonic() + CONNECT_TIMEOUT_S
         while True:
             if self._stopping.is_set():
-                raise _Lost("stopped while connecting")
+                raise _Stopped
             try:
                 step(timeout=CONNECT_STEP_S)
                 return
@@ -736,7 +769,10 @@ class LslSource(Source):
         self.outlet: _Outlet | None = None  # the outlet this source is connected to
 
     async def open(self) -> None:
-        """Connect to the stream's outlet. Raises DeviceLost if none answers."""
+        """Connect to the stream's outlet. Raises DeviceLost if none answers.
+
+        Raises DeviceError once the driver is closed.
+        """
         candidates = await self._driver._candidates(self._known)
         if not candidates:
             raise DeviceLost(f"{self._known.label()} is not on the network")
@@ -745,13 +781,14 @@ class LslSource(Source):
         reader = _InletReader(
             self._known, candidates, self._driver, asyncio.get_running_loop(), queue, self._rows
         )
+        self._driver._register(reader)  # raises DeviceError once the driver is closed
         self._reader = reader
-        self._driver._register(reader)
         reader.start()
         try:
             kind, payload = await queue.get()
         except BaseException:
-            reader.stop()  # cancelled while connecting: the thread ends by itself
+            # Cancelled while connecting: the thread notices within one connect step.
+            await self.aclose()
             raise
         if kind == "ready":
             self.outlet = payload
@@ -759,6 +796,8 @@ class LslSource(Source):
         await self.aclose()
         if kind == "lost":
             raise DeviceLost(payload)
+        if kind == "stopped":
+            raise DeviceError("LSL driver closed")
         raise payload
 
     async def aclose(self) -> None:
@@ -784,3 +823,5 @@ class LslSource(Source):
                 raise DeviceLost(payload)
             elif kind == "error":
                 raise payload
+            elif kind == "stopped":  # only the driver stops a reader under a running source
+                raise DeviceError("LSL driver closed")

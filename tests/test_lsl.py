@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import os
 import signal
 import subprocess
@@ -25,7 +26,8 @@ import pytest
 from helpers import frames_of, run
 
 import streaminghub_datamux as dm
-from streaminghub_datamux.errors import ConfigError, NotFound
+from streaminghub_datamux.drivers.simulate import DEMO_NODE
+from streaminghub_datamux.errors import ConfigError, DeviceError, NotFound
 
 pylsl = pytest.importorskip("pylsl")
 lsl = pytest.importorskip("streaminghub_datamux.drivers.lsl")
@@ -467,6 +469,174 @@ def test_unknown_ids_are_not_found(workspace):
     run(body())
 
 
+# -- stops, driver close, raw pylsl errors -------------------------------------------------
+
+
+@contextlib.asynccontextmanager
+async def pushing(outlet: Any, value: float = 1.0):
+    """Push a sample every 20 ms while the block runs."""
+
+    async def push() -> None:
+        while True:
+            outlet.push_chunk(np.full((1, 1), value, np.float32))
+            await asyncio.sleep(0.02)
+
+    pusher = asyncio.create_task(push())
+    try:
+        yield
+    finally:
+        pusher.cancel()
+        await asyncio.wait({pusher})
+
+
+def lsl_driver(api: dm.API) -> Any:
+    return next(d for d in api._drivers if isinstance(d, lsl.LslDriver))
+
+
+def test_a_stop_while_connecting_keeps_the_outlet_listed_and_leaves_no_thread(workspace):
+    """A stop mid-connect is not the outlet's fault: it stays listed and opens at once."""
+    name = unique("stopconn")
+
+    async def body():
+        outlet = make_outlet(name, 1, 50, "float32", unique("src"))
+        with outlets(outlet):
+            api = make_api(workspace)
+            try:
+                stream = await find_stream(api, node_of(outlet), name)
+                sink: asyncio.Queue[Any] = asyncio.Queue()
+                ack = await api.proxy_live_stream(stream.node_id, stream.id, {}, sink)
+                async with asyncio.timeout(5):
+                    while not reader_threads():  # the reader is connecting now
+                        await asyncio.sleep(0.005)
+                await asyncio.sleep(0.1)  # the first time correction takes ~0.65 s
+                await api.stop_task(ack.randseq)
+                threads_after_stop = reader_threads()
+                assert await next_item(sink, 2) is dm.END_OF_STREAM
+                listed = [s.name for s in await api.list_live_streams(stream.node_id)]
+                again: asyncio.Queue[Any] = asyncio.Queue()
+                async with pushing(outlet):
+                    await api.proxy_live_stream(
+                        stream.node_id, stream.id, {}, again, framing="low-latency"
+                    )
+                    first = await next_item(again, 5)
+            finally:
+                await api.aclose()
+        return threads_after_stop, listed, first
+
+    threads_after_stop, listed, first = run(body())
+    assert threads_after_stop == []
+    assert name in listed
+    assert isinstance(first, dm.Frame), first  # no "disconnected" first: opened at once
+    assert reader_threads() == []
+
+
+def test_closing_the_driver_ends_open_sources_and_discovery(workspace):
+    name = unique("closed")
+
+    async def body():
+        outlet = make_outlet(name, 1, 50, "float32", unique("src"))
+        with outlets(outlet):
+            api = make_api(workspace)
+            try:
+                stream = await find_stream(api, node_of(outlet), name)
+                sink: asyncio.Queue[Any] = asyncio.Queue()
+                async with pushing(outlet):
+                    await api.proxy_live_stream(
+                        stream.node_id, stream.id, {}, sink, framing="low-latency"
+                    )
+                    await collect(sink, 5)
+                    driver = lsl_driver(api)
+                    await driver.aclose()  # under a running task
+                    items = []
+                    async with asyncio.timeout(2):
+                        while (item := await sink.get()) is not dm.END_OF_STREAM:
+                            items.append(item)
+                nodes = await driver.list_nodes()
+                resolver = driver._resolver
+                with pytest.raises(DeviceError, match="LSL driver closed"):
+                    await driver.open_stream(stream.node_id, stream.id, {}, dm.Framing()).open()
+            finally:
+                await api.aclose()
+        return items, nodes, resolver
+
+    items, nodes, resolver = run(body())
+    errors = [i for i in items if isinstance(i, dm.StreamError)]
+    assert [(e.code, e.reason) for e in errors] == [("device", "LSL driver closed")]
+    assert not [i for i in items if isinstance(i, dm.StreamStatus)]  # no retry loop
+    assert nodes == [] and resolver is None  # the resolver is not recreated
+    assert reader_threads() == []
+
+
+def _failing_inlet(method: str, failures: list[int]) -> type:
+    """A StreamInlet whose ``method`` raises a raw pylsl error while ``failures`` lasts."""
+
+    original = pylsl.StreamInlet
+
+    class Failing(original):
+        pass
+
+    def failing(self: Any, *args: Any, **kwargs: Any) -> Any:
+        if failures:
+            failures.pop()
+            raise pylsl.util.InternalError(f"injected {method} failure")
+        return getattr(original, method)(self, *args, **kwargs)
+
+    setattr(Failing, method, failing)
+    return Failing
+
+
+def test_a_raw_pylsl_error_while_connecting_is_a_device_loss(workspace, monkeypatch):
+    name = unique("connerr")
+    monkeypatch.setattr(pylsl, "StreamInlet", _failing_inlet("open_stream", [1]))
+
+    async def body():
+        outlet = make_outlet(name, 1, 50, "float32", unique("src"))
+        with outlets(outlet):
+            # forget_after_s=1 lets the resolver's list flicker; the retry must not hit a gap.
+            api = make_api(workspace, forget_after_s=2.0)
+            try:
+                stream = await find_stream(api, node_of(outlet), name)
+                sink: asyncio.Queue[Any] = asyncio.Queue()
+                async with pushing(outlet):
+                    await api.proxy_live_stream(
+                        stream.node_id, stream.id, {}, sink, framing="low-latency"
+                    )
+                    return await collect(sink, 5, timeout=10)
+            finally:
+                await api.aclose()
+
+    items = run(body())
+    lost, back = [i for i in items if isinstance(i, dm.StreamStatus)]
+    assert lost.status == "disconnected" and "injected open_stream failure" in lost.reason
+    assert back.status == "reconnected"
+
+
+def test_a_raw_pylsl_error_while_pulling_is_a_typed_device_error(workspace, monkeypatch):
+    name = unique("pullerr")
+    monkeypatch.setattr(pylsl, "StreamInlet", _failing_inlet("pull_chunk", [1]))
+
+    async def body():
+        outlet = make_outlet(name, 1, 50, "float32", unique("src"))
+        with outlets(outlet):
+            api = make_api(workspace)
+            try:
+                stream = await find_stream(api, node_of(outlet), name)
+                sink: asyncio.Queue[Any] = asyncio.Queue()
+                await api.proxy_live_stream(stream.node_id, stream.id, {}, sink)
+                items = []
+                async with asyncio.timeout(5):
+                    while (item := await sink.get()) is not dm.END_OF_STREAM:
+                        items.append(item)
+                return items
+            finally:
+                await api.aclose()
+
+    (error,) = run(body())
+    assert isinstance(error, dm.StreamError) and error.code == "device"
+    assert "InternalError: injected pull_chunk failure" in error.reason
+    assert name in error.reason
+
+
 # -- datamux simulate --lsl --------------------------------------------------------------
 
 # Until cli/__init__.py registers simulate_cmd, the test adds it the way it will be added.
@@ -496,15 +666,21 @@ def datamux_command() -> list[str]:
 
 
 def test_datamux_simulate_publishes_the_demo_eeg_as_an_lsl_outlet(workspace):
+    # The demo node's streams under a fresh node id, so the outlet name and source_id are
+    # this run's own: another run's (or a leftover) outlet can never answer.
+    node_id = unique("demo")
+    outlet_name, source_id = f"{node_id}-eeg", f"datamux-sim-{node_id}-eeg"
+    rc = {"simulate": {"nodes": {node_id: DEMO_NODE}}}
+    (workspace.root / ".streaminghubrc").write_text(json.dumps(rc))
     env = {**os.environ, "HOME": str(workspace.root)}
     process = subprocess.Popen(
-        [*datamux_command(), "simulate", "--lsl", "demo", "--streams", "eeg", "--seconds", "3",
+        [*datamux_command(), "simulate", "--lsl", node_id, "--streams", "eeg", "--seconds", "3",
          "--data_dir", str(workspace.data_dir), "--meta_dir", str(workspace.meta_dir)],
         cwd=workspace.root, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )  # fmt: skip
     try:
-        found = pylsl.resolve_byprop("source_id", "datamux-sim-demo-eeg", timeout=10)
-        assert found, "no outlet with source_id datamux-sim-demo-eeg"
+        found = pylsl.resolve_byprop("source_id", source_id, timeout=10)
+        assert found, f"no outlet with source_id {source_id}"
         inlet = pylsl.StreamInlet(found[0], processing_flags=pylsl.proc_clocksync)
         full = inlet.info(timeout=5)
         labels = lsl.describe_channels(full.as_xml(), full.channel_count()).labels
@@ -516,9 +692,10 @@ def test_datamux_simulate_publishes_the_demo_eeg_as_an_lsl_outlet(workspace):
         process.kill()
         process.wait(timeout=10)
     assert process.returncode == 0, err
-    assert "publishing demo/eeg as LSL outlet 'demo-eeg'" in out
-    assert "stopped demo/eeg:" in out
-    assert full.name() == "demo-eeg" and full.nominal_srate() == 250
+    assert f"publishing {node_id}/eeg as LSL outlet '{outlet_name}'" in out
+    assert f"stopped {node_id}/eeg:" in out
+    assert full.name() == outlet_name and full.source_id() == source_id
+    assert full.nominal_srate() == 250
     assert labels == ("Fp1", "Fp2", "C3", "C4", "P3", "P4", "O1", "O2")
     assert values.ndim == 2 and values.shape[1] == 8 and values.dtype == np.float32
     assert len(values) > 50
