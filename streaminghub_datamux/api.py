@@ -159,6 +159,7 @@ class API:
         rate_limit: bool | None = None,
         framing: Framing | str | dict[str, Any] | None = None,
         owner: str = "",
+        task_id: str | None = None,
     ) -> StreamAck:
         """Replay one stream of one recording into ``sink``.
 
@@ -170,6 +171,9 @@ class API:
             speed: 1.0 real time (default), 2.0 twice as fast, 0 as fast as possible.
             rate_limit: upstream's switch; ``False`` means speed 0.
             framing: a :class:`Framing`, a preset name or a dict; defaults to the config.
+            owner: who asked (the agent passes the client id; see docs/protocol.md).
+            task_id: the task's id; chosen here when omitted (the agent passes the
+                client's choice, so the client can subscribe before frames flow).
 
         Raises:
             NotFound: unknown collection, stream, or no matching recording.
@@ -177,6 +181,7 @@ class API:
         """
         attrs = _check_attrs(attrs)
         sink = _check_sink(sink)
+        task_id = self._new_task_id(task_id)
         if speed is None:
             speed = 0.0 if rate_limit is False else 1.0
         chosen = Framing.coerce(framing) if framing is not None else self.framing
@@ -184,7 +189,7 @@ class API:
             self.open_replay, collection_id, stream_id, attrs, speed=speed, framing=chosen
         )
         frame_attrs = {**source.stream.attrs, **attrs}
-        return self._start(source.stream, lambda: source, sink, frame_attrs, chosen, owner)
+        return self._start(source.stream, lambda: source, sink, frame_attrs, chosen, owner, task_id)
 
     # -- live nodes --------------------------------------------------------------------
 
@@ -219,8 +224,11 @@ class API:
         *,
         framing: Framing | str | dict[str, Any] | None = None,
         owner: str = "",
+        task_id: str | None = None,
     ) -> StreamAck:
         """Stream a live stream into ``sink`` until stopped.
+
+        ``framing``, ``owner`` and ``task_id`` are as for :meth:`replay_collection_stream`.
 
         Raises:
             NotFound: unknown node or stream.
@@ -229,6 +237,7 @@ class API:
         attrs = _check_attrs(attrs)
         sink = _check_sink(sink)
         stream_id = _check_id(stream_id, "stream_id")
+        task_id = self._new_task_id(task_id)
         chosen = Framing.coerce(framing) if framing is not None else self.framing
         driver = await self._driver_of(node_id)
 
@@ -238,7 +247,7 @@ class API:
         # Built now so a bad request fails here, not inside the task; opened by the task.
         stream = (await asyncio.to_thread(open_source)).stream
         frame_attrs = {**stream.attrs, **attrs}
-        return self._start(stream, open_source, sink, frame_attrs, chosen, owner)
+        return self._start(stream, open_source, sink, frame_attrs, chosen, owner, task_id)
 
     # -- tasks -------------------------------------------------------------------------
 
@@ -250,8 +259,10 @@ class API:
         attrs: Mapping[str, Any],
         framing: Framing,
         owner: str,
+        task_id: str,
     ) -> StreamAck:
-        task_id = secrets.token_hex(8)
+        if task_id in self._tasks:  # checked before, but an await came in between
+            raise InvalidRequest(f"task id {task_id!r} is in use")
         task = Task(
             task_id,
             open_source,
@@ -265,6 +276,14 @@ class API:
         self._tasks[task_id] = task
         task.start(on_done=self._forget)
         return StreamAck(status=True, randseq=task_id)
+
+    def _new_task_id(self, task_id: str | None) -> str:
+        if task_id is None:
+            return secrets.token_hex(8)
+        task_id = _check_id(task_id, "task_id")
+        if task_id in self._tasks or task_id in self._ended:
+            raise InvalidRequest(f"task id {task_id!r} is in use; choose a new one")
+        return task_id
 
     def _forget(self, task: Task) -> None:
         self._tasks.pop(task.id, None)

@@ -87,6 +87,24 @@ def _positive(value: float) -> str | None:
     return None if value > 0 else "must be greater than 0"
 
 
+def _port(value: int) -> str | None:
+    return None if 0 < value < 65536 else "must be a TCP port, 1 to 65535"
+
+
+def _at_least_two(value: int) -> str | None:
+    return None if value >= 2 else "must be at least 2"
+
+
+def _topic_prefix(value: str) -> str | None:
+    if not value or value.startswith("/") or value.endswith("/"):
+        return "must be a non-empty topic without a leading or trailing /"
+    if any(c in value for c in "+#\0"):
+        return "must not contain the MQTT wildcards + or #"
+    return None
+
+
+CODECS = ("cbor", "json")
+
 _KEYS = (
     Key("data_dir", "path", "~/streaminghub/data", "Folder holding recordings (DFDS data)."),
     Key("meta_dir", "path", "~/streaminghub/meta", "Folder holding *.collection.json files."),
@@ -147,6 +165,110 @@ _KEYS = (
         example={},
     ),
     Key("log_level", "str", "INFO", "Logging level.", choices=LOG_LEVELS),
+    # -- the MQTT transport (docs/agent.md, docs/remote-api.md) ---------------------------
+    Key("broker.host", "str", "127.0.0.1", "MQTT broker host."),
+    Key("broker.port", "int", 1883, "MQTT broker port.", check=_port),
+    Key(
+        "broker.protocol",
+        "str",
+        "auto",
+        'MQTT version: "5", "3.1.1", or "auto" (5, falling back to 3.1.1).',
+        choices=("auto", "5", "3.1.1"),
+    ),
+    Key("broker.username", "str", None, "MQTT user name.", optional=True, example="pi-lab1"),
+    Key("broker.password", "str", None, "MQTT password.", optional=True, secret=True),
+    Key(
+        "broker.tls.ca_file",
+        "path",
+        None,
+        "CA certificate: connect with TLS and check the broker against it.",
+        optional=True,
+        example="/etc/streaminghub/ca.crt",
+    ),
+    Key(
+        "broker.tls.cert_file",
+        "path",
+        None,
+        "Client certificate for TLS client authentication.",
+        optional=True,
+        example="/etc/streaminghub/agent.crt",
+    ),
+    Key(
+        "broker.tls.key_file",
+        "path",
+        None,
+        "Private key of the client certificate.",
+        optional=True,
+        example="/etc/streaminghub/agent.key",
+    ),
+    Key(
+        "broker.keepalive_s",
+        "int",
+        10,
+        "MQTT keepalive; a client that dies loses its tasks within 1.5 times this.",
+        check=_at_least_two,
+    ),
+    Key(
+        "broker.embedded",
+        "str",
+        "auto",
+        'Run an in-process broker (amqtt): "always", "never", or "auto" (when none answers '
+        "on a loopback broker.host).",
+        choices=("auto", "always", "never"),
+    ),
+    Key(
+        "broker.prefix",
+        "str",
+        "streaminghub/v1",
+        "Topic prefix of every message.",
+        check=_topic_prefix,
+    ),
+    Key("agent.id", "str", "", "Agent id, unique in the fleet; empty means the host name."),
+    Key("agent.codec", "str", "cbor", "Codec of the agent's own messages.", choices=CODECS),
+    Key(
+        "agent.state_dir",
+        "path",
+        None,
+        "Agent state (the spool); empty means $STATE_DIRECTORY or ~/.local/state/streaminghub.",
+        optional=True,
+        example="/var/lib/streaminghub",
+    ),
+    Key(
+        "agent.spool_max_mb",
+        "float",
+        64.0,
+        "Disk for QoS 1 frames while the broker is unreachable; oldest dropped past it.",
+        check=_positive,
+    ),
+    Key(
+        "agent.spool_drain_per_s",
+        "float",
+        500.0,
+        "Spooled messages sent per second after the broker returns.",
+        check=_positive,
+    ),
+    Key(
+        "agent.health_interval_s",
+        "float",
+        10.0,
+        "Seconds between health messages.",
+        check=_positive,
+    ),
+    Key(
+        "agent.max_request_bytes",
+        "int",
+        65536,
+        "Larger requests are refused with an error reply.",
+        check=_positive,
+    ),
+    Key("agent.max_tasks", "int", 64, "Tasks an agent runs at once.", check=_positive),
+    Key(
+        "client.timeout_s",
+        "float",
+        10.0,
+        "RemoteAPI: seconds a request may take before dm.errors.Timeout.",
+        check=_positive,
+    ),
 )
 
 SCHEMA: Mapping[str, Key] = {key.name: key for key in _KEYS}

@@ -10,6 +10,8 @@ it can cross a process or network boundary and be rebuilt on the other side::
     ├── NotFound          an unknown collection, stream, node, recording or task id
     ├── InvalidRequest    a request that can never be served as asked
     ├── Timeout           no answer before the deadline
+    ├── Unavailable       the agent or broker cannot serve now (offline, busy)
+    ├── Forbidden         the task belongs to another client
     └── DeviceError       a device failed
         └── DeviceLost    a device vanished; tasks retry with backoff
 """
@@ -22,10 +24,12 @@ __all__ = [
     "DatamuxError",
     "DeviceError",
     "DeviceLost",
+    "Forbidden",
     "InvalidRequest",
     "MetadataError",
     "NotFound",
     "Timeout",
+    "Unavailable",
     "error_from_code",
 ]
 
@@ -88,6 +92,18 @@ class Timeout(DatamuxError):
     code = "timeout"
 
 
+class Unavailable(DatamuxError):
+    """The agent or the broker cannot serve the request now (offline, at its task limit)."""
+
+    code = "unavailable"
+
+
+class Forbidden(DatamuxError):
+    """The request touches a task that another client started."""
+
+    code = "forbidden"
+
+
 class DeviceError(DatamuxError):
     """A device failed in a way that ends the task."""
 
@@ -110,6 +126,8 @@ _BY_CODE: dict[str, type[DatamuxError]] = {
         NotFound,
         InvalidRequest,
         Timeout,
+        Unavailable,
+        Forbidden,
         DeviceError,
         DeviceLost,
     )

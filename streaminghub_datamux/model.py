@@ -191,6 +191,28 @@ class Collection:
     groups: Mapping[str, Group] = field(default_factory=dict)
     pattern: str = ""
 
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> Collection:
+        """The inverse of :meth:`to_dict` (how collections travel over MQTT)."""
+        groups = data.get("groups") or {}
+        return cls(
+            id=str(data["id"]),
+            name=str(data.get("name", "")),
+            description=str(data.get("description", "")),
+            keywords=tuple(str(k) for k in data.get("keywords") or ()),
+            authors=tuple(dict(a) for a in data.get("authors") or ()),
+            streams={k: Stream.from_dict(k, v) for k, v in (data.get("streams") or {}).items()},
+            groups={
+                k: Group(
+                    id=k,
+                    description=str(g.get("description", "")),
+                    values=tuple(str(v) for v in g.get("values") or ()),
+                )
+                for k, g in groups.items()
+            },
+            pattern=str(data.get("pattern", "")),
+        )
+
     def to_dict(self) -> dict[str, Any]:
         return {
             "id": self.id,
@@ -216,6 +238,17 @@ class Node:
     description: str = ""
     device: Mapping[str, Any] = field(default_factory=dict)
     kind: str = ""
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> Node:
+        """The inverse of :meth:`to_dict`."""
+        return cls(
+            id=str(data["id"]),
+            name=str(data.get("name", "")),
+            description=str(data.get("description", "")),
+            device=dict(data.get("device") or {}),
+            kind=str(data.get("kind", "")),
+        )
 
     def to_dict(self) -> dict[str, Any]:
         return {

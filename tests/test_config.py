@@ -97,7 +97,11 @@ def test_each_layer_overrides_the_one_below(box):
         "data_dir": "flag --data_dir",
         "framing.max_latency_ms": "default",
         "simulate.nodes": "default",
-        **{key: "default" for key in SCHEMA if key.startswith("drivers.")},
+        **{
+            key: "default"
+            for key in SCHEMA
+            if key.split(".")[0] in ("drivers", "broker", "agent", "client")
+        },
     }
 
 

@@ -1,0 +1,466 @@
+"""One MQTT connection, used from asyncio; shared by the agent and the RemoteAPI.
+
+paho-mqtt's network thread does the socket work and reconnects with backoff; its
+callbacks are handed to the asyncio loop, so the rest of the code runs on one thread.
+Publishing has flow control: :meth:`MqttLink.publish` waits while too many messages are
+unacknowledged, so a fast producer slows down instead of filling memory.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import ssl
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import paho.mqtt.client as mqtt
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+from paho.mqtt.reasoncodes import ReasonCode
+
+from .config import Config
+from .errors import ConfigError, Unavailable
+
+__all__ = ["BrokerSettings", "Incoming", "MqttLink", "Will"]
+
+log = logging.getLogger(__name__)
+
+# Unacknowledged publishes allowed before publish() waits (messages, bytes).
+MAX_OUTSTANDING = 64
+MAX_OUTSTANDING_BYTES = 16 << 20
+# Reconnect quickly after a broker restart: the worst wait is about the maximum delay.
+RECONNECT_MIN_S = 0.5
+RECONNECT_MAX_S = 2
+# How long a session outlives its connection on an MQTT 5 broker: messages for us are
+# queued that long while we reconnect (after a broker restart, too, with persistence on).
+SESSION_EXPIRY_S = 120
+_UNSUPPORTED_PROTOCOL = (1, 132)  # MQTT 3.1.1 and MQTT 5 reason codes
+
+
+@dataclass(frozen=True)
+class BrokerSettings:
+    """Where the broker is and how to log in (``broker.*`` config keys)."""
+
+    host: str = "127.0.0.1"
+    port: int = 1883
+    protocol: str = "auto"
+    username: str | None = None
+    password: str | None = None
+    ca_file: str | None = None
+    cert_file: str | None = None
+    key_file: str | None = None
+    keepalive_s: int = 10
+    prefix: str = "streaminghub/v1"
+
+    @classmethod
+    def from_config(cls, config: Config, **overrides: Any) -> BrokerSettings:
+        def path(key: str) -> str | None:
+            value = config.get(key)
+            return None if value is None else str(value)
+
+        values: dict[str, Any] = dict(
+            host=config.get("broker.host"),
+            port=config.get("broker.port"),
+            protocol=config.get("broker.protocol"),
+            username=config.get("broker.username"),
+            password=config.get("broker.password"),
+            ca_file=path("broker.tls.ca_file"),
+            cert_file=path("broker.tls.cert_file"),
+            key_file=path("broker.tls.key_file"),
+            keepalive_s=config.get("broker.keepalive_s"),
+            prefix=config.get("broker.prefix"),
+        )
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        return cls(**values)
+
+    @property
+    def address(self) -> str:
+        return f"{self.host}:{self.port}"
+
+
+@dataclass(frozen=True)
+class Will:
+    topic: str
+    payload: bytes
+    qos: int = 1
+    retain: bool = True
+
+
+@dataclass(frozen=True, slots=True)
+class Incoming:
+    """A received message; ``response_topic``/``correlation`` are set by MQTT 5 peers."""
+
+    topic: str
+    payload: bytes
+    retain: bool
+    response_topic: str | None = None
+    correlation: bytes | None = None
+
+
+class MqttLink:
+    """One connection to the broker.
+
+    Args:
+        client_id: the MQTT client id (unique per broker).
+        settings: broker address and credentials.
+        on_message: called on the loop for every message on a subscribed topic.
+        on_connect: called on the loop after every (re)connect, before queued work
+            resumes; ``session_present`` says whether the broker kept our session.
+        on_disconnect: called on the loop when the connection drops.
+        will: published by the broker if we vanish without a clean close.
+    """
+
+    def __init__(
+        self,
+        client_id: str,
+        settings: BrokerSettings,
+        *,
+        on_message: Callable[[Incoming], None],
+        on_connect: Callable[[bool], None] | None = None,
+        on_disconnect: Callable[[str], None] | None = None,
+        will: Will | None = None,
+    ) -> None:
+        self.client_id = client_id
+        self.settings = settings
+        self.will = will
+        self._on_message = on_message
+        self._on_connect = on_connect
+        self._on_disconnect = on_disconnect
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._client: mqtt.Client | None = None
+        self._subscriptions: dict[str, int] = {}
+        self._acks: dict[int, asyncio.Future[Any]] = {}  # SUBACK / UNSUBACK by mid
+        self._pending: dict[int, tuple[int, int]] = {}  # mid -> (qos, size), not yet sent/acked
+        self._pending_bytes = 0
+        self._room = asyncio.Event()
+        self._room.set()
+        self._connected = asyncio.Event()
+        self._closing = False
+        self._first: asyncio.Future[str | None] | None = None  # outcome of the first connect
+        self.protocol: int = mqtt.MQTTv5
+        self.disconnects = 0
+
+    # -- connection ----------------------------------------------------------------------
+
+    @property
+    def connected(self) -> bool:
+        return self._connected.is_set()
+
+    async def connect(self, timeout: float | None = 10.0) -> None:
+        """Connect (MQTT 5, or 3.1.1 as configured or when the broker needs it).
+
+        With ``timeout=None`` this waits for the broker as long as it takes (the agent at
+        boot); otherwise it raises :class:`Unavailable` when no broker answers in time.
+        """
+        self._loop = asyncio.get_running_loop()
+        versions = {"5": [mqtt.MQTTv5], "3.1.1": [mqtt.MQTTv311]}.get(
+            self.settings.protocol, [mqtt.MQTTv5, mqtt.MQTTv311]
+        )
+        last_problem = ""
+        for version in versions:
+            self.protocol = version
+            self._client = self._make_client(version)
+            try:
+                await asyncio.to_thread(
+                    self._client.connect_async,
+                    self.settings.host,
+                    self.settings.port,
+                    self.settings.keepalive_s,
+                    **self._connect_kwargs(version),
+                )
+            except (OSError, ValueError) as exc:
+                raise Unavailable(f"MQTT broker {self.settings.address}: {exc}") from None
+            self._client.loop_start()
+            outcome = await self._first_outcome(timeout)
+            if outcome is None:
+                return
+            last_problem = outcome
+            await self._stop_client()
+            if outcome != "protocol":
+                break
+        raise Unavailable(f"no MQTT broker answered at {self.settings.address}: {last_problem}")
+
+    async def _first_outcome(self, timeout: float | None) -> str | None:
+        """None once connected; else why not ("protocol" if the broker refused the version)."""
+        assert self._loop is not None
+        self._first = self._loop.create_future()
+        try:
+            async with asyncio.timeout(timeout):
+                return await self._first
+        except TimeoutError:
+            return "timed out (is the broker running, and is host:port right?)"
+
+    def _connect_kwargs(self, version: int) -> dict[str, Any]:
+        if version != mqtt.MQTTv5:
+            return {}
+        properties = Properties(PacketTypes.CONNECT)
+        properties.SessionExpiryInterval = SESSION_EXPIRY_S
+        return {"clean_start": mqtt.MQTT_CLEAN_START_FIRST_ONLY, "properties": properties}
+
+    def _make_client(self, version: int) -> mqtt.Client:
+        client = mqtt.Client(
+            mqtt.CallbackAPIVersion.VERSION2,
+            client_id=self.client_id,
+            protocol=version,
+            # 3.1.1 has no session expiry: start clean and resubscribe on reconnect.
+            clean_session=True if version != mqtt.MQTTv5 else None,
+        )
+        settings = self.settings
+        if settings.username is not None:
+            client.username_pw_set(settings.username, settings.password)
+        if settings.ca_file or settings.cert_file:
+            try:
+                client.tls_set(
+                    ca_certs=settings.ca_file,
+                    certfile=settings.cert_file,
+                    keyfile=settings.key_file,
+                    cert_reqs=ssl.CERT_REQUIRED,
+                )
+            except (OSError, ssl.SSLError) as exc:
+                raise ConfigError(
+                    f"cannot load TLS files: {exc}",
+                    key="broker.tls",
+                    fix="point broker.tls.* at readable PEM files",
+                ) from None
+        if self.will is not None:
+            client.will_set(
+                self.will.topic, self.will.payload, qos=self.will.qos, retain=self.will.retain
+            )
+        client.reconnect_delay_set(RECONNECT_MIN_S, RECONNECT_MAX_S)
+        client.max_inflight_messages_set(MAX_OUTSTANDING)
+        client.max_queued_messages_set(0)
+        client.on_connect = self._paho_connect
+        client.on_disconnect = self._paho_disconnect
+        client.on_message = self._paho_message
+        client.on_publish = self._paho_publish
+        client.on_subscribe = self._paho_subscribe
+        client.on_unsubscribe = self._paho_subscribe
+        return client
+
+    async def close(
+        self, final: Sequence[tuple[str, bytes, int, bool]] = (), timeout: float = 3.0
+    ) -> None:
+        """Publish ``final`` messages (e.g. an offline state), wait for them, disconnect."""
+        self._closing = True
+        client = self._client
+        if client is None:
+            return
+        if self.connected:
+            for topic, payload, qos, retain in final:
+                self.publish_nowait(topic, payload, qos, retain)
+        try:
+            async with asyncio.timeout(timeout):
+                while self._pending and self.connected:
+                    self._room.clear()
+                    await self._room.wait()
+        except TimeoutError:
+            log.warning("%d messages still unsent when closing", len(self._pending))
+        await self._stop_client(disconnect=True)
+
+    async def _stop_client(self, disconnect: bool = False) -> None:
+        client, self._client = self._client, None
+        if client is None:
+            return
+        if disconnect:
+            client.disconnect()
+        await asyncio.to_thread(client.loop_stop)
+        self._connected.clear()
+
+    # -- subscribe / publish -------------------------------------------------------------
+
+    async def subscribe(self, topic: str, qos: int = 1, timeout: float = 10.0) -> None:
+        """Subscribe and wait for the broker's SUBACK; re-subscribed after reconnects."""
+        self._subscriptions[topic] = qos
+        await self._request_ack(lambda c: c.subscribe(topic, qos), f"subscribe {topic}", timeout)
+
+    async def unsubscribe(self, topic: str, timeout: float = 10.0) -> None:
+        if self._subscriptions.pop(topic, None) is None or not self.connected:
+            return
+        await self._request_ack(lambda c: c.unsubscribe(topic), f"unsubscribe {topic}", timeout)
+
+    async def _request_ack(
+        self, send: Callable[[mqtt.Client], Any], what: str, timeout: float
+    ) -> None:
+        assert self._loop is not None
+        if self._client is None or not self.connected:
+            # Not connected: the subscription is remembered and made on reconnect.
+            return
+        future = self._loop.create_future()
+        result, mid = send(self._client)
+        if result != mqtt.MQTT_ERR_SUCCESS:
+            raise Unavailable(f"{what}: {mqtt.error_string(result)}")
+        self._acks[mid] = future
+        try:
+            async with asyncio.timeout(timeout):
+                await future
+        except TimeoutError:
+            raise Unavailable(f"{what}: the broker did not answer in {timeout} s") from None
+        finally:
+            self._acks.pop(mid, None)
+
+    async def publish(
+        self,
+        topic: str,
+        payload: bytes,
+        qos: int = 0,
+        retain: bool = False,
+        *,
+        response_topic: str | None = None,
+        correlation: bytes | None = None,
+    ) -> bool:
+        """Publish, first waiting while too much is unacknowledged.
+
+        Returns False, without publishing, when not connected (the caller decides:
+        spool, drop and count, or fail).
+        """
+        while not self._has_room():
+            if not self.connected:
+                return False
+            self._room.clear()
+            await self._room.wait()
+        return self.publish_nowait(
+            topic, payload, qos, retain, response_topic=response_topic, correlation=correlation
+        )
+
+    def publish_nowait(
+        self,
+        topic: str,
+        payload: bytes,
+        qos: int = 0,
+        retain: bool = False,
+        *,
+        response_topic: str | None = None,
+        correlation: bytes | None = None,
+    ) -> bool:
+        client = self._client
+        if client is None or not self.connected:
+            return False
+        properties = None
+        if self.protocol == mqtt.MQTTv5 and (response_topic or correlation is not None):
+            properties = Properties(PacketTypes.PUBLISH)
+            if response_topic:
+                properties.ResponseTopic = response_topic
+            if correlation is not None:
+                properties.CorrelationData = correlation
+        info = client.publish(topic, payload, qos=qos, retain=retain, properties=properties)
+        if info.rc != mqtt.MQTT_ERR_SUCCESS and info.rc != mqtt.MQTT_ERR_NO_CONN:
+            log.warning("publish to %s failed: %s", topic, mqtt.error_string(info.rc))
+            return False
+        if info.rc == mqtt.MQTT_ERR_NO_CONN and qos == 0:
+            return False
+        # on_publish reaches the loop through call_soon_threadsafe, so it always runs
+        # after this line, even when paho wrote the message at once.
+        self._pending[info.mid] = (qos, len(payload))
+        self._pending_bytes += len(payload)
+        return True
+
+    def publish_from_thread(self, topic: str, payload: bytes) -> None:
+        """QoS 0, from any thread, no flow control: for small periodic messages."""
+        client = self._client
+        if client is not None and self.connected:
+            client.publish(topic, payload, qos=0)
+
+    def _has_room(self) -> bool:
+        return len(self._pending) < MAX_OUTSTANDING and self._pending_bytes < (
+            MAX_OUTSTANDING_BYTES
+        )
+
+    @property
+    def unacknowledged(self) -> int:
+        return len(self._pending)
+
+    # -- paho callbacks (paho's thread) -> the loop ----------------------------------------
+
+    def _to_loop(self, callback: Callable[..., None], *args: Any) -> None:
+        loop = self._loop
+        if loop is not None and not loop.is_closed():
+            loop.call_soon_threadsafe(callback, *args)
+
+    def _paho_connect(self, client, userdata, flags, reason_code, properties) -> None:
+        self._to_loop(self._connected_on_loop, client, reason_code, flags.session_present)
+
+    def _paho_disconnect(self, client, userdata, flags, reason_code, properties) -> None:
+        self._to_loop(self._disconnected_on_loop, client, str(reason_code))
+
+    def _paho_message(self, client, userdata, message: mqtt.MQTTMessage) -> None:
+        response_topic = correlation = None
+        props = message.properties
+        if props is not None:
+            response_topic = getattr(props, "ResponseTopic", None)
+            correlation = getattr(props, "CorrelationData", None)
+        incoming = Incoming(
+            message.topic, message.payload, bool(message.retain), response_topic, correlation
+        )
+        self._to_loop(self._on_message, incoming)
+
+    def _paho_publish(self, client, userdata, mid, reason_code, properties) -> None:
+        self._to_loop(self._published_on_loop, mid)
+
+    def _paho_subscribe(self, client, userdata, mid, *rest: Any) -> None:
+        self._to_loop(self._acked_on_loop, mid)
+
+    # -- on the loop ---------------------------------------------------------------------
+
+    def _connected_on_loop(self, client: mqtt.Client, code: ReasonCode, session: bool) -> None:
+        if client is not self._client:
+            return
+        first = self._first
+        if code.is_failure:
+            problem = "protocol" if code.value in _UNSUPPORTED_PROTOCOL else str(code)
+            if first is not None and not first.done():
+                first.set_result(problem)
+            else:
+                log.warning("broker %s refused the connection: %s", self.settings.address, code)
+            return
+        self._connected.set()
+        log.info(
+            "connected to %s (MQTT %s, session %s)",
+            self.settings.address,
+            "5" if self.protocol == mqtt.MQTTv5 else "3.1.1",
+            "kept" if session else "new",
+        )
+        if not session:
+            for topic, qos in self._subscriptions.items():
+                client.subscribe(topic, qos)
+        if self._on_connect is not None:
+            self._on_connect(session)
+        if first is not None and not first.done():
+            first.set_result(None)
+        self._room.set()
+
+    def _disconnected_on_loop(self, client: mqtt.Client, reason: str) -> None:
+        if client is not self._client:
+            return
+        was_connected = self.connected
+        self._connected.clear()
+        first = self._first
+        if first is not None and not first.done() and self.protocol == mqtt.MQTTv5:
+            # Closed before a CONNACK: a 3.1.1-only broker does this to an MQTT 5 CONNECT.
+            first.set_result("protocol")
+        # QoS 0 messages not yet written are gone with the connection; QoS 1 ones are
+        # resent by paho after the reconnect and stay pending until acknowledged.
+        for mid, (qos, size) in list(self._pending.items()):
+            if qos == 0:
+                del self._pending[mid]
+                self._pending_bytes -= size
+        self._room.set()
+        if was_connected and not self._closing:
+            self.disconnects += 1
+            log.warning("lost the broker %s (%s); reconnecting", self.settings.address, reason)
+            if self._on_disconnect is not None:
+                self._on_disconnect(reason)
+
+    def _published_on_loop(self, mid: int) -> None:
+        entry = self._pending.pop(mid, None)
+        if entry is None:
+            return
+        self._pending_bytes -= entry[1]
+        if self._has_room():
+            self._room.set()
+
+    def _acked_on_loop(self, mid: int) -> None:
+        future = self._acks.get(mid)
+        if future is not None and not future.done():
+            future.set_result(None)

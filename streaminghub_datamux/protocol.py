@@ -1,0 +1,335 @@
+"""The MQTT protocol between agents and clients: topics, messages and their schema.
+
+docs/protocol.md is the specification; this module is its executable form, shared by the
+agent and the RemoteAPI so the two cannot disagree. Nothing here touches the network.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from .errors import InvalidRequest
+from .model import Collection, Node, Stream, StreamError, StreamStatus
+
+__all__ = [
+    "METHODS",
+    "PROTOCOL_VERSION",
+    "Request",
+    "Topics",
+    "check_id",
+    "ctrl_end",
+    "ctrl_error",
+    "ctrl_status",
+    "error_reply",
+    "ok_reply",
+    "parse_request",
+    "stream_from_wire",
+    "stream_to_wire",
+]
+
+PROTOCOL_VERSION = 1
+
+# Agent, client and task ids appear in topics (and the spool's folder): no "/", "+",
+# "#" or spaces, and a bounded length.
+ID_PATTERN = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,63}")
+MAX_TEXT = 256  # longest id, name or topic accepted in a request
+MAX_ATTRS = 32
+
+
+def check_id(value: Any, what: str) -> str:
+    """An id safe to put in a topic or a path.
+
+    Raises:
+        InvalidRequest: anything else.
+    """
+    if not isinstance(value, str) or not ID_PATTERN.fullmatch(value):
+        raise InvalidRequest(
+            f"{what} must be 1 to 64 letters, digits, '_', '.' or '-' (not starting with "
+            f"'.' or '-'), not {value!r:.80}"
+        )
+    return value
+
+
+class Topics:
+    """Every topic of one deployment, under its prefix (docs/protocol.md, "Topics")."""
+
+    def __init__(self, prefix: str = "streaminghub/v1") -> None:
+        self.prefix = prefix.strip("/")
+
+    def agent_state(self, agent: str) -> str:
+        return f"{self.prefix}/agents/{agent}/state"
+
+    def agent_rpc(self, agent: str) -> str:
+        return f"{self.prefix}/agents/{agent}/rpc"
+
+    def agent_health(self, agent: str) -> str:
+        return f"{self.prefix}/agents/{agent}/health"
+
+    def task_data(self, agent: str, task: str) -> str:
+        return f"{self.prefix}/agents/{agent}/tasks/{task}/data"
+
+    def task_ctrl(self, agent: str, task: str) -> str:
+        return f"{self.prefix}/agents/{agent}/tasks/{task}/ctrl"
+
+    def task_any(self, agent: str, task: str) -> str:
+        return f"{self.prefix}/agents/{agent}/tasks/{task}/+"
+
+    def client_rpc(self, client: str) -> str:
+        return f"{self.prefix}/clients/{client}/rpc"
+
+    def client_state(self, client: str) -> str:
+        return f"{self.prefix}/clients/{client}/state"
+
+    @property
+    def every_agent_state(self) -> str:
+        return f"{self.prefix}/agents/+/state"
+
+    @property
+    def every_client_state(self) -> str:
+        return f"{self.prefix}/clients/+/state"
+
+    @property
+    def reply_space(self) -> str:
+        return f"{self.prefix}/clients/"
+
+    def level(self, topic: str, index: int) -> str:
+        """The topic level ``index`` after the prefix (0: "agents" or "clients")."""
+        parts = topic[len(self.prefix) + 1 :].split("/")
+        return parts[index] if len(parts) > index else ""
+
+
+# -- requests --------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Request:
+    """A validated request: ``{id, method, params, reply_to, client}``."""
+
+    id: str | int
+    method: str
+    params: dict[str, Any]
+    reply_to: str
+    client: str
+
+
+def _text(value: Any, name: str) -> str:
+    if not isinstance(value, str):
+        raise InvalidRequest(f"{name} must be a string, not {_type(value)}")
+    if not value or len(value) > MAX_TEXT:
+        raise InvalidRequest(f"{name} must be 1 to {MAX_TEXT} characters")
+    return value
+
+
+def _type(value: Any) -> str:
+    return "null" if value is None else type(value).__name__
+
+
+def _number(value: Any, name: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+        raise InvalidRequest(f"{name} must be a finite number, not {value!r:.40}")
+    return float(value)
+
+
+def _speed(value: Any, name: str) -> float:
+    speed = _number(value, name)
+    if speed < 0:
+        raise InvalidRequest(f"{name} must be >= 0 (0 means as fast as possible)")
+    return speed
+
+
+def _flag(value: Any, name: str) -> bool:
+    if not isinstance(value, bool):
+        raise InvalidRequest(f"{name} must be true or false, not {_type(value)}")
+    return value
+
+
+def _qos(value: Any, name: str) -> int:
+    if isinstance(value, bool) or value not in (0, 1):
+        raise InvalidRequest(f"{name} must be 0 (lowest latency) or 1 (no loss), not {value!r}")
+    return int(value)
+
+
+def _attrs(value: Any, name: str) -> dict[str, Any]:
+    if value is None:
+        return {}
+    if not isinstance(value, Mapping):
+        raise InvalidRequest(f"{name} must be a map, not {_type(value)}")
+    if len(value) > MAX_ATTRS:
+        raise InvalidRequest(f"{name} has {len(value)} entries; at most {MAX_ATTRS}")
+    out: dict[str, Any] = {}
+    for key, item in value.items():
+        _text(key, f"{name} key")
+        if not isinstance(item, str | int | float | bool) or (
+            isinstance(item, str) and len(item) > MAX_TEXT
+        ):
+            raise InvalidRequest(f"{name}[{key!r}] must be a short string, number or boolean")
+        out[key] = item
+    return out
+
+
+def _framing(value: Any, name: str) -> str | dict[str, Any]:
+    if isinstance(value, str):
+        return _text(value, name)
+    if not isinstance(value, Mapping) or not set(value) <= {
+        "preset",
+        "max_samples",
+        "max_latency_ms",
+    }:
+        raise InvalidRequest(
+            f"{name} must be a preset name or a map of preset, max_samples, max_latency_ms"
+        )
+    return dict(value)  # Framing.coerce checks the values
+
+
+def _task_id(value: Any, name: str) -> str:
+    return check_id(value, name)
+
+
+Check = Callable[[Any, str], Any]
+_ID: Check = _text
+
+# Each method's parameters: name -> (check, required). Unknown parameters are refused,
+# so a typo never silently falls back to a default.
+METHODS: dict[str, dict[str, tuple[Check, bool]]] = {
+    "list_collections": {},
+    "list_collection_streams": {"collection_id": (_ID, True)},
+    "list_collection_recordings": {"collection_id": (_ID, True)},
+    "replay_collection_stream": {
+        "collection_id": (_ID, True),
+        "stream_id": (_ID, True),
+        "attrs": (_attrs, False),
+        "task_id": (_task_id, True),
+        "speed": (_speed, False),
+        "rate_limit": (_flag, False),
+        "framing": (_framing, False),
+        "qos": (_qos, False),
+    },
+    "list_live_nodes": {},
+    "list_live_streams": {"node_id": (_ID, True)},
+    "proxy_live_stream": {
+        "node_id": (_ID, True),
+        "stream_id": (_ID, True),
+        "attrs": (_attrs, False),
+        "task_id": (_task_id, True),
+        "framing": (_framing, False),
+        "qos": (_qos, False),
+    },
+    "stop_task": {"task_id": (_task_id, True)},
+    "list_tasks": {},
+}
+
+
+def read_envelope(message: Any, topics: Topics) -> tuple[Any, str | None]:
+    """The request id and reply address, as far as they can be read (for error replies)."""
+    if not isinstance(message, Mapping):
+        return None, None
+    reply_to = message.get("reply_to")
+    ok = isinstance(reply_to, str) and _reply_topic_ok(reply_to, topics)
+    request_id = message.get("id")
+    if not (isinstance(request_id, str) and len(request_id) <= MAX_TEXT) and not (
+        isinstance(request_id, int) and not isinstance(request_id, bool)
+    ):
+        request_id = None
+    return request_id, reply_to if ok else None
+
+
+def _reply_topic_ok(topic: str, topics: Topics) -> bool:
+    # Replies only go under {prefix}/clients/: a request cannot make an agent publish
+    # into another agent's topics.
+    return (
+        topic.startswith(topics.reply_space)
+        and len(topic) <= MAX_TEXT
+        and not any(c in topic for c in "+#\0")
+    )
+
+
+def parse_request(message: Any, topics: Topics) -> Request:
+    """Validate a decoded request against the schema.
+
+    Raises:
+        InvalidRequest: a missing or wrong field, an unknown method or parameter.
+    """
+    if not isinstance(message, Mapping):
+        raise InvalidRequest(f"a request must be a map, not {_type(message)}")
+    request_id, reply_to = read_envelope(message, topics)
+    if request_id is None:
+        raise InvalidRequest("id must be a string of at most 256 characters or an integer")
+    if reply_to is None:
+        raise InvalidRequest(f"reply_to must be a topic under {topics.reply_space}")
+    client = check_id(message.get("client"), "client")
+    method = message.get("method")
+    if method not in METHODS:
+        raise InvalidRequest(f"unknown method {method!r:.60}; methods: {sorted(METHODS)}")
+    raw = message.get("params", {})
+    if not isinstance(raw, Mapping):
+        raise InvalidRequest(f"params must be a map, not {_type(raw)}")
+    schema = METHODS[method]
+    unknown = sorted(str(k) for k in raw if k not in schema)
+    if unknown:
+        raise InvalidRequest(f"{method}: unknown parameters {unknown}; known: {sorted(schema)}")
+    params: dict[str, Any] = {}
+    for name, (check, required) in schema.items():
+        if name in raw:
+            params[name] = check(raw[name], name)
+        elif required:
+            raise InvalidRequest(f"{method}: missing parameter {name!r}")
+    return Request(request_id, method, params, reply_to, client)
+
+
+def ok_reply(request_id: Any, result: Any) -> dict[str, Any]:
+    return {"id": request_id, "ok": True, "result": result}
+
+
+def error_reply(request_id: Any, code: str, message: str) -> dict[str, Any]:
+    return {"id": request_id, "ok": False, "error": {"code": code, "message": message}}
+
+
+# -- model objects on the wire ---------------------------------------------------------
+
+
+def stream_to_wire(stream: Stream) -> dict[str, Any]:
+    return {"id": stream.id, **stream.to_dict()}
+
+
+def stream_from_wire(data: Mapping[str, Any]) -> Stream:
+    return Stream.from_dict(str(data["id"]), data)
+
+
+def collection_from_wire(data: Mapping[str, Any]) -> Collection:
+    return Collection.from_dict(data)
+
+
+def node_from_wire(data: Mapping[str, Any]) -> Node:
+    return Node.from_dict(data)
+
+
+# -- task control messages -------------------------------------------------------------
+
+
+def ctrl_end(task_id: str, frames: int, samples: int) -> dict[str, Any]:
+    """The last message of a task: how many frames were sent, so gaps can be found."""
+    return {"task": task_id, "kind": "end", "frames": frames, "samples": samples}
+
+
+def ctrl_error(task_id: str, error: StreamError) -> dict[str, Any]:
+    return {
+        "task": task_id,
+        "kind": "error",
+        "stream_id": error.stream_id,
+        "code": error.code,
+        "reason": error.reason,
+    }
+
+
+def ctrl_status(task_id: str, status: StreamStatus) -> dict[str, Any]:
+    return {
+        "task": task_id,
+        "kind": "status",
+        "stream_id": status.stream_id,
+        "status": status.status,
+        "reason": status.reason,
+    }
