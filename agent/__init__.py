@@ -1,7 +1,8 @@
-"""The edge agent (``datamux serve``): runs tasks next to the sensors and publishes them over MQTT.
+"""The edge agent (``datamux serve``): runs tasks next to the sensors, publishes them over MQTT.
 
-Not built yet: see the MQTT transport issue. The local API (``dm.API``) already runs
-every task in-process.
+See docs/agent.md for running it and docs/protocol.md for what it says on the wire.
 """
 
-__all__: list[str] = []
+from .service import Agent
+
+__all__ = ["Agent"]

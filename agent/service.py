@@ -1,0 +1,652 @@
+"""The agent: serves one box's collections and live nodes to every client behind a broker.
+
+It answers RPC requests with the local :class:`~streaminghub_datamux.API`, so remote
+tasks run through exactly the same task code as local ones, and publishes each task's
+frames and control messages (docs/protocol.md). Around that it keeps:
+
+- presence: a retained birth message, with a last will for when it vanishes;
+- leases: a client that disappears has its tasks stopped (docs/agent.md, "Leases");
+- store-and-forward: while the broker is away, QoS 1 messages wait in an on-disk spool;
+- health: counters, CPU and memory, retained, every ``agent.health_interval_s``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import resource
+import secrets
+import socket
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .. import __version__
+from ..api import API
+from ..codec import CODECS, codec_of, decode, encode, encode_frame
+from ..config import Config
+from ..errors import ConfigError, DatamuxError, Forbidden, InvalidRequest, Unavailable
+from ..model import Frame, StreamError, StreamStatus
+from ..mqttio import BrokerSettings, Incoming, MqttLink, Will
+from ..protocol import (
+    ID_PATTERN,
+    PROTOCOL_VERSION,
+    Request,
+    Topics,
+    ctrl_end,
+    ctrl_error,
+    ctrl_status,
+    error_reply,
+    ok_reply,
+    parse_request,
+    read_envelope,
+    stream_to_wire,
+)
+from ..util import END_OF_STREAM, describe_error
+from . import sdnotify
+from .spool import Spool
+
+__all__ = ["Agent", "default_agent_id", "default_state_dir"]
+
+log = logging.getLogger(__name__)
+
+MAX_CONCURRENT_REQUESTS = 32
+# Requests up to this many times the limit are still decoded, to address the error reply.
+OVERSIZE_DECODE_FACTOR = 4
+PUBLISHER_STOP_S = 5.0
+CTRL_QOS = 1  # end, error and status messages are never dropped
+# A client silent for this many keepalives loses its tasks (see "leases" below).
+LEASE_FACTOR = 1.25
+OFFLINE_CONFIRM_S = 0.5
+
+
+def default_agent_id() -> str:
+    """The host name, trimmed to what an id may contain."""
+    name = socket.gethostname().split(".")[0]
+    cleaned = "".join(c if c.isalnum() or c in "_-" else "-" for c in name).strip("-.")
+    return cleaned[:64] or "agent"
+
+
+def default_state_dir() -> Path:
+    """systemd's StateDirectory when it set one, else the XDG state folder."""
+    if os.environ.get("STATE_DIRECTORY"):
+        return Path(os.environ["STATE_DIRECTORY"].split(":")[0])
+    base = os.environ.get("XDG_STATE_HOME") or str(Path.home() / ".local" / "state")
+    return Path(base) / "streaminghub"
+
+
+@dataclass
+class RemoteTask:
+    """A task started over MQTT: where its messages go and who owns it."""
+
+    id: str
+    owner: str
+    qos: int
+    codec: str
+    publisher: asyncio.Task[None] | None = None
+    frames: int = 0
+    samples: int = 0
+    started: float = field(default_factory=time.time)
+
+
+@dataclass
+class Lease:
+    """What the agent knows of one client's presence."""
+
+    online: bool = False
+    keepalive_s: float = 0.0
+    check: asyncio.TimerHandle | None = None
+
+
+@dataclass
+class Counters:
+    frames: int = 0
+    samples: int = 0
+    frames_dropped: int = 0  # QoS 0 frames that met no connection
+    requests: int = 0
+    bad_requests: int = 0
+
+
+class Agent:
+    """One agent process.
+
+    Args:
+        config: the effective configuration (``broker.*`` and ``agent.*`` keys).
+        api: the local API to serve; built from ``config`` when omitted.
+        settings: broker settings; from ``config`` when omitted.
+        agent_id: overrides ``agent.id``.
+        codec: overrides ``agent.codec`` (for the agent's own messages).
+    """
+
+    def __init__(
+        self,
+        config: Config,
+        *,
+        api: API | None = None,
+        settings: BrokerSettings | None = None,
+        agent_id: str | None = None,
+        codec: str | None = None,
+        state_dir: Path | None = None,
+    ) -> None:
+        self.config = config
+        self.api = api if api is not None else API(config)
+        self.settings = settings or BrokerSettings.from_config(config)
+        self.id = _checked_agent_id(agent_id or config.get("agent.id") or default_agent_id())
+        self.codec = codec or config.get("agent.codec")
+        if self.codec not in CODECS:
+            raise ConfigError(
+                f"unknown codec {self.codec!r}", key="agent.codec", fix="use cbor or json"
+            )
+        self.topics = Topics(self.settings.prefix)
+        self.boot = secrets.token_hex(8)
+        self.started = time.time()
+        self.max_request_bytes = int(config.get("agent.max_request_bytes"))
+        self.max_tasks = int(config.get("agent.max_tasks"))
+        self.health_interval_s = float(config.get("agent.health_interval_s"))
+        self.drain_per_s = float(config.get("agent.spool_drain_per_s"))
+        folder = state_dir or config.get("agent.state_dir") or default_state_dir()
+        self.spool = Spool(
+            Path(folder) / "spool" / self.id,
+            max_bytes=int(float(config.get("agent.spool_max_mb")) * (1 << 20)),
+        )
+        self.counters = Counters()
+        self.link = MqttLink(
+            f"dm-agent-{self.id}",
+            self.settings,
+            on_message=self._on_message,
+            on_connect=self._on_connect,
+            will=Will(self.topics.agent_state(self.id), self._state("offline")),
+        )
+        self._tasks: dict[str, RemoteTask] = {}
+        self._leases: dict[str, Lease] = {}
+        self._requests: set[asyncio.Task[None]] = set()
+        self._background: set[asyncio.Task[None]] = set()
+        self._spool_ready = asyncio.Event()
+        self._stopping = asyncio.Event()
+        self._stopped = asyncio.Event()
+        self._cpu_mark = (time.monotonic(), time.process_time())
+        self._summary: tuple[list[str], list[str]] = ([], [])  # node and collection ids
+
+    # -- lifecycle -----------------------------------------------------------------------
+
+    async def start(self, connect_timeout: float | None = None) -> None:
+        """Connect, subscribe, announce; returns once the agent serves requests."""
+        # Ready for systemd as soon as we run: waiting for a broker that boots later is
+        # normal, and the watchdog is fed meanwhile.
+        sdnotify.ready(f"connecting to {self.settings.address}")
+        watchdog = asyncio.get_running_loop().create_task(self._feed_watchdog_while_connecting())
+        try:
+            await self.link.connect(timeout=connect_timeout)
+        finally:
+            watchdog.cancel()
+        await self.link.subscribe(self.topics.agent_rpc(self.id), qos=1)
+        await self.link.subscribe(self.topics.every_client_state, qos=1)
+        self._spawn(self._health_loop(), "health")
+        self._spawn(self._drain_spool(), "spool")
+        self._spawn(self._announce_nodes(), "announce")
+        if len(self.spool):
+            log.info("%d spooled messages from before; sending them", len(self.spool))
+            self._spool_ready.set()
+        sdnotify.status(f"serving as {self.id} on {self.settings.address}")
+        log.info(
+            "agent %s serving on %s (prefix %s)", self.id, self.settings.address, self.topics.prefix
+        )
+
+    async def _feed_watchdog_while_connecting(self) -> None:
+        period = sdnotify.watchdog_interval()
+        while period:
+            sdnotify.watchdog_ping()
+            await asyncio.sleep(period)
+
+    async def run(self) -> None:
+        """Serve until :meth:`stop` (SIGTERM in ``datamux serve``)."""
+        await self.start()
+        await self._stopping.wait()
+        await self._shutdown()
+
+    def request_stop(self) -> None:
+        """Ask :meth:`run` to shut down (safe from a signal handler)."""
+        self._stopping.set()
+
+    async def stop(self) -> None:
+        """Shut down now: end every task (consumers get END_OF_STREAM), go offline."""
+        self._stopping.set()
+        await self._shutdown()
+
+    async def _shutdown(self) -> None:
+        if self._stopped.is_set():
+            return
+        self._stopped.set()
+        sdnotify.stopping()
+        log.info("agent %s stopping: ending %d tasks", self.id, len(self._tasks))
+        for request in list(self._requests):
+            request.cancel()
+        await self.api.aclose()  # every task ends; its publisher sends the end message
+        publishers = [t.publisher for t in self._tasks.values() if t.publisher is not None]
+        if publishers:
+            await asyncio.wait(publishers, timeout=PUBLISHER_STOP_S)
+        for job in list(self._background):
+            job.cancel()
+        await asyncio.gather(*self._background, return_exceptions=True)
+        for lease in self._leases.values():
+            if lease.check is not None:
+                lease.check.cancel()
+        offline = (self.topics.agent_state(self.id), self._state("offline"), 1, True)
+        await self.link.close(final=[offline])
+        self.spool.close()
+        log.info("agent %s stopped", self.id)
+
+    def _spawn(self, coro: Any, name: str) -> None:
+        job = asyncio.get_running_loop().create_task(coro, name=f"agent-{name}")
+        self._background.add(job)
+        job.add_done_callback(self._background.discard)
+
+    # -- presence ------------------------------------------------------------------------
+
+    def _state(self, state: str, **extra: Any) -> bytes:
+        message = {"state": state, "agent": self.id, "boot": self.boot, **extra}
+        return encode(message, self.codec)
+
+    def _birth(self, nodes: list[str] | None = None, collections: list[str] | None = None) -> bytes:
+        return self._state(
+            "online",
+            version=__version__,
+            protocol=PROTOCOL_VERSION,
+            codecs=list(CODECS),
+            since=self.started,
+            nodes=nodes or [],
+            collections=collections or [],
+        )
+
+    def _on_connect(self, session_present: bool) -> None:
+        # After every (re)connect: the will may have said "offline" meanwhile.
+        self.link.publish_nowait(
+            self.topics.agent_state(self.id), self._birth(*self._summary), qos=1, retain=True
+        )
+        if len(self.spool):
+            self._spool_ready.set()
+        # Leases: whoever owns a task must show up again (or still be there).
+        for owner in {t.owner for t in self._tasks.values()}:
+            self._arm_lease(owner)
+
+    async def _announce_nodes(self) -> None:
+        """Publish the birth message again with node and collection ids, once known."""
+        try:
+            nodes = [n.id for n in await self.api.list_live_nodes()]
+            collections = [c.id for c in await self.api.list_collections()]
+        except Exception as exc:  # a broken driver must not keep the agent from serving
+            log.warning("listing nodes for the birth message failed: %s", exc)
+            return
+        self._summary = (nodes, collections)
+        self.link.publish_nowait(
+            self.topics.agent_state(self.id), self._birth(nodes, collections), qos=1, retain=True
+        )
+
+    # -- incoming messages ---------------------------------------------------------------
+
+    def _on_message(self, message: Incoming) -> None:
+        if message.topic == self.topics.agent_rpc(self.id):
+            if len(self._requests) >= MAX_CONCURRENT_REQUESTS or self._stopping.is_set():
+                self._refuse_busy(message)
+                return
+            job = asyncio.get_running_loop().create_task(self._serve_request(message))
+            self._requests.add(job)
+            job.add_done_callback(self._requests.discard)
+        elif self.topics.level(message.topic, 0) == "clients":
+            self._on_client_state(self.topics.level(message.topic, 1), message)
+
+    def _refuse_busy(self, message: Incoming) -> None:
+        why = "agent is stopping" if self._stopping.is_set() else "too many requests at once"
+        self._reply_error(message, "unavailable", why)
+
+    async def _serve_request(self, message: Incoming) -> None:
+        self.counters.requests += 1
+        codec = codec_of(message.payload)
+        size = len(message.payload)
+        if size > self.max_request_bytes:
+            self.counters.bad_requests += 1
+            text = f"request of {size} bytes exceeds the limit of {self.max_request_bytes}"
+            log.warning("refused a request: %s", text)
+            self._reply_error(message, "invalid_request", text)
+            return
+        try:
+            decoded = decode(message.payload)
+        except InvalidRequest as exc:
+            self.counters.bad_requests += 1
+            log.warning("refused a malformed request: %s", exc)
+            self._reply_error(message, exc.code, str(exc), decodable=False)
+            return
+        request_id, reply_to = read_envelope(decoded, self.topics)
+        try:
+            request = parse_request(decoded, self.topics)
+            result = await self._call(request, codec)
+            reply = ok_reply(request.id, result)
+        except DatamuxError as exc:
+            if isinstance(exc, InvalidRequest):
+                self.counters.bad_requests += 1
+            log.info("request %r failed: %s", request_id, exc)
+            reply = error_reply(request_id, exc.code, str(exc))
+        except Exception as exc:
+            code, text = describe_error(exc)
+            log.exception("request %r failed", request_id)
+            reply = error_reply(request_id, code, text)
+        self._reply(message, reply_to, reply, codec)
+
+    def _reply_error(
+        self, message: Incoming, code: str, text: str, *, decodable: bool = True
+    ) -> None:
+        request_id = reply_to = None
+        size = len(message.payload)
+        if decodable and size <= self.max_request_bytes * OVERSIZE_DECODE_FACTOR:
+            with contextlib.suppress(InvalidRequest):
+                request_id, reply_to = read_envelope(decode(message.payload), self.topics)
+        reply = error_reply(request_id, code, text)
+        self._reply(message, reply_to, reply, codec_of(message.payload))
+
+    def _reply(self, message: Incoming, reply_to: str | None, reply: dict, codec: str) -> None:
+        topic = reply_to
+        response_topic = message.response_topic or ""
+        if topic is None and response_topic.startswith(self.topics.reply_space):
+            topic = response_topic
+        if topic is None:
+            log.warning("no reply address in a request; error not sent: %s", reply)
+            return
+        self.link.publish_nowait(
+            topic, encode(reply, codec), qos=1, correlation=message.correlation
+        )
+
+    # -- methods -------------------------------------------------------------------------
+
+    async def _call(self, request: Request, codec: str) -> Any:
+        params, api = request.params, self.api
+        match request.method:
+            case "list_collections":
+                return [c.to_dict() for c in await api.list_collections()]
+            case "list_collection_streams":
+                streams = await api.list_collection_streams(params["collection_id"])
+                return [stream_to_wire(s) for s in streams]
+            case "list_collection_recordings":
+                return await api.list_collection_recordings(params["collection_id"])
+            case "list_live_nodes":
+                return [n.to_dict() for n in await api.list_live_nodes()]
+            case "list_live_streams":
+                return [stream_to_wire(s) for s in await api.list_live_streams(params["node_id"])]
+            case "replay_collection_stream" | "proxy_live_stream":
+                return await self._start_task(request, codec)
+            case "stop_task":
+                return await self._stop_task(params["task_id"], request.client)
+            case "list_tasks":
+                return [
+                    self._describe(t) for t in self._tasks.values() if t.owner == request.client
+                ]
+        raise InvalidRequest(f"unknown method {request.method!r}")  # the schema prevents this
+
+    async def _start_task(self, request: Request, codec: str) -> dict[str, Any]:
+        params = dict(request.params)
+        task_id = params.pop("task_id")
+        qos = params.pop("qos", 1)
+        if len(self._tasks) >= self.max_tasks:
+            raise Unavailable(f"agent {self.id} runs {len(self._tasks)} tasks, its limit")
+        if task_id in self._tasks:
+            raise InvalidRequest(f"task id {task_id!r} is in use; choose a new one")
+        sink: asyncio.Queue[Any] = asyncio.Queue()
+        attrs = params.pop("attrs", {})
+        remote = RemoteTask(task_id, request.client, qos, codec)
+        self._tasks[task_id] = remote
+        try:
+            if request.method == "replay_collection_stream":
+                ack = await self.api.replay_collection_stream(
+                    params.pop("collection_id"),
+                    params.pop("stream_id"),
+                    attrs,
+                    sink,
+                    owner=request.client,
+                    task_id=task_id,
+                    **params,
+                )
+            else:
+                ack = await self.api.proxy_live_stream(
+                    params.pop("node_id"),
+                    params.pop("stream_id"),
+                    attrs,
+                    sink,
+                    owner=request.client,
+                    task_id=task_id,
+                    **params,
+                )
+        except BaseException:
+            del self._tasks[task_id]
+            raise
+        remote.publisher = asyncio.get_running_loop().create_task(
+            self._publish_task(remote, sink), name=f"publish-{task_id}"
+        )
+        lease = self._leases.get(request.client)
+        if lease is None or lease.check is None:
+            self._arm_lease(request.client)
+        log.info("task %s for %s: %s", task_id, request.client, request.method)
+        return {"randseq": ack.randseq, "status": ack.status}
+
+    async def _stop_task(self, task_id: str, client: str) -> dict[str, Any]:
+        remote = self._tasks.get(task_id)
+        if remote is not None and remote.owner != client:
+            raise Forbidden(f"task {task_id!r} belongs to another client")
+        if remote is None and not any(t.id == task_id for t in self.api.tasks()):
+            await self.api.stop_task(task_id)  # an ended task: a no-op; unknown: NotFound
+            return {"randseq": task_id, "status": True}
+        if remote is None:
+            raise Forbidden(f"task {task_id!r} was started locally, not by a client")
+        await self.api.stop_task(task_id)
+        if remote.publisher is not None:
+            # The end message is published before the reply, so it reaches the client first.
+            await asyncio.wait({remote.publisher}, timeout=PUBLISHER_STOP_S)
+        return {"randseq": task_id, "status": True}
+
+    def _describe(self, remote: RemoteTask) -> dict[str, Any]:
+        return {
+            "task_id": remote.id,
+            "owner": remote.owner,
+            "qos": remote.qos,
+            "frames": remote.frames,
+            "samples": remote.samples,
+            "started": remote.started,
+        }
+
+    # -- publishing ----------------------------------------------------------------------
+
+    async def _publish_task(self, remote: RemoteTask, sink: asyncio.Queue[Any]) -> None:
+        data = self.topics.task_data(self.id, remote.id)
+        ctrl = self.topics.task_ctrl(self.id, remote.id)
+        try:
+            while True:
+                item = await sink.get()
+                if isinstance(item, Frame):
+                    await self._send(data, encode_frame(item, remote.id, remote.codec), remote.qos)
+                    remote.frames += 1
+                    remote.samples += len(item)
+                    self.counters.frames += 1
+                    self.counters.samples += len(item)
+                elif isinstance(item, StreamStatus):
+                    await self._send(ctrl, encode(ctrl_status(remote.id, item), remote.codec))
+                elif isinstance(item, StreamError):
+                    await self._send(ctrl, encode(ctrl_error(remote.id, item), remote.codec))
+                elif item is END_OF_STREAM:
+                    end = ctrl_end(remote.id, remote.frames, remote.samples)
+                    await self._send(ctrl, encode(end, remote.codec))
+                    return
+        except Exception:
+            log.exception("publisher of task %s failed", remote.id)
+            await self.api.stop_task(remote.id)
+        finally:
+            self._tasks.pop(remote.id, None)
+
+    async def _send(self, topic: str, payload: bytes, qos: int = CTRL_QOS) -> None:
+        """Publish; QoS 1 goes to the spool while the broker is away (or the spool drains)."""
+        if qos == 1 and (len(self.spool) or not self.link.connected):
+            self._to_spool(topic, payload)
+            return
+        if await self.link.publish(topic, payload, qos):
+            return
+        if qos == 1:
+            self._to_spool(topic, payload)
+        else:
+            self.counters.frames_dropped += 1
+
+    def _to_spool(self, topic: str, payload: bytes) -> None:
+        self.spool.append(topic, payload, 1)
+        self._spool_ready.set()
+
+    async def _drain_spool(self) -> None:
+        """Send spooled messages, oldest first, at most ``agent.spool_drain_per_s``."""
+        batch = 32
+        while True:
+            await self._spool_ready.wait()
+            if not len(self.spool):
+                self._spool_ready.clear()
+                continue
+            if not self.link.connected:
+                await asyncio.sleep(0.1)
+                continue
+            began = time.monotonic()
+            messages = self.spool.peek(batch)
+            sent = 0
+            for message in messages:
+                if not await self.link.publish(message.topic, message.payload, message.qos):
+                    break
+                sent += 1
+            self.spool.commit(sent)
+            if sent < len(messages):
+                continue
+            # Rate limit: a reconnecting fleet must not flood the broker.
+            await asyncio.sleep(max(0.0, sent / self.drain_per_s - (time.monotonic() - began)))
+
+    # -- leases --------------------------------------------------------------------------
+    # A client's tasks live while it shows signs of life: its presence message, re-sent
+    # every keepalive/2 while it has tasks. Its last will (or a clean close) ends them at
+    # once; silence ends them LEASE_FACTOR x keepalive after the last sign, which keeps
+    # within 1.5 x keepalive even when the broker notices a dead connection late.
+
+    def _on_client_state(self, client: str, message: Incoming) -> None:
+        if not ID_PATTERN.fullmatch(client):
+            return
+        lease = self._leases.setdefault(client, Lease())
+        state: Mapping[str, Any] = {}
+        if message.payload:
+            try:
+                decoded = decode(message.payload)
+                state = decoded if isinstance(decoded, Mapping) else {}
+            except InvalidRequest:
+                log.warning("unreadable state message of client %s", client)
+                return
+        keepalive = state.get("keepalive")
+        if isinstance(keepalive, int | float) and not isinstance(keepalive, bool) and keepalive > 0:
+            lease.keepalive_s = float(keepalive)
+        lease.online = state.get("state") == "online"
+        if lease.online or message.retain:
+            # A retained "offline" may be stale (a broker restart): the client gets its
+            # lease period to show up before its tasks end.
+            if self._owns_tasks(client):
+                self._arm_lease(client)
+        elif self._owns_tasks(client):
+            # A last will. A broker that shuts down sends those too, just before it drops
+            # us: wait a moment, and if our own connection went, it was not the client.
+            self._arm_lease(client, OFFLINE_CONFIRM_S)
+
+    def _owns_tasks(self, client: str) -> bool:
+        return any(t.owner == client for t in self._tasks.values())
+
+    def _lease_s(self, client: str) -> float:
+        lease = self._leases.get(client)
+        keepalive = lease.keepalive_s if lease and lease.keepalive_s else self.settings.keepalive_s
+        return LEASE_FACTOR * keepalive
+
+    def _arm_lease(self, client: str, delay: float | None = None) -> None:
+        """(Re)start the countdown after which a silent client loses its tasks."""
+        lease = self._leases.setdefault(client, Lease())
+        if lease.check is not None:
+            lease.check.cancel()
+        wait = self._lease_s(client) if delay is None else delay
+
+        def expire() -> None:
+            lease.check = None
+            if not self.link.connected:
+                return  # we are the one cut off; leases restart when we reconnect
+            lease.online = False
+            why = "it went offline" if delay is not None else f"no sign of life for {wait:.1f} s"
+            self._release(client, why)
+
+        lease.check = asyncio.get_running_loop().call_later(wait, expire)
+
+    def _release(self, client: str, why: str) -> None:
+        owned = [t.id for t in self._tasks.values() if t.owner == client]
+        if owned:
+            log.info("stopping %d tasks of client %s: %s", len(owned), client, why)
+        for task_id in owned:
+            self._spawn(self.api.stop_task(task_id), f"release-{task_id}")
+
+    # -- health --------------------------------------------------------------------------
+
+    def health(self) -> dict[str, Any]:
+        """The health counters (also published, retained, on the health topic)."""
+        now, cpu = time.monotonic(), time.process_time()
+        wall = now - self._cpu_mark[0]
+        cpu_percent = 100.0 * (cpu - self._cpu_mark[1]) / wall if wall > 0 else 0.0
+        self._cpu_mark = (now, cpu)
+        counters = self.counters
+        return {
+            "agent": self.id,
+            "boot": self.boot,
+            "time": time.time(),
+            "uptime_s": time.time() - self.started,
+            "tasks": len(self._tasks),
+            "frames": counters.frames,
+            "samples": counters.samples,
+            "frames_dropped": counters.frames_dropped,
+            "samples_dropped": sum(t.samples_dropped for t in self.api.tasks()),
+            "requests": counters.requests,
+            "bad_requests": counters.bad_requests,
+            "spool_messages": len(self.spool),
+            "spool_bytes": self.spool.depth_bytes,
+            "spool_dropped": self.spool.dropped,
+            "broker_disconnects": self.link.disconnects,
+            "cpu_percent": round(cpu_percent, 1),
+            "rss_mb": round(rss_bytes() / (1 << 20), 1),
+        }
+
+    async def _health_loop(self) -> None:
+        watchdog = sdnotify.watchdog_interval()
+        interval = min(self.health_interval_s, watchdog) if watchdog else self.health_interval_s
+        next_health = 0.0
+        while True:
+            sdnotify.watchdog_ping()
+            # The spool syncs on its own calls only; this bounds what a power cut can take.
+            self.spool.sync()
+            if time.monotonic() >= next_health:
+                next_health = time.monotonic() + self.health_interval_s
+                payload = encode(self.health(), self.codec)
+                self.link.publish_nowait(
+                    self.topics.agent_health(self.id), payload, qos=0, retain=True
+                )
+            await asyncio.sleep(interval)
+
+
+def _checked_agent_id(value: str) -> str:
+    if not ID_PATTERN.fullmatch(value):
+        raise ConfigError(
+            f"agent id {value!r} cannot be used in topics",
+            key="agent.id",
+            fix="use 1 to 64 letters, digits, '_', '.' or '-'",
+        )
+    return value
+
+
+def rss_bytes() -> int:
+    """Resident memory now (Linux), else the peak."""
+    try:
+        with open("/proc/self/statm") as statm:
+            return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
