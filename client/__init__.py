@@ -1,6 +1,5 @@
-"""The RemoteAPI client: the local API's interface, carried over MQTT.
+"""The RemoteAPI client: the local API's interface, carried over MQTT (docs/remote-api.md)."""
 
-Not built yet: see the MQTT transport issue.
-"""
+from .remote import RemoteAPI
 
-__all__: list[str] = []
+__all__ = ["RemoteAPI"]

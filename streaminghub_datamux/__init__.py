@@ -14,6 +14,7 @@ Quick start::
 
 from . import errors, util
 from .api import API
+from .client import RemoteAPI
 from .framing import Framing
 from .model import (
     Collection,
@@ -40,6 +41,7 @@ __all__ = [
     "Framing",
     "Group",
     "Node",
+    "RemoteAPI",
     "Stream",
     "StreamAck",
     "StreamError",

@@ -38,6 +38,11 @@ def test_public_names_match_all():
         "drivers",
         "cli",
         "recording",
+        "agent",
+        "client",
+        "codec",
+        "mqttio",
+        "protocol",
     }
     assert set(dm.__all__) - {"__version__"} == public - modules
     assert dm.util.END_OF_STREAM is dm.END_OF_STREAM
@@ -51,4 +56,5 @@ def test_subpackages_import_under_the_public_name():
 
     assert simulate.SimDriver.name == "sim"
     assert streaminghub_datamux.cli.main is not None
-    assert streaminghub_datamux.agent.__all__ == [] and streaminghub_datamux.client.__all__ == []
+    assert streaminghub_datamux.agent.__all__ == ["Agent"]
+    assert streaminghub_datamux.client.RemoteAPI is dm.RemoteAPI

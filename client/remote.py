@@ -1,0 +1,703 @@
+"""RemoteAPI: the local API's methods, served by agents behind an MQTT broker.
+
+::
+
+    api = dm.RemoteAPI("mqtt", "cbor")
+    await api.connect(server_host="127.0.0.1", server_port=1883)
+    nodes = await api.list_live_nodes()
+
+Without ``agent_id`` the client sees every agent behind the broker, and ids are
+qualified with the agent's id (``pi-lab1/demo``) so they are unique in the fleet; with
+``agent_id`` it talks to that one agent and ids are exactly as the local API's.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import itertools
+import logging
+import secrets
+import threading
+import time
+from collections import deque
+from collections.abc import Awaitable, Callable, Mapping
+from types import TracebackType
+from typing import Any, Self
+
+from ..codec import CODECS, decode, decode_frame, encode
+from ..config import Config, load_config
+from ..errors import (
+    DatamuxError,
+    InvalidRequest,
+    NotFound,
+    Timeout,
+    Unavailable,
+    error_from_code,
+)
+from ..framing import Framing
+from ..model import Collection, Frame, Node, Stream, StreamAck, StreamError, StreamStatus
+from ..mqttio import BrokerSettings, Incoming, MqttLink, Will
+from ..protocol import Topics, check_id, collection_from_wire, node_from_wire, stream_from_wire
+from ..util import END_OF_STREAM
+
+__all__ = ["RemoteAPI"]
+
+log = logging.getLogger(__name__)
+
+# After an "end" message, frames still on their way get this long to arrive.
+END_GRACE_S = 0.5
+# Frames held for a sink that is not being read; past this the oldest are dropped.
+INBOX_FRAMES = 1024
+# How long a task's consumer waits for its agent to come back before the task ends.
+AGENT_RETURN_S = 30.0
+STOP_WAIT_S = 5.0
+
+
+class _TaskStream:
+    """The client's end of one remote task: orders, checks and delivers its items."""
+
+    def __init__(self, api: RemoteAPI, agent: str, task_id: str, sink: asyncio.Queue[Any]) -> None:
+        self.api = api
+        self.agent = agent
+        self.task_id = task_id
+        self.sink = sink
+        self.stream_id = ""
+        self.next_seq = 0
+        self.received = 0
+        self.duplicates = 0
+        self.inbox: deque[Any] = deque()
+        self.wakeup = asyncio.Event()
+        self.ended = asyncio.Event()  # END_OF_STREAM is on the sink
+        self.finishing: asyncio.Task[None] | None = None
+        self.agent_lost: asyncio.TimerHandle | None = None
+        self.closing = False  # the last items are queued
+        self.delivery = asyncio.get_running_loop().create_task(self._deliver())
+
+    # -- items from the agent ------------------------------------------------------------
+
+    def on_frame(self, frame: Frame) -> None:
+        if self.ended.is_set() or (self.finishing is not None and self.finishing.done()):
+            return
+        if frame.seq < self.next_seq:
+            self.duplicates += 1  # a QoS 1 resend after a reconnect
+            return
+        self.stream_id = frame.stream_id
+        if frame.seq > self.next_seq:
+            lost = frame.seq - self.next_seq
+            reason = f"{lost} frames lost in transit (seq {self.next_seq} to {frame.seq - 1})"
+            log.warning("task %s: %s", self.task_id, reason)
+            self._put(StreamStatus(frame.stream_id, "dropped", reason))
+        self.next_seq = frame.seq + 1
+        self.received += 1
+        self._put(frame)
+
+    def on_ctrl(self, message: Mapping[str, Any]) -> None:
+        kind = message.get("kind")
+        stream_id = str(message.get("stream_id", self.stream_id))
+        if kind == "status":
+            status = str(message.get("status", ""))
+            self._put(StreamStatus(stream_id, status, str(message.get("reason", ""))))
+        elif kind == "error":
+            code, reason = str(message.get("code", "internal")), str(message.get("reason", ""))
+            self._put(StreamError(stream_id, code, reason))
+        elif kind == "end" and self.finishing is None:
+            frames = message.get("frames")
+            total = frames if isinstance(frames, int) else self.next_seq
+            self.finishing = asyncio.get_running_loop().create_task(self._finish(total))
+
+    async def _finish(self, total: int) -> None:
+        # Data and control travel on two topics: let late frames land before the end.
+        deadline = time.monotonic() + END_GRACE_S
+        while self.next_seq < total and time.monotonic() < deadline:
+            await asyncio.sleep(0.01)
+        if self.next_seq < total:
+            lost = total - self.next_seq
+            reason = f"{lost} frames lost in transit (seq {self.next_seq} to {total - 1})"
+            self._put(StreamStatus(self.stream_id, "dropped", reason))
+        self.end()
+
+    def end(self, error: StreamError | None = None) -> None:
+        """Put the last items (an optional error, then END_OF_STREAM) and let go."""
+        if self.agent_lost is not None:
+            self.agent_lost.cancel()
+        if self.closing:
+            return
+        self.closing = True
+        if error is not None:
+            self._put(error)
+        self._put(END_OF_STREAM)
+        self.api._forget(self)
+
+    def _put(self, item: Any) -> None:
+        if isinstance(item, Frame) and len(self.inbox) >= INBOX_FRAMES:
+            # The consumer is not keeping up: drop the oldest frame, and say so.
+            for index, old in enumerate(self.inbox):
+                if isinstance(old, Frame):
+                    del self.inbox[index]
+                    reason = f"{len(old)} samples dropped (consumer too slow)"
+                    self.inbox.append(StreamStatus(old.stream_id, "dropped", reason))
+                    break
+        self.inbox.append(item)
+        self.wakeup.set()
+
+    async def _deliver(self) -> None:
+        while True:
+            while self.inbox:
+                item = self.inbox.popleft()
+                await self.sink.put(item)
+                if item is END_OF_STREAM:
+                    self.ended.set()
+                    return
+            self.wakeup.clear()
+            await self.wakeup.wait()
+
+
+class RemoteAPI:
+    """The local API's interface over MQTT (docs/remote-api.md).
+
+    Args:
+        rpc_name: the transport; ``"mqtt"``.
+        codec_name: ``"cbor"`` (default) or ``"json"``.
+        agent_id: talk to this agent only (ids as in the local API); default: every agent.
+        config: broker settings and timeouts come from here (``broker.*``, ``client.*``).
+        timeout: seconds a request may take; default ``client.timeout_s``.
+        qos: data QoS of the tasks this client starts: 1 (no loss, default) or 0.
+    """
+
+    def __init__(
+        self,
+        rpc_name: str = "mqtt",
+        codec_name: str = "cbor",
+        *,
+        agent_id: str | None = None,
+        config: Config | None = None,
+        timeout: float | None = None,
+        qos: int = 1,
+    ) -> None:
+        if rpc_name != "mqtt":
+            raise InvalidRequest(f"unknown rpc {rpc_name!r}; the transport is 'mqtt'")
+        if codec_name not in CODECS:
+            raise InvalidRequest(f"unknown codec {codec_name!r}; use one of {list(CODECS)}")
+        if qos not in (0, 1) or isinstance(qos, bool):
+            raise InvalidRequest("qos must be 0 or 1")
+        self.codec = codec_name
+        self.agent_id = check_id(agent_id, "agent_id") if agent_id is not None else None
+        self.config = config
+        self.timeout = timeout
+        self.qos = qos
+        self.client_id = "c" + secrets.token_hex(8)
+        self.link: MqttLink | None = None
+        self.topics = Topics()
+        self._agents: dict[str, Mapping[str, Any]] = {}
+        self._replies: dict[str, asyncio.Future[Any]] = {}
+        self._streams: dict[tuple[str, str], _TaskStream] = {}
+        self._request_ids = itertools.count(1)
+        self._since = time.time()
+        self._heartbeat_stop = threading.Event()
+
+    # -- connection ----------------------------------------------------------------------
+
+    async def connect(
+        self, server_host: str | None = None, server_port: int | None = None, **options: Any
+    ) -> Self:
+        """Connect to the broker and learn which agents are online.
+
+        Keyword options override ``broker.*`` settings: ``protocol``, ``username``,
+        ``password``, ``ca_file``, ``cert_file``, ``key_file``, ``keepalive_s``, ``prefix``.
+
+        Raises:
+            Unavailable: no broker answers.
+            NotFound: ``agent_id`` was given and that agent never announced itself.
+        """
+        config = self.config if self.config is not None else load_config()
+        self.config = config
+        if self.timeout is None:
+            self.timeout = float(config.get("client.timeout_s"))
+        settings = BrokerSettings.from_config(config, host=server_host, port=server_port, **options)
+        self.topics = Topics(settings.prefix)
+        self.link = MqttLink(
+            self.client_id,  # the MQTT client id too, so a broker ACL can pin it (%c)
+            settings,
+            on_message=self._on_message,
+            on_connect=self._on_connect,
+            # An empty retained message clears our presence: nothing piles up on the broker.
+            will=Will(self.topics.client_state(self.client_id), b""),
+        )
+        await self.link.connect(timeout=self.timeout)
+        try:
+            await self.link.subscribe(self.topics.client_rpc(self.client_id), qos=1)
+            states = (
+                self.topics.agent_state(self.agent_id)
+                if self.agent_id
+                else self.topics.every_agent_state
+            )
+            await self.link.subscribe(states, qos=1)
+            await self._sync()
+        except BaseException:
+            await self.link.close()
+            raise
+        self._start_heartbeat()
+        if self.agent_id and self.agent_id not in self._agents:
+            await self.close()
+            raise NotFound(
+                f"agent {self.agent_id!r} has never announced itself on {settings.address}"
+            )
+        return self
+
+    async def _sync(self) -> None:
+        """Wait until the broker has sent every retained agent state.
+
+        A message to ourselves comes back after them: the broker sends retained messages
+        right after the SUBACK, in order.
+        """
+        assert self.link is not None
+        marker = f"sync-{next(self._request_ids)}"
+        future = asyncio.get_running_loop().create_future()
+        self._replies[marker] = future
+        try:
+            payload = encode({"id": marker, "ok": True, "result": None}, self.codec)
+            self.link.publish_nowait(self.topics.client_rpc(self.client_id), payload, qos=1)
+            async with asyncio.timeout(self.timeout):
+                await future
+        except TimeoutError:
+            raise Timeout("the broker did not echo a message in time") from None
+        finally:
+            self._replies.pop(marker, None)
+
+    def _presence(self) -> bytes:
+        assert self.link is not None
+        presence = {"state": "online", "client": self.client_id, "since": self._since}
+        presence["keepalive"] = self.link.settings.keepalive_s
+        return encode(presence, self.codec)
+
+    def _on_connect(self, session_present: bool) -> None:
+        assert self.link is not None
+        self.link.publish_nowait(
+            self.topics.client_state(self.client_id), self._presence(), qos=1, retain=True
+        )
+
+    def _start_heartbeat(self) -> None:
+        """Re-send our presence every keepalive/2 while we own tasks: the agents' lease.
+
+        A thread, not a coroutine: analytics code that blocks the event loop for a
+        while must not cost the client its tasks.
+        """
+        assert self.link is not None
+        link, topic = self.link, self.topics.client_state(self.client_id)
+        payload, period = self._presence(), link.settings.keepalive_s / 2
+        stop = self._heartbeat_stop = threading.Event()
+
+        def beat() -> None:
+            while not stop.wait(period):
+                if self._streams:
+                    link.publish_from_thread(topic, payload)
+
+        threading.Thread(target=beat, name=f"heartbeat-{self.client_id}", daemon=True).start()
+
+    async def close(self) -> None:
+        """Stop this client's tasks (each sink gets END_OF_STREAM) and disconnect."""
+        link, streams = self.link, list(self._streams.values())
+        if link is None:
+            return
+        if streams and link.connected:
+            stops = [self._stop_quietly(s) for s in streams]
+            await asyncio.gather(*stops)
+        for stream in list(self._streams.values()):
+            stream.end(StreamError(stream.stream_id, "unavailable", "the client closed"))
+        for future in self._replies.values():
+            if not future.done():
+                future.set_exception(Unavailable("the client closed"))
+        self.link = None
+        self._heartbeat_stop.set()
+        gone = (self.topics.client_state(self.client_id), b"", 1, True)
+        await link.close(final=[gone])
+
+    async def _stop_quietly(self, stream: _TaskStream) -> None:
+        with contextlib.suppress(DatamuxError):
+            await self._stop(stream.agent, stream.task_id)
+
+    async def __aenter__(self) -> Self:
+        if self.link is None:
+            await self.connect()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.close()
+
+    aclose = close
+
+    # -- agents and ids ------------------------------------------------------------------
+
+    def agents(self) -> dict[str, Mapping[str, Any]]:
+        """The agents seen on the broker, by id, with their last state message."""
+        return dict(self._agents)
+
+    def _online(self) -> list[str]:
+        return sorted(a for a, s in self._agents.items() if s.get("state") == "online")
+
+    def _route(self, qualified: str, what: str) -> tuple[str, str]:
+        """(agent, local id) for an id the caller passed."""
+        if not isinstance(qualified, str):
+            raise InvalidRequest(f"{what} must be a string, not {type(qualified).__name__}")
+        if self.agent_id is not None:
+            return self.agent_id, qualified
+        agent, sep, local = qualified.partition("/")
+        if sep:
+            return agent, local
+        online = self._online()
+        if len(online) == 1:
+            return online[0], qualified
+        raise InvalidRequest(
+            f"{what} {qualified!r} names no agent; in a fleet ids look like 'agent/id' "
+            f"(online agents: {online or 'none'})"
+        )
+
+    def _qualify(self, agent: str, local: str) -> str:
+        return local if self.agent_id is not None else f"{agent}/{local}"
+
+    def _targets(self) -> list[str]:
+        if self.agent_id is not None:
+            return [self.agent_id]
+        return self._online()
+
+    async def _each_agent(self, method: str, convert: Callable[[str, Any], list[Any]]) -> list[Any]:
+        """Ask every target agent; a fleet answer leaves out (and logs) agents that fail."""
+        self._require_link()
+        targets = self._targets()
+        results = await asyncio.gather(
+            *(self._call(agent, method, {}) for agent in targets), return_exceptions=True
+        )
+        merged: list[Any] = []
+        failures = []
+        for agent, result in zip(targets, results, strict=True):
+            if isinstance(result, BaseException):
+                if not isinstance(result, DatamuxError):
+                    raise result
+                failures.append((agent, result))
+                log.warning("agent %s did not list: %s", agent, result)
+            else:
+                merged.extend(convert(agent, result))
+        if failures and (self.agent_id is not None or len(failures) == len(targets)):
+            raise failures[0][1]
+        return merged
+
+    # -- RPC -----------------------------------------------------------------------------
+
+    async def _call(self, agent: str, method: str, params: Mapping[str, Any]) -> Any:
+        link = self._require_link()
+        state = self._agents.get(agent)
+        if state is None:
+            raise NotFound(f"no agent {agent!r} behind the broker (online: {self._online()})")
+        if state.get("state") != "online":
+            raise Unavailable(f"agent {agent!r} is offline")
+        request_id = f"{self.client_id}-{next(self._request_ids)}"
+        reply_to = self.topics.client_rpc(self.client_id)
+        request = {
+            "id": request_id,
+            "method": method,
+            "params": dict(params),
+            "reply_to": reply_to,
+            "client": self.client_id,
+        }
+        future = asyncio.get_running_loop().create_future()
+        self._replies[request_id] = future
+        try:
+            sent = await link.publish(
+                self.topics.agent_rpc(agent),
+                encode(request, self.codec),
+                qos=1,
+                response_topic=reply_to,
+                correlation=request_id.encode(),
+            )
+            if not sent:
+                raise Unavailable(f"not connected to the broker {link.settings.address}")
+            async with asyncio.timeout(self.timeout):
+                reply = await future
+        except TimeoutError:
+            raise Timeout(
+                f"{method}: no answer from agent {agent!r} within {self.timeout} s"
+            ) from None
+        finally:
+            self._replies.pop(request_id, None)
+        if not isinstance(reply, Mapping):
+            raise DatamuxError(f"{method}: malformed reply from agent {agent!r}")
+        if reply.get("ok") is True:
+            return reply.get("result")
+        error = reply.get("error")
+        if not isinstance(error, Mapping):
+            raise DatamuxError(f"{method}: malformed error reply from agent {agent!r}")
+        raise error_from_code(str(error.get("code", "internal")), str(error.get("message", "")))
+
+    def _require_link(self) -> MqttLink:
+        if self.link is None:
+            raise Unavailable("not connected: call `await api.connect(...)` first")
+        return self.link
+
+    # -- the API -------------------------------------------------------------------------
+
+    async def list_collections(self) -> list[Collection]:
+        def convert(agent: str, result: Any) -> list[Collection]:
+            return [self._collection(agent, collection_from_wire(c)) for c in result]
+
+        return await self._each_agent("list_collections", convert)
+
+    def _collection(self, agent: str, collection: Collection) -> Collection:
+        if self.agent_id is not None:
+            return collection
+        qualified = self._qualify(agent, collection.id)
+        streams = {k: self._stream(agent, s) for k, s in collection.streams.items()}
+        return dataclasses.replace(collection, id=qualified, streams=streams)
+
+    def _stream(self, agent: str, stream: Stream) -> Stream:
+        if self.agent_id is not None:
+            return stream
+        changes: dict[str, Any] = {}
+        if stream.node_id is not None:
+            changes["node_id"] = self._qualify(agent, stream.node_id)
+        if stream.collection_id is not None:
+            changes["collection_id"] = self._qualify(agent, stream.collection_id)
+        return dataclasses.replace(stream, **changes)
+
+    async def list_collection_streams(self, collection_id: str) -> list[Stream]:
+        agent, local = self._route(collection_id, "collection_id")
+        result = await self._call(agent, "list_collection_streams", {"collection_id": local})
+        return [self._stream(agent, stream_from_wire(s)) for s in result]
+
+    async def list_collection_recordings(self, collection_id: str) -> list[dict[str, str]]:
+        agent, local = self._route(collection_id, "collection_id")
+        result = await self._call(agent, "list_collection_recordings", {"collection_id": local})
+        return [dict(r) for r in result]
+
+    async def list_live_nodes(self) -> list[Node]:
+        def convert(agent: str, result: Any) -> list[Node]:
+            nodes = [node_from_wire(n) for n in result]
+            if self.agent_id is not None:
+                return nodes
+            return [dataclasses.replace(n, id=self._qualify(agent, n.id)) for n in nodes]
+
+        return await self._each_agent("list_live_nodes", convert)
+
+    async def list_live_streams(self, node_id: str) -> list[Stream]:
+        agent, local = self._route(node_id, "node_id")
+        result = await self._call(agent, "list_live_streams", {"node_id": local})
+        return [self._stream(agent, stream_from_wire(s)) for s in result]
+
+    async def replay_collection_stream(
+        self,
+        collection_id: str,
+        stream_id: str,
+        attrs: Mapping[str, Any],
+        sink: asyncio.Queue[Any],
+        *,
+        speed: float | None = None,
+        rate_limit: bool | None = None,
+        framing: Framing | str | dict[str, Any] | None = None,
+        qos: int | None = None,
+    ) -> StreamAck:
+        """As :meth:`API.replay_collection_stream`; ``qos`` overrides the client's."""
+        agent, local = self._route(collection_id, "collection_id")
+        params: dict[str, Any] = {"collection_id": local, "stream_id": stream_id}
+        if speed is not None:
+            params["speed"] = speed
+        if rate_limit is not None:
+            params["rate_limit"] = rate_limit
+        return await self._start(
+            agent, "replay_collection_stream", params, attrs, sink, framing, qos
+        )
+
+    async def proxy_live_stream(
+        self,
+        node_id: str,
+        stream_id: str,
+        attrs: Mapping[str, Any],
+        sink: asyncio.Queue[Any],
+        *,
+        framing: Framing | str | dict[str, Any] | None = None,
+        qos: int | None = None,
+    ) -> StreamAck:
+        """As :meth:`API.proxy_live_stream`; ``qos`` overrides the client's."""
+        agent, local = self._route(node_id, "node_id")
+        params = {"node_id": local, "stream_id": stream_id}
+        return await self._start(agent, "proxy_live_stream", params, attrs, sink, framing, qos)
+
+    async def _start(
+        self,
+        agent: str,
+        method: str,
+        params: dict[str, Any],
+        attrs: Mapping[str, Any] | None,
+        sink: asyncio.Queue[Any],
+        framing: Framing | str | dict[str, Any] | None,
+        qos: int | None,
+    ) -> StreamAck:
+        if not isinstance(sink, asyncio.Queue):
+            raise InvalidRequest(f"sink must be an asyncio.Queue, not {type(sink).__name__}")
+        if attrs is not None and not isinstance(attrs, Mapping):
+            raise InvalidRequest(f"attrs must be a mapping, not {type(attrs).__name__}")
+        link = self._require_link()
+        task_qos = self.qos if qos is None else qos
+        task_id = secrets.token_hex(8)
+        params = {**params, "attrs": dict(attrs or {}), "task_id": task_id, "qos": task_qos}
+        if framing is not None:
+            params["framing"] = _framing_wire(framing)
+        stream = _TaskStream(self, agent, task_id, sink)
+        self._streams[(agent, task_id)] = stream
+        topic = self.topics.task_any(agent, task_id)
+        try:
+            # Subscribe first: frames may flow before the reply arrives.
+            await link.subscribe(topic, qos=task_qos, timeout=self.timeout or 10.0)
+            result = await self._call(agent, method, params)
+        except BaseException:
+            self._streams.pop((agent, task_id), None)
+            stream.delivery.cancel()
+            with contextlib.suppress(DatamuxError):
+                await link.unsubscribe(topic)
+            raise
+        status = bool(result.get("status", True)) if isinstance(result, Mapping) else True
+        return StreamAck(status=status, randseq=self._qualify(agent, task_id))
+
+    async def stop_task(self, randseq: str) -> StreamAck:
+        """Stop a task; its sink gets END_OF_STREAM. Stopping an ended task is a no-op.
+
+        Raises:
+            NotFound: no such task on that agent.
+            Forbidden: another client started it.
+        """
+        agent, local = self._route(randseq, "randseq")
+        await self._stop(agent, local)
+        return StreamAck(status=True, randseq=randseq)
+
+    async def _stop(self, agent: str, task_id: str) -> None:
+        await self._call(agent, "stop_task", {"task_id": task_id})
+        stream = self._streams.get((agent, task_id))
+        if stream is None:
+            return
+        # The agent published the end before replying; wait until it is on the sink.
+        # Should it have got lost, end the sink here: a stop never leaves it open.
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(STOP_WAIT_S):
+                await self._wait_finished(stream)
+        if not stream.ended.is_set():
+            stream.end()
+
+    async def _wait_finished(self, stream: _TaskStream) -> None:
+        while stream.finishing is None:
+            await asyncio.sleep(0.01)
+        await stream.finishing
+
+    # -- incoming ------------------------------------------------------------------------
+
+    def _forget(self, stream: _TaskStream) -> None:
+        self._streams.pop((stream.agent, stream.task_id), None)
+        link = self.link
+        if link is not None:
+            topic = self.topics.task_any(stream.agent, stream.task_id)
+            job = asyncio.get_running_loop().create_task(_quietly(link.unsubscribe(topic)))
+            _keep(job)
+
+    def _on_message(self, message: Incoming) -> None:
+        topic, topics = message.topic, self.topics
+        if topics.level(topic, 0) == "agents":
+            agent = topics.level(topic, 1)
+            if topics.level(topic, 2) == "state":
+                self._on_agent_state(agent, message.payload)
+            elif topics.level(topic, 2) == "tasks":
+                self._on_task_message(
+                    agent, topics.level(topic, 3), topics.level(topic, 4), message
+                )
+        elif topic == topics.client_rpc(self.client_id):
+            self._on_reply(message.payload)
+
+    def _on_reply(self, payload: bytes) -> None:
+        try:
+            reply = decode(payload)
+        except InvalidRequest as exc:
+            log.warning("ignored an unreadable reply: %s", exc)
+            return
+        if not isinstance(reply, Mapping):
+            return
+        future = self._replies.get(str(reply.get("id")))
+        if future is not None and not future.done():
+            future.set_result(reply)
+
+    def _on_task_message(self, agent: str, task_id: str, kind: str, message: Incoming) -> None:
+        stream = self._streams.get((agent, task_id))
+        if stream is None:
+            return
+        try:
+            if kind == "data":
+                stream.on_frame(decode_frame(message.payload).frame)
+            elif kind == "ctrl":
+                ctrl = decode(message.payload)
+                if isinstance(ctrl, Mapping):
+                    stream.on_ctrl(ctrl)
+        except InvalidRequest as exc:
+            log.warning("task %s: ignored an unreadable %s message: %s", task_id, kind, exc)
+
+    def _on_agent_state(self, agent: str, payload: bytes) -> None:
+        if not payload:
+            self._agents.pop(agent, None)
+            state: Mapping[str, Any] = {"state": "offline"}
+        else:
+            try:
+                decoded = decode(payload)
+            except InvalidRequest:
+                log.warning("ignored an unreadable state message of agent %s", agent)
+                return
+            if not isinstance(decoded, Mapping):
+                return
+            state = decoded
+        previous = self._agents.get(agent)
+        if payload:
+            self._agents[agent] = state
+        for stream in [s for s in self._streams.values() if s.agent == agent]:
+            self._follow_agent(stream, previous, state)
+
+    def _follow_agent(
+        self, stream: _TaskStream, previous: Mapping[str, Any] | None, state: Mapping[str, Any]
+    ) -> None:
+        online = state.get("state") == "online"
+        if previous is not None and online and previous.get("boot") != state.get("boot"):
+            reason = f"agent {stream.agent} restarted; its tasks ended"
+            stream.end(StreamError(stream.stream_id, "unavailable", reason))
+        elif not online and stream.agent_lost is None:
+            reason = f"agent {stream.agent} went offline"
+            stream._put(StreamStatus(stream.stream_id, "disconnected", reason))
+
+            def give_up() -> None:
+                why = f"agent {stream.agent} did not come back within {AGENT_RETURN_S:.0f} s"
+                stream.end(StreamError(stream.stream_id, "unavailable", why))
+
+            stream.agent_lost = asyncio.get_running_loop().call_later(AGENT_RETURN_S, give_up)
+        elif online and stream.agent_lost is not None:
+            stream.agent_lost.cancel()
+            stream.agent_lost = None
+            stream._put(StreamStatus(stream.stream_id, "reconnected", f"agent {stream.agent}"))
+
+
+def _framing_wire(framing: Framing | str | Mapping[str, Any]) -> str | dict[str, Any]:
+    if isinstance(framing, Framing):
+        return {"max_samples": framing.max_samples, "max_latency_ms": framing.max_latency_ms}
+    if isinstance(framing, str):
+        return framing
+    return dict(framing)
+
+
+_jobs: set[asyncio.Task[Any]] = set()
+
+
+def _keep(job: asyncio.Task[Any]) -> None:
+    _jobs.add(job)
+    job.add_done_callback(_jobs.discard)
+
+
+async def _quietly(awaitable: Awaitable[Any]) -> None:
+    with contextlib.suppress(DatamuxError, asyncio.CancelledError):
+        await awaitable
