@@ -14,7 +14,7 @@ from typing import Any
 from .. import __version__
 from ..config import load_config
 from ..errors import ConfigError, DatamuxError
-from . import setup_cmds, simulate_cmd, stream_cmds
+from . import serve_cmd, setup_cmds, simulate_cmd, stream_cmds
 
 __all__ = ["build_parser", "main"]
 
@@ -73,6 +73,7 @@ def build_parser() -> argparse.ArgumentParser:
     setup_cmds.register(subparsers)
     stream_cmds.register(subparsers)
     simulate_cmd.register(subparsers)
+    serve_cmd.register(subparsers)
     return parser
 
 

@@ -1,0 +1,212 @@
+"""``datamux serve`` (the agent) and ``datamux demo`` (an agent plus a remote client)."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+from typing import Any
+
+from ..config import Config, load_config
+from ..errors import ConfigError, Unavailable
+
+__all__ = ["register"]
+
+log = logging.getLogger(__name__)
+
+LOOPBACK_HOSTS = ("127.0.0.1", "::1", "localhost")
+
+
+def register(subparsers: argparse._SubParsersAction[Any]) -> None:
+    serve = subparsers.add_parser(
+        "serve",
+        help="run the agent: serve this box's collections and devices over MQTT",
+        description="Connect to the MQTT broker and serve RPC requests, tasks and frames "
+        "until SIGTERM or Ctrl-C (docs/agent.md).",
+    )
+    _broker_flags(serve)
+    serve.add_argument(
+        "-r", "--rpc", default="mqtt", choices=["mqtt"], help="transport (only mqtt)"
+    )
+    serve.add_argument(
+        "-c", "--codec", choices=["cbor", "json"], help="codec of the agent's own messages"
+    )
+    serve.add_argument("--id", dest="agent_id", help="agent id (default: agent.id or host name)")
+    serve.add_argument(
+        "--embedded",
+        choices=["auto", "always", "never"],
+        help="run an in-process broker (default: broker.embedded)",
+    )
+    serve.add_argument("--state-dir", help="where the spool lives (default: agent.state_dir)")
+    serve.add_argument("--drivers", help='live drivers, e.g. "sim,lsl" (default: drivers.enabled)')
+    serve.set_defaults(handler=lambda args: _run(_serve(args)))
+
+    demo = subparsers.add_parser(
+        "demo",
+        help="start an agent with a simulated device and print its data through the RemoteAPI",
+        description="Starts `datamux serve` (with an embedded broker when none answers on "
+        "the broker address), connects a RemoteAPI client, proxies the simulated demo/eeg "
+        "stream and prints its frames, then stops the agent.",
+    )
+    _broker_flags(demo)
+    demo.add_argument("--seconds", type=float, default=5.0, help="how long to print (default 5)")
+    demo.add_argument("--node", default="demo", help="node id (default: demo)")
+    demo.add_argument("--stream", default="eeg", help="stream id (default: eeg)")
+    demo.set_defaults(handler=lambda args: _run(_demo(args)))
+
+
+def _broker_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("-H", "--host", help="broker host (default: broker.host)")
+    parser.add_argument("-p", "--port", type=int, help="broker port (default: broker.port)")
+
+
+def _run(coro: Any) -> int:
+    try:
+        return asyncio.run(coro)
+    except KeyboardInterrupt:
+        return 130
+
+
+def _config(args: argparse.Namespace, **extra: Any) -> Config:
+    flags = dict(getattr(args, "config_flags", None) or {})
+    flags.update({"broker.host": args.host, "broker.port": args.port, **extra})
+    return load_config(flags={k: v for k, v in flags.items() if v is not None})
+
+
+# -- serve -------------------------------------------------------------------------------
+
+
+async def _serve(args: argparse.Namespace) -> int:
+    from ..agent.embedded import EmbeddedBroker, broker_reachable
+    from ..agent.service import Agent
+
+    config = _config(
+        args,
+        **{
+            "agent.codec": args.codec,
+            "agent.id": args.agent_id,
+            "broker.embedded": args.embedded,
+            "agent.state_dir": args.state_dir,
+            "drivers.enabled": args.drivers,
+        },
+    )
+    if not logging.getLogger().isEnabledFor(logging.INFO) and not getattr(args, "verbose", 0):
+        logging.getLogger().setLevel(config.log_level)  # a service logs at its configured level
+    host, port = config.get("broker.host"), config.get("broker.port")
+    embedded = config.get("broker.embedded")
+    broker = None
+    if embedded == "always" or (
+        embedded == "auto"
+        and host in LOOPBACK_HOSTS
+        and not await asyncio.to_thread(broker_reachable, host, port)
+    ):
+        if embedded == "auto":
+            log.warning("no MQTT broker on %s:%d: starting the embedded one", host, port)
+        broker = await EmbeddedBroker.start(host, port)
+    agent = Agent(config)
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, agent.request_stop)
+    try:
+        await agent.run()
+    finally:
+        if broker is not None:
+            await broker.aclose()
+    return 0
+
+
+# -- demo --------------------------------------------------------------------------------
+
+
+async def _demo(args: argparse.Namespace) -> int:
+    from .. import END_OF_STREAM, Frame, RemoteAPI
+    from ..agent.embedded import broker_reachable
+    from .stream_cmds import FramePrinter
+
+    config = _config(args)
+    host, port = config.get("broker.host"), config.get("broker.port")
+    state_dir = os.path.join(os.path.expanduser("~"), ".cache", "streaminghub-demo")
+    command = [
+        sys.executable,
+        "-m",
+        "streaminghub_datamux",
+        "serve",
+        "--host",
+        host,
+        "--port",
+        str(port),
+        "--id",
+        "demo-agent",
+        "--drivers",
+        "sim",
+        "--state-dir",
+        state_dir,
+    ]
+    print(f"$ datamux serve --host {host} --port {port} --id demo-agent --drivers sim")
+    agent = subprocess.Popen(command)
+    try:
+        await _wait_for_broker(host, port, agent, broker_reachable)
+        api = RemoteAPI("mqtt", "cbor", agent_id="demo-agent", config=config)
+        await _connect_when_announced(api, host, port, agent)
+        nodes = await api.list_live_nodes()
+        print("live nodes of demo-agent:", ", ".join(n.id for n in nodes))
+        sink: asyncio.Queue[Any] = asyncio.Queue()
+        ack = await api.proxy_live_stream(args.node, args.stream, {}, sink)
+        print(f"proxying {args.node}/{args.stream} over MQTT as task {ack.randseq}:")
+        printer = FramePrinter(rows=False)
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(args.seconds):
+                while (item := await sink.get()) is not END_OF_STREAM:
+                    if isinstance(item, Frame):
+                        printer.frame(item)
+                    else:
+                        printer.other(item)
+        await api.close()
+        print("done: the client closed; stopping the agent")
+        return 0
+    finally:
+        _stop_process(agent)
+
+
+async def _wait_for_broker(host: str, port: int, agent: subprocess.Popen, reachable: Any) -> None:
+    deadline = time.monotonic() + 20
+    while not await asyncio.to_thread(reachable, host, port):
+        if agent.poll() is not None:
+            raise Unavailable(f"the agent exited with code {agent.returncode}")
+        if time.monotonic() > deadline:
+            raise Unavailable(f"no broker on {host}:{port} after 20 s")
+        await asyncio.sleep(0.1)
+
+
+async def _connect_when_announced(api: Any, host: str, port: int, agent: Any) -> None:
+    from ..errors import NotFound
+
+    deadline = time.monotonic() + 20
+    while True:
+        try:
+            await api.connect(host, port)
+            return
+        except (NotFound, Unavailable):
+            if agent.poll() is not None:
+                raise Unavailable(f"the agent exited with code {agent.returncode}") from None
+            if time.monotonic() > deadline:
+                raise
+            await asyncio.sleep(0.2)
+
+
+def _stop_process(process: subprocess.Popen) -> None:
+    if process.poll() is not None:
+        return
+    process.send_signal(signal.SIGTERM)
+    try:
+        process.wait(timeout=15)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait(timeout=5)
+        raise ConfigError("the demo agent did not stop on SIGTERM; killed") from None
