@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 import socket
 import subprocess
@@ -55,6 +56,9 @@ class Mosquitto:
             "\n".join(
                 [
                     f"listener {self.port} {LOOPBACK}",
+                    # As root, mosquitto drops to the "mosquitto" user, which cannot write
+                    # the persistence file in a root-owned temporary folder.
+                    *(["user root"] if os.geteuid() == 0 else []),
                     "allow_anonymous true",
                     "persistence true",
                     f"persistence_location {workdir}/",

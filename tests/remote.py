@@ -1,0 +1,159 @@
+"""Agents and RemoteAPI clients for tests, on a real mosquitto (tests/broker.py)."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+from typing import Any
+
+from broker import Mosquitto
+
+from streaminghub_datamux import API, RemoteAPI
+from streaminghub_datamux.agent import Agent
+from streaminghub_datamux.config import Config
+from streaminghub_datamux.mqttio import BrokerSettings
+
+AGENT_ID = "a1"
+
+
+def settings_for(broker: Mosquitto, **overrides: Any) -> BrokerSettings:
+    return BrokerSettings(host=broker.host, port=broker.port, **overrides)
+
+
+@contextlib.asynccontextmanager
+async def running_agent(
+    config: Config,
+    broker: Mosquitto,
+    state_dir: Path,
+    *,
+    agent_id: str = AGENT_ID,
+    api: API | None = None,
+    **settings: Any,
+) -> AsyncIterator[Agent]:
+    """An agent on this loop, connected to ``broker``; stopped on exit."""
+    agent = Agent(
+        config,
+        api=api,
+        settings=settings_for(broker, **settings),
+        agent_id=agent_id,
+        state_dir=state_dir,
+    )
+    await agent.start(connect_timeout=10)
+    try:
+        yield agent
+    finally:
+        await agent.stop()
+
+
+@contextlib.asynccontextmanager
+async def remote_api(
+    config: Config,
+    broker: Mosquitto,
+    *,
+    agent_id: str | None = AGENT_ID,
+    codec: str = "cbor",
+    **options: Any,
+) -> AsyncIterator[RemoteAPI]:
+    timeout = options.pop("timeout", 10.0)
+    api = RemoteAPI("mqtt", codec, agent_id=agent_id, config=config, timeout=timeout)
+    await api.connect(broker.host, broker.port, **options)
+    try:
+        yield api
+    finally:
+        await api.close()
+
+
+def api_factory(kind: str, broker: Mosquitto | None, state_dir: Path) -> Callable[..., Any]:
+    """``make(config)``: an async context manager giving the API of this kind."""
+
+    @contextlib.asynccontextmanager
+    async def make(config: Config) -> AsyncIterator[Any]:
+        if kind == "local":
+            async with API(config) as api:
+                yield api
+            return
+        assert broker is not None
+        codec = kind.split("-", 1)[1]
+        async with (
+            running_agent(config, broker, state_dir),
+            remote_api(config, broker, codec=codec) as api,
+        ):
+            yield api
+
+    return make
+
+
+# -- processes ---------------------------------------------------------------------------
+
+
+class AgentProcess:
+    """``datamux serve`` in its own process, stopped by its own pid."""
+
+    def __init__(
+        self, broker: Mosquitto, workdir: Path, agent_id: str = AGENT_ID, *extra: str
+    ) -> None:
+        self.log_path = workdir / f"agent-{agent_id}.log"
+        self.command = [
+            sys.executable,
+            "-m",
+            "streaminghub_datamux",
+            "-v",
+            "serve",
+            "--host",
+            broker.host,
+            "--port",
+            str(broker.port),
+            "--id",
+            agent_id,
+            "--embedded",
+            "never",
+            "--drivers",
+            "sim",
+            "--state-dir",
+            str(workdir / "state"),
+            "--data_dir",
+            str(workdir / "data"),
+            "--meta_dir",
+            str(workdir / "meta"),
+            *extra,
+        ]
+        env = {k: v for k, v in os.environ.items() if not k.startswith("STREAMINGHUB_")}
+        env["HOME"] = str(workdir)  # no user rc file leaks in
+        with self.log_path.open("ab") as log:
+            self.process = subprocess.Popen(
+                self.command, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=workdir
+            )
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")[-4000:]
+
+    def terminate(self, timeout: float = 15.0) -> int:
+        """SIGTERM, and wait for the exit code."""
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+        try:
+            return self.process.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait(timeout=5)
+            raise AssertionError(f"agent ignored SIGTERM for {timeout} s:\n{self.log()}") from None
+
+    def kill(self) -> None:
+        if self.process.poll() is None:
+            self.process.kill()
+            self.process.wait(timeout=5)
+
+
+def wait_until(condition: Callable[[], bool], timeout: float, what: str) -> None:
+    """Poll a condition (bounded), for code outside an event loop."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+        time.sleep(0.05)

@@ -1,0 +1,240 @@
+"""One contract, three implementations: the local API, and the RemoteAPI over a real
+mosquitto in both codecs. Every test here runs against each, so they cannot drift apart.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+import numpy as np
+import pytest
+from helpers import drain, frames_of, gaze_collection, run, write_csv
+from remote import api_factory
+
+import streaminghub_datamux as dm
+from streaminghub_datamux.errors import InvalidRequest, NotFound
+
+KINDS = ["local", "remote-cbor", "remote-json"]
+
+INT_NODE = {
+    "bench": {
+        "name": "Bench ADC",
+        "streams": {
+            "adc": {
+                "frequency": 500,
+                "dtype": "i16",
+                "channels": {"a0": {"signal": "sine", "amplitude": 1000, "freq_hz": 5}},
+            }
+        },
+    }
+}
+
+
+@pytest.fixture(params=KINDS)
+def make_api(request, tmp_path):
+    broker = None
+    if request.param != "local":
+        broker = request.getfixturevalue("mosquitto")
+    return api_factory(request.param, broker, tmp_path / "state")
+
+
+def study(workspace, n=2000):
+    workspace.add_collection("study", gaze_collection())
+    recorded = workspace.add_gaze_recording("A", "1", n=n)
+    workspace.add_gaze_recording("B", "2", n=20)
+    return recorded
+
+
+def test_listing_collections_streams_and_recordings(workspace, make_api):
+    study(workspace)
+
+    async def body():
+        async with make_api(workspace.config()) as api:
+            collections = await api.list_collections()
+            streams = await api.list_collection_streams("study")
+            recordings = await api.list_collection_recordings("study")
+            return collections, streams, recordings
+
+    collections, streams, recordings = run(body())
+    (collection,) = collections
+    assert collection.id == "study" and collection.name == "Gaze study"
+    assert set(collection.streams) == {"gaze", "pupil"}
+    assert collection.groups["subject"].values == ("A", "B")
+    by_id = {s.id: s for s in streams}
+    assert by_id["gaze"].channels == ["x", "y"] and by_id["gaze"].dtype == np.float32
+    assert by_id["pupil"].frequency == 100.0 and by_id["pupil"].unit == "mm"
+    assert sorted(recordings, key=lambda r: r["subject"]) == [
+        {"subject": "A", "session": "1"},
+        {"subject": "B", "session": "2"},
+    ]
+
+
+def test_replay_delivers_the_recording_exactly(workspace, make_api):
+    timestamps, values = study(workspace, n=5000)
+
+    async def body():
+        async with make_api(workspace.config()) as api:
+            sink = asyncio.Queue()
+            ack = await api.replay_collection_stream(
+                "study", "gaze", {"subject": "A"}, sink, speed=0, framing={"max_samples": 300}
+            )
+            assert ack.status and isinstance(ack.randseq, str)
+            return await drain(sink)
+
+    items = run(body())
+    assert items[-1] is dm.END_OF_STREAM
+    frames = frames_of(items)
+    assert len(frames) == len(items) - 1  # nothing but frames, then the end
+    assert [f.seq for f in frames] == list(range(len(frames)))
+    assert all(len(f) <= 300 for f in frames)
+    np.testing.assert_array_equal(np.concatenate([f.timestamps for f in frames]), timestamps)
+    got = np.concatenate([f.values for f in frames])
+    np.testing.assert_array_equal(got, values[:, :2])
+    assert got.dtype == np.float32
+    assert frames[0].channels == ["x", "y"] and frames[0].stream_id == "gaze"
+    assert frames[0].attrs == {"subject": "A", "session": "1"}
+
+
+def test_frames_helper_and_upstream_samples(workspace, make_api):
+    timestamps, values = study(workspace, n=30)
+
+    async def body():
+        async with make_api(workspace.config()) as api:
+            sink = asyncio.Queue()
+            await api.replay_collection_stream("study", "pupil", {"subject": "A"}, sink, speed=0)
+            return [f async for f in dm.frames(sink)]
+
+    frames = run(body())
+    samples = [s for f in frames for s in f.samples()]
+    assert len(samples) == 30
+    assert samples[0]["index"]["t"] == timestamps[0]
+    assert samples[0]["value"]["d"] == pytest.approx(values[0, 2])
+
+
+def test_request_errors_are_typed(workspace, make_api):
+    study(workspace)
+
+    async def body():
+        async with make_api(workspace.config()) as api:
+            sink = asyncio.Queue()
+            with pytest.raises(NotFound, match="nope"):
+                await api.list_collection_streams("nope")
+            with pytest.raises(NotFound):
+                await api.replay_collection_stream("study", "nope", {"subject": "A"}, sink)
+            with pytest.raises(NotFound):
+                await api.replay_collection_stream("study", "gaze", {"subject": "Z"}, sink)
+            with pytest.raises(InvalidRequest, match="2 recordings"):
+                await api.replay_collection_stream("study", "gaze", {}, sink)
+            with pytest.raises(InvalidRequest):
+                await api.replay_collection_stream("study", "gaze", "A", sink)
+            with pytest.raises(InvalidRequest):
+                await api.replay_collection_stream(
+                    "study", "gaze", {"subject": "A"}, sink, framing="no-such-preset"
+                )
+            with pytest.raises(NotFound, match="nowhere"):
+                await api.list_live_streams("nowhere")
+            with pytest.raises(NotFound):
+                await api.proxy_live_stream("demo", "nope", {}, sink)
+            with pytest.raises(NotFound):
+                await api.stop_task("0123456789abcdef")
+            assert sink.empty()  # a refused request starts nothing
+
+    run(body())
+
+
+def test_stop_ends_the_task_and_a_second_stop_is_a_no_op(workspace, make_api):
+    study(workspace, n=5000)
+
+    async def body():
+        async with make_api(workspace.config()) as api:
+            sink = asyncio.Queue()
+            ack = await api.replay_collection_stream(
+                "study", "gaze", {"subject": "A"}, sink, speed=1.0
+            )
+            first = await asyncio.wait_for(sink.get(), 10)
+            await api.stop_task(ack.randseq)
+            rest = await drain(sink)
+            again = await api.stop_task(ack.randseq)
+            return first, rest, again
+
+    first, rest, again = run(body())
+    assert isinstance(first, dm.Frame)
+    assert rest[-1] is dm.END_OF_STREAM
+    assert sum(len(f) for f in [first, *frames_of(rest)]) < 5000  # stopped early
+    assert again.status
+
+
+def test_a_broken_file_ends_with_an_error_then_end_of_stream(workspace, make_api):
+    workspace.add_collection("study", gaze_collection())
+    rows = np.column_stack([np.arange(100) / 100, np.ones((100, 3))])
+    path = workspace.data_dir / "study" / "A" / "1_gaze.csv"
+    write_csv(path, ["t", "x", "y", "d"], rows)
+    with path.open("a") as handle:
+        handle.write("1.0,not-a-number,2,3\n")
+
+    async def body():
+        async with make_api(workspace.config()) as api:
+            sink = asyncio.Queue()
+            await api.replay_collection_stream("study", "gaze", {"subject": "A"}, sink, speed=0)
+            return await drain(sink)
+
+    items = run(body())
+    assert items[-1] is dm.END_OF_STREAM
+    error = items[-2]
+    assert isinstance(error, dm.StreamError) and error.code == "data"
+    assert "1_gaze.csv" in error.reason
+
+
+def test_live_nodes_streams_and_proxy(workspace, make_api):
+    async def body():
+        async with make_api(workspace.config(**{"simulate.nodes": INT_NODE})) as api:
+            nodes = {n.id: n for n in await api.list_live_nodes()}
+            streams = {s.id: s for s in await api.list_live_streams("demo")}
+            sink = asyncio.Queue()
+            ack = await api.proxy_live_stream(
+                "demo", "eeg", {"site": "lab"}, sink, framing="low-latency"
+            )
+            frames = []
+            while len(frames) < 5:
+                item = await asyncio.wait_for(sink.get(), 10)
+                if isinstance(item, dm.Frame):
+                    frames.append(item)
+            await api.stop_task(ack.randseq)
+            rest = await drain(sink)
+
+            adc_sink = asyncio.Queue()
+            ack = await api.proxy_live_stream("bench", "adc", {}, adc_sink)
+            adc = await asyncio.wait_for(adc_sink.get(), 10)
+            await api.stop_task(ack.randseq)
+            await drain(adc_sink)
+            return nodes, streams, frames, rest, adc
+
+    nodes, streams, frames, rest, adc = run(body())
+    assert {"demo", "bench"} <= set(nodes) and nodes["demo"].name == "Demo device"
+    assert {"eeg", "imu", "markers"} <= set(streams)
+    assert streams["eeg"].frequency == 250 and len(streams["eeg"].channels) == 8
+    assert [f.seq for f in frames] == list(range(5))
+    assert all(f.values.dtype == np.float32 and f.values.shape[1] == 8 for f in frames)
+    assert frames[0].attrs["site"] == "lab"
+    stamps = np.concatenate([f.timestamps for f in frames])
+    assert np.all(np.diff(stamps) > 0)
+    assert rest[-1] is dm.END_OF_STREAM
+    assert isinstance(adc, dm.Frame) and adc.values.dtype == np.int16
+
+
+def test_marker_streams_carry_strings(workspace, make_api):
+    async def body():
+        async with make_api(workspace.config()) as api:
+            sink = asyncio.Queue()
+            ack = await api.proxy_live_stream("demo", "markers", {}, sink)
+            frame = None
+            while frame is None:
+                item = await asyncio.wait_for(sink.get(), 15)
+                frame = item if isinstance(item, dm.Frame) else None
+            await api.stop_task(ack.randseq)
+            await drain(sink)
+            return frame
+
+    frame = run(body())
+    assert frame.values.dtype.kind == "U" and frame.values.shape == (len(frame), 1)
+    assert all(isinstance(v, str) and v for v in frame.values[:, 0].tolist())

@@ -1,0 +1,399 @@
+"""The MQTT transport on a real mosquitto: bad input, leases, broker restarts, fleets,
+agent shutdown and restarts. Agents run in the test's event loop (real MQTT all the same)
+or, where a process must die, in their own process, stopped by their own pid.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import signal
+import sys
+import time
+
+import cbor2
+import numpy as np
+import paho.mqtt.client as mqtt
+import pytest
+from helpers import drain, frames_of, gaze_collection, run
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+from remote import AGENT_ID, AgentProcess, remote_api, running_agent, wait_until
+
+import streaminghub_datamux as dm
+from streaminghub_datamux.errors import Forbidden, InvalidRequest, Timeout, Unavailable
+from streaminghub_datamux.protocol import Topics
+
+TOPICS = Topics()
+
+
+# -- a raw MQTT peer, for what a RemoteAPI would never send ------------------------------
+
+
+class RawPeer:
+    """A bare paho client that records every message it receives."""
+
+    def __init__(self, broker, client_id="raw", protocol=mqtt.MQTTv5):
+        self.messages: list[mqtt.MQTTMessage] = []
+        self.client = mqtt.Client(
+            mqtt.CallbackAPIVersion.VERSION2, client_id=client_id, protocol=protocol
+        )
+        self.client.on_message = lambda c, u, m: self.messages.append(m)
+        self.client.connect(broker.host, broker.port)
+        self.client.loop_start()
+
+    def subscribe(self, topic):
+        self.client.subscribe(topic, 1)
+        time.sleep(0.2)
+
+    def publish(self, topic, payload, properties=None, retain=False):
+        self.client.publish(topic, payload, qos=1, properties=properties, retain=retain)
+
+    def close(self):
+        self.client.disconnect()
+        self.client.loop_stop()
+
+
+async def wait_for_messages(peer, count, timeout=10.0):
+    deadline = time.monotonic() + timeout
+    while len(peer.messages) < count:
+        assert time.monotonic() < deadline, f"got {len(peer.messages)} of {count} messages"
+        await asyncio.sleep(0.02)
+
+
+def test_bad_requests_get_error_replies_and_the_agent_keeps_serving(
+    workspace, mosquitto, tmp_path
+):
+    reply_topic = TOPICS.client_rpc("raw")
+    rpc = TOPICS.agent_rpc(AGENT_ID)
+
+    def request(method, params, **extra):
+        return {"id": "r1", "method": method, "params": params, "reply_to": reply_topic,
+                "client": "raw", **extra}  # fmt: skip
+
+    async def body():
+        config = workspace.config(**{"agent.max_request_bytes": 2048})
+        async with running_agent(config, mosquitto, tmp_path / "state") as agent:
+            peer = RawPeer(mosquitto)
+            peer.subscribe(f"{reply_topic}")
+            try:
+                props = Properties(PacketTypes.PUBLISH)
+                props.ResponseTopic = reply_topic
+                props.CorrelationData = b"c-1"
+                sent = [
+                    (b"\xff\x00garbage", props),  # not CBOR: only MQTT 5 says where to reply
+                    (json.dumps(request("format_disk", {})).encode(), None),
+                    (cbor2.dumps(request("list_collection_streams", {"collection_id": 7})), None),
+                    (cbor2.dumps(request("list_live_streams", {"node_id": "x", "extra": 1})), None),
+                    (cbor2.dumps(request("list_collections", {}, client="bad/id")), None),
+                    (cbor2.dumps(request("list_collection_streams", {"collection_id": "none"})), None),
+                    (cbor2.dumps(request("stop_task", {"task_id": "f" * 16})), None),
+                    (cbor2.dumps(request("list_collections", {"pad": "x" * 4000})), None),
+                    (cbor2.dumps([1, 2, 3]), props),
+                ]  # fmt: skip
+                for payload, properties in sent:
+                    peer.publish(rpc, payload, properties)
+                await wait_for_messages(peer, len(sent))
+                replies = peer.messages
+                # Still serving everyone else:
+                async with remote_api(workspace.config(), mosquitto) as api:
+                    assert await api.list_collections() == []
+                return replies, agent.counters.bad_requests
+            finally:
+                peer.close()
+
+    replies, bad = run(body())
+    decoded = []
+    for message in replies:
+        payload = message.payload
+        decoded.append(json.loads(payload) if payload[:1] == b"{" else cbor2.loads(payload))
+    by_text = [(d["ok"], d["error"]["code"], d["error"]["message"]) for d in decoded]
+    assert all(ok is False for ok, _, _ in by_text)
+    codes = sorted(code for _, code, _ in by_text)
+    assert codes.count("invalid_request") == 7 and codes.count("not_found") == 2
+    messages = " | ".join(text for _, _, text in by_text)
+    for expected in ("malformed payload", "unknown method 'format_disk'", "collection_id must be",
+                     "unknown parameters ['extra']", "client must be", "exceeds the limit",
+                     "a request must be a map", "no task"):  # fmt: skip
+        assert expected in messages
+    # The JSON request got a JSON reply; the garbage got its correlation data back.
+    assert any(m.payload[:1] == b"{" for m in replies)
+    garbage_reply = replies[0]
+    assert garbage_reply.properties.CorrelationData == b"c-1"
+    assert bad >= 7
+
+
+def test_another_client_cannot_stop_my_task(workspace, mosquitto, tmp_path):
+    async def body():
+        async with (
+            running_agent(workspace.config(), mosquitto, tmp_path / "state"),
+            remote_api(workspace.config(), mosquitto) as owner,
+            remote_api(workspace.config(), mosquitto) as intruder,
+        ):
+            sink = asyncio.Queue()
+            ack = await owner.proxy_live_stream("demo", "imu", {}, sink)
+            with pytest.raises(Forbidden, match="another client"):
+                await intruder.stop_task(ack.randseq)
+            await asyncio.sleep(0.3)
+            assert not sink.empty() and dm.END_OF_STREAM not in list(sink._queue)
+            await owner.stop_task(ack.randseq)
+            return await drain(sink)
+
+    items = run(body())
+    assert items[-1] is dm.END_OF_STREAM and frames_of(items)
+
+
+def test_closing_a_client_ends_its_tasks(workspace, mosquitto, tmp_path):
+    async def body():
+        async with running_agent(workspace.config(), mosquitto, tmp_path / "state") as agent:
+            sink = asyncio.Queue()
+            async with remote_api(workspace.config(), mosquitto) as api:
+                await api.proxy_live_stream("demo", "eeg", {}, sink)
+                await asyncio.wait_for(sink.get(), 10)
+                assert len(agent.api.tasks()) == 1
+            items = await drain(sink)
+            for _ in range(100):
+                if not agent.api.tasks():
+                    break
+                await asyncio.sleep(0.05)
+            return items, agent.api.tasks()
+
+    items, left = run(body())
+    assert items[-1] is dm.END_OF_STREAM and left == []
+
+
+CLIENT_SCRIPT = """
+import asyncio, sys
+import streaminghub_datamux as dm
+from streaminghub_datamux.config import load_config
+
+async def main():
+    config = load_config(flags={"broker.keepalive_s": 2}, env={})
+    api = dm.RemoteAPI("mqtt", "cbor", agent_id="a1", config=config, timeout=10)
+    await api.connect(sys.argv[1], int(sys.argv[2]))
+    sink = asyncio.Queue()
+    ack = await api.proxy_live_stream("demo", "eeg", {}, sink)
+    print("started", ack.randseq, flush=True)
+    while True:
+        await sink.get()
+
+asyncio.run(main())
+"""
+
+
+@pytest.mark.parametrize("how", ["SIGKILL", "SIGSTOP"])
+def test_a_client_that_dies_loses_its_tasks_within_its_lease(
+    how, workspace, mosquitto, tmp_path
+):
+    keepalive = 2
+
+    async def body():
+        async with running_agent(workspace.config(), mosquitto, tmp_path / "state") as agent:
+            client = await asyncio.create_subprocess_exec(
+                sys.executable, "-c", CLIENT_SCRIPT, mosquitto.host, str(mosquitto.port),
+                stdout=asyncio.subprocess.PIPE, cwd=tmp_path,
+            )  # fmt: skip
+            try:
+                line = await asyncio.wait_for(client.stdout.readline(), 20)
+                assert line.startswith(b"started"), line
+                assert len(agent.api.tasks()) == 1
+                client.send_signal(getattr(signal, how))  # by its own pid
+                died = time.monotonic()
+                while agent.api.tasks() and time.monotonic() - died < 4 * keepalive:
+                    await asyncio.sleep(0.05)
+                return time.monotonic() - died, agent.api.tasks()
+            finally:
+                if client.returncode is None:
+                    client.kill()
+                    client.send_signal(signal.SIGCONT)
+                await client.wait()
+
+    released_after, left = run(body())
+    assert left == []
+    # A killed process's socket closes at once; a frozen one is noticed by the broker
+    # after 1.5 x keepalive. Generous margin for a loaded machine.
+    assert released_after <= 1.5 * keepalive + 1.0
+
+
+def test_a_broker_restart_mid_stream_loses_nothing(workspace, mosquitto, tmp_path):
+    workspace.add_collection("study", gaze_collection(frequency=100))
+    timestamps, values = workspace.add_gaze_recording("A", "1", n=600, frequency=100)  # 6 s
+
+    async def body():
+        config = workspace.config()
+        async with (
+            running_agent(config, mosquitto, tmp_path / "state") as agent,
+            remote_api(config, mosquitto) as api,
+        ):
+            sink = asyncio.Queue()
+            await api.replay_collection_stream(
+                "study", "gaze", {"subject": "A"}, sink, speed=1.0, framing={"max_samples": 20}
+            )
+            await asyncio.sleep(1.5)
+            await asyncio.to_thread(mosquitto.stop)
+            await asyncio.sleep(2.0)  # frames keep coming: they go to the spool
+            spooled = len(agent.spool)
+            await asyncio.to_thread(mosquitto.start)
+            items = await asyncio.wait_for(drain(sink), 25)
+            return items, spooled, agent.link.disconnects
+
+    items, spooled, disconnects = run(body(), timeout=40)
+    assert disconnects >= 1 and spooled > 0
+    assert items[-1] is dm.END_OF_STREAM
+    dropped = [i for i in items if isinstance(i, dm.StreamStatus) and i.status == "dropped"]
+    assert dropped == []
+    assert not [i for i in items if isinstance(i, dm.StreamError)]
+    frames = frames_of(items)
+    assert [f.seq for f in frames] == list(range(len(frames)))
+    np.testing.assert_array_equal(np.concatenate([f.timestamps for f in frames]), timestamps)
+    np.testing.assert_array_equal(np.concatenate([f.values for f in frames]), values[:, :2])
+
+
+def test_two_agents_behind_one_broker(workspace, mosquitto, tmp_path):
+    workspace.add_collection("study", gaze_collection())
+    workspace.add_gaze_recording("A", "1", n=50)
+    second = {"simulate.nodes": {"ward": {"streams": {"ecg": {"frequency": 200,
+              "channels": {"lead1": {"signal": "sine"}}}}}}}  # fmt: skip
+
+    async def body():
+        async with (
+            running_agent(workspace.config(), mosquitto, tmp_path / "s1", agent_id="pi-1"),
+            running_agent(
+                workspace.config(**second), mosquitto, tmp_path / "s2", agent_id="pi-2"
+            ),
+            remote_api(workspace.config(), mosquitto, agent_id=None) as fleet,
+        ):
+            nodes = sorted(n.id for n in await fleet.list_live_nodes())
+            collections = sorted(c.id for c in await fleet.list_collections())
+            streams = await fleet.list_live_streams("pi-2/ward")
+            sink = asyncio.Queue()
+            ack = await fleet.proxy_live_stream("pi-2/ward", "ecg", {}, sink)
+            frame = await asyncio.wait_for(sink.get(), 10)
+            await fleet.stop_task(ack.randseq)
+            await drain(sink)
+            with pytest.raises(InvalidRequest, match="names no agent"):
+                await fleet.list_live_streams("demo")
+            replay_sink = asyncio.Queue()
+            await fleet.replay_collection_stream(
+                "pi-1/study", "gaze", {"subject": "A"}, replay_sink, speed=0
+            )
+            replayed = frames_of(await drain(replay_sink))
+            return nodes, collections, streams, ack, frame, replayed, sorted(fleet.agents())
+
+    nodes, collections, streams, ack, frame, replayed, agents = run(body())
+    assert agents == ["pi-1", "pi-2"]
+    assert nodes == ["pi-1/demo", "pi-2/demo", "pi-2/ward"]
+    assert collections == ["pi-1/study", "pi-2/study"]
+    assert [s.id for s in streams] == ["ecg"] and streams[0].node_id == "pi-2/ward"
+    assert ack.randseq.startswith("pi-2/")
+    assert isinstance(frame, dm.Frame) and frame.channels == ["lead1"]
+    assert sum(len(f) for f in replayed) == 50
+
+
+def test_sigterm_ends_every_consumer_and_leaves_the_agent_offline(workspace, mosquitto, tmp_path):
+    agent = AgentProcess(mosquitto, tmp_path)
+    peer = RawPeer(mosquitto, client_id="watcher")
+
+    async def body():
+        async with remote_api(workspace.config(), mosquitto, agent_id=None, timeout=20) as api:
+            for _ in range(200):  # the agent process announces itself
+                if AGENT_ID in api.agents():
+                    break
+                await asyncio.sleep(0.05)
+            sink = asyncio.Queue()
+            await api.proxy_live_stream(f"{AGENT_ID}/demo", "eeg", {}, sink)
+            await asyncio.wait_for(sink.get(), 10)
+            code = await asyncio.to_thread(agent.terminate)
+            items = await asyncio.wait_for(drain(sink), 10)
+            return code, items
+
+    try:
+        code, items = run(body())
+        peer.subscribe(TOPICS.agent_state(AGENT_ID))
+        wait_until(lambda: peer.messages, 5, "the retained state")
+    finally:
+        agent.kill()
+        peer.close()
+    assert code == 0, agent.log()
+    assert items[-1] is dm.END_OF_STREAM
+    assert not [i for i in items if isinstance(i, dm.StreamError)]  # a clean end
+    state = cbor2.loads(peer.messages[-1].payload)
+    assert state["state"] == "offline" and state["agent"] == AGENT_ID
+
+
+def test_a_restarted_agent_ends_the_old_tasks_with_an_error(workspace, mosquitto, tmp_path):
+    first = AgentProcess(mosquitto, tmp_path)
+    second = None
+
+    async def body():
+        nonlocal second
+        async with remote_api(workspace.config(), mosquitto, agent_id=None, timeout=20) as api:
+            for _ in range(200):
+                if AGENT_ID in api.agents():
+                    break
+                await asyncio.sleep(0.05)
+            sink = asyncio.Queue()
+            await api.proxy_live_stream(f"{AGENT_ID}/demo", "eeg", {}, sink)
+            await asyncio.wait_for(sink.get(), 10)
+            first.kill()  # no goodbye: the broker's last will says offline
+            second = AgentProcess(mosquitto, tmp_path)
+            return await asyncio.wait_for(drain(sink), 20)
+
+    try:
+        items = run(body(), timeout=40)
+    finally:
+        first.kill()
+        if second is not None:
+            second.terminate()
+    statuses = [i.status for i in items if isinstance(i, dm.StreamStatus)]
+    assert "disconnected" in statuses
+    error = items[-2]
+    assert isinstance(error, dm.StreamError) and error.code == "unavailable"
+    assert "restarted" in error.reason
+    assert items[-1] is dm.END_OF_STREAM
+
+
+def test_requests_to_a_frozen_agent_time_out(workspace, mosquitto, tmp_path):
+    agent = AgentProcess(mosquitto, tmp_path)
+
+    async def body():
+        async with remote_api(workspace.config(), mosquitto, agent_id=None, timeout=20) as api:
+            for _ in range(200):
+                if AGENT_ID in api.agents():
+                    break
+                await asyncio.sleep(0.05)
+            agent.process.send_signal(signal.SIGSTOP)
+            api.timeout = 1.0
+            began = time.monotonic()
+            with pytest.raises(Timeout, match="no answer"):
+                await api.list_live_nodes()
+            return time.monotonic() - began
+
+    try:
+        waited = run(body())
+    finally:
+        agent.process.send_signal(signal.SIGCONT)
+        agent.kill()
+    assert 0.9 <= waited < 5
+
+
+def test_connect_errors_are_clear(workspace, mosquitto, tmp_path):
+    from broker import free_port
+
+    async def body():
+        config = workspace.config()
+        api = dm.RemoteAPI("mqtt", "cbor", config=config, timeout=1.5)
+        with pytest.raises(Unavailable, match="127.0.0.1"):
+            await api.connect("127.0.0.1", free_port())
+        with pytest.raises(dm.errors.NotFound, match="never announced"):
+            await dm.RemoteAPI("mqtt", agent_id="ghost", config=config, timeout=3).connect(
+                mosquitto.host, mosquitto.port
+            )
+        with pytest.raises(InvalidRequest):
+            dm.RemoteAPI("grpc")
+        with pytest.raises(InvalidRequest):
+            dm.RemoteAPI("mqtt", "pickle")
+        with pytest.raises(Unavailable, match="connect"):
+            await dm.RemoteAPI(config=config).list_collections()
+
+    run(body())
