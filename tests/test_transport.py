@@ -61,9 +61,7 @@ async def wait_for_messages(peer, count, timeout=10.0):
         await asyncio.sleep(0.02)
 
 
-def test_bad_requests_get_error_replies_and_the_agent_keeps_serving(
-    workspace, mosquitto, tmp_path
-):
+def test_bad_requests_get_error_replies_and_the_agent_keeps_serving(workspace, mosquitto, tmp_path):
     reply_topic = TOPICS.client_rpc("raw")
     rpc = TOPICS.agent_rpc(AGENT_ID)
 
@@ -182,9 +180,7 @@ asyncio.run(main())
 
 
 @pytest.mark.parametrize("how", ["SIGKILL", "SIGSTOP"])
-def test_a_client_that_dies_loses_its_tasks_within_its_lease(
-    how, workspace, mosquitto, tmp_path
-):
+def test_a_client_that_dies_loses_its_tasks_within_its_lease(how, workspace, mosquitto, tmp_path):
     keepalive = 2
 
     async def body():
@@ -258,9 +254,7 @@ def test_two_agents_behind_one_broker(workspace, mosquitto, tmp_path):
     async def body():
         async with (
             running_agent(workspace.config(), mosquitto, tmp_path / "s1", agent_id="pi-1"),
-            running_agent(
-                workspace.config(**second), mosquitto, tmp_path / "s2", agent_id="pi-2"
-            ),
+            running_agent(workspace.config(**second), mosquitto, tmp_path / "s2", agent_id="pi-2"),
             remote_api(workspace.config(), mosquitto, agent_id=None) as fleet,
         ):
             nodes = sorted(n.id for n in await fleet.list_live_nodes())
