@@ -222,8 +222,7 @@ class RemoteAPI:
             settings,
             on_message=self._on_message,
             on_connect=self._on_connect,
-            # An empty retained message clears our presence: nothing piles up on the broker.
-            will=Will(self.topics.client_state(self.client_id), b""),
+            will=Will(self.topics.client_state(self.client_id), self._absence()),
         )
         await self.link.connect(timeout=self.timeout)
         try:
@@ -265,6 +264,11 @@ class RemoteAPI:
             raise Timeout("the broker did not echo a message in time") from None
         finally:
             self._replies.pop(marker, None)
+
+    def _absence(self) -> bytes:
+        # Not an empty message (which would clear the retained presence): some brokers
+        # refuse an empty will. A clean close clears it instead.
+        return encode({"state": "offline", "client": self.client_id}, self.codec)
 
     def _presence(self) -> bytes:
         assert self.link is not None

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import socket
 import ssl
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -36,6 +37,9 @@ RECONNECT_MAX_S = 2
 # How long a session outlives its connection on an MQTT 5 broker: messages for us are
 # queued that long while we reconnect (after a broker restart, too, with persistence on).
 SESSION_EXPIRY_S = 120
+# In "auto" mode, how long an MQTT 5 CONNECT may go unanswered before trying 3.1.1 (some
+# 3.1.1-only brokers, amqtt among them, wait instead of refusing).
+PROTOCOL_PROBE_S = 2.0
 _UNSUPPORTED_PROTOCOL = (1, 132)  # MQTT 3.1.1 and MQTT 5 reason codes
 
 
@@ -154,33 +158,57 @@ class MqttLink:
         With ``timeout=None`` this waits for the broker as long as it takes (the agent at
         boot); otherwise it raises :class:`Unavailable` when no broker answers in time.
         """
-        self._loop = asyncio.get_running_loop()
+        loop = self._loop = asyncio.get_running_loop()
         versions = {"5": [mqtt.MQTTv5], "3.1.1": [mqtt.MQTTv311]}.get(
             self.settings.protocol, [mqtt.MQTTv5, mqtt.MQTTv311]
         )
-        last_problem = ""
-        for version in versions:
-            self.protocol = version
-            self._client = self._make_client(version)
-            try:
-                await asyncio.to_thread(
-                    self._client.connect_async,
-                    self.settings.host,
-                    self.settings.port,
-                    self.settings.keepalive_s,
-                    **self._connect_kwargs(version),
-                )
-            except (OSError, ValueError) as exc:
-                raise Unavailable(f"MQTT broker {self.settings.address}: {exc}") from None
-            self._client.loop_start()
-            outcome = await self._first_outcome(timeout)
-            if outcome is None:
-                return
-            last_problem = outcome
-            await self._stop_client()
-            if outcome != "protocol":
+        deadline = None if timeout is None else loop.time() + timeout
+        problem = ""
+        while True:
+            for index, version in enumerate(versions):
+                remaining = None if deadline is None else max(deadline - loop.time(), 0.0)
+                probing = index < len(versions) - 1
+                if probing:  # a 3.1.1-only broker may not answer MQTT 5 at all
+                    remaining = min(remaining or PROTOCOL_PROBE_S, PROTOCOL_PROBE_S)
+                problem = await self._attempt(version, remaining) or ""
+                if not problem:
+                    return
+                if problem == "protocol" or (probing and await self._tcp_open()):
+                    continue  # the broker is there but not for this version: the next one
                 break
-        raise Unavailable(f"no MQTT broker answered at {self.settings.address}: {last_problem}")
+            if deadline is not None and loop.time() >= deadline:
+                raise Unavailable(f"no MQTT broker answered at {self.settings.address}: {problem}")
+            log.debug("broker %s: %s; trying again", self.settings.address, problem)
+
+    async def _attempt(self, version: int, timeout: float | None) -> str | None:
+        """One connection attempt: None once connected, else the problem."""
+        self.protocol = version
+        self._client = self._make_client(version)
+        try:
+            await asyncio.to_thread(
+                self._client.connect_async,
+                self.settings.host,
+                self.settings.port,
+                self.settings.keepalive_s,
+                **self._connect_kwargs(version),
+            )
+        except (OSError, ValueError) as exc:
+            raise Unavailable(f"MQTT broker {self.settings.address}: {exc}") from None
+        self._client.loop_start()
+        outcome = await self._first_outcome(timeout)
+        if outcome is not None:
+            await self._stop_client()
+        return outcome
+
+    async def _tcp_open(self) -> bool:
+        def probe() -> bool:
+            try:
+                with socket.create_connection((self.settings.host, self.settings.port), 0.5):
+                    return True
+            except OSError:
+                return False
+
+        return await asyncio.to_thread(probe)
 
     async def _first_outcome(self, timeout: float | None) -> str | None:
         """None once connected; else why not ("protocol" if the broker refused the version)."""

@@ -85,6 +85,7 @@ def _config(args: argparse.Namespace, **extra: Any) -> Config:
 async def _serve(args: argparse.Namespace) -> int:
     from ..agent.embedded import EmbeddedBroker, broker_reachable
     from ..agent.service import Agent
+    from ..mqttio import BrokerSettings
 
     config = _config(
         args,
@@ -109,7 +110,10 @@ async def _serve(args: argparse.Namespace) -> int:
         if embedded == "auto":
             log.warning("no MQTT broker on %s:%d: starting the embedded one", host, port)
         broker = await EmbeddedBroker.start(host, port)
-    agent = Agent(config)
+    # amqtt speaks MQTT 3.1.1 only: no need to try 5 first.
+    agent = Agent(
+        config, settings=BrokerSettings.from_config(config, protocol="3.1.1") if broker else None
+    )
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, agent.request_stop)
