@@ -153,9 +153,14 @@ async def _demo(args: argparse.Namespace) -> int:
         state_dir,
     ]
     print(f"$ datamux serve --host {host} --port {port} --id demo-agent --drivers sim")
-    agent = subprocess.Popen(command)
+    # With no broker there now, the agent starts the embedded one, which speaks 3.1.1.
+    embedded = not await asyncio.to_thread(broker_reachable, host, port)
+    env = {**os.environ, "STREAMINGHUB_LOG_LEVEL": "WARNING"}  # the agent's warnings only
+    agent = subprocess.Popen(command, env=env)
     try:
         await _wait_for_broker(host, port, agent, broker_reachable)
+        if embedded:
+            config = _config(args, **{"broker.protocol": "3.1.1"})
         api = RemoteAPI("mqtt", "cbor", agent_id="demo-agent", config=config)
         await _connect_when_announced(api, host, port, agent)
         nodes = await api.list_live_nodes()

@@ -12,6 +12,7 @@ from typing import Any, TextIO
 import numpy as np
 
 from ..api import API
+from ..client import RemoteAPI
 from ..config import load_config
 from ..drivers.formats import format_for_path
 from ..errors import InvalidRequest, NotFound
@@ -22,10 +23,29 @@ from ..util import END_OF_STREAM
 __all__ = ["register"]
 
 
+def _remote_flags() -> argparse.ArgumentParser:
+    remote = argparse.ArgumentParser(add_help=False)
+    group = remote.add_argument_group("remote (through agents behind an MQTT broker)")
+    group.add_argument(
+        "--broker",
+        metavar="HOST[:PORT]",
+        help="use the RemoteAPI through this broker instead of this machine's API",
+    )
+    group.add_argument(
+        "--agent", metavar="ID", help="with --broker: only this agent (default: every agent)"
+    )
+    group.add_argument(
+        "--codec", choices=["cbor", "json"], default="cbor", help="with --broker: the codec"
+    )
+    return remote
+
+
 def register(subparsers: argparse._SubParsersAction[Any]) -> None:
-    """Add the ``ls``, ``replay`` and ``tail`` subcommands."""
+    """Add the ``ls``, ``replay``, ``tail`` and ``record`` subcommands."""
+    remote = _remote_flags()
     ls = subparsers.add_parser(
         "ls",
+        parents=[remote],
         help="list collections and live nodes, or the streams of one",
         description="Without an id: every collection and live node. With an id: its streams "
         "(and, for a collection, its recordings).",
@@ -57,7 +77,7 @@ def register(subparsers: argparse._SubParsersAction[Any]) -> None:
 
     replay = subparsers.add_parser(
         "replay",
-        parents=[output],
+        parents=[output, remote],
         help="replay a recorded stream",
         description="Replay one stream of one recording and print its frames.",
     )
@@ -79,7 +99,7 @@ def register(subparsers: argparse._SubParsersAction[Any]) -> None:
 
     tail = subparsers.add_parser(
         "tail",
-        parents=[output],
+        parents=[output, remote],
         help="print a live stream",
         description="Proxy a live stream (a device or a simulated one) and print its frames.",
     )
@@ -90,6 +110,7 @@ def register(subparsers: argparse._SubParsersAction[Any]) -> None:
 
     rec = subparsers.add_parser(
         "record",
+        parents=[remote],
         help="record a live or replayed stream into a replayable collection",
         description="Record one stream into <data_dir>/<into>/<recording attrs...>/<stream>.csv "
         "and describe it in <meta_dir>/<into>.collection.json. Ctrl-C stops; what was "
@@ -142,8 +163,17 @@ def _run(coro: Any) -> int:
         return 130
 
 
-def _api(args: argparse.Namespace) -> API:
-    return API(load_config(flags=getattr(args, "config_flags", None)))
+async def _api(args: argparse.Namespace) -> Any:
+    """The local API, or with ``--broker`` a connected RemoteAPI (same methods)."""
+    config = load_config(flags=getattr(args, "config_flags", None))
+    if not getattr(args, "broker", None):
+        return API(config)
+    host, _, port = args.broker.rpartition(":") if ":" in args.broker else (args.broker, "", "")
+    if port and not port.isdigit():
+        raise InvalidRequest(f"--broker takes HOST or HOST:PORT, not {args.broker!r}")
+    api = RemoteAPI("mqtt", args.codec, agent_id=args.agent, config=config)
+    await api.connect(host or None, int(port) if port else None)
+    return api
 
 
 def _attrs(pairs: list[str]) -> dict[str, str]:
@@ -160,7 +190,14 @@ def _attrs(pairs: list[str]) -> dict[str, str]:
 
 
 async def _ls(args: argparse.Namespace) -> int:
-    api = _api(args)
+    api = await _api(args)
+    try:
+        return await _ls_with(api, args)
+    finally:
+        await api.aclose()
+
+
+async def _ls_with(api: Any, args: argparse.Namespace) -> int:
     if args.id is None:
         collections = await api.list_collections()
         nodes = await api.list_live_nodes()
@@ -175,7 +212,10 @@ async def _ls(args: argparse.Namespace) -> int:
                 )
             )
             return 0
-        print(f"collections in {api.config.meta_dir}:")
+        where = (
+            f"on {args.broker}" if getattr(args, "broker", None) else f"in {api.config.meta_dir}"
+        )
+        print(f"collections {where}:")
         for c in collections:
             print(f"  {c.id:<20} {len(c.streams)} streams  {c.name}")
         if not collections:
@@ -309,15 +349,23 @@ async def _consume(
 
 
 async def _replay(args: argparse.Namespace) -> int:
-    api = _api(args)
+    api = await _api(args)
+    try:
+        return await _replay_with(api, args)
+    except BaseException:
+        await api.aclose()  # _consume closes it otherwise
+        raise
+
+
+async def _replay_with(api: Any, args: argparse.Namespace) -> int:
     attrs = _attrs(args.attr)
     sink: asyncio.Queue[Any] = asyncio.Queue(maxsize=64)
     ack = await api.replay_collection_stream(
         args.collection, args.stream, attrs, sink, speed=args.speed, framing=args.framing
     )
     enabled = args.progress == "on" or (args.progress == "auto" and sys.stderr.isatty())
-    progress = None
-    if enabled:
+    progress = Progress(None, enabled) if enabled else None
+    if enabled and isinstance(api, API):  # the total comes from the local file
         stream, recording = api.catalog.resolve(args.collection, args.stream, attrs)
         path = recording.file_for(args.stream)
         total = None
@@ -328,7 +376,15 @@ async def _replay(args: argparse.Namespace) -> int:
 
 
 async def _tail(args: argparse.Namespace) -> int:
-    api = _api(args)
+    api = await _api(args)
+    try:
+        return await _tail_with(api, args)
+    except BaseException:
+        await api.aclose()  # _consume closes it otherwise
+        raise
+
+
+async def _tail_with(api: Any, args: argparse.Namespace) -> int:
     sink: asyncio.Queue[Any] = asyncio.Queue(maxsize=64)
     ack = await api.proxy_live_stream(
         args.node, args.stream, _attrs(args.attr), sink, framing=args.framing
@@ -337,25 +393,14 @@ async def _tail(args: argparse.Namespace) -> int:
 
 
 async def _record(args: argparse.Namespace) -> int:
-    api = _api(args)
+    api = await _api(args)
     enabled = args.progress == "on" or (args.progress == "auto" and sys.stderr.isatty())
     progress = Progress(None, enabled)
-    summary = await record(
-        api,
-        mode="proxy" if args.node else "replay",
-        source_id=args.node or args.collection,
-        stream_id=args.stream,
-        into=args.into,
-        recording=_attrs(args.recording),
-        attrs=_attrs(args.attr),
-        config=api.config,
-        duration=args.seconds,
-        speed=args.speed,
-        overwrite=args.overwrite,
-        on_frame=lambda frame: progress.advance(len(frame)),
-    )
-    progress.close()
-    await api.aclose()
+    try:
+        summary = await _record_with(api, args, progress)
+    finally:
+        progress.close()
+        await api.aclose()
     print(
         f"recorded {summary.samples} samples in {summary.frames} frames "
         f"({summary.seconds:.1f} s) to {summary.path}"
@@ -364,3 +409,20 @@ async def _record(args: argparse.Namespace) -> int:
         print(f"datamux: the stream failed: {summary.error}", file=sys.stderr)
         return 1
     return 0
+
+
+async def _record_with(api: Any, args: argparse.Namespace, progress: Progress) -> Any:
+    return await record(
+        api,
+        mode="proxy" if args.node else "replay",
+        source_id=args.node or args.collection,
+        stream_id=args.stream,
+        into=args.into,
+        recording=_attrs(args.recording),
+        attrs=_attrs(args.attr),
+        config=load_config(flags=getattr(args, "config_flags", None)),
+        duration=args.seconds,
+        speed=args.speed,
+        overwrite=args.overwrite,
+        on_frame=lambda frame: progress.advance(len(frame)),
+    )
