@@ -33,3 +33,24 @@ def test_live_demo_example(tmp_path):
     assert "demo ['eeg', 'imu', 'markers']" in out.stdout
     samples = int(out.stdout.strip().splitlines()[-1].split()[0])
     assert 300 <= samples <= 700, samples  # 2 s at 250 Hz, generous bounds
+
+
+def test_raw_mqtt_client_example_talks_to_an_agent(mosquitto, tmp_path):
+    """docs/protocol.md's client, written with paho, cbor2 and numpy only."""
+    from remote import AGENT_ID, AgentProcess, wait_until
+
+    agent = AgentProcess(mosquitto, tmp_path)
+    try:
+        wait_until(lambda: "serving" in agent.log(), 20, "the agent")
+        out = run_example(
+            "raw_mqtt_client.py", tmp_path, mosquitto.host, str(mosquitto.port), AGENT_ID,
+            "demo", "eeg", "2",
+        )  # fmt: skip
+    finally:
+        assert agent.terminate() == 0, agent.log()
+    assert out.returncode == 0, out.stderr
+    lines = out.stdout.splitlines()
+    assert lines[0] == "nodes: ['demo']"
+    assert lines[1].startswith("0 (") and ", 8) float32 ['Fp1', 'Fp2', 'C3']" in lines[1]
+    assert lines[2].startswith("1 (")
+    assert lines[-1].startswith("end after ")

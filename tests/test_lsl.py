@@ -18,12 +18,13 @@ import textwrap
 import threading
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
 import numpy as np
 import pytest
 from helpers import frames_of, run
+from remote import remote_api, running_agent
 
 import streaminghub_datamux as dm
 from streaminghub_datamux.drivers.simulate import DEMO_NODE
@@ -83,7 +84,7 @@ def make_api(workspace, **options: Any) -> dm.API:
     )
 
 
-async def find_stream(api: dm.API, node_id: str, name: str) -> dm.Stream:
+async def find_stream(api: dm.API | dm.RemoteAPI, node_id: str, name: str) -> dm.Stream:
     """The listed stream of the outlet called ``name`` (polls until the resolver has it)."""
     deadline = time.monotonic() + FIND_TIMEOUT_S
     while True:
@@ -111,6 +112,39 @@ async def collect(sink: asyncio.Queue[Any], samples: int, timeout: float = 10.0)
 
 def reader_threads() -> list[str]:
     return [t.name for t in threading.enumerate() if t.name.startswith("lsl-")]
+
+
+# -- through either API ------------------------------------------------------------------
+# A test that takes ``serve`` runs once against the local API and once against a
+# RemoteAPI over a real mosquitto, served by an agent on the test's own loop: the agent's
+# LSL driver sees the same outlets, and its reader threads are this process's threads.
+
+
+@pytest.fixture(params=["local", "remote-cbor"])
+def api_kind(request: pytest.FixtureRequest) -> str:
+    return request.param
+
+
+@pytest.fixture
+def serve(request: pytest.FixtureRequest, api_kind: str, tmp_path: Any) -> Any:
+    """``async with serve(api) as client``: ``api`` itself, or a RemoteAPI serving it."""
+    broker = None if api_kind == "local" else request.getfixturevalue("mosquitto")
+
+    @contextlib.asynccontextmanager
+    async def through(api: dm.API) -> AsyncIterator[Any]:
+        if broker is None:
+            async with api:
+                yield api
+            return
+        codec = api_kind.removeprefix("remote-")
+        async with (
+            api,  # closed by the agent already, unless it never started
+            running_agent(api.config, broker, tmp_path / "state", api=api),
+            remote_api(api.config, broker, codec=codec) as client,
+        ):
+            yield client
+
+    return through
 
 
 # -- options and metadata, no network --------------------------------------------------
@@ -166,7 +200,7 @@ def test_channel_labels_and_units_fall_back_on_odd_descriptions():
 # -- discovery ---------------------------------------------------------------------------
 
 
-def test_discovery_lists_an_outlet_with_labels_units_rate_and_format(workspace):
+def test_discovery_lists_an_outlet_with_labels_units_rate_and_format(workspace, serve):
     name = unique("eeg")
     labels, units = ["Fp1", "Fp2", "C3", "C4"], ["uV", "uV", "uV", "mV"]
     source_id = unique("src")
@@ -174,12 +208,9 @@ def test_discovery_lists_an_outlet_with_labels_units_rate_and_format(workspace):
     async def body():
         with outlets(make_outlet(name, 4, 1000, "float32", source_id, labels, units)) as held:
             node_id = node_of(held[0])
-            api = make_api(workspace)
-            try:
+            async with serve(make_api(workspace)) as api:
                 stream = await find_stream(api, node_id, name)
                 nodes = {n.id: n for n in await api.list_live_nodes()}
-            finally:
-                await api.aclose()
             return node_id, stream, nodes, held[0].get_info().uid()
 
     node_id, stream, nodes, uid = run(body())
@@ -241,7 +272,7 @@ def test_outlets_with_odd_or_no_descriptions_and_clashing_names_are_listed(works
 # -- proxying ----------------------------------------------------------------------------
 
 
-def test_proxy_float32_at_1khz_delivers_the_pushed_values_in_order(workspace):
+def test_proxy_float32_at_1khz_delivers_the_pushed_values_in_order(workspace, serve):
     name, source_id = unique("f32"), unique("src")
     rng = np.random.default_rng(1)
     chunks = [rng.standard_normal((100, 8)).astype(np.float32) for _ in range(10)]
@@ -249,8 +280,7 @@ def test_proxy_float32_at_1khz_delivers_the_pushed_values_in_order(workspace):
     async def body():
         outlet = make_outlet(name, 8, 1000, "float32", source_id, [f"c{i}" for i in range(8)])
         with outlets(outlet):
-            api = make_api(workspace)
-            try:
+            async with serve(make_api(workspace)) as api:
                 stream = await find_stream(api, node_of(outlet), name)
                 sink: asyncio.Queue[Any] = asyncio.Queue()
                 ack = await api.proxy_live_stream(
@@ -265,8 +295,6 @@ def test_proxy_float32_at_1khz_delivers_the_pushed_values_in_order(workspace):
                 items = await collect(sink, 1000)
                 received_at = pylsl.local_clock()
                 await api.stop_task(ack.randseq)
-            finally:
-                await api.aclose()
             return items, ends, received_at
 
     items, ends, received_at = run(body())
@@ -283,15 +311,15 @@ def test_proxy_float32_at_1khz_delivers_the_pushed_values_in_order(workspace):
     assert received_at - 5 < timestamps[-1] <= received_at  # on this host's LSL clock
 
 
-def test_proxy_string_markers_arrive_as_str_arrays(workspace):
+@pytest.mark.parametrize("api_kind", ["local", "remote-cbor", "remote-json"])
+def test_proxy_string_markers_arrive_as_str_arrays(workspace, serve):
     name, source_id = unique("markers"), unique("src")
     markers = ["stimulus", "response", "ünïcode ✓", "", "a,b;c"]
 
     async def body():
         outlet = make_outlet(name, 1, 0, "string", source_id, ["marker"], stream_type="Markers")
         with outlets(outlet):
-            api = make_api(workspace)
-            try:
+            async with serve(make_api(workspace)) as api:
                 stream = await find_stream(api, node_of(outlet), name)
                 sink: asyncio.Queue[Any] = asyncio.Queue()
                 ack = await api.proxy_live_stream(
@@ -305,8 +333,6 @@ def test_proxy_string_markers_arrive_as_str_arrays(workspace):
                     await asyncio.sleep(0.02)
                 items = await collect(sink, len(markers))
                 await api.stop_task(ack.randseq)
-            finally:
-                await api.aclose()
             return stream, items, stamps
 
     stream, items, stamps = run(body())
@@ -319,14 +345,13 @@ def test_proxy_string_markers_arrive_as_str_arrays(workspace):
     np.testing.assert_allclose(timestamps, stamps, rtol=0, atol=1e-3)
 
 
-def test_stop_ends_the_stream_and_its_reader_thread(workspace):
+def test_stop_ends_the_stream_and_its_reader_thread(workspace, serve):
     name = unique("stop")
 
     async def body():
         outlet = make_outlet(name, 2, 100, "float32", unique("src"))
         with outlets(outlet):
-            api = make_api(workspace)
-            try:
+            async with serve(make_api(workspace)) as api:
                 stream = await find_stream(api, node_of(outlet), name)
                 sink: asyncio.Queue[Any] = asyncio.Queue()
                 ack = await api.proxy_live_stream(stream.node_id, stream.id, {}, sink)
@@ -337,8 +362,6 @@ def test_stop_ends_the_stream_and_its_reader_thread(workspace):
                 await api.stop_task(ack.randseq)
                 rest = [await next_item(sink) for _ in range(sink.qsize())]
                 after_stop = reader_threads()
-            finally:
-                await api.aclose()
             return stream, running, rest, after_stop
 
     stream, running, rest, after_stop = run(body())
@@ -348,15 +371,14 @@ def test_stop_ends_the_stream_and_its_reader_thread(workspace):
     assert f"lsl-{stream.id}" not in reader_threads()
 
 
-def test_a_vanished_outlet_is_lost_and_resumes_when_its_source_id_returns(workspace):
+def test_a_vanished_outlet_is_lost_and_resumes_when_its_source_id_returns(workspace, serve):
     name = unique("loss")
     source_id = "s1-" + name  # "s1", made unique per run
 
     async def body():
-        api = make_api(workspace)
-        first = make_outlet(name, 2, 100, "float32", source_id, ["x", "y"])
-        node_id = node_of(first)
-        try:
+        async with serve(make_api(workspace)) as api:
+            first = make_outlet(name, 2, 100, "float32", source_id, ["x", "y"])
+            node_id = node_of(first)
             stream = await find_stream(api, node_id, name)
             sink: asyncio.Queue[Any] = asyncio.Queue()
             ack = await api.proxy_live_stream(node_id, stream.id, {}, sink, framing="low-latency")
@@ -372,8 +394,6 @@ def test_a_vanished_outlet_is_lost_and_resumes_when_its_source_id_returns(worksp
                 second.push_chunk(np.full((20, 2), 2, np.float32))
                 after = await collect(sink, 20)
                 await api.stop_task(ack.randseq)
-        finally:
-            await api.aclose()
         return before, lost, back, after
 
     before, lost, back, after = run(body())
