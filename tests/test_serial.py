@@ -9,19 +9,21 @@ EIO on Linux); plugging back in is a new pty behind the same symlink.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import struct
 import threading
 import time
 import tty
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
 import serial
-from helpers import run
+from helpers import drain, run
+from remote import remote_api, running_agent
 
 import streaminghub_datamux as dm
 from streaminghub_datamux.drivers import serialport
@@ -158,7 +160,9 @@ def device_entry(port: str, fmt: dict[str, Any] | None = None, **extra: Any) -> 
     return entry
 
 
-async def proxy(api: dm.API, node: str, samples: int, seconds: float = 8.0) -> list[Any]:
+async def proxy(
+    api: dm.API | dm.RemoteAPI, node: str, samples: int, seconds: float = 8.0
+) -> list[Any]:
     """Proxy ``node``'s stream until ``samples`` arrived (bounded); every item, in order."""
     sink: asyncio.Queue[Any] = asyncio.Queue()
     ack = await api.proxy_live_stream(node, "data", {}, sink, framing="low-latency")
@@ -207,10 +211,43 @@ def no_reader_threads() -> bool:
     return not [t for t in threading.enumerate() if t.name.startswith("serial-") and t.is_alive()]
 
 
+# -- through either API ----------------------------------------------------------------
+# A test that takes ``serve`` runs once against the local API and once against a
+# RemoteAPI over a real mosquitto, served by an agent on the test's own loop: the agent
+# reads the same pty, and the test can still look at its driver's counters.
+
+
+@pytest.fixture(params=["local", "remote-cbor"])
+def api_kind(request: pytest.FixtureRequest) -> str:
+    return request.param
+
+
+@pytest.fixture
+def serve(request: pytest.FixtureRequest, api_kind: str, tmp_path: Path) -> Any:
+    """``async with serve(api) as client``: ``api`` itself, or a RemoteAPI serving it."""
+    broker = None if api_kind == "local" else request.getfixturevalue("mosquitto")
+
+    @contextlib.asynccontextmanager
+    async def through(api: dm.API) -> AsyncIterator[Any]:
+        if broker is None:
+            async with api:
+                yield api
+            return
+        codec = api_kind.removeprefix("remote-")
+        async with (
+            api,  # closed by the agent already, unless it never started
+            running_agent(api.config, broker, tmp_path / "state", api=api),
+            remote_api(api.config, broker, codec=codec) as client,
+        ):
+            yield client
+
+    return through
+
+
 # -- listing ---------------------------------------------------------------------------
 
 
-def test_configured_device_is_listed(workspace, devices):
+def test_configured_device_is_listed(workspace, devices, serve):
     device = devices(csv_lines)
     entry = device_entry(
         device.path,
@@ -221,7 +258,7 @@ def test_configured_device_is_listed(workspace, devices):
     )
 
     async def body():
-        async with dm.API(serial_config(workspace, {"imu1": entry})) as api:
+        async with serve(dm.API(serial_config(workspace, {"imu1": entry}))) as api:
             return await api.list_live_nodes(), await api.list_live_streams("imu1")
 
     nodes, streams = run(body())
@@ -421,7 +458,7 @@ def test_start_and_stop_commands_reach_the_device(devices):
 BAD_LINES = ["1,2", "x,y,z", "1,,2", "1,2,3,4", "#" * 30, "nan,1e400.5,3"]
 
 
-def test_malformed_lines_are_counted_and_skipped(workspace, devices):
+def test_malformed_lines_are_counted_and_skipped(workspace, devices, serve):
     def encode(k0: int, k1: int) -> bytes:
         out = []
         for k in range(k0, k1):
@@ -435,7 +472,7 @@ def test_malformed_lines_are_counted_and_skipped(workspace, devices):
 
     async def body():
         driver = SerialDriver.from_config({"devices": {"dev": device_entry(device.path)}})
-        async with dm.API(serial_config(workspace, {}), drivers=[driver]) as api:
+        async with serve(dm.API(serial_config(workspace, {}), drivers=[driver])) as api:
             items = await proxy(api, "dev", 700)
         return items, driver.stats("dev")
 
@@ -518,7 +555,7 @@ def test_bad_packets_and_junk_are_counted_and_skipped(workspace, devices):
 # -- device loss and return ------------------------------------------------------------
 
 
-def test_unplugged_device_is_reported_and_comes_back(workspace, devices, tmp_path):
+def test_unplugged_device_is_reported_and_comes_back(workspace, devices, tmp_path, serve):
     link = tmp_path / "ttyUSB-bench"
     first = devices(csv_lines).start()
     link.symlink_to(first.path)
@@ -526,7 +563,7 @@ def test_unplugged_device_is_reported_and_comes_back(workspace, devices, tmp_pat
 
     async def body():
         driver = SerialDriver.from_config({"devices": {"dev": device_entry(str(link))}})
-        async with dm.API(serial_config(workspace, {}), drivers=[driver]) as api:
+        async with serve(dm.API(serial_config(workspace, {}), drivers=[driver])) as api:
             sink: asyncio.Queue[Any] = asyncio.Queue()
             ack = await api.proxy_live_stream("dev", "data", {}, sink, framing="low-latency")
             items: list[Any] = []
@@ -572,6 +609,32 @@ def test_unplugged_device_is_reported_and_comes_back(workspace, devices, tmp_pat
     assert ts[gap[0] + 1] - ts[gap[0]] > 0.3
     assert stats.bad <= 1  # at most one line cut by the unplug
     assert no_reader_threads()
+
+
+def test_stop_ends_the_stream_and_releases_the_port(workspace, devices, serve):
+    device = devices(csv_lines).start()
+    entry = device_entry(device.path)
+
+    async def body():
+        driver = SerialDriver.from_config({"devices": {"dev": entry}})
+        async with serve(dm.API(serial_config(workspace, {}), drivers=[driver])) as api:
+            sink: asyncio.Queue[Any] = asyncio.Queue()
+            ack = await api.proxy_live_stream("dev", "data", {}, sink, framing="low-latency")
+            first = await asyncio.wait_for(sink.get(), 5)
+            await api.stop_task(ack.randseq)
+            async with asyncio.timeout(5):
+                rest = await drain(sink)
+            stopped = no_reader_threads()
+            again = await api.stop_task(ack.randseq)
+        return first, rest, stopped, again
+
+    first, rest, stopped, again = run(body())
+    assert isinstance(first, dm.Frame)
+    assert rest[-1] is dm.END_OF_STREAM
+    assert all(isinstance(i, dm.Frame) for i in rest[:-1])  # no error, no status
+    assert stopped  # the reader ended with the task...
+    serialport._open_port(serialport.parse_device("dev", entry)).close()  # ...and let go
+    assert again.status  # a second stop is a no-op
 
 
 def test_a_missing_port_is_device_lost_at_open(tmp_path):
