@@ -391,3 +391,86 @@ def test_connect_errors_are_clear(workspace, mosquitto, tmp_path):
             await dm.RemoteAPI(config=config).list_collections()
 
     run(body())
+
+
+def test_birth_and_health_messages(workspace, mosquitto, tmp_path):
+    workspace.add_collection("study", gaze_collection())
+    peer = RawPeer(mosquitto, client_id="watcher")
+    peer.subscribe(f"{TOPICS.prefix}/agents/{AGENT_ID}/#")
+
+    async def body():
+        config = workspace.config(**{"agent.health_interval_s": 0.2, "agent.codec": "json"})
+        async with running_agent(config, mosquitto, tmp_path / "state"):
+            deadline = time.monotonic() + 10
+            while time.monotonic() < deadline:
+                topics = {m.topic for m in peer.messages}
+                states = [json.loads(m.payload) for m in peer.messages if m.topic.endswith("state")]
+                if TOPICS.agent_health(AGENT_ID) in topics and any(s["nodes"] for s in states):
+                    break
+                await asyncio.sleep(0.05)
+
+    try:
+        run(body())
+    finally:
+        peer.close()
+    by_topic: dict[str, list] = {}
+    for message in peer.messages:
+        by_topic.setdefault(message.topic, []).append(json.loads(message.payload))
+    states = by_topic[TOPICS.agent_state(AGENT_ID)]
+    birth = next(s for s in states if s["nodes"])
+    assert birth["state"] == "online" and birth["protocol"] == 1 and birth["agent"] == AGENT_ID
+    assert birth["nodes"] == ["demo"] and birth["collections"] == ["study"]
+    assert states[-1] == {"state": "offline", "agent": AGENT_ID, "boot": birth["boot"]}
+    health = by_topic[TOPICS.agent_health(AGENT_ID)][-1]
+    assert health["tasks"] == 0 and health["spool_messages"] == 0
+    assert 1 < health["rss_mb"] < 1000 and health["cpu_percent"] >= 0
+
+
+def test_what_was_spooled_survives_an_agent_restart(workspace, mosquitto, tmp_path):
+    """Broker down, frames spooled, agent stopped; the next agent sends them."""
+    workspace.add_collection("study", gaze_collection(frequency=100))
+    workspace.add_gaze_recording("A", "1", n=300, frequency=100)
+    state_dir = tmp_path / "state"
+
+    async def first_life():
+        config = workspace.config()
+        async with (
+            running_agent(config, mosquitto, state_dir) as agent,
+            remote_api(config, mosquitto) as api,
+        ):
+            sink = asyncio.Queue()
+            ack = await api.replay_collection_stream(
+                "study", "gaze", {"subject": "A"}, sink, speed=1.0, framing={"max_samples": 10}
+            )
+            await asyncio.wait_for(sink.get(), 10)
+            await asyncio.to_thread(mosquitto.stop)
+            await asyncio.sleep(1.0)
+            # The agent stops with the broker away: frames and the end stay in the spool.
+            await agent.stop()
+            return ack.randseq, len(agent.spool)
+
+    task_id, spooled = run(first_life())
+    assert spooled > 5
+
+    mosquitto.start()
+    peer = RawPeer(mosquitto, client_id="late-reader")
+    peer.subscribe(f"{TOPICS.prefix}/agents/{AGENT_ID}/tasks/{task_id}/#")
+
+    async def second_life():
+        async with running_agent(workspace.config(), mosquitto, state_dir) as agent:
+            deadline = time.monotonic() + 15
+            while len(peer.messages) < spooled and time.monotonic() < deadline:
+                await asyncio.sleep(0.05)
+            return len(agent.spool)
+
+    try:
+        left = run(second_life())
+    finally:
+        peer.close()
+    assert left == 0
+    data = [cbor2.loads(m.payload) for m in peer.messages if m.topic.endswith("/data")]
+    ctrl = [cbor2.loads(m.payload) for m in peer.messages if m.topic.endswith("/ctrl")]
+    assert len(data) + len(ctrl) == spooled
+    seqs = [d["seq"] for d in data]
+    assert seqs == list(range(seqs[0], seqs[0] + len(seqs)))  # in order, none missing
+    assert ctrl[-1]["kind"] == "end" and ctrl[-1]["frames"] == seqs[-1] + 1
