@@ -579,22 +579,20 @@ class RemoteAPI:
         return StreamAck(status=True, randseq=randseq)
 
     async def _stop(self, agent: str, task_id: str) -> None:
-        await self._call(agent, "stop_task", {"task_id": task_id})
+        # Look the task up first: its end message comes before the reply, and may already
+        # have been handled (and the task forgotten) when the reply is.
         stream = self._streams.get((agent, task_id))
+        await self._call(agent, "stop_task", {"task_id": task_id})
         if stream is None:
             return
-        # The agent published the end before replying; wait until it is on the sink.
-        # Should it have got lost, end the sink here: a stop never leaves it open.
+        # Wait until END_OF_STREAM is on the sink, as with the local API. Should the end
+        # message have got lost, end the sink here: a stop never leaves it open. (A full
+        # bounded sink gets it as soon as there is room.)
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(STOP_WAIT_S):
-                await self._wait_finished(stream)
+                await stream.ended.wait()
         if not stream.ended.is_set():
             stream.end()
-
-    async def _wait_finished(self, stream: _TaskStream) -> None:
-        while stream.finishing is None:
-            await asyncio.sleep(0.01)
-        await stream.finishing
 
     # -- incoming ------------------------------------------------------------------------
 

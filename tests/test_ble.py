@@ -15,14 +15,16 @@ their connection, make connects fail and send notifications.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import numpy as np
 import pytest
 from helpers import frames_of, run
+from remote import remote_api, running_agent
 
 import streaminghub_datamux as dm
 from streaminghub_datamux.errors import ConfigError, DeviceError, NotFound
@@ -355,6 +357,39 @@ async def send(air: FakeAir, address: str, characteristic: str, payloads: list[b
         await asyncio.sleep(0.005)
 
 
+# -- through either API ----------------------------------------------------------------------
+# A test that takes ``serve`` runs once against the local API and once against a RemoteAPI
+# over a real mosquitto, served by an agent on the test's own loop: the agent's driver
+# talks to the same fakes, and the test can still look at that driver.
+
+
+@pytest.fixture(params=["local", "remote-cbor"])
+def api_kind(request: pytest.FixtureRequest) -> str:
+    return request.param
+
+
+@pytest.fixture
+def serve(request: pytest.FixtureRequest, api_kind: str, tmp_path: Any) -> Any:
+    """``async with serve(api) as client``: ``api`` itself, or a RemoteAPI serving it."""
+    broker = None if api_kind == "local" else request.getfixturevalue("mosquitto")
+
+    @contextlib.asynccontextmanager
+    async def through(api: dm.API) -> AsyncIterator[Any]:
+        if broker is None:
+            async with api:
+                yield api
+            return
+        codec = api_kind.removeprefix("remote-")
+        async with (
+            api,  # closed by the agent already, unless it never started
+            running_agent(api.config, broker, tmp_path / "state", api=api),
+            remote_api(api.config, broker, codec=codec) as client,
+        ):
+            yield client
+
+    return through
+
+
 # -- the Heart Rate Measurement, as a pure function ------------------------------------------
 
 
@@ -544,6 +579,28 @@ def test_a_failing_scan_lists_configured_devices_only(workspace, air):
     run(body())
 
 
+def test_configured_and_scanned_straps_are_listed_through_either_api(workspace, air, serve):
+    air.add(OTHER_STRAP, "HRM-Pro", {HRM: HRS})
+
+    async def body():
+        async with serve(make_api(workspace, scan=True, **strap_config(name="Chest"))) as api:
+            nodes = {n.id: n for n in await api.list_live_nodes()}
+            streams = {s.id: s for s in await api.list_live_streams("chest")}
+            return nodes, streams
+
+    nodes, streams = run(body())
+    scanned = ble.scanned_node_id(OTHER_STRAP)
+    assert set(nodes) == {"chest", scanned}
+    assert (nodes["chest"].kind, nodes["chest"].name) == ("ble", "Chest")
+    assert nodes["chest"].device == {"address": STRAP, "profile": "heart_rate"}
+    assert nodes[scanned].name == "HRM-Pro"
+    assert nodes[scanned].device == {"address": OTHER_STRAP, "profile": "heart_rate"}
+    assert streams["hr"].channels == ["bpm"] and streams["hr"].frequency == 0
+    assert streams["hr"].dtype == np.float32 and streams["hr"].unit == "bpm"
+    assert streams["rr"].channels == ["rr"] and streams["rr"].dtype == np.float64
+    assert streams["hr"].node_id == "chest"
+
+
 def test_unknown_nodes_and_streams_are_not_found(workspace, air):
     async def body():
         async with make_api(workspace, **strap_config()) as api:
@@ -558,16 +615,17 @@ def test_unknown_nodes_and_streams_are_not_found(workspace, air):
 # -- proxying ----------------------------------------------------------------------------------
 
 
-def test_heart_rate_and_rr_through_the_api(workspace, air):
+def test_heart_rate_and_rr_through_the_api(workspace, air, serve):
     async def body():
-        async with make_api(workspace, **strap_config()) as api:
+        local = make_api(workspace, **strap_config())
+        async with serve(local) as api:
             hr_sink: asyncio.Queue[Any] = asyncio.Queue()
             rr_sink: asyncio.Queue[Any] = asyncio.Queue()
             await api.proxy_live_stream(
                 "chest", "hr", {"subject": "s1"}, hr_sink, framing="low-latency"
             )
             await api.proxy_live_stream("chest", "rr", {}, rr_sink, framing="low-latency")
-            await until(lambda: listening(api, STRAP, HRM) == 2)
+            await until(lambda: listening(local, STRAP, HRM) == 2)
             before = time.time()
             await send(air, STRAP, HRM, [
                 hr_only(60),
@@ -657,9 +715,9 @@ def test_two_tasks_on_one_device_share_one_client(workspace, air):
     run(body())
 
 
-def test_a_dropped_connection_is_reported_and_resumed(workspace, air):
+def test_a_dropped_connection_is_reported_and_resumed(workspace, air, serve):
     async def body():
-        async with make_api(workspace, **strap_config()) as api:
+        async with serve(make_api(workspace, **strap_config())) as api:
             sink: asyncio.Queue[Any] = asyncio.Queue()
             await api.proxy_live_stream("chest", "hr", {}, sink, framing="low-latency")
             await until(lambda: air.subscribed(STRAP, HRM))
@@ -750,9 +808,9 @@ def test_a_scanned_strap_streams_and_stays_listed_while_connected(workspace, air
     run(body())
 
 
-def test_stop_ends_the_stream_and_disconnects(workspace, air):
+def test_stop_ends_the_stream_and_disconnects(workspace, air, serve):
     async def body():
-        async with make_api(workspace, **strap_config()) as api:
+        async with serve(make_api(workspace, **strap_config())) as api:
             sink: asyncio.Queue[Any] = asyncio.Queue()
             ack = await api.proxy_live_stream("chest", "rr", {}, sink, framing="low-latency")
             await until(lambda: air.subscribed(STRAP, HRM))

@@ -345,7 +345,7 @@ def test_proxy_string_markers_arrive_as_str_arrays(workspace, serve):
     np.testing.assert_allclose(timestamps, stamps, rtol=0, atol=1e-3)
 
 
-def test_stop_ends_the_stream_and_its_reader_thread(workspace, serve):
+def test_stop_ends_the_stream_and_its_reader_thread(workspace, api_kind, serve):
     name = unique("stop")
 
     async def body():
@@ -360,13 +360,17 @@ def test_stop_ends_the_stream_and_its_reader_thread(workspace, serve):
                 await collect(sink, 10)
                 running = reader_threads()
                 await api.stop_task(ack.randseq)
-                rest = [await next_item(sink) for _ in range(sink.qsize())]
-                after_stop = reader_threads()
-            return stream, running, rest, after_stop
+                queued, after_stop = sink.qsize(), reader_threads()
+                rest = [await next_item(sink)]
+                while rest[-1] is not dm.END_OF_STREAM:
+                    rest.append(await next_item(sink))
+            return stream, running, queued, rest, after_stop
 
-    stream, running, rest, after_stop = run(body())
+    stream, running, queued, rest, after_stop = run(body())
     assert f"lsl-{stream.id}" in running
-    assert rest and rest[-1] is dm.END_OF_STREAM
+    assert rest[-1] is dm.END_OF_STREAM
+    # END_OF_STREAM is on the sink when stop_task returns, through either API.
+    assert queued == len(rest)
     assert f"lsl-{stream.id}" not in after_stop
     assert f"lsl-{stream.id}" not in reader_threads()
 
