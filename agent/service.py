@@ -29,8 +29,16 @@ from .. import __version__
 from ..api import API
 from ..codec import CODECS, codec_of, decode, encode, encode_frame
 from ..config import Config
-from ..errors import ConfigError, DatamuxError, Forbidden, InvalidRequest, Unavailable
-from ..model import Frame, StreamError, StreamStatus
+from ..errors import (
+    ConfigError,
+    DatamuxError,
+    Forbidden,
+    InvalidRequest,
+    NotFound,
+    Unavailable,
+)
+from ..framing import Framing
+from ..model import Frame, Stream, StreamError, StreamStatus
 from ..mqttio import BrokerSettings, Incoming, MqttLink, Will
 from ..protocol import (
     ID_PATTERN,
@@ -61,6 +69,8 @@ PUBLISHER_STOP_S = 5.0
 CTRL_QOS = 1  # end, error and status messages are never dropped
 # A client silent for this many keepalives loses its tasks (see "leases" below).
 LEASE_FACTOR = 1.25
+# Room for a frame's fields other than its arrays (task id, seq, dtype, tags, lengths).
+FRAME_HEADER_BYTES = 512
 OFFLINE_CONFIRM_S = 0.5
 
 
@@ -87,7 +97,9 @@ class RemoteTask:
     owner: str
     qos: int
     codec: str
+    stream_id: str
     publisher: asyncio.Task[None] | None = None
+    ended_by: str | None = None  # why the agent ended it (a lease), for the client
     frames: int = 0
     samples: int = 0
     started: float = field(default_factory=time.time)
@@ -146,6 +158,7 @@ class Agent:
         self.started = time.time()
         self.max_request_bytes = int(config.get("agent.max_request_bytes"))
         self.max_tasks = int(config.get("agent.max_tasks"))
+        self.max_frame_bytes = int(config.get("agent.max_frame_bytes"))
         self.health_interval_s = float(config.get("agent.health_interval_s"))
         self.drain_per_s = float(config.get("agent.spool_drain_per_s"))
         folder = state_dir or config.get("agent.state_dir") or default_state_dir()
@@ -323,6 +336,8 @@ class Agent:
         request_id, reply_to = read_envelope(decoded, self.topics)
         try:
             request = parse_request(decoded, self.topics)
+            if self._owns_tasks(request.client):
+                self._arm_lease(request.client)  # a request is a sign of life too
             result = await self._call(request, codec)
             reply = ok_reply(request.id, result)
         except DatamuxError as exc:
@@ -395,9 +410,11 @@ class Agent:
             raise InvalidRequest(f"task id {task_id!r} is in use; choose a new one")
         sink: asyncio.Queue[Any] = asyncio.Queue()
         attrs = params.pop("attrs", {})
-        remote = RemoteTask(task_id, request.client, qos, codec)
+        remote = RemoteTask(task_id, request.client, qos, codec, params["stream_id"])
         self._tasks[task_id] = remote
         try:
+            stream = await self._stream_of(request.method, params)
+            params["framing"] = self._fit_framing(stream, params.get("framing"), attrs)
             if request.method == "replay_collection_stream":
                 ack = await self.api.replay_collection_stream(
                     params.pop("collection_id"),
@@ -424,11 +441,40 @@ class Agent:
         remote.publisher = asyncio.get_running_loop().create_task(
             self._publish_task(remote, sink), name=f"publish-{task_id}"
         )
-        lease = self._leases.get(request.client)
-        if lease is None or lease.check is None:
-            self._arm_lease(request.client)
+        self._arm_lease(request.client)
         log.info("task %s for %s: %s", task_id, request.client, request.method)
         return {"randseq": ack.randseq, "status": ack.status}
+
+    async def _stream_of(self, method: str, params: Mapping[str, Any]) -> Stream:
+        """The stream a task request names (NotFound if it does not exist)."""
+        if method == "replay_collection_stream":
+            return await asyncio.to_thread(
+                self.api.get_collection_stream, params["collection_id"], params["stream_id"]
+            )
+        for stream in await self.api.list_live_streams(params["node_id"]):
+            if stream.id == params["stream_id"]:
+                return stream
+        raise NotFound(f"node {params['node_id']!r} has no stream {params['stream_id']!r}")
+
+    def _fit_framing(self, stream: Stream, asked: Any, attrs: Mapping[str, Any]) -> Framing:
+        """The requested framing, with frames capped to what one MQTT message may carry.
+
+        A broker drops a client that publishes a packet over its limit, and QoS 1 would
+        resend it after every reconnect: such a frame must never be built.
+        """
+        framing = Framing.coerce(asked) if asked is not None else self.api.framing
+        limit = self.max_frame_bytes
+        if self.link.max_packet_size:
+            limit = min(limit, self.link.max_packet_size)
+        dtype = stream.dtype
+        if dtype.kind == "U":
+            return framing  # strings vary in size; checked when published
+        header = FRAME_HEADER_BYTES + len(encode({"c": stream.channels, "a": dict(attrs)}, "cbor"))
+        per_sample = 8 + len(stream.channels) * dtype.itemsize
+        fitting = max(1, (limit - header) // per_sample)
+        if framing.max_samples <= fitting:
+            return framing
+        return Framing(max_samples=fitting, max_latency_ms=framing.max_latency_ms)
 
     async def _stop_task(self, task_id: str, client: str) -> dict[str, Any]:
         remote = self._tasks.get(task_id)
@@ -464,7 +510,13 @@ class Agent:
             while True:
                 item = await sink.get()
                 if isinstance(item, Frame):
-                    await self._send(data, encode_frame(item, remote.id, remote.codec), remote.qos)
+                    payload = encode_frame(item, remote.id, remote.codec)
+                    if self._too_big(payload):
+                        await self._send(
+                            ctrl, encode(self._oversize(remote, item, payload), remote.codec)
+                        )
+                        continue
+                    await self._send(data, payload, remote.qos)
                     remote.frames += 1
                     remote.samples += len(item)
                     self.counters.frames += 1
@@ -474,6 +526,9 @@ class Agent:
                 elif isinstance(item, StreamError):
                     await self._send(ctrl, encode(ctrl_error(remote.id, item), remote.codec))
                 elif item is END_OF_STREAM:
+                    if remote.ended_by:
+                        why = StreamError(remote.stream_id, "unavailable", remote.ended_by)
+                        await self._send(ctrl, encode(ctrl_error(remote.id, why), remote.codec))
                     end = ctrl_end(remote.id, remote.frames, remote.samples)
                     await self._send(ctrl, encode(end, remote.codec))
                     return
@@ -482,6 +537,18 @@ class Agent:
             await self.api.stop_task(remote.id)
         finally:
             self._tasks.pop(remote.id, None)
+
+    def _too_big(self, payload: bytes) -> bool:
+        limit = self.link.max_packet_size
+        return limit is not None and len(payload) > limit - FRAME_HEADER_BYTES
+
+    def _oversize(self, remote: RemoteTask, frame: Frame, payload: bytes) -> dict[str, Any]:
+        reason = (
+            f"{len(frame)} samples dropped: a frame of {len(payload)} bytes exceeds the "
+            f"broker's maximum packet size ({self.link.max_packet_size})"
+        )
+        log.warning("task %s: %s", remote.id, reason)
+        return ctrl_status(remote.id, StreamStatus(frame.stream_id, "dropped", reason))
 
     async def _send(self, topic: str, payload: bytes, qos: int = CTRL_QOS) -> None:
         """Publish; QoS 1 goes to the spool while the broker is away (or the spool drains)."""
@@ -575,17 +642,21 @@ class Agent:
             if not self.link.connected:
                 return  # we are the one cut off; leases restart when we reconnect
             lease.online = False
-            why = "it went offline" if delay is not None else f"no sign of life for {wait:.1f} s"
+            why = (
+                "went offline" if delay is not None else f"showed no sign of life for {wait:.1f} s"
+            )
             self._release(client, why)
 
         lease.check = asyncio.get_running_loop().call_later(wait, expire)
 
     def _release(self, client: str, why: str) -> None:
-        owned = [t.id for t in self._tasks.values() if t.owner == client]
+        owned = [t for t in self._tasks.values() if t.owner == client]
         if owned:
             log.info("stopping %d tasks of client %s: %s", len(owned), client, why)
-        for task_id in owned:
-            self._spawn(self.api.stop_task(task_id), f"release-{task_id}")
+        for remote in owned:
+            # Should the client still be there after all, it learns why its task ended.
+            remote.ended_by = f"the agent ended the task: client {client} {why}"
+            self._spawn(self.api.stop_task(remote.id), f"release-{remote.id}")
 
     # -- health --------------------------------------------------------------------------
 

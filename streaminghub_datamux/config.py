@@ -263,6 +263,14 @@ _KEYS = (
     ),
     Key("agent.max_tasks", "int", 64, "Tasks an agent runs at once.", check=_positive),
     Key(
+        "agent.max_frame_bytes",
+        "int",
+        1 << 20,
+        "Largest frame message; frames hold fewer samples to fit (and fit the broker's "
+        "limit when it says).",
+        check=_positive,
+    ),
+    Key(
         "client.timeout_s",
         "float",
         10.0,

@@ -9,6 +9,7 @@ unacknowledged, so a fast producer slows down instead of filling memory.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import socket
 import ssl
@@ -145,6 +146,8 @@ class MqttLink:
         self._first: asyncio.Future[str | None] | None = None  # outcome of the first connect
         self.protocol: int = mqtt.MQTTv5
         self.disconnects = 0
+        # The largest packet the broker accepts, when it says (MQTT 5 CONNACK).
+        self.max_packet_size: int | None = None
 
     # -- connection ----------------------------------------------------------------------
 
@@ -259,6 +262,7 @@ class MqttLink:
         client.reconnect_delay_set(RECONNECT_MIN_S, RECONNECT_MAX_S)
         client.max_inflight_messages_set(MAX_OUTSTANDING)
         client.max_queued_messages_set(0)
+        client.on_socket_open = _no_delay
         client.on_connect = self._paho_connect
         client.on_disconnect = self._paho_disconnect
         client.on_message = self._paho_message
@@ -407,6 +411,8 @@ class MqttLink:
             loop.call_soon_threadsafe(callback, *args)
 
     def _paho_connect(self, client, userdata, flags, reason_code, properties) -> None:
+        limit = getattr(properties, "MaximumPacketSize", None) if properties else None
+        self.max_packet_size = int(limit) if limit else None
         self._to_loop(self._connected_on_loop, client, reason_code, flags.session_present)
 
     def _paho_disconnect(self, client, userdata, flags, reason_code, properties) -> None:
@@ -492,3 +498,10 @@ class MqttLink:
         future = self._acks.get(mid)
         if future is not None and not future.done():
             future.set_result(None)
+
+
+def _no_delay(client: mqtt.Client, userdata: Any, sock: Any) -> None:
+    """Send small frames at once: paho leaves Nagle's algorithm on, and with QoS 0 nothing
+    flows back to carry the ACK, so each frame waited 40 ms for the delayed ACK."""
+    with contextlib.suppress(OSError, AttributeError):
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)

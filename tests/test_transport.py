@@ -474,3 +474,83 @@ def test_what_was_spooled_survives_an_agent_restart(workspace, mosquitto, tmp_pa
     seqs = [d["seq"] for d in data]
     assert seqs == list(range(seqs[0], seqs[0] + len(seqs)))  # in order, none missing
     assert ctrl[-1]["kind"] == "end" and ctrl[-1]["frames"] == seqs[-1] + 1
+
+
+def test_wide_frames_are_cut_to_fit_one_message(workspace, mosquitto, tmp_path):
+    timestamps, values = None, None
+    workspace.add_collection("study", gaze_collection())
+    timestamps, values = workspace.add_gaze_recording("A", "1", n=5000)
+    limit = 20_000
+
+    async def body():
+        config = workspace.config(**{"agent.max_frame_bytes": limit})
+        async with (
+            running_agent(config, mosquitto, tmp_path / "state"),
+            remote_api(config, mosquitto) as api,
+        ):
+            sink = asyncio.Queue()
+            await api.replay_collection_stream(
+                "study", "gaze", {"subject": "A"}, sink, speed=0, framing="throughput"
+            )
+            return frames_of(await drain(sink))
+
+    frames = run(body())
+    per_sample = 8 + 2 * 4  # a float64 timestamp and two float32 channels
+    assert len(frames) > 4 and max(len(f) for f in frames) * per_sample < limit
+    np.testing.assert_array_equal(np.concatenate([f.timestamps for f in frames]), timestamps)
+    np.testing.assert_array_equal(np.concatenate([f.values for f in frames]), values[:, :2])
+
+
+def test_a_silent_client_is_told_why_its_task_ended(workspace, mosquitto, tmp_path):
+    async def body():
+        async with (
+            running_agent(workspace.config(), mosquitto, tmp_path / "state"),
+            remote_api(workspace.config(), mosquitto, keepalive_s=2) as api,
+        ):
+            api._heartbeat_stop.set()  # alive, but no longer showing it
+            sink = asyncio.Queue()
+            await api.proxy_live_stream("demo", "imu", {}, sink)
+            began = time.monotonic()
+            items = await asyncio.wait_for(drain(sink), 10)
+            return items, time.monotonic() - began
+
+    items, lasted = run(body())
+    assert 2.0 <= lasted <= 4.0  # 1.25 x keepalive after the last sign of life
+    error = items[-2]
+    assert isinstance(error, dm.StreamError) and error.code == "unavailable"
+    assert "no sign of life" in error.reason
+
+
+def test_a_new_task_gets_a_fresh_lease(workspace, mosquitto, tmp_path):
+    """A lease countdown left from an earlier task must not end a new one early."""
+
+    async def body():
+        async with (
+            running_agent(workspace.config(), mosquitto, tmp_path / "state"),
+            remote_api(workspace.config(), mosquitto, keepalive_s=2) as api,
+        ):
+            first = asyncio.Queue()
+            ack = await api.proxy_live_stream("demo", "imu", {}, first)
+            await api.stop_task(ack.randseq)
+            await drain(first)
+            await asyncio.sleep(2.0)  # the countdown of the first task nearly ran out
+            second = asyncio.Queue()
+            ack = await api.proxy_live_stream("demo", "imu", {}, second)
+            await asyncio.sleep(3.0)  # longer than one lease period
+            alive = dm.END_OF_STREAM not in list(second._queue)
+            await api.stop_task(ack.randseq)
+            await drain(second)
+            return alive
+
+    assert run(body())
+
+
+def test_small_frames_are_not_held_back_by_nagle(workspace, mosquitto, tmp_path):
+    import socket
+
+    async def body():
+        async with remote_api(workspace.config(), mosquitto, agent_id=None) as api:
+            sock = api.link._client.socket()
+            return sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)
+
+    assert run(body()) != 0
