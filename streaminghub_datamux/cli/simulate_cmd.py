@@ -262,13 +262,17 @@ class _LslPublisher:
             channel.append_child_value("type", self.type)
         return info
 
-    def _open(self) -> None:
+    async def _open(self) -> None:
+        # Making an outlet (and dropping one) takes liblsl tens of milliseconds: off the
+        # loop, so the other simulated streams keep their pace.
         if self._outlet is None:
-            self._outlet = self.pylsl.StreamOutlet(self._info())
+            self._outlet = await asyncio.to_thread(self.pylsl.StreamOutlet, self._info())
 
-    def _close(self) -> None:
+    async def _close(self) -> None:
         # The outlet leaves the network when its last reference goes.
-        self._outlet = None
+        if self._outlet is not None:
+            held, self._outlet = [self._outlet], None
+            await asyncio.to_thread(held.clear)  # the last reference goes in that thread
 
     async def run(self, api: API, stop: asyncio.Event) -> None:
         """Publish until ``stop`` is set or the stream ends; errors end up in ``result``."""
@@ -278,14 +282,14 @@ class _LslPublisher:
             self.result.error = f"{type(exc).__name__}: {exc}"
             print(f"datamux: {self.node_id}/{self.stream.id} failed: {exc}", file=sys.stderr)
         finally:
-            self._close()
+            await self._close()
 
     async def _run(self, api: API, stop: asyncio.Event) -> None:
         sink: asyncio.Queue[Any] = asyncio.Queue(maxsize=64)
         ack = await api.proxy_live_stream(
             self.node_id, self.stream.id, {}, sink, framing="low-latency"
         )
-        self._open()
+        await self._open()
         stopping = asyncio.create_task(stop.wait())
         try:
             while not stop.is_set():
@@ -294,24 +298,24 @@ class _LslPublisher:
                 if not getting.done():
                     getting.cancel()
                     break
-                if not self._handle(getting.result()):
+                if not await self._handle(getting.result()):
                     break
         finally:
             stopping.cancel()
             with contextlib.suppress(NotFound):
                 await api.stop_task(ack.randseq or "")
 
-    def _handle(self, item: Any) -> bool:
+    async def _handle(self, item: Any) -> bool:
         """Publish one sink item; False once the stream has ended."""
         if isinstance(item, Frame):
-            self._open()
+            await self._open()
             self._push(item)
             return True
         if isinstance(item, StreamStatus):
             # A simulated disconnect takes the outlet off the network, as a device would.
             print(f"[{item.status}] {self.node_id}/{self.stream.id} {item.reason}", file=sys.stderr)
             if item.status == "disconnected":
-                self._close()
+                await self._close()
             return True
         if isinstance(item, StreamError):
             self.result.error = item.reason
