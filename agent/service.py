@@ -52,6 +52,7 @@ from ..protocol import (
     ok_reply,
     parse_request,
     read_envelope,
+    reply_topic_ok,
     stream_to_wire,
 )
 from ..util import END_OF_STREAM, describe_error
@@ -72,6 +73,7 @@ LEASE_FACTOR = 1.25
 # Room for a frame's fields other than its arrays (task id, seq, dtype, tags, lengths).
 FRAME_HEADER_BYTES = 512
 OFFLINE_CONFIRM_S = 0.5
+MAX_CLIENT_KEEPALIVE_S = 3600.0  # a lease is never longer than 1.25 hours
 
 
 def default_agent_id() -> str:
@@ -100,6 +102,7 @@ class RemoteTask:
     stream_id: str
     publisher: asyncio.Task[None] | None = None
     ended_by: str | None = None  # why the agent ended it (a lease), for the client
+    stop_requested: bool = False  # a stop that came while the task was starting
     frames: int = 0
     samples: int = 0
     started: float = field(default_factory=time.time)
@@ -180,14 +183,25 @@ class Agent:
         self._background: set[asyncio.Task[None]] = set()
         self._spool_ready = asyncio.Event()
         self._stopping = asyncio.Event()
-        self._stopped = asyncio.Event()
+        self._starting: asyncio.Task[Any] | None = None
+        self._shutdown_job: asyncio.Task[None] | None = None
         self._cpu_mark = (time.monotonic(), time.process_time())
         self._summary: tuple[list[str], list[str]] = ([], [])  # node and collection ids
 
     # -- lifecycle -----------------------------------------------------------------------
 
     async def start(self, connect_timeout: float | None = None) -> None:
-        """Connect, subscribe, announce; returns once the agent serves requests."""
+        """Connect, subscribe, announce; returns once the agent serves requests.
+
+        :meth:`stop` during a start (a broker that is not up yet) cancels it.
+        """
+        self._starting = asyncio.current_task()
+        try:
+            await self._start(connect_timeout)
+        finally:
+            self._starting = None
+
+    async def _start(self, connect_timeout: float | None) -> None:
         # Ready for systemd as soon as we run: waiting for a broker that boots later is
         # normal, and the watchdog is fed meanwhile.
         sdnotify.ready(f"connecting to {self.settings.address}")
@@ -216,10 +230,20 @@ class Agent:
             await asyncio.sleep(period)
 
     async def run(self) -> None:
-        """Serve until :meth:`stop` (SIGTERM in ``datamux serve``)."""
-        await self.start()
-        await self._stopping.wait()
-        await self._shutdown()
+        """Serve until :meth:`request_stop` or :meth:`stop` (SIGTERM in ``datamux serve``)."""
+        starting = asyncio.get_running_loop().create_task(self.start())
+        stopping = asyncio.get_running_loop().create_task(self._stopping.wait())
+        try:
+            await asyncio.wait({starting, stopping}, return_when=asyncio.FIRST_COMPLETED)
+            if starting.done():
+                starting.result()  # a start that failed raises here
+                await stopping
+            else:  # stopped while still waiting for the broker
+                starting.cancel()
+                await asyncio.wait({starting})
+        finally:
+            stopping.cancel()
+            await self._shutdown()
 
     def request_stop(self) -> None:
         """Ask :meth:`run` to shut down (safe from a signal handler)."""
@@ -228,12 +252,18 @@ class Agent:
     async def stop(self) -> None:
         """Shut down now: end every task (consumers get END_OF_STREAM), go offline."""
         self._stopping.set()
+        starting = self._starting
+        if starting is not None and starting is not asyncio.current_task():
+            starting.cancel()
         await self._shutdown()
 
     async def _shutdown(self) -> None:
-        if self._stopped.is_set():
-            return
-        self._stopped.set()
+        # Once, however many callers: each returns when it is complete.
+        if self._shutdown_job is None:
+            self._shutdown_job = asyncio.get_running_loop().create_task(self._shut_down())
+        await asyncio.shield(self._shutdown_job)
+
+    async def _shut_down(self) -> None:
         sdnotify.stopping()
         log.info("agent %s stopping: ending %d tasks", self.id, len(self._tasks))
         for request in list(self._requests):
@@ -335,7 +365,7 @@ class Agent:
             return
         request_id, reply_to = read_envelope(decoded, self.topics)
         try:
-            request = parse_request(decoded, self.topics)
+            request = _parse(decoded, self.topics)
             if self._owns_tasks(request.client):
                 self._arm_lease(request.client)  # a request is a sign of life too
             result = await self._call(request, codec)
@@ -345,6 +375,11 @@ class Agent:
                 self.counters.bad_requests += 1
             log.info("request %r failed: %s", request_id, exc)
             reply = error_reply(request_id, exc.code, str(exc))
+        except asyncio.CancelledError:
+            # The agent is stopping: the request still gets its one answer.
+            reply = error_reply(request_id, "unavailable", "the agent is stopping")
+            self._reply(message, reply_to, reply, codec)
+            raise
         except Exception as exc:
             code, text = describe_error(exc)
             log.exception("request %r failed", request_id)
@@ -362,17 +397,22 @@ class Agent:
         reply = error_reply(request_id, code, text)
         self._reply(message, reply_to, reply, codec_of(message.payload))
 
-    def _reply(self, message: Incoming, reply_to: str | None, reply: dict, codec: str) -> None:
+    def _reply(
+        self, message: Incoming, reply_to: str | None, reply: dict[str, Any], codec: str
+    ) -> None:
         topic = reply_to
-        response_topic = message.response_topic or ""
-        if topic is None and response_topic.startswith(self.topics.reply_space):
-            topic = response_topic
+        if topic is None and reply_topic_ok(message.response_topic, self.topics):
+            topic = message.response_topic
         if topic is None:
             log.warning("no reply address in a request; error not sent: %s", reply)
             return
-        self.link.publish_nowait(
-            topic, encode(reply, codec), qos=1, correlation=message.correlation
-        )
+        try:
+            payload = encode(reply, codec)
+        except (ValueError, TypeError, OverflowError) as exc:  # e.g. NaN metadata in JSON
+            log.warning("reply to %r cannot be encoded: %s", reply.get("id"), exc)
+            text = f"the reply cannot be encoded in {codec}: {exc}"
+            payload = encode(error_reply(reply.get("id"), "internal", text), codec)
+        self.link.publish_nowait(topic, payload, qos=1, correlation=message.correlation)
 
     # -- methods -------------------------------------------------------------------------
 
@@ -441,6 +481,8 @@ class Agent:
         remote.publisher = asyncio.get_running_loop().create_task(
             self._publish_task(remote, sink), name=f"publish-{task_id}"
         )
+        if remote.stop_requested:
+            await self.api.stop_task(task_id)
         self._arm_lease(request.client)
         log.info("task %s for %s: %s", task_id, request.client, request.method)
         return {"randseq": ack.randseq, "status": ack.status}
@@ -485,6 +527,10 @@ class Agent:
             return {"randseq": task_id, "status": True}
         if remote is None:
             raise Forbidden(f"task {task_id!r} was started locally, not by a client")
+        if remote.publisher is None:
+            # Still starting (the client gave up waiting): stopped as soon as it starts.
+            remote.stop_requested = True
+            return {"randseq": task_id, "status": True}
         await self.api.stop_task(task_id)
         if remote.publisher is not None:
             # The end message is published before the reply, so it reaches the client first.
@@ -532,9 +578,15 @@ class Agent:
                     end = ctrl_end(remote.id, remote.frames, remote.samples)
                     await self._send(ctrl, encode(end, remote.codec))
                     return
-        except Exception:
+        except Exception as exc:
             log.exception("publisher of task %s failed", remote.id)
             await self.api.stop_task(remote.id)
+            # The consumer must still hear the end of its task.
+            failure = StreamError(remote.stream_id, *describe_error(exc))
+            with contextlib.suppress(Exception):
+                await self._send(ctrl, encode(ctrl_error(remote.id, failure), "cbor"))
+                end = ctrl_end(remote.id, remote.frames, remote.samples)
+                await self._send(ctrl, encode(end, "cbor"))
         finally:
             self._tasks.pop(remote.id, None)
 
@@ -568,6 +620,14 @@ class Agent:
 
     async def _drain_spool(self) -> None:
         """Send spooled messages, oldest first, at most ``agent.spool_drain_per_s``."""
+        while True:
+            try:
+                await self._drain_spool_until_error()
+            except Exception:  # a disk error must not stop the drain for good
+                log.exception("sending spooled messages failed; retrying in 1 s")
+                await asyncio.sleep(1.0)
+
+    async def _drain_spool_until_error(self) -> None:
         batch = 32
         while True:
             await self._spool_ready.wait()
@@ -597,30 +657,46 @@ class Agent:
     # within 1.5 x keepalive even when the broker notices a dead connection late.
 
     def _on_client_state(self, client: str, message: Incoming) -> None:
-        if not ID_PATTERN.fullmatch(client):
+        if not ID_PATTERN.fullmatch(client) or len(message.payload) > self.max_request_bytes:
             return
-        lease = self._leases.setdefault(client, Lease())
         state: Mapping[str, Any] = {}
         if message.payload:
             try:
                 decoded = decode(message.payload)
-                state = decoded if isinstance(decoded, Mapping) else {}
             except InvalidRequest:
                 log.warning("unreadable state message of client %s", client)
                 return
+            state = decoded if isinstance(decoded, Mapping) else {}
+            if (
+                state.get("state") not in ("online", "offline")
+                or state.get("client", client) != client
+            ):
+                return  # not a presence message of this client
+        online = state.get("state") == "online"
+        if not online and not self._owns_tasks(client):
+            self._forget_lease(client)  # gone, and nothing of ours to end
+            return
+        # Known while online (for its keepalive), forgotten when it leaves.
+        lease = self._leases.setdefault(client, Lease())
         keepalive = state.get("keepalive")
         if isinstance(keepalive, int | float) and not isinstance(keepalive, bool) and keepalive > 0:
-            lease.keepalive_s = float(keepalive)
-        lease.online = state.get("state") == "online"
-        if lease.online or message.retain:
+            lease.keepalive_s = min(float(keepalive), MAX_CLIENT_KEEPALIVE_S)
+        lease.online = online
+        if not self._owns_tasks(client):
+            return
+        if online or message.retain:
             # A retained "offline" may be stale (a broker restart): the client gets its
             # lease period to show up before its tasks end.
-            if self._owns_tasks(client):
-                self._arm_lease(client)
-        elif self._owns_tasks(client):
+            self._arm_lease(client)
+        else:
             # A last will. A broker that shuts down sends those too, just before it drops
             # us: wait a moment, and if our own connection went, it was not the client.
             self._arm_lease(client, OFFLINE_CONFIRM_S)
+
+    def _forget_lease(self, client: str) -> None:
+        lease = self._leases.pop(client, None)
+        if lease is not None and lease.check is not None:
+            lease.check.cancel()
 
     def _owns_tasks(self, client: str) -> bool:
         return any(t.owner == client for t in self._tasks.values())
@@ -657,6 +733,7 @@ class Agent:
             # Should the client still be there after all, it learns why its task ended.
             remote.ended_by = f"the agent ended the task: client {client} {why}"
             self._spawn(self.api.stop_task(remote.id), f"release-{remote.id}")
+        self._forget_lease(client)
 
     # -- health --------------------------------------------------------------------------
 
@@ -702,6 +779,14 @@ class Agent:
                     self.topics.agent_health(self.id), payload, qos=0, retain=True
                 )
             await asyncio.sleep(interval)
+
+
+def _parse(message: Any, topics: Topics) -> Request:
+    """parse_request, with hostile shapes (huge numbers, cycles) as InvalidRequest."""
+    try:
+        return parse_request(message, topics)
+    except (RecursionError, OverflowError) as exc:
+        raise InvalidRequest(f"malformed request: {type(exc).__name__}") from None
 
 
 def _checked_agent_id(value: str) -> str:

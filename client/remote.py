@@ -26,6 +26,7 @@ from collections.abc import Awaitable, Callable, Mapping
 from types import TracebackType
 from typing import Any, Self
 
+from .. import protocol
 from ..codec import CODECS, decode, decode_frame, encode
 from ..config import Config, load_config
 from ..errors import (
@@ -58,17 +59,26 @@ STOP_WAIT_S = 5.0
 class _TaskStream:
     """The client's end of one remote task: orders, checks and delivers its items."""
 
-    def __init__(self, api: RemoteAPI, agent: str, task_id: str, sink: asyncio.Queue[Any]) -> None:
-        self.api = api
+    def __init__(
+        self,
+        agent: str,
+        task_id: str,
+        sink: asyncio.Queue[Any],
+        on_end: Callable[[_TaskStream], None],
+    ) -> None:
         self.agent = agent
         self.task_id = task_id
         self.sink = sink
+        self.on_end = on_end
         self.stream_id = ""
         self.next_seq = 0
         self.received = 0
         self.duplicates = 0
         self.inbox: deque[Any] = deque()
+        self.inbox_frames = 0
+        self.overflow_samples = 0  # dropped for a slow consumer, not yet reported
         self.wakeup = asyncio.Event()
+        self.frame_arrived = asyncio.Event()
         self.ended = asyncio.Event()  # END_OF_STREAM is on the sink
         self.finishing: asyncio.Task[None] | None = None
         self.agent_lost: asyncio.TimerHandle | None = None
@@ -78,7 +88,7 @@ class _TaskStream:
     # -- items from the agent ------------------------------------------------------------
 
     def on_frame(self, frame: Frame) -> None:
-        if self.ended.is_set() or (self.finishing is not None and self.finishing.done()):
+        if self.closing:
             return
         if frame.seq < self.next_seq:
             self.duplicates += 1  # a QoS 1 resend after a reconnect
@@ -88,20 +98,21 @@ class _TaskStream:
             lost = frame.seq - self.next_seq
             reason = f"{lost} frames lost in transit (seq {self.next_seq} to {frame.seq - 1})"
             log.warning("task %s: %s", self.task_id, reason)
-            self._put(StreamStatus(frame.stream_id, "dropped", reason))
+            self.put(StreamStatus(frame.stream_id, "dropped", reason))
         self.next_seq = frame.seq + 1
         self.received += 1
-        self._put(frame)
+        self.put(frame)
+        self.frame_arrived.set()
 
     def on_ctrl(self, message: Mapping[str, Any]) -> None:
         kind = message.get("kind")
         stream_id = str(message.get("stream_id", self.stream_id))
         if kind == "status":
             status = str(message.get("status", ""))
-            self._put(StreamStatus(stream_id, status, str(message.get("reason", ""))))
+            self.put(StreamStatus(stream_id, status, str(message.get("reason", ""))))
         elif kind == "error":
             code, reason = str(message.get("code", "internal")), str(message.get("reason", ""))
-            self._put(StreamError(stream_id, code, reason))
+            self.put(StreamError(stream_id, code, reason))
         elif kind == "end" and self.finishing is None:
             frames = message.get("frames")
             total = frames if isinstance(frames, int) else self.next_seq
@@ -109,13 +120,15 @@ class _TaskStream:
 
     async def _finish(self, total: int) -> None:
         # Data and control travel on two topics: let late frames land before the end.
-        deadline = time.monotonic() + END_GRACE_S
-        while self.next_seq < total and time.monotonic() < deadline:
-            await asyncio.sleep(0.01)
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(END_GRACE_S):
+                while self.next_seq < total:
+                    self.frame_arrived.clear()
+                    await self.frame_arrived.wait()
         if self.next_seq < total:
             lost = total - self.next_seq
             reason = f"{lost} frames lost in transit (seq {self.next_seq} to {total - 1})"
-            self._put(StreamStatus(self.stream_id, "dropped", reason))
+            self.put(StreamStatus(self.stream_id, "dropped", reason))
         self.end()
 
     def end(self, error: StreamError | None = None) -> None:
@@ -124,34 +137,60 @@ class _TaskStream:
             self.agent_lost.cancel()
         if self.closing:
             return
-        self.closing = True
         if error is not None:
-            self._put(error)
-        self._put(END_OF_STREAM)
-        self.api._forget(self)
+            self.put(error)
+        self.put(END_OF_STREAM)
+        self.closing = True
+        self.on_end(self)
 
-    def _put(self, item: Any) -> None:
-        if isinstance(item, Frame) and len(self.inbox) >= INBOX_FRAMES:
-            # The consumer is not keeping up: drop the oldest frame, and say so.
-            for index, old in enumerate(self.inbox):
-                if isinstance(old, Frame):
-                    del self.inbox[index]
-                    reason = f"{len(old)} samples dropped (consumer too slow)"
-                    self.inbox.append(StreamStatus(old.stream_id, "dropped", reason))
-                    break
+    def put(self, item: Any) -> None:
+        if self.closing:
+            return
+        if isinstance(item, Frame):
+            if self.inbox_frames >= INBOX_FRAMES:
+                self._drop_oldest_frame()
+            self.inbox_frames += 1
         self.inbox.append(item)
         self.wakeup.set()
+
+    def _drop_oldest_frame(self) -> None:
+        # The consumer is not keeping up: drop the oldest frame; one status says how much
+        # was dropped since the consumer last took an item.
+        for index, old in enumerate(self.inbox):
+            if isinstance(old, Frame):
+                del self.inbox[index]
+                self.inbox_frames -= 1
+                self.overflow_samples += len(old)
+                return
 
     async def _deliver(self) -> None:
         while True:
             while self.inbox:
+                if self.overflow_samples:
+                    reason = f"{self.overflow_samples} samples dropped (consumer too slow)"
+                    log.warning("task %s: %s", self.task_id, reason)
+                    self.overflow_samples = 0
+                    await self._to_sink(StreamStatus(self.stream_id, "dropped", reason))
+                    continue
                 item = self.inbox.popleft()
-                await self.sink.put(item)
+                if isinstance(item, Frame):
+                    self.inbox_frames -= 1
+                await self._to_sink(item)
                 if item is END_OF_STREAM:
                     self.ended.set()
                     return
             self.wakeup.clear()
             await self.wakeup.wait()
+
+    async def _to_sink(self, item: Any) -> None:
+        if self.sink.maxsize > 0:
+            await self.sink.put(item)
+            return
+        # An unbounded sink still holds at most INBOX_FRAMES items; past that they wait
+        # in the inbox, where the oldest frames give way.
+        while self.sink.qsize() >= INBOX_FRAMES:
+            await asyncio.sleep(0.002)
+        self.sink.put_nowait(item)
 
 
 class RemoteAPI:
@@ -191,7 +230,8 @@ class RemoteAPI:
         self.link: MqttLink | None = None
         self.topics = Topics()
         self._agents: dict[str, Mapping[str, Any]] = {}
-        self._replies: dict[str, asyncio.Future[Any]] = {}
+        self._replies: dict[str, tuple[str, asyncio.Future[Any]]] = {}  # id -> (agent, reply)
+        self._jobs: set[asyncio.Task[Any]] = set()
         self._streams: dict[tuple[str, str], _TaskStream] = {}
         self._request_ids = itertools.count(1)
         self._since = time.time()
@@ -211,6 +251,8 @@ class RemoteAPI:
             Unavailable: no broker answers.
             NotFound: ``agent_id`` was given and that agent never announced itself.
         """
+        if self.link is not None:
+            raise InvalidRequest("already connected; close() first")
         config = self.config if self.config is not None else load_config()
         self.config = config
         if self.timeout is None:
@@ -224,7 +266,11 @@ class RemoteAPI:
             on_connect=self._on_connect,
             will=Will(self.topics.client_state(self.client_id), self._absence()),
         )
-        await self.link.connect(timeout=self.timeout)
+        try:
+            await self.link.connect(timeout=self.timeout)
+        except BaseException:
+            self.link = None
+            raise
         try:
             await self.link.subscribe(self.topics.client_rpc(self.client_id), qos=1)
             states = (
@@ -235,7 +281,8 @@ class RemoteAPI:
             await self.link.subscribe(states, qos=1)
             await self._sync()
         except BaseException:
-            await self.link.close()
+            link, self.link = self.link, None
+            await link.close()
             raise
         self._start_heartbeat()
         if self.agent_id and self.agent_id not in self._agents:
@@ -254,7 +301,7 @@ class RemoteAPI:
         assert self.link is not None
         marker = f"sync-{next(self._request_ids)}"
         future = asyncio.get_running_loop().create_future()
-        self._replies[marker] = future
+        self._replies[marker] = ("", future)
         try:
             payload = encode({"id": marker, "ok": True, "result": None}, self.codec)
             self.link.publish_nowait(self.topics.client_rpc(self.client_id), payload, qos=1)
@@ -290,7 +337,7 @@ class RemoteAPI:
         """
         assert self.link is not None
         link, topic = self.link, self.topics.client_state(self.client_id)
-        payload, period = self._presence(), link.settings.keepalive_s / 2
+        payload, period = self._presence(), max(link.settings.keepalive_s / 2, 1.0)
         stop = self._heartbeat_stop = threading.Event()
 
         def beat() -> None:
@@ -310,13 +357,17 @@ class RemoteAPI:
             await asyncio.gather(*stops)
         for stream in list(self._streams.values()):
             stream.end(StreamError(stream.stream_id, "unavailable", "the client closed"))
-        for future in self._replies.values():
-            if not future.done():
-                future.set_exception(Unavailable("the client closed"))
+        self._fail_replies(lambda agent: True, "the client closed")
         self.link = None
         self._heartbeat_stop.set()
         gone = (self.topics.client_state(self.client_id), b"", 1, True)
         await link.close(final=[gone])
+
+    def _fail_replies(self, which: Callable[[str], bool], why: str) -> None:
+        """End the waits of requests to the agents ``which`` selects, with Unavailable."""
+        for agent, future in self._replies.values():
+            if agent and which(agent) and not future.done():
+                future.set_exception(Unavailable(why))
 
     async def _stop_quietly(self, stream: _TaskStream) -> None:
         with contextlib.suppress(DatamuxError):
@@ -354,7 +405,7 @@ class RemoteAPI:
             return self.agent_id, qualified
         agent, sep, local = qualified.partition("/")
         if sep:
-            return agent, local
+            return check_id(agent, f"the agent part of {what}"), local
         online = self._online()
         if len(online) == 1:
             return online[0], qualified
@@ -411,18 +462,19 @@ class RemoteAPI:
             "client": self.client_id,
         }
         future = asyncio.get_running_loop().create_future()
-        self._replies[request_id] = future
+        self._replies[request_id] = (agent, future)
         try:
-            sent = await link.publish(
-                self.topics.agent_rpc(agent),
-                encode(request, self.codec),
-                qos=1,
-                response_topic=reply_to,
-                correlation=request_id.encode(),
-            )
-            if not sent:
-                raise Unavailable(f"not connected to the broker {link.settings.address}")
+            # The deadline covers sending too: a stalled broker must not stall the caller.
             async with asyncio.timeout(self.timeout):
+                sent = await link.publish(
+                    self.topics.agent_rpc(agent),
+                    encode(request, self.codec),
+                    qos=1,
+                    response_topic=reply_to,
+                    correlation=request_id.encode(),
+                )
+                if not sent:
+                    raise Unavailable(f"not connected to the broker {link.settings.address}")
                 reply = await future
         except TimeoutError:
             raise Timeout(
@@ -543,26 +595,28 @@ class RemoteAPI:
     ) -> StreamAck:
         if not isinstance(sink, asyncio.Queue):
             raise InvalidRequest(f"sink must be an asyncio.Queue, not {type(sink).__name__}")
-        if attrs is not None and not isinstance(attrs, Mapping):
-            raise InvalidRequest(f"attrs must be a mapping, not {type(attrs).__name__}")
         link = self._require_link()
         task_qos = self.qos if qos is None else qos
         task_id = secrets.token_hex(8)
-        params = {**params, "attrs": dict(attrs or {}), "task_id": task_id, "qos": task_qos}
+        params = {**params, "task_id": task_id, "qos": task_qos}
+        params["attrs"] = protocol.check_attrs(attrs, "attrs")  # the agent's schema, here
+        params["qos"] = protocol.check_qos(task_qos, "qos")
         if framing is not None:
-            params["framing"] = _framing_wire(framing)
-        stream = _TaskStream(self, agent, task_id, sink)
+            params["framing"] = protocol.check_framing(_framing_wire(framing), "framing")
+        stream = _TaskStream(agent, task_id, sink, self._forget)
         self._streams[(agent, task_id)] = stream
         topic = self.topics.task_any(agent, task_id)
         try:
             # Subscribe first: frames may flow before the reply arrives.
             await link.subscribe(topic, qos=task_qos, timeout=self.timeout or 10.0)
             result = await self._call(agent, method, params)
-        except BaseException:
+        except BaseException as exc:
             self._streams.pop((agent, task_id), None)
             stream.delivery.cancel()
-            with contextlib.suppress(DatamuxError):
-                await link.unsubscribe(topic)
+            if isinstance(exc, Timeout | asyncio.CancelledError):
+                # The agent may have started it after all: it must not stream to nobody.
+                self._spawn(_quietly(self._call(agent, "stop_task", {"task_id": task_id})))
+            self._spawn(_quietly(link.unsubscribe(topic)))
             raise
         status = bool(result.get("status", True)) if isinstance(result, Mapping) else True
         return StreamAck(status=status, randseq=self._qualify(agent, task_id))
@@ -596,13 +650,17 @@ class RemoteAPI:
 
     # -- incoming ------------------------------------------------------------------------
 
+    def _spawn(self, coro: Any) -> None:
+        job = asyncio.get_running_loop().create_task(coro)
+        self._jobs.add(job)
+        job.add_done_callback(self._jobs.discard)
+
     def _forget(self, stream: _TaskStream) -> None:
         self._streams.pop((stream.agent, stream.task_id), None)
         link = self.link
         if link is not None:
             topic = self.topics.task_any(stream.agent, stream.task_id)
-            job = asyncio.get_running_loop().create_task(_quietly(link.unsubscribe(topic)))
-            _keep(job)
+            self._spawn(_quietly(link.unsubscribe(topic)))
 
     def _on_message(self, message: Incoming) -> None:
         topic, topics = message.topic, self.topics
@@ -625,9 +683,9 @@ class RemoteAPI:
             return
         if not isinstance(reply, Mapping):
             return
-        future = self._replies.get(str(reply.get("id")))
-        if future is not None and not future.done():
-            future.set_result(reply)
+        waiting = self._replies.get(str(reply.get("id")))
+        if waiting is not None and not waiting[1].done():
+            waiting[1].set_result(reply)
 
     def _on_task_message(self, agent: str, task_id: str, kind: str, message: Incoming) -> None:
         stream = self._streams.get((agent, task_id))
@@ -659,6 +717,8 @@ class RemoteAPI:
         previous = self._agents.get(agent)
         if payload:
             self._agents[agent] = state
+        if state.get("state") != "online":
+            self._fail_replies(lambda target: target == agent, f"agent {agent!r} went offline")
         for stream in [s for s in self._streams.values() if s.agent == agent]:
             self._follow_agent(stream, previous, state)
 
@@ -671,7 +731,7 @@ class RemoteAPI:
             stream.end(StreamError(stream.stream_id, "unavailable", reason))
         elif not online and stream.agent_lost is None:
             reason = f"agent {stream.agent} went offline"
-            stream._put(StreamStatus(stream.stream_id, "disconnected", reason))
+            stream.put(StreamStatus(stream.stream_id, "disconnected", reason))
 
             def give_up() -> None:
                 why = f"agent {stream.agent} did not come back within {AGENT_RETURN_S:.0f} s"
@@ -681,7 +741,7 @@ class RemoteAPI:
         elif online and stream.agent_lost is not None:
             stream.agent_lost.cancel()
             stream.agent_lost = None
-            stream._put(StreamStatus(stream.stream_id, "reconnected", f"agent {stream.agent}"))
+            stream.put(StreamStatus(stream.stream_id, "reconnected", f"agent {stream.agent}"))
 
 
 def _framing_wire(framing: Framing | str | Mapping[str, Any]) -> str | dict[str, Any]:
@@ -690,14 +750,6 @@ def _framing_wire(framing: Framing | str | Mapping[str, Any]) -> str | dict[str,
     if isinstance(framing, str):
         return framing
     return dict(framing)
-
-
-_jobs: set[asyncio.Task[Any]] = set()
-
-
-def _keep(job: asyncio.Task[Any]) -> None:
-    _jobs.add(job)
-    job.add_done_callback(_jobs.discard)
 
 
 async def _quietly(awaitable: Awaitable[Any]) -> None:

@@ -185,16 +185,21 @@ def decode_frame(payload: bytes) -> WireFrame:
         values = _matrix(message["v"], dtype, len(channels))
         if len(values) != len(timestamps):
             raise ValueError(f"{len(timestamps)} timestamps but {len(values)} rows of values")
+        seq, attrs = message["seq"], message.get("attrs") or {}
+        if isinstance(seq, bool) or not isinstance(seq, int) or seq < 0:
+            raise ValueError(f"seq must be a non-negative integer, not {seq!r}")
+        if not isinstance(attrs, dict):
+            raise ValueError("attrs must be a map")
         frame = Frame(
             stream_id=str(message["stream_id"]),
-            seq=int(message["seq"]),
+            seq=seq,
             timestamps=timestamps,
             values=values,
             channels=channels,
-            attrs=dict(message.get("attrs") or {}),
+            attrs=attrs,
         )
         return WireFrame(str(message["task"]), frame)
-    except (KeyError, TypeError, ValueError, AttributeError) as exc:
+    except (KeyError, TypeError, ValueError, AttributeError, OverflowError) as exc:
         raise InvalidRequest(f"malformed frame: {exc!r}") from None
 
 
@@ -219,6 +224,8 @@ def _matrix(item: Any, dtype: np.dtype, columns: int) -> np.ndarray:
             raise ValueError(f"values must be tag 40, not tag {item.tag}")
         shape, cells = item.value
         rows, cols = (int(x) for x in shape)
+        if rows < 0 or cols != columns:
+            raise ValueError(f"shape {shape} does not fit {columns} channels")
         if isinstance(cells, cbor2.CBORTag):
             flat = _from_typed_array(cells)
             if dtype.kind == "b":
@@ -232,6 +239,8 @@ def _matrix(item: Any, dtype: np.dtype, columns: int) -> np.ndarray:
                 else (np.asarray(cells, dtype=dtype))
             )
         matrix = flat.reshape(rows, cols)
+    elif columns == 0:
+        matrix = np.empty((len(item), 0), dtype=dtype)
     else:
         matrix = _from_json(item, dtype).reshape(-1, columns)
     if matrix.shape[1] != columns:

@@ -23,7 +23,7 @@ from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 
 from .config import Config
-from .errors import ConfigError, Unavailable
+from .errors import ConfigError, InvalidRequest, Unavailable
 
 __all__ = ["BrokerSettings", "Incoming", "MqttLink", "Will"]
 
@@ -79,6 +79,16 @@ class BrokerSettings:
         )
         values.update({k: v for k, v in overrides.items() if v is not None})
         return cls(**values)
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.port, int) or not 0 < self.port < 65536:
+            raise InvalidRequest(f"broker port must be 1 to 65535, not {self.port!r}")
+        if isinstance(self.keepalive_s, bool) or not (
+            isinstance(self.keepalive_s, int | float) and self.keepalive_s >= 2
+        ):
+            raise InvalidRequest(f"keepalive_s must be at least 2 s, not {self.keepalive_s!r}")
+        if self.protocol not in ("auto", "5", "3.1.1"):
+            raise InvalidRequest(f"protocol must be auto, 5 or 3.1.1, not {self.protocol!r}")
 
     @property
     def address(self) -> str:
@@ -136,6 +146,7 @@ class MqttLink:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._client: mqtt.Client | None = None
         self._subscriptions: dict[str, int] = {}
+        self._unsubscribed: set[str] = set()  # to unsubscribe on the next connect
         self._acks: dict[int, asyncio.Future[Any]] = {}  # SUBACK / UNSUBACK by mid
         self._pending: dict[int, tuple[int, int]] = {}  # mid -> (qos, size), not yet sent/acked
         self._pending_bytes = 0
@@ -162,12 +173,24 @@ class MqttLink:
         boot); otherwise it raises :class:`Unavailable` when no broker answers in time.
         """
         loop = self._loop = asyncio.get_running_loop()
+        if self._client is not None:
+            raise Unavailable("already connected (or connecting)")
         versions = {"5": [mqtt.MQTTv5], "3.1.1": [mqtt.MQTTv311]}.get(
             self.settings.protocol, [mqtt.MQTTv5, mqtt.MQTTv311]
         )
         deadline = None if timeout is None else loop.time() + timeout
+        try:
+            await self._connect_loop(versions, deadline)
+        except asyncio.CancelledError:
+            await self._stop_client()
+            raise
+
+    async def _connect_loop(self, versions: list[int], deadline: float | None) -> None:
+        loop = asyncio.get_running_loop()
         problem = ""
         while True:
+            if self._closing:
+                raise Unavailable(f"closed while connecting to {self.settings.address}")
             for index, version in enumerate(versions):
                 remaining = None if deadline is None else max(deadline - loop.time(), 0.0)
                 probing = index < len(versions) - 1
@@ -299,16 +322,33 @@ class MqttLink:
             client.disconnect()
         await asyncio.to_thread(client.loop_stop)
         self._connected.clear()
+        # Nothing will be acknowledged any more: release everyone waiting on the link.
+        self._pending.clear()
+        self._pending_bytes = 0
+        self._room.set()
+        for future in self._acks.values():
+            if not future.done():
+                future.set_exception(Unavailable("the MQTT connection was closed"))
 
     # -- subscribe / publish -------------------------------------------------------------
 
     async def subscribe(self, topic: str, qos: int = 1, timeout: float = 10.0) -> None:
-        """Subscribe and wait for the broker's SUBACK; re-subscribed after reconnects."""
+        """Subscribe, and wait for the broker's SUBACK when connected.
+
+        The subscription is remembered and made again after every reconnect (so one made
+        while disconnected takes effect on the next connect).
+        """
+        _check_filter(topic)
         self._subscriptions[topic] = qos
+        self._unsubscribed.discard(topic)
         await self._request_ack(lambda c: c.subscribe(topic, qos), f"subscribe {topic}", timeout)
 
     async def unsubscribe(self, topic: str, timeout: float = 10.0) -> None:
-        if self._subscriptions.pop(topic, None) is None or not self.connected:
+        """Unsubscribe (on the next connect if not connected now)."""
+        if self._subscriptions.pop(topic, None) is None:
+            return
+        if not self.connected:
+            self._unsubscribed.add(topic)  # the broker may have kept our session
             return
         await self._request_ack(lambda c: c.unsubscribe(topic), f"unsubscribe {topic}", timeout)
 
@@ -348,7 +388,7 @@ class MqttLink:
         spool, drop and count, or fail).
         """
         while not self._has_room():
-            if not self.connected:
+            if not self.connected or self._client is None or self._closing:
                 return False
             self._room.clear()
             await self._room.wait()
@@ -412,8 +452,7 @@ class MqttLink:
 
     def _paho_connect(self, client, userdata, flags, reason_code, properties) -> None:
         limit = getattr(properties, "MaximumPacketSize", None) if properties else None
-        self.max_packet_size = int(limit) if limit else None
-        self._to_loop(self._connected_on_loop, client, reason_code, flags.session_present)
+        self._to_loop(self._connected_on_loop, client, reason_code, flags.session_present, limit)
 
     def _paho_disconnect(self, client, userdata, flags, reason_code, properties) -> None:
         self._to_loop(self._disconnected_on_loop, client, str(reason_code))
@@ -437,9 +476,12 @@ class MqttLink:
 
     # -- on the loop ---------------------------------------------------------------------
 
-    def _connected_on_loop(self, client: mqtt.Client, code: ReasonCode, session: bool) -> None:
+    def _connected_on_loop(
+        self, client: mqtt.Client, code: ReasonCode, session: bool, limit: int | None
+    ) -> None:
         if client is not self._client:
             return
+        self.max_packet_size = int(limit) if limit else None
         first = self._first
         if code.is_failure:
             problem = "protocol" if code.value in _UNSUPPORTED_PROTOCOL else str(code)
@@ -455,9 +497,12 @@ class MqttLink:
             "5" if self.protocol == mqtt.MQTTv5 else "3.1.1",
             "kept" if session else "new",
         )
-        if not session:
-            for topic, qos in self._subscriptions.items():
-                client.subscribe(topic, qos)
+        # Made again every time: a kept session lacks what was asked while disconnected.
+        for topic, qos in self._subscriptions.items():
+            client.subscribe(topic, qos)
+        for topic in self._unsubscribed:
+            client.unsubscribe(topic)
+        self._unsubscribed.clear()
         if self._on_connect is not None:
             self._on_connect(session)
         if first is not None and not first.done():
@@ -505,3 +550,19 @@ def _no_delay(client: mqtt.Client, userdata: Any, sock: Any) -> None:
     flows back to carry the ACK, so each frame waited 40 ms for the delayed ACK."""
     with contextlib.suppress(OSError, AttributeError):
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+
+def _check_filter(topic: str) -> None:
+    """Refuse an invalid topic filter before it is remembered or sent (MQTT 4.7.1)."""
+    levels = topic.split("/")
+    problem = ""
+    if not topic or len(topic.encode()) > 65535 or "\0" in topic:
+        problem = "empty, too long, or holding a NUL"
+    elif any(
+        "#" in level and (level != "#" or i != len(levels) - 1) for i, level in enumerate(levels)
+    ):
+        problem = "'#' may only be a whole last level"
+    elif any("+" in level and level != "+" for level in levels):
+        problem = "'+' may only be a whole level"
+    if problem:
+        raise InvalidRequest(f"invalid topic filter {topic!r}: {problem}")

@@ -38,6 +38,8 @@ PROTOCOL_VERSION = 1
 ID_PATTERN = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,63}")
 MAX_TEXT = 256  # longest id, name or topic accepted in a request
 MAX_ATTRS = 32
+MAX_FRAME_SAMPLES = 1_000_000
+MAX_LATENCY_MS = 60_000.0
 
 
 def check_id(value: Any, what: str) -> str:
@@ -129,7 +131,15 @@ def _type(value: Any) -> str:
 
 
 def _number(value: Any, name: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+    try:
+        finite = (
+            not isinstance(value, bool)
+            and isinstance(value, int | float)
+            and (math.isfinite(value))
+        )
+    except OverflowError:  # an integer too large for a float
+        finite = False
+    if not finite:
         raise InvalidRequest(f"{name} must be a finite number, not {value!r:.40}")
     return float(value)
 
@@ -163,9 +173,9 @@ def _attrs(value: Any, name: str) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for key, item in value.items():
         _text(key, f"{name} key")
-        if not isinstance(item, str | int | float | bool) or (
-            isinstance(item, str) and len(item) > MAX_TEXT
-        ):
+        if isinstance(item, int | float) and not isinstance(item, bool):
+            _number(item, f"{name}[{key!r}]")  # no NaN, no infinity: JSON has neither
+        elif not isinstance(item, str | bool) or (isinstance(item, str) and len(item) > MAX_TEXT):
             raise InvalidRequest(f"{name}[{key!r}] must be a short string, number or boolean")
         out[key] = item
     return out
@@ -182,12 +192,32 @@ def _framing(value: Any, name: str) -> str | dict[str, Any]:
         raise InvalidRequest(
             f"{name} must be a preset name or a map of preset, max_samples, max_latency_ms"
         )
-    return dict(value)  # Framing.coerce checks the values
+    out: dict[str, Any] = {}
+    if "preset" in value:
+        out["preset"] = _text(value["preset"], f"{name}.preset")
+    if "max_samples" in value:
+        samples = value["max_samples"]
+        if isinstance(samples, bool) or not isinstance(samples, int):
+            raise InvalidRequest(f"{name}.max_samples must be an integer")
+        if not 1 <= samples <= MAX_FRAME_SAMPLES:
+            raise InvalidRequest(f"{name}.max_samples must be 1 to {MAX_FRAME_SAMPLES}")
+        out["max_samples"] = samples
+    if "max_latency_ms" in value:
+        latency = _number(value["max_latency_ms"], f"{name}.max_latency_ms")
+        if not 0 < latency <= MAX_LATENCY_MS:
+            raise InvalidRequest(f"{name}.max_latency_ms must be > 0 and <= {MAX_LATENCY_MS}")
+        out["max_latency_ms"] = latency
+    return out
 
 
 def _task_id(value: Any, name: str) -> str:
     return check_id(value, name)
 
+
+# The client checks what it sends with the same rules.
+check_attrs = _attrs
+check_framing = _framing
+check_qos = _qos
 
 Check = Callable[[Any, str], Any]
 _ID: Check = _text
@@ -228,7 +258,11 @@ def read_envelope(message: Any, topics: Topics) -> tuple[Any, str | None]:
     if not isinstance(message, Mapping):
         return None, None
     reply_to = message.get("reply_to")
-    ok = isinstance(reply_to, str) and _reply_topic_ok(reply_to, topics)
+    client = message.get("client")
+    # Tied to the client's own topic when the client id is valid (a bad id still gets
+    # its error reply, on some client's rpc topic, never elsewhere).
+    valid = isinstance(client, str) and ID_PATTERN.fullmatch(client) is not None
+    ok = reply_topic_ok(reply_to, topics, client if valid else None)
     request_id = message.get("id")
     if not (isinstance(request_id, str) and len(request_id) <= MAX_TEXT) and not (
         isinstance(request_id, int) and not isinstance(request_id, bool)
@@ -237,14 +271,22 @@ def read_envelope(message: Any, topics: Topics) -> tuple[Any, str | None]:
     return request_id, reply_to if ok else None
 
 
-def _reply_topic_ok(topic: str, topics: Topics) -> bool:
-    # Replies only go under {prefix}/clients/: a request cannot make an agent publish
-    # into another agent's topics.
-    return (
-        topic.startswith(topics.reply_space)
-        and len(topic) <= MAX_TEXT
-        and not any(c in topic for c in "+#\0")
-    )
+def reply_topic_ok(topic: Any, topics: Topics, client: str | None = None) -> bool:
+    """Whether an agent may reply to ``topic``: a client's own ``rpc`` topic only.
+
+    Anything looser would let a request make the agent publish elsewhere on its
+    behalf, e.g. an "offline" into another client's presence, ending its tasks.
+    """
+    if (
+        not isinstance(topic, str)
+        or len(topic) > MAX_TEXT
+        or not topic.startswith(topics.reply_space)
+    ):
+        return False
+    owner, _, rest = topic[len(topics.reply_space) :].partition("/")
+    if rest != "rpc" or not ID_PATTERN.fullmatch(owner):
+        return False
+    return client is None or owner == client
 
 
 def parse_request(message: Any, topics: Topics) -> Request:
@@ -258,9 +300,9 @@ def parse_request(message: Any, topics: Topics) -> Request:
     request_id, reply_to = read_envelope(message, topics)
     if request_id is None:
         raise InvalidRequest("id must be a string of at most 256 characters or an integer")
-    if reply_to is None:
-        raise InvalidRequest(f"reply_to must be a topic under {topics.reply_space}")
     client = check_id(message.get("client"), "client")
+    if reply_to is None:
+        raise InvalidRequest(f"reply_to must be the client's own {topics.client_rpc(client)}")
     method = message.get("method")
     if method not in METHODS:
         raise InvalidRequest(f"unknown method {method!r:.60}; methods: {sorted(METHODS)}")
