@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import contextlib
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from broker import Mosquitto
 from helpers import Workspace
+from remote import remote_api, running_agent
+
+import streaminghub_datamux as dm
 
 
 @pytest.fixture
@@ -25,3 +30,35 @@ def mosquitto(tmp_path: Path) -> Iterator[Mosquitto]:
         yield broker
     finally:
         broker.stop()
+
+
+@pytest.fixture(params=["local", "remote-cbor"])
+def api_kind(request: pytest.FixtureRequest) -> str:
+    """Which API a ``serve`` test runs against (a test may parametrize it further)."""
+    return request.param
+
+
+@pytest.fixture
+def serve(request: pytest.FixtureRequest, api_kind: str, tmp_path: Path) -> Any:
+    """``async with serve(api) as client``: ``api`` itself, or a RemoteAPI serving it.
+
+    The agent runs on the test's own loop over a real mosquitto, so its drivers talk to
+    the test's outlets, ptys or fakes, and the test can still look at them.
+    """
+    broker = None if api_kind == "local" else request.getfixturevalue("mosquitto")
+
+    @contextlib.asynccontextmanager
+    async def through(api: dm.API) -> AsyncIterator[Any]:
+        if broker is None:
+            async with api:
+                yield api
+            return
+        codec = api_kind.removeprefix("remote-")
+        async with (
+            api,  # closed by the agent already, unless it never started
+            running_agent(api.config, broker, tmp_path / "state", api=api),
+            remote_api(api.config, broker, codec=codec) as client,
+        ):
+            yield client
+
+    return through

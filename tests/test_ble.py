@@ -15,16 +15,14 @@ their connection, make connects fail and send notifications.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import functools
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
 import pytest
 from helpers import frames_of, run
-from remote import remote_api, running_agent
 
 import streaminghub_datamux as dm
 from streaminghub_datamux.errors import ConfigError, DeviceError, NotFound
@@ -357,37 +355,8 @@ async def send(air: FakeAir, address: str, characteristic: str, payloads: list[b
         await asyncio.sleep(0.005)
 
 
-# -- through either API ----------------------------------------------------------------------
-# A test that takes ``serve`` runs once against the local API and once against a RemoteAPI
-# over a real mosquitto, served by an agent on the test's own loop: the agent's driver
-# talks to the same fakes, and the test can still look at that driver.
-
-
-@pytest.fixture(params=["local", "remote-cbor"])
-def api_kind(request: pytest.FixtureRequest) -> str:
-    return request.param
-
-
-@pytest.fixture
-def serve(request: pytest.FixtureRequest, api_kind: str, tmp_path: Any) -> Any:
-    """``async with serve(api) as client``: ``api`` itself, or a RemoteAPI serving it."""
-    broker = None if api_kind == "local" else request.getfixturevalue("mosquitto")
-
-    @contextlib.asynccontextmanager
-    async def through(api: dm.API) -> AsyncIterator[Any]:
-        if broker is None:
-            async with api:
-                yield api
-            return
-        codec = api_kind.removeprefix("remote-")
-        async with (
-            api,  # closed by the agent already, unless it never started
-            running_agent(api.config, broker, tmp_path / "state", api=api),
-            remote_api(api.config, broker, codec=codec) as client,
-        ):
-            yield client
-
-    return through
+# -- through either API: the ``serve`` fixture (tests/conftest.py) runs a test against
+# the local API and against a RemoteAPI served by an agent on the test's own loop.
 
 
 # -- the Heart Rate Measurement, as a pure function ------------------------------------------

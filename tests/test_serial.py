@@ -9,13 +9,12 @@ EIO on Linux); plugging back in is a new pty behind the same symlink.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import os
 import struct
 import threading
 import time
 import tty
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +22,6 @@ import numpy as np
 import pytest
 import serial
 from helpers import drain, run
-from remote import remote_api, running_agent
 
 import streaminghub_datamux as dm
 from streaminghub_datamux.drivers import serialport
@@ -211,37 +209,8 @@ def no_reader_threads() -> bool:
     return not [t for t in threading.enumerate() if t.name.startswith("serial-") and t.is_alive()]
 
 
-# -- through either API ----------------------------------------------------------------
-# A test that takes ``serve`` runs once against the local API and once against a
-# RemoteAPI over a real mosquitto, served by an agent on the test's own loop: the agent
-# reads the same pty, and the test can still look at its driver's counters.
-
-
-@pytest.fixture(params=["local", "remote-cbor"])
-def api_kind(request: pytest.FixtureRequest) -> str:
-    return request.param
-
-
-@pytest.fixture
-def serve(request: pytest.FixtureRequest, api_kind: str, tmp_path: Path) -> Any:
-    """``async with serve(api) as client``: ``api`` itself, or a RemoteAPI serving it."""
-    broker = None if api_kind == "local" else request.getfixturevalue("mosquitto")
-
-    @contextlib.asynccontextmanager
-    async def through(api: dm.API) -> AsyncIterator[Any]:
-        if broker is None:
-            async with api:
-                yield api
-            return
-        codec = api_kind.removeprefix("remote-")
-        async with (
-            api,  # closed by the agent already, unless it never started
-            running_agent(api.config, broker, tmp_path / "state", api=api),
-            remote_api(api.config, broker, codec=codec) as client,
-        ):
-            yield client
-
-    return through
+# -- through either API: the ``serve`` fixture (tests/conftest.py) runs a test against
+# the local API and against a RemoteAPI served by an agent on the test's own loop.
 
 
 # -- listing ---------------------------------------------------------------------------
