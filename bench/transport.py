@@ -6,11 +6,15 @@ its pid), and the RemoteAPI client in this process. Each figure comes with a bas
 measured in the same run; variants alternate within each run (the order rotates from
 run to run) and medians over the runs are reported.
 
-* throughput: replay of a DFDS CSV recording at speed 0 with ``framing="throughput"``
-  (8 and 64 float32 channels), request to END_OF_STREAM, through the local ``dm.API``,
-  through ``RemoteAPI`` (QoS 1 and 0), and a raw paho-mqtt publisher process ->
-  mosquitto -> raw paho subscriber moving payloads of exactly the byte sizes and count
-  of the RemoteAPI's frames (QoS 1 and 0), no CBOR, no numpy, no asyncio;
+* throughput: replay at speed 0 with ``framing="throughput"`` (8 and 64 float32
+  channels) of two recording kinds per width: a DFDS CSV recording (what users replay
+  most; the agent is bound by the CSV parser), timed from the request to END_OF_STREAM,
+  and an XDF file (loaded whole by pyxdf when the replay opens, then sliced in memory:
+  a source that is not parse-bound), timed from the first frame's arrival to
+  END_OF_STREAM, so the load is left out. Through the local ``dm.API``, through
+  ``RemoteAPI`` (QoS 1 and 0), and a raw paho-mqtt publisher process -> mosquitto -> raw
+  paho subscriber moving payloads of exactly the byte sizes and count of the RemoteAPI's
+  frames (QoS 1 and 0), no CBOR, no numpy, no asyncio, timed the same way;
 * latency: a live simulated 1 kHz x 64-channel float32 stream with ``framing=
   "low-latency"``, ``time.time()`` at arrival in the sink minus each sample's timestamp
   (the simulator stamps samples with ``time.time()`` at open + k / rate), through the
@@ -21,7 +25,7 @@ run to run) and medians over the runs are reported.
 
 Usage::
 
-    python bench/transport.py               # default run (about 3.5 minutes on 2 cores)
+    python bench/transport.py               # default run (about 6 minutes on 2 cores)
     python bench/transport.py --quick       # smoke run (< 60 s)
     python bench/transport.py --write-doc   # also update "## Transport" in docs/performance.md
 """
@@ -52,6 +56,19 @@ from typing import Any
 
 import numpy as np
 import paho.mqtt.client as mqtt
+from datasets import (  # bench/datasets.py: its XDF chunk writer (pyxdf only reads)
+    EEG_LABELS,
+    SAMPLES_PER_CHUNK,
+    TAG_FILE_HEADER,
+    TAG_STREAM_FOOTER,
+    TAG_STREAM_HEADER,
+    XdfStreamSpec,
+    chunk,
+    clock_offset,
+    footer,
+    numeric_samples,
+    xml_document,
+)
 from replay import _git, load_average, machine_facts, write_recording  # bench/replay.py
 
 import streaminghub_datamux as dm
@@ -80,15 +97,25 @@ TRANSFER_TIMEOUT_S = 120.0  # one transfer; a hung one fails the bench instead o
 PUBLISHER_LIMIT_S = 300.0  # a raw publisher that is never told to exit exits by itself
 # paho's in-flight window for QoS 1, set like the agent's (mqttio.MAX_OUTSTANDING).
 RAW_INFLIGHT = 64
-# From systemd/mosquitto.conf.example: the settings that bear on speed. Its
-# max_packet_size (4 MiB) is left out: a 64-channel throughput frame is bigger.
-BROKER_SETTINGS = ("set_tcp_nodelay true", "max_queued_messages 10000")
-PRODUCTION_MAX_PACKET = 4_194_304
+# From systemd/mosquitto.conf.example: the settings that bear on speed and frame size
+# (the agent caps its frames to the maximum packet size the broker announces).
+BROKER_MAX_PACKET = 4_194_304
+BROKER_SETTINGS = (
+    "set_tcp_nodelay true",
+    "max_queued_messages 10000",
+    f"max_packet_size {BROKER_MAX_PACKET}",
+)
 
 THROUGHPUT_RATE_HZ = 1000.0
 WIDE_CHANNELS = 64
 WIDE_ROWS_DIVISOR = 4
 TASK_ID_LENGTH = 16  # hex characters of a RemoteAPI task id (they are inside every frame)
+THROUGHPUT_FRAMING = "throughput"
+XDF_FILE = "session"  # data/<collection>/session.xdf; replayed with {"file": "session"}
+XDF_STREAM = "EEG"
+# XDF transfers run 10-30 times faster than CSV ones: more rows keep them measurable.
+XDF_ROWS_FACTOR = 4
+XDF_OFFSET_EVERY = 10  # a ClockOffset chunk after every 10th Samples chunk (5 s at 1 kHz)
 
 LATENCY_NODE, LATENCY_RATE_HZ, LATENCY_CHANNELS = "lat", 1000.0, 64
 LATENCY_WARMUP_S = 0.5
@@ -298,14 +325,77 @@ VARIANT_LABELS = {
 }
 
 
+@dataclass(frozen=True)
+class BenchRecording:
+    """One recording replayed by the throughput part, and how its transfers are timed."""
+
+    kind: str  # "CSV" or "XDF"
+    collection: str
+    stream: str
+    attrs: dict[str, str]
+    channels: int
+    rows: int
+
+    @property
+    def from_first_frame(self) -> bool:
+        """XDF: timed from the first frame's arrival, which leaves out pyxdf's load at open."""
+        return self.kind == "XDF"
+
+    @property
+    def label(self) -> str:
+        return f"{self.kind}, {self.channels} ch f32, {self.rows:,} rows"
+
+
+def write_xdf_recording(root: Path, collection: str, rows: int, channels: int) -> BenchRecording:
+    """``data/<collection>/session.xdf``: one float32 stream "EEG" at 1 kHz, LabRecorder-like.
+
+    Written with bench/datasets.py's chunk writer: Samples chunks of 500 samples, every
+    other one with only its first sample stamped (the reader deduces the rest), a
+    ClockOffset every 5 s and a StreamFooter. A folder of XDF files is a collection by
+    itself (docs/datasets.md), so no metadata file is needed.
+    """
+    spec = XdfStreamSpec(
+        1, XDF_STREAM, "EEG", channels, THROUGHPUT_RATE_HZ, "float32", EEG_LABELS[:channels]
+    )
+    rng = np.random.default_rng(channels)
+    t0 = 4711.25  # LSL's clock: seconds since the sender's boot
+    timestamps = t0 + np.arange(rows) / THROUGHPUT_RATE_HZ + rng.normal(0.0, 1e-4, rows)
+    values = (rng.standard_normal((rows, channels)) * 10.0).astype(np.float32)
+    offsets = []
+    path = root / "data" / collection / f"{XDF_FILE}.xdf"
+    path.parent.mkdir(parents=True)
+    with path.open("wb") as out:
+        out.write(b"XDF:")
+        out.write(chunk(TAG_FILE_HEADER, xml_document("<info><version>1.0</version></info>")))
+        out.write(chunk(TAG_STREAM_HEADER, spec.header(t0 - 1.0), spec.xdf_id))
+        for number, start in enumerate(range(0, rows, SAMPLES_PER_CHUNK)):
+            stop = min(rows, start + SAMPLES_PER_CHUNK)
+            stamp_all = number % 2 == 0
+            out.write(
+                numeric_samples(spec.xdf_id, timestamps[start:stop], values[start:stop], stamp_all)
+            )
+            if number % XDF_OFFSET_EVERY == 0:
+                offsets.append((float(timestamps[stop - 1]), -0.0342 + rng.normal(0.0, 2e-5)))
+                out.write(clock_offset(spec.xdf_id, *offsets[-1]))
+        content = footer(float(timestamps[0]), float(timestamps[-1]), rows, offsets)
+        out.write(chunk(TAG_STREAM_FOOTER, content, spec.xdf_id))
+    return BenchRecording("XDF", collection, XDF_STREAM, {"file": XDF_FILE}, channels, rows)
+
+
 @dataclass
 class Transfer:
-    """One transfer: samples delivered, seconds, and CPU seconds per process."""
+    """One transfer: samples timed, seconds, and CPU seconds per process.
+
+    ``samples`` are those that arrived inside the timed span (from the first frame on:
+    all but the first frame's); ``delivered`` counts every sample that arrived.
+    """
 
     samples: int
     seconds: float
     frames: int
     cpu: dict[str, float]  # "source", "broker", "sink" -> CPU seconds during the transfer
+    delivered: int
+    first_s: float = 0.0  # from the request to the first frame (XDF: pyxdf's load at open)
 
     @property
     def rate(self) -> float:
@@ -314,11 +404,20 @@ class Transfer:
 
 @dataclass
 class ThroughputResult:
-    channels: int
-    rows: int
-    frame_bytes: list[int] = field(default_factory=list)
+    recording: BenchRecording
+    frame_bytes: list[int] = field(default_factory=list)  # the RemoteAPI's frames, encoded
+    frame_samples: list[int] = field(default_factory=list)
     runs: dict[str, list[Transfer]] = field(default_factory=lambda: {v: [] for v in VARIANTS})
     codec_rates: list[float] = field(default_factory=list)  # encode + decode only
+    local_frames: int = 0  # frames of the local API's replay (not capped)
+
+    @property
+    def channels(self) -> int:
+        return self.recording.channels
+
+    @property
+    def rows(self) -> int:
+        return self.recording.rows
 
     def ratios(self, variant: str, baseline: str) -> list[float]:
         pairs = zip(self.runs[variant], self.runs[baseline], strict=True)
@@ -350,15 +449,34 @@ class CpuMeter:
 
 
 async def _drain_replay(
-    api: Any, collection: str, meter: CpuMeter, qos: int | None = None
+    api: Any,
+    recording: BenchRecording,
+    meter: CpuMeter,
+    qos: int | None = None,
+    framing: Any = THROUGHPUT_FRAMING,
+    keep: bool = True,
 ) -> tuple[Transfer, list[dm.Frame]]:
+    """Replay at speed 0 and drain the sink; the frames are returned if ``keep``.
+
+    Without ``keep`` each frame is dropped on arrival, like the raw subscriber's
+    payloads: holding a whole recording would time the consumer's allocator too.
+    """
     sink: asyncio.Queue[Any] = asyncio.Queue()
     frames: list[dm.Frame] = []
+    sizes: list[int] = []
+    seqs: list[int] = []
     extra = {} if qos is None else {"qos": qos}
+    first_s = float("nan")
     meter.start()
     start = time.perf_counter()
     await api.replay_collection_stream(
-        collection, "sig", {"subject": "A"}, sink, speed=0, framing="throughput", **extra
+        recording.collection,
+        recording.stream,
+        recording.attrs,
+        sink,
+        speed=0,
+        framing=framing,
+        **extra,
     )
     async with asyncio.timeout(TRANSFER_TIMEOUT_S):
         while True:
@@ -366,38 +484,64 @@ async def _drain_replay(
             if item is dm.END_OF_STREAM:
                 break
             if not isinstance(item, dm.Frame):
-                raise RuntimeError(f"replay of {collection} sent {item!r}")
-            frames.append(item)
+                raise RuntimeError(f"replay of {recording.label} sent {item!r}")
+            if not sizes:
+                first_s = time.perf_counter() - start
+                if recording.from_first_frame:
+                    meter.start()
+                    start = time.perf_counter()
+            sizes.append(len(item))
+            seqs.append(item.seq)
+            if keep:
+                frames.append(item)
     seconds = time.perf_counter() - start
     cpu = meter.stop()
-    if [f.seq for f in frames] != list(range(len(frames))):
-        raise RuntimeError(f"replay of {collection}: frame seq has gaps")
-    return Transfer(sum(len(f) for f in frames), seconds, len(frames), cpu), frames
+    if seqs != list(range(len(seqs))):
+        raise RuntimeError(f"replay of {recording.label}: frame seq has gaps")
+    delivered = sum(sizes)
+    timed = delivered - (sizes[0] if recording.from_first_frame and sizes else 0)
+    return Transfer(timed, seconds, len(sizes), cpu, delivered, first_s), frames
 
 
-async def _local_replay(config: Config, collection: str) -> tuple[Transfer, list[dm.Frame]]:
+async def _local_replay(
+    config: Config,
+    recording: BenchRecording,
+    framing: Any = THROUGHPUT_FRAMING,
+    keep: bool = True,
+) -> tuple[Transfer, list[dm.Frame]]:
     me = os.getpid()
     async with dm.API(config) as api:
-        return await _drain_replay(api, collection, CpuMeter({"source": me, "sink": me}))
+        meter = CpuMeter({"source": me, "sink": me})
+        return await _drain_replay(api, recording, meter, framing=framing, keep=keep)
 
 
 async def _remote_replay(
-    config: Config, broker: Broker, agent: AgentProcess, collection: str, qos: int
+    config: Config,
+    broker: Broker,
+    agent: AgentProcess,
+    recording: BenchRecording,
+    qos: int,
+    keep: bool = True,
 ) -> tuple[Transfer, list[dm.Frame]]:
     api = await connect_remote(config, broker, qos)
     try:
         pids = {"source": agent.pid, "broker": broker.pid, "sink": os.getpid()}
-        return await _drain_replay(api, collection, CpuMeter(pids), qos)
+        return await _drain_replay(api, recording, CpuMeter(pids), qos, keep=keep)
     finally:
         await api.close()
 
 
-def raw_transfer(broker: Broker, root: Path, sizes: list[int], qos: int, samples: int) -> Transfer:
+def raw_transfer(
+    broker: Broker, root: Path, result: ThroughputResult, qos: int
+) -> tuple[Transfer, list[dm.Frame]]:
     """Raw paho publisher process -> mosquitto -> raw paho subscriber (this process).
 
-    Timed from the subscriber's "go" message to the last payload's arrival, like the
-    RemoteAPI's request to END_OF_STREAM.
+    One payload per RemoteAPI frame, of that frame's size. Timed like the RemoteAPI:
+    from the subscriber's "go" message (the request) or from the first payload's arrival
+    (the first frame), to the last payload's arrival.
     """
+    sizes, counts = result.frame_bytes, result.frame_samples
+    from_first = result.recording.from_first_frame
     topic = f"bench/raw/{os.urandom(4).hex()}"
     sizes_file = root / "raw-sizes.json"
     sizes_file.write_text(json.dumps(sizes))
@@ -410,10 +554,15 @@ def raw_transfer(broker: Broker, root: Path, sizes: list[int], qos: int, samples
     subscriber = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv5)
     connected, subscribed, finished = threading.Event(), threading.Event(), threading.Event()
     published = threading.Event()
-    received = [0, 0, 0.0]  # messages, bytes, arrival of the last one
+    meter = CpuMeter({"source": publisher.pid, "broker": broker.pid, "sink": os.getpid()})
+    received = [0, 0, 0.0, 0.0]  # messages, bytes, arrival of the first and of the last one
 
     def on_message(client: Any, userdata: Any, message: mqtt.MQTTMessage) -> None:
-        received[2] = time.perf_counter()
+        now = time.perf_counter()
+        if received[0] == 0 and from_first:
+            meter.start()
+            received[2] = now
+        received[3] = now
         received[0] += 1
         received[1] += len(message.payload)
         if received[0] == len(sizes):
@@ -440,7 +589,6 @@ def raw_transfer(broker: Broker, root: Path, sizes: list[int], qos: int, samples
         subscriber.subscribe(topic, qos)
         if not subscribed.wait(STARTUP_TIMEOUT_S):
             raise RuntimeError("the raw subscriber got no SUBACK")
-        meter = CpuMeter({"source": publisher.pid, "broker": broker.pid, "sink": os.getpid()})
         meter.start()
         start = time.perf_counter()
         threading.Thread(target=watch_publisher, daemon=True).start()
@@ -448,7 +596,7 @@ def raw_transfer(broker: Broker, root: Path, sizes: list[int], qos: int, samples
         deadline = start + TRANSFER_TIMEOUT_S
         # QoS 0 may lose messages: once the publisher is done, stop after a quiet second.
         while not finished.wait(0.05):
-            quiet = time.perf_counter() - max(received[2], start)
+            quiet = time.perf_counter() - max(received[3], start)
             if (published.is_set() and quiet > 1.0) or time.perf_counter() > deadline:
                 break
         cpu = meter.stop()
@@ -457,10 +605,14 @@ def raw_transfer(broker: Broker, root: Path, sizes: list[int], qos: int, samples
         subscriber.disconnect()
         subscriber.loop_stop()
         stop_process(publisher)
-    if received[1] != sum(sizes[: received[0]]) and received[0] == len(sizes):
+    arrived = received[0]
+    if received[1] != sum(sizes[:arrived]) and arrived == len(sizes):
         raise RuntimeError("raw transfer: byte count differs from the sizes sent")
-    delivered = samples * received[0] // len(sizes)
-    return Transfer(delivered, received[2] - start, received[0], cpu)
+    # QoS 0 may lose payloads: count samples as if the first ones arrived.
+    delivered = sum(counts[:arrived])
+    timed = delivered - (counts[0] if from_first and arrived else 0)
+    begin = received[2] if from_first else start
+    return Transfer(timed, received[3] - begin, arrived, cpu, delivered), []
 
 
 def codec_rate(frames: Sequence[dm.Frame]) -> float:
@@ -473,10 +625,12 @@ def codec_rate(frames: Sequence[dm.Frame]) -> float:
 
 
 def verify_same(frames: Sequence[dm.Frame], reference: Sequence[dm.Frame], what: str) -> None:
-    """Same frame boundaries, timestamps and values as the local API delivered."""
+    """Same frame boundaries, channels, timestamps and values as the reference."""
     if [len(f) for f in frames] != [len(f) for f in reference]:
-        raise RuntimeError(f"{what}: frames differ from the local API's")
+        raise RuntimeError(f"{what}: frame boundaries differ from the local API's")
     for mine, theirs in zip(frames, reference, strict=True):
+        if mine.channels != theirs.channels or mine.values.dtype != theirs.values.dtype:
+            raise RuntimeError(f"{what}: channels or dtype differ from the local API's")
         np.testing.assert_array_equal(mine.timestamps, theirs.timestamps)
         np.testing.assert_array_equal(mine.values, theirs.values)
 
@@ -487,33 +641,48 @@ def rotate(items: Sequence[str], run: int) -> list[str]:
 
 
 def bench_throughput(
-    root: Path, broker: Broker, agent: AgentProcess, collection: str, channels: int, runs: int
+    root: Path, broker: Broker, agent: AgentProcess, recording: BenchRecording, runs: int
 ) -> ThroughputResult:
+    """Alternate the variants ``runs`` times over one recording.
+
+    First, untimed: a RemoteAPI transfer, whose frames (the agent caps them to
+    agent.max_frame_bytes and to the broker's maximum packet size) set the raw
+    baseline's payload sizes, and a local replay framed like them (max_samples = the
+    RemoteAPI's largest frame), which they must equal frame for frame; then a QoS 0
+    transfer checked the same way. Timed transfers drop each frame on arrival.
+    """
     config = make_config(root)
-    transfer, reference = asyncio.run(_local_replay(config, collection))
+    result = ThroughputResult(recording)
+    _, remote_frames = asyncio.run(_remote_replay(config, broker, agent, recording, 1))
     task_id = "0" * TASK_ID_LENGTH
-    result = ThroughputResult(channels, transfer.samples)
-    result.frame_bytes = [len(encode_frame(f, task_id, "cbor")) for f in reference]
+    result.frame_bytes = [len(encode_frame(f, task_id, "cbor")) for f in remote_frames]
+    result.frame_samples = [len(f) for f in remote_frames]
+    capped = {
+        "max_samples": max(result.frame_samples),
+        "max_latency_ms": PRESETS[THROUGHPUT_FRAMING].max_latency_ms,
+    }
+    _, reference = asyncio.run(_local_replay(config, recording, capped))
+    if sum(result.frame_samples) != recording.rows:
+        raise RuntimeError(f"{recording.label}: {sum(result.frame_samples)} samples arrived")
+    verify_same(remote_frames, reference, "RemoteAPI, QoS 1")
+    _, remote_frames = asyncio.run(_remote_replay(config, broker, agent, recording, 0))
+    verify_same(remote_frames, reference, "RemoteAPI, QoS 0")
+    del remote_frames
     for run in range(runs):
         for variant in rotate(VARIANTS, run):
             agent.check()
             if variant == "local":
-                transfer, frames = asyncio.run(_local_replay(config, collection))
-                result.codec_rates.append(codec_rate(frames))
+                transfer, frames = asyncio.run(_local_replay(config, recording, keep=False))
+                result.local_frames = transfer.frames
+                result.codec_rates.append(codec_rate(reference))
             elif variant.startswith("remote"):
-                qos = int(variant[-1])
                 transfer, frames = asyncio.run(
-                    _remote_replay(config, broker, agent, collection, qos)
+                    _remote_replay(config, broker, agent, recording, int(variant[-1]), False)
                 )
-                if run == 0:
-                    verify_same(frames, reference, variant)
             else:
-                qos = int(variant[-1])
-                sizes = result.frame_bytes
-                transfer = raw_transfer(broker, root, sizes, qos, result.rows)
-                frames = []
-            if variant != "raw-q0" and transfer.samples != result.rows:
-                raise RuntimeError(f"{variant}: {transfer.samples} of {result.rows} samples")
+                transfer, frames = raw_transfer(broker, root, result, int(variant[-1]))
+            if variant != "raw-q0" and transfer.delivered != recording.rows:
+                raise RuntimeError(f"{variant}: {transfer.delivered} of {recording.rows} samples")
             result.runs[variant].append(transfer)
             del frames
             log(f"  run {run + 1}/{runs} {variant}: {transfer.rate:,.0f} samples/s")
@@ -684,10 +853,9 @@ async def _loaded_window(
 ) -> Window:
     """Start the proxy tasks from a fresh RemoteAPI client, measure, stop them.
 
-    A fresh client per window: an agent refreshes a client's lease only from its
-    presence messages, which a client sends only while it has tasks, so a client that
-    starts tasks again after an idle spell can see them stopped by the agent a few
-    seconds later (see docs/performance.md, "Transport"). A new client has no old lease.
+    A fresh client per window, so that every window starts from the same state. (The
+    first version of this bench reused one client and found that a lease left from its
+    earlier tasks ended its new ones; fixed in 67666ca.)
     """
     counter = [0]
     api = await connect_remote(config, broker)
@@ -789,6 +957,10 @@ def _median_range(values: Sequence[float], fmt: str = ",.0f") -> str:
     return f"{statistics.median(values):{fmt}} ({min(values):{fmt}}-{max(values):{fmt}})"
 
 
+def _first_s(result: ThroughputResult, variant: str) -> str:
+    return f"{statistics.median(t.first_s for t in result.runs[variant]):.2f}"
+
+
 def _verdict(ok: bool) -> str:
     return "met" if ok else "**NOT met**"
 
@@ -812,17 +984,18 @@ def _cpu_share(transfers: Sequence[Transfer]) -> str:
 
 def throughput_table(results: Sequence[ThroughputResult]) -> list[str]:
     lines = [
-        "| recording | path | samples/s, median (range) | median s | MB/s of frames "
+        "| recording | path | samples/s, median (range) | median s timed | MB/s of frames "
         "| / raw same QoS | / local API | CPU s per s: source / broker / sink |",
         "|---|---|---:|---:|---:|---:|---:|---:|",
     ]
     for r in results:
-        total_mb = sum(r.frame_bytes) / 1e6
+        first = r.frame_bytes[0] if r.recording.from_first_frame else 0
+        timed_mb = (sum(r.frame_bytes) - first) / 1e6
         for variant in VARIANTS:
             transfers = r.runs[variant]
             rates = [t.rate for t in transfers]
             seconds = [t.seconds for t in transfers]
-            mbps = statistics.median(total_mb / t.seconds for t in transfers)
+            mbps = statistics.median(timed_mb / t.seconds for t in transfers)
             qos = variant[-1]
             raw = "1.00" if variant.startswith("raw") else (
                 "-" if variant == "local" else
@@ -830,7 +1003,7 @@ def throughput_table(results: Sequence[ThroughputResult]) -> list[str]:
             )  # fmt: skip
             local = f"{statistics.median(r.ratios(variant, 'local')):.2f}"
             lines.append(
-                f"| {r.channels} ch f32, {r.rows:,} rows | {VARIANT_LABELS[variant]} "
+                f"| {r.recording.label} | {VARIANT_LABELS[variant]} "
                 f"| {_median_range(rates)} | {statistics.median(seconds):.2f} | {mbps:,.0f} "
                 f"| {raw} | {local} "
                 f"| {_cpu_share(transfers)} |"
@@ -891,22 +1064,30 @@ def resource_table(result: ResourceResult, seconds: float) -> list[str]:
 def aims_summary(
     throughput: Sequence[ThroughputResult], latency: LatencyResult, resources: ResourceResult
 ) -> str:
-    def each(values: Sequence[float]) -> str:
-        return ", ".join(f"{x:.2f}" for x in values)
+    def each(results: Sequence[ThroughputResult], variant: str, baseline: str) -> str:
+        return ", ".join(f"{statistics.median(r.ratios(variant, baseline)):.2f}" for r in results)
 
-    ratios = [statistics.median(r.ratios("remote-q1", "raw-q1")) for r in throughput]
-    of_local = [statistics.median(r.ratios("remote-q1", "local")) for r in throughput]
-    local_of_raw = [statistics.median(r.ratios("local", "raw-q1")) for r in throughput]
+    def met(results: Sequence[ThroughputResult]) -> bool:
+        return all(statistics.median(r.ratios("remote-q1", "raw-q1")) >= AIM_RATIO for r in results)
+
+    def widths(results: Sequence[ThroughputResult]) -> str:
+        return ", ".join(f"{r.channels} ch" for r in results)
+
+    xdf = [r for r in throughput if r.recording.kind == "XDF"]
+    csv = [r for r in throughput if r.recording.kind == "CSV"]
     p99 = float(np.percentile(latency.pooled("remote-q1"), 99))
     p99_q0 = float(np.percentile(latency.pooled("remote-q0"), 99))
     local_p99 = float(np.percentile(latency.pooled("local"), 99))
     rss = max(w.rss_max for w in resources.loaded)
     return (
         f"**Aims.** Throughput, RemoteAPI (QoS 1) >= {AIM_RATIO:.0%} of raw paho moving the "
-        f"same bytes: {_verdict(min(ratios) >= AIM_RATIO)} (RemoteAPI / raw {each(ratios)} "
-        f"for {', '.join(f'{r.channels} ch' for r in throughput)}; RemoteAPI / local API "
-        f"{each(of_local)}; the local API, with no transport at all, / raw: "
-        f"{each(local_of_raw)}). "
+        f"same bytes: XDF (a source that is not parse-bound) {_verdict(met(xdf))} "
+        f"(RemoteAPI / raw {each(xdf, 'remote-q1', 'raw-q1')} for {widths(xdf)}; "
+        f"RemoteAPI / local API {each(xdf, 'remote-q1', 'local')}); CSV {_verdict(met(csv))} "
+        f"(RemoteAPI / raw {each(csv, 'remote-q1', 'raw-q1')} for {widths(csv)}, bound by the "
+        f"CSV parser: the local API, with no transport at all, / raw "
+        f"{each(csv, 'local', 'raw-q1')}; RemoteAPI / local API "
+        f"{each(csv, 'remote-q1', 'local')}). "
         f"Latency p99 <= {AIM_P99_MS:g} ms through the RemoteAPI (QoS 1, the default): "
         f"{_verdict(p99 <= AIM_P99_MS)} ({p99:.2f} ms; local API {local_p99:.2f} ms; with "
         f"QoS 0 {p99_q0:.2f} ms, {_verdict(p99_q0 <= AIM_P99_MS)}). "
@@ -925,6 +1106,7 @@ def render_section(
     loads: tuple[str, str],
     code: str,
     throughput_peak_mb: float,
+    max_frame_bytes: int,
 ) -> str:
     facts = machine_facts()
     facts["paho-mqtt"] = getattr(mqtt, "__version__", "") or _dist_version("paho-mqtt")
@@ -937,13 +1119,20 @@ def render_section(
     low = PRESETS[LATENCY_FRAMING]
     balanced = PRESETS[RESOURCE_FRAMING]
     latency_wake_ms = max(min(10.0, low.max_latency_ms / 2), 1.0)
-    frames_per = ", ".join(f"{len(r.frame_bytes)} at {r.channels} ch" for r in throughput)
-    frame_bytes = ", ".join(f"{max(r.frame_bytes):,}" for r in throughput)
+    frames_per = ", ".join(
+        f"{r.recording.kind} {r.channels} ch {len(r.frame_bytes)} ({max(r.frame_bytes):,})"
+        for r in throughput
+    )
+    local_frames = ", ".join(
+        f"{r.recording.kind} {r.channels} ch {r.local_frames}" for r in throughput
+    )
+    xdf = [r for r in throughput if r.recording.from_first_frame]
     return "\n".join(
         [
             f"Measured {dt.datetime.now().astimezone():%Y-%m-%d %H:%M %Z} with `{command}` "
-            f"({args.runs} runs of every variant; throughput {args.rows:,} rows at 8 ch and "
-            f"{args.rows // WIDE_ROWS_DIVISOR:,} at 64 ch, latency windows of "
+            f"({args.runs} runs of every variant; throughput: CSV {args.rows:,} rows at 8 ch "
+            f"and {args.rows // WIDE_ROWS_DIVISOR:,} at 64 ch, XDF {XDF_ROWS_FACTOR} times as "
+            f"many; latency windows of "
             f"{args.latency_seconds:g} s, resource windows of {args.resource_seconds:g} s).",
             "",
             "Machine: " + "; ".join(f"{k}: {v}" for k, v in facts.items()) + ".",
@@ -961,38 +1150,60 @@ def render_section(
             "",
             "### Throughput at replay speed 0",
             "",
-            "One DFDS CSV recording per width (1 kHz timestamps, float32 values), replayed "
-            'with `replay_collection_stream(..., speed=0, framing="throughput")` and timed '
-            "from the request to END_OF_STREAM with the consumer draining the sink "
-            "(RemoteAPI: a fresh client per transfer, connected before the clock starts). "
-            "Raw baseline: a plain paho-mqtt client in its own process publishes, on a "
+            "Two recordings per width, 1 kHz timestamps and float32 values: a DFDS CSV "
+            "recording (what users replay most) and an XDF file with "
+            f"{XDF_ROWS_FACTOR} times as many rows, so that its much faster transfers still "
+            "last long enough to time (one stream, written with bench/datasets.py's XDF "
+            "chunk writer: Samples chunks of "
+            f"{SAMPLES_PER_CHUNK} samples, every other one stamped on its first sample only, "
+            "a ClockOffset every 5 s). Each is replayed with `replay_collection_stream(..., "
+            'speed=0, framing="throughput")`, the consumer draining the sink (RemoteAPI: a '
+            "fresh client per transfer, connected before the clock starts). **CSV** "
+            "transfers are timed from the request to END_OF_STREAM: the agent parses the "
+            "file while it sends. **XDF** transfers are timed from the first frame's "
+            "arrival to END_OF_STREAM and count the samples after the first frame: XDF "
+            "replay loads the whole stream with pyxdf when it opens and then slices arrays "
+            "in memory, so the load is left out (request to first frame, median: "
+            + "; ".join(
+                f"{r.channels} ch local {_first_s(r, 'local')} s, RemoteAPI "
+                f"{_first_s(r, 'remote-q1')} s"
+                for r in xdf
+            )
+            + ") and what is timed is framing, transport and consumer with no parser in the "
+            "way. Raw baseline: a plain paho-mqtt client in its own process publishes, on a "
             "message from the subscriber, one random payload per RemoteAPI frame with "
             "exactly that frame's CBOR size (task id, attrs and all), to a plain paho "
-            "subscriber in the bench process; timed from that message to the last "
-            "payload's arrival. Both use MQTT 5 and paho's QoS 1 in-flight window of "
-            f"{RAW_INFLIGHT} messages (the agent also caps unacknowledged bytes at 16 MiB). "
-            "The RemoteAPI's frames of the first run are checked against the local API's "
-            "(boundaries, timestamps, values). *CPU s per s*: CPU "
-            "seconds of the source process (local: the bench process; RemoteAPI: the agent; "
-            "raw: the publisher), of mosquitto, and of the sink process, per second of "
-            "transfer (from /proc, all threads; 1.00 = one core busy). Frames per "
-            f"transfer: {frames_per}; bytes per full frame: {frame_bytes}.",
+            "subscriber in the bench process; timed to the last payload's arrival from that "
+            "message (CSV) or from the first payload's arrival (XDF). Both use MQTT 5 and "
+            f"paho's QoS 1 in-flight window of {RAW_INFLIGHT} messages (the agent also caps "
+            "unacknowledged bytes at 16 MiB). The agent cuts frames to "
+            f"`agent.max_frame_bytes` ({max_frame_bytes:,} bytes, the default) and to the "
+            "broker's announced maximum packet size, so the RemoteAPI's frames can hold "
+            f"fewer samples than the local API's {PRESETS[THROUGHPUT_FRAMING].max_samples:,}; "
+            "the raw baseline mirrors the RemoteAPI's frames. Before the runs an untimed "
+            "RemoteAPI transfer of each recording is checked frame for frame (boundaries, "
+            "channels, dtype, timestamps, values) against a local replay with max_samples "
+            "set to the RemoteAPI's largest frame, and so is an untimed QoS 0 transfer; "
+            "timed consumers (RemoteAPI, local API, raw subscriber) count each frame and drop "
+            "it. *CPU s per s*: CPU seconds of the source process (local: the bench process; "
+            "RemoteAPI: the agent; raw: the publisher), of mosquitto, and of "
+            "the sink process, per second of the timed span (from /proc, all threads; 1.00 "
+            f"= one core busy). RemoteAPI frames per transfer (largest, bytes): {frames_per}; "
+            f"local API frames per transfer: {local_frames}.",
             "",
             *throughput_table(throughput),
             "",
             "For scale, CBOR `encode_frame` + `decode_frame` alone, in one process, over the "
-            "same frames: "
+            "RemoteAPI's frames: "
             + "; ".join(
-                f"{r.channels} ch {_median_range(r.codec_rates)} samples/s" for r in throughput
+                f"{r.channels} ch {_median_range(r.codec_rates)} samples/s"
+                for r in throughput
+                if r.recording.kind == "CSV"
             )
             + f". Agent peak RSS (VmHWM) after the throughput part: {throughput_peak_mb:.0f} "
-            f"MiB. The largest frame is {largest:,} bytes: "
-            + (
-                f"**more than the production example's `max_packet_size` "
-                f"{PRODUCTION_MAX_PACKET:,}**, which the bench broker leaves out."
-                if largest > PRODUCTION_MAX_PACKET
-                else f"within the production example's `max_packet_size` {PRODUCTION_MAX_PACKET:,}."
-            ),
+            f"MiB (it holds a whole XDF stream while replaying it). The largest frame is "
+            f"{largest:,} bytes, within the broker's `max_packet_size` {BROKER_MAX_PACKET:,} "
+            "(as in the production example).",
             "",
             "### Latency, sample to sink (live, low-latency framing)",
             "",
@@ -1093,7 +1304,8 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
         "--rows",
         type=int,
         default=None,
-        help="rows of the 8-channel recording (default 1,200,000; 64 channels get a quarter)",
+        help="rows of the 8-channel CSV recording (default 1,200,000; 64 channels get a "
+        f"quarter; XDF recordings {XDF_ROWS_FACTOR} times as many)",
     )
     parser.add_argument(
         "--latency-seconds", type=float, default=None, help="latency window (default 5)"
@@ -1122,18 +1334,24 @@ def run_parts(args: argparse.Namespace, root: Path) -> tuple[Any, ...]:
     (root / "meta").mkdir()
     write_rc(root)
     log("writing recordings")
-    write_recording(root, "narrow", args.rows, 8, THROUGHPUT_RATE_HZ)
-    wide_rows = args.rows // WIDE_ROWS_DIVISOR
-    write_recording(root, "wide", wide_rows, WIDE_CHANNELS, THROUGHPUT_RATE_HZ)
+    recordings = []
+    for collection, channels in (("narrow", 8), ("wide", WIDE_CHANNELS)):
+        rows = args.rows if channels == 8 else args.rows // WIDE_ROWS_DIVISOR
+        write_recording(root, collection, rows, channels, THROUGHPUT_RATE_HZ)
+        recordings.append(
+            BenchRecording("CSV", collection, "sig", {"subject": "A"}, channels, rows)
+        )
+    for collection, channels in (("xdf_narrow", 8), ("xdf_wide", WIDE_CHANNELS)):
+        rows = XDF_ROWS_FACTOR * (args.rows if channels == 8 else args.rows // WIDE_ROWS_DIVISOR)
+        recordings.append(write_xdf_recording(root, collection, rows, channels))
+    max_frame_bytes = int(make_config(root).get("agent.max_frame_bytes"))
     broker = Broker(root)
     try:
         with running_agent(broker, root, "throughput") as agent:
             throughput = []
-            for collection, channels in (("narrow", 8), ("wide", WIDE_CHANNELS)):
-                log(f"throughput: {channels} ch")
-                throughput.append(
-                    bench_throughput(root, broker, agent, collection, channels, args.runs)
-                )
+            for recording in recordings:
+                log(f"throughput: {recording.label}")
+                throughput.append(bench_throughput(root, broker, agent, recording, args.runs))
             peak = proc_status_mb(agent.pid, "VmHWM")
         with running_agent(broker, root, "latency") as agent:
             log(f"latency: {LATENCY_RATE_HZ:g} Hz x {LATENCY_CHANNELS} ch")
@@ -1145,7 +1363,7 @@ def run_parts(args: argparse.Namespace, root: Path) -> tuple[Any, ...]:
             )
     finally:
         broker.stop()
-    return throughput, latency, resources, peak
+    return throughput, latency, resources, peak, max_frame_bytes
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -1156,9 +1374,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         return publish(int(port), int(qos), sizes_file, topic)
     loads_at_start, code = load_average(), code_version()
     with tempfile.TemporaryDirectory(prefix="bench-transport-") as tmp:
-        throughput, latency, resources, peak = run_parts(args, Path(tmp))
+        throughput, latency, resources, peak, max_frame_bytes = run_parts(args, Path(tmp))
     loads = (loads_at_start, load_average())
-    generated = render_section(throughput, latency, resources, args, argv, loads, code, peak)
+    generated = render_section(
+        throughput, latency, resources, args, argv, loads, code, peak, max_frame_bytes
+    )
     print(f"{SECTION}\n\n{generated}")
     if args.write_doc:
         # Read right before writing: other scripts regenerate their own sections.
