@@ -57,6 +57,7 @@ from ..protocol import (
 )
 from ..util import END_OF_STREAM, describe_error
 from . import sdnotify
+from .leases import LeaseBook
 from .spool import Spool
 
 __all__ = ["Agent", "default_agent_id", "default_state_dir"]
@@ -68,12 +69,8 @@ MAX_CONCURRENT_REQUESTS = 32
 OVERSIZE_DECODE_FACTOR = 4
 PUBLISHER_STOP_S = 5.0
 CTRL_QOS = 1  # end, error and status messages are never dropped
-# A client silent for this many keepalives loses its tasks (see "leases" below).
-LEASE_FACTOR = 1.25
 # Room for a frame's fields other than its arrays (task id, seq, dtype, tags, lengths).
 FRAME_HEADER_BYTES = 512
-OFFLINE_CONFIRM_S = 0.5
-MAX_CLIENT_KEEPALIVE_S = 3600.0  # a lease is never longer than 1.25 hours
 
 
 def default_agent_id() -> str:
@@ -106,15 +103,6 @@ class RemoteTask:
     frames: int = 0
     samples: int = 0
     started: float = field(default_factory=time.time)
-
-
-@dataclass
-class Lease:
-    """What the agent knows of one client's presence."""
-
-    online: bool = False
-    keepalive_s: float = 0.0
-    check: asyncio.TimerHandle | None = None
 
 
 @dataclass
@@ -178,7 +166,12 @@ class Agent:
             will=Will(self.topics.agent_state(self.id), self._state("offline")),
         )
         self._tasks: dict[str, RemoteTask] = {}
-        self._leases: dict[str, Lease] = {}
+        self.leases = LeaseBook(
+            self._owns_tasks,
+            lambda: self.link.connected,
+            self._release,
+            default_keepalive_s=self.settings.keepalive_s,
+        )
         self._requests: set[asyncio.Task[None]] = set()
         self._background: set[asyncio.Task[None]] = set()
         self._spool_ready = asyncio.Event()
@@ -275,9 +268,7 @@ class Agent:
         for job in list(self._background):
             job.cancel()
         await asyncio.gather(*self._background, return_exceptions=True)
-        for lease in self._leases.values():
-            if lease.check is not None:
-                lease.check.cancel()
+        self.leases.close()
         offline = (self.topics.agent_state(self.id), self._state("offline"), 1, True)
         await self.link.close(final=[offline])
         self.spool.close()
@@ -314,7 +305,7 @@ class Agent:
             self._spool_ready.set()
         # Leases: whoever owns a task must show up again (or still be there).
         for owner in {t.owner for t in self._tasks.values()}:
-            self._arm_lease(owner)
+            self.leases.renew(owner)
 
     async def _announce_nodes(self) -> None:
         """Publish the birth message again with node and collection ids, once known."""
@@ -367,7 +358,7 @@ class Agent:
         try:
             request = _parse(decoded, self.topics)
             if self._owns_tasks(request.client):
-                self._arm_lease(request.client)  # a request is a sign of life too
+                self.leases.renew(request.client)  # a request is a sign of life too
             result = await self._call(request, codec)
             reply = ok_reply(request.id, result)
         except DatamuxError as exc:
@@ -483,7 +474,7 @@ class Agent:
         )
         if remote.stop_requested:
             await self.api.stop_task(task_id)
-        self._arm_lease(request.client)
+        self.leases.renew(request.client)
         log.info("task %s for %s: %s", task_id, request.client, request.method)
         return {"randseq": ack.randseq, "status": ack.status}
 
@@ -650,11 +641,7 @@ class Agent:
             # Rate limit: a reconnecting fleet must not flood the broker.
             await asyncio.sleep(max(0.0, sent / self.drain_per_s - (time.monotonic() - began)))
 
-    # -- leases --------------------------------------------------------------------------
-    # A client's tasks live while it shows signs of life: its presence message, re-sent
-    # every keepalive/2 while it has tasks. Its last will (or a clean close) ends them at
-    # once; silence ends them LEASE_FACTOR x keepalive after the last sign, which keeps
-    # within 1.5 x keepalive even when the broker notices a dead connection late.
+    # -- leases (agent/leases.py) ---------------------------------------------------------
 
     def _on_client_state(self, client: str, message: Incoming) -> None:
         if not ID_PATTERN.fullmatch(client) or len(message.payload) > self.max_request_bytes:
@@ -672,58 +659,10 @@ class Agent:
                 or state.get("client", client) != client
             ):
                 return  # not a presence message of this client
-        online = state.get("state") == "online"
-        if not online and not self._owns_tasks(client):
-            self._forget_lease(client)  # gone, and nothing of ours to end
-            return
-        # Known while online (for its keepalive), forgotten when it leaves.
-        lease = self._leases.setdefault(client, Lease())
-        keepalive = state.get("keepalive")
-        if isinstance(keepalive, int | float) and not isinstance(keepalive, bool) and keepalive > 0:
-            lease.keepalive_s = min(float(keepalive), MAX_CLIENT_KEEPALIVE_S)
-        lease.online = online
-        if not self._owns_tasks(client):
-            return
-        if online or message.retain:
-            # A retained "offline" may be stale (a broker restart): the client gets its
-            # lease period to show up before its tasks end.
-            self._arm_lease(client)
-        else:
-            # A last will. A broker that shuts down sends those too, just before it drops
-            # us: wait a moment, and if our own connection went, it was not the client.
-            self._arm_lease(client, OFFLINE_CONFIRM_S)
-
-    def _forget_lease(self, client: str) -> None:
-        lease = self._leases.pop(client, None)
-        if lease is not None and lease.check is not None:
-            lease.check.cancel()
+        self.leases.on_presence(client, state, message.retain)
 
     def _owns_tasks(self, client: str) -> bool:
         return any(t.owner == client for t in self._tasks.values())
-
-    def _lease_s(self, client: str) -> float:
-        lease = self._leases.get(client)
-        keepalive = lease.keepalive_s if lease and lease.keepalive_s else self.settings.keepalive_s
-        return LEASE_FACTOR * keepalive
-
-    def _arm_lease(self, client: str, delay: float | None = None) -> None:
-        """(Re)start the countdown after which a silent client loses its tasks."""
-        lease = self._leases.setdefault(client, Lease())
-        if lease.check is not None:
-            lease.check.cancel()
-        wait = self._lease_s(client) if delay is None else delay
-
-        def expire() -> None:
-            lease.check = None
-            if not self.link.connected:
-                return  # we are the one cut off; leases restart when we reconnect
-            lease.online = False
-            why = (
-                "went offline" if delay is not None else f"showed no sign of life for {wait:.1f} s"
-            )
-            self._release(client, why)
-
-        lease.check = asyncio.get_running_loop().call_later(wait, expire)
 
     def _release(self, client: str, why: str) -> None:
         owned = [t for t in self._tasks.values() if t.owner == client]
@@ -733,7 +672,6 @@ class Agent:
             # Should the client still be there after all, it learns why its task ended.
             remote.ended_by = f"the agent ended the task: client {client} {why}"
             self._spawn(self.api.stop_task(remote.id), f"release-{remote.id}")
-        self._forget_lease(client)
 
     # -- health --------------------------------------------------------------------------
 

@@ -21,7 +21,6 @@ import logging
 import secrets
 import threading
 import time
-from collections import deque
 from collections.abc import Awaitable, Callable, Mapping
 from types import TracebackType
 from typing import Any, Self
@@ -38,159 +37,18 @@ from ..errors import (
     error_from_code,
 )
 from ..framing import Framing
-from ..model import Collection, Frame, Node, Stream, StreamAck, StreamError, StreamStatus
+from ..model import Collection, Node, Stream, StreamAck, StreamError, StreamStatus
 from ..mqttio import BrokerSettings, Incoming, MqttLink, Will
 from ..protocol import Topics, check_id, collection_from_wire, node_from_wire, stream_from_wire
-from ..util import END_OF_STREAM
+from .taskstream import TaskStream
 
 __all__ = ["RemoteAPI"]
 
 log = logging.getLogger(__name__)
 
-# After an "end" message, frames still on their way get this long to arrive.
-END_GRACE_S = 0.5
-# Frames held for a sink that is not being read; past this the oldest are dropped.
-INBOX_FRAMES = 1024
 # How long a task's consumer waits for its agent to come back before the task ends.
 AGENT_RETURN_S = 30.0
 STOP_WAIT_S = 5.0
-
-
-class _TaskStream:
-    """The client's end of one remote task: orders, checks and delivers its items."""
-
-    def __init__(
-        self,
-        agent: str,
-        task_id: str,
-        sink: asyncio.Queue[Any],
-        on_end: Callable[[_TaskStream], None],
-    ) -> None:
-        self.agent = agent
-        self.task_id = task_id
-        self.sink = sink
-        self.on_end = on_end
-        self.stream_id = ""
-        self.next_seq = 0
-        self.received = 0
-        self.duplicates = 0
-        self.inbox: deque[Any] = deque()
-        self.inbox_frames = 0
-        self.overflow_samples = 0  # dropped for a slow consumer, not yet reported
-        self.wakeup = asyncio.Event()
-        self.frame_arrived = asyncio.Event()
-        self.ended = asyncio.Event()  # END_OF_STREAM is on the sink
-        self.finishing: asyncio.Task[None] | None = None
-        self.agent_lost: asyncio.TimerHandle | None = None
-        self.closing = False  # the last items are queued
-        self.delivery = asyncio.get_running_loop().create_task(self._deliver())
-
-    # -- items from the agent ------------------------------------------------------------
-
-    def on_frame(self, frame: Frame) -> None:
-        if self.closing:
-            return
-        if frame.seq < self.next_seq:
-            self.duplicates += 1  # a QoS 1 resend after a reconnect
-            return
-        self.stream_id = frame.stream_id
-        if frame.seq > self.next_seq:
-            lost = frame.seq - self.next_seq
-            reason = f"{lost} frames lost in transit (seq {self.next_seq} to {frame.seq - 1})"
-            log.warning("task %s: %s", self.task_id, reason)
-            self.put(StreamStatus(frame.stream_id, "dropped", reason))
-        self.next_seq = frame.seq + 1
-        self.received += 1
-        self.put(frame)
-        self.frame_arrived.set()
-
-    def on_ctrl(self, message: Mapping[str, Any]) -> None:
-        kind = message.get("kind")
-        stream_id = str(message.get("stream_id", self.stream_id))
-        if kind == "status":
-            status = str(message.get("status", ""))
-            self.put(StreamStatus(stream_id, status, str(message.get("reason", ""))))
-        elif kind == "error":
-            code, reason = str(message.get("code", "internal")), str(message.get("reason", ""))
-            self.put(StreamError(stream_id, code, reason))
-        elif kind == "end" and self.finishing is None:
-            frames = message.get("frames")
-            total = frames if isinstance(frames, int) else self.next_seq
-            self.finishing = asyncio.get_running_loop().create_task(self._finish(total))
-
-    async def _finish(self, total: int) -> None:
-        # Data and control travel on two topics: let late frames land before the end.
-        with contextlib.suppress(TimeoutError):
-            async with asyncio.timeout(END_GRACE_S):
-                while self.next_seq < total:
-                    self.frame_arrived.clear()
-                    await self.frame_arrived.wait()
-        if self.next_seq < total:
-            lost = total - self.next_seq
-            reason = f"{lost} frames lost in transit (seq {self.next_seq} to {total - 1})"
-            self.put(StreamStatus(self.stream_id, "dropped", reason))
-        self.end()
-
-    def end(self, error: StreamError | None = None) -> None:
-        """Put the last items (an optional error, then END_OF_STREAM) and let go."""
-        if self.agent_lost is not None:
-            self.agent_lost.cancel()
-        if self.closing:
-            return
-        if error is not None:
-            self.put(error)
-        self.put(END_OF_STREAM)
-        self.closing = True
-        self.on_end(self)
-
-    def put(self, item: Any) -> None:
-        if self.closing:
-            return
-        if isinstance(item, Frame):
-            if self.inbox_frames >= INBOX_FRAMES:
-                self._drop_oldest_frame()
-            self.inbox_frames += 1
-        self.inbox.append(item)
-        self.wakeup.set()
-
-    def _drop_oldest_frame(self) -> None:
-        # The consumer is not keeping up: drop the oldest frame; one status says how much
-        # was dropped since the consumer last took an item.
-        for index, old in enumerate(self.inbox):
-            if isinstance(old, Frame):
-                del self.inbox[index]
-                self.inbox_frames -= 1
-                self.overflow_samples += len(old)
-                return
-
-    async def _deliver(self) -> None:
-        while True:
-            while self.inbox:
-                if self.overflow_samples:
-                    reason = f"{self.overflow_samples} samples dropped (consumer too slow)"
-                    log.warning("task %s: %s", self.task_id, reason)
-                    self.overflow_samples = 0
-                    await self._to_sink(StreamStatus(self.stream_id, "dropped", reason))
-                    continue
-                item = self.inbox.popleft()
-                if isinstance(item, Frame):
-                    self.inbox_frames -= 1
-                await self._to_sink(item)
-                if item is END_OF_STREAM:
-                    self.ended.set()
-                    return
-            self.wakeup.clear()
-            await self.wakeup.wait()
-
-    async def _to_sink(self, item: Any) -> None:
-        if self.sink.maxsize > 0:
-            await self.sink.put(item)
-            return
-        # An unbounded sink still holds at most INBOX_FRAMES items; past that they wait
-        # in the inbox, where the oldest frames give way.
-        while self.sink.qsize() >= INBOX_FRAMES:
-            await asyncio.sleep(0.002)
-        self.sink.put_nowait(item)
 
 
 class RemoteAPI:
@@ -232,7 +90,7 @@ class RemoteAPI:
         self._agents: dict[str, Mapping[str, Any]] = {}
         self._replies: dict[str, tuple[str, asyncio.Future[Any]]] = {}  # id -> (agent, reply)
         self._jobs: set[asyncio.Task[Any]] = set()
-        self._streams: dict[tuple[str, str], _TaskStream] = {}
+        self._streams: dict[tuple[str, str], TaskStream] = {}
         self._request_ids = itertools.count(1)
         self._since = time.time()
         self._heartbeat_stop = threading.Event()
@@ -369,7 +227,7 @@ class RemoteAPI:
             if agent and which(agent) and not future.done():
                 future.set_exception(Unavailable(why))
 
-    async def _stop_quietly(self, stream: _TaskStream) -> None:
+    async def _stop_quietly(self, stream: TaskStream) -> None:
         with contextlib.suppress(DatamuxError):
             await self._stop(stream.agent, stream.task_id)
 
@@ -603,7 +461,7 @@ class RemoteAPI:
         params["qos"] = protocol.check_qos(task_qos, "qos")
         if framing is not None:
             params["framing"] = protocol.check_framing(_framing_wire(framing), "framing")
-        stream = _TaskStream(agent, task_id, sink, self._forget)
+        stream = TaskStream(agent, task_id, sink, self._forget)
         self._streams[(agent, task_id)] = stream
         topic = self.topics.task_any(agent, task_id)
         try:
@@ -655,7 +513,7 @@ class RemoteAPI:
         self._jobs.add(job)
         job.add_done_callback(self._jobs.discard)
 
-    def _forget(self, stream: _TaskStream) -> None:
+    def _forget(self, stream: TaskStream) -> None:
         self._streams.pop((stream.agent, stream.task_id), None)
         link = self.link
         if link is not None:
@@ -723,7 +581,7 @@ class RemoteAPI:
             self._follow_agent(stream, previous, state)
 
     def _follow_agent(
-        self, stream: _TaskStream, previous: Mapping[str, Any] | None, state: Mapping[str, Any]
+        self, stream: TaskStream, previous: Mapping[str, Any] | None, state: Mapping[str, Any]
     ) -> None:
         online = state.get("state") == "online"
         if previous is not None and online and previous.get("boot") != state.get("boot"):

@@ -24,7 +24,7 @@ from remote import AGENT_ID, AgentProcess, remote_api, running_agent
 
 import streaminghub_datamux as dm
 from streaminghub_datamux.agent import Agent
-from streaminghub_datamux.client.remote import INBOX_FRAMES
+from streaminghub_datamux.client.taskstream import INBOX_FRAMES
 from streaminghub_datamux.errors import InvalidRequest, Timeout, Unavailable
 from streaminghub_datamux.mqttio import MAX_OUTSTANDING, BrokerSettings
 from streaminghub_datamux.protocol import Topics
@@ -315,9 +315,9 @@ def _many_frames(workspace, n: int) -> None:
 
 
 def test_a_slow_consumer_with_an_unbounded_sink_stays_bounded(workspace, mosquitto, tmp_path):
-    """_TaskStream._deliver moves every item into the sink at once, so INBOX_FRAMES only
-    bounds bounded sinks. With the documented asyncio.Queue() (unbounded) a consumer that
-    does not read holds every frame in memory; the local API stops at SINK_HIGH_WATER."""
+    """A consumer that does not read its unbounded sink (the documented asyncio.Queue())
+    holds at most INBOX_FRAMES frames, as the local API stops at SINK_HIGH_WATER. (The
+    client used to move every frame into such a sink at once.)"""
     _many_frames(workspace, 4000)
 
     async def body():
@@ -340,9 +340,8 @@ def test_a_slow_consumer_with_an_unbounded_sink_stays_bounded(workspace, mosquit
 
 
 def test_the_inbox_of_a_stalled_bounded_sink_stays_bounded(workspace, mosquitto, tmp_path):
-    """_TaskStream._put counts every inbox item against INBOX_FRAMES but drops only frames,
-    adding one `dropped` status per frame dropped: the inbox grows by one status per
-    frame and, once it holds no frame, by every frame."""
+    """A stalled bounded sink: the inbox stays near INBOX_FRAMES, with one merged
+    `dropped` status. (It used to add one status per dropped frame, without bound.)"""
     _many_frames(workspace, 4000)
 
     async def body():
@@ -394,8 +393,8 @@ def test_a_start_that_times_out_leaves_no_orphan_task(workspace, mosquitto, tmp_
 
 
 def test_leases_are_forgotten_when_clients_leave(workspace, mosquitto, tmp_path):
-    """Agent._on_client_state does _leases.setdefault for every client ever seen, even on
-    the empty message of a clean close: one entry per client id, forever."""
+    """The agent knows clients while they are online, and forgets them when they leave
+    (it used to keep an entry per client id ever seen)."""
 
     async def body():
         config = workspace.config()
@@ -405,7 +404,7 @@ def test_leases_are_forgotten_when_clients_leave(workspace, mosquitto, tmp_path)
                 async with remote_api(config, mosquitto) as api:
                     ids.append(api.client_id)
             await asyncio.sleep(1.0)
-            return [i for i in ids if i in agent._leases]
+            return [i for i in ids if i in agent.leases._leases]
 
     kept = run(body())
     assert kept == [], f"leases kept for clients that closed: {kept}"

@@ -1,0 +1,116 @@
+"""Client leases: a client's tasks live while the client shows signs of life.
+
+Signs of life are its presence message (retained at connect, re-sent every keepalive/2
+while it has tasks) and its requests. Its last will, or a clean close, ends its tasks
+at once; silence ends them ``LEASE_FACTOR`` x keepalive after the last sign, which stays
+within 1.5 x keepalive even when the broker notices a dead connection a second late
+(mosquitto checks keepalives with one-second granularity). docs/agent.md, "Leases".
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+__all__ = ["LEASE_FACTOR", "OFFLINE_CONFIRM_S", "LeaseBook"]
+
+log = logging.getLogger(__name__)
+
+# A client silent for this many keepalives loses its tasks.
+LEASE_FACTOR = 1.25
+# A last will ends tasks after this long, unless our own connection dropped meanwhile:
+# a broker that shuts down sends every client's will just before it drops us.
+OFFLINE_CONFIRM_S = 0.5
+MAX_CLIENT_KEEPALIVE_S = 3600.0
+
+
+@dataclass
+class _Lease:
+    online: bool = False
+    keepalive_s: float = 0.0
+    check: asyncio.TimerHandle | None = None
+
+
+class LeaseBook:
+    """The leases of the clients that own tasks here (and the keepalives of those online).
+
+    Args:
+        owns_tasks: whether a client owns tasks on this agent now.
+        connected: whether the agent is connected to the broker now.
+        release: ends a client's tasks, saying why.
+        default_keepalive_s: for a client that never said its keepalive.
+    """
+
+    def __init__(
+        self,
+        owns_tasks: Callable[[str], bool],
+        connected: Callable[[], bool],
+        release: Callable[[str, str], None],
+        default_keepalive_s: float,
+    ) -> None:
+        self._owns_tasks = owns_tasks
+        self._connected = connected
+        self._release = release
+        self.default_keepalive_s = default_keepalive_s
+        self._leases: dict[str, _Lease] = {}
+
+    def __len__(self) -> int:
+        return len(self._leases)
+
+    def on_presence(self, client: str, state: Mapping[str, Any], retained: bool) -> None:
+        """A presence message: ``state`` is ``{}`` for an empty (cleared) presence."""
+        online = state.get("state") == "online"
+        if not online and not self._owns_tasks(client):
+            self.forget(client)  # gone, and nothing of ours to end
+            return
+        # Known while online (for its keepalive), forgotten when it leaves.
+        lease = self._leases.setdefault(client, _Lease())
+        keepalive = state.get("keepalive")
+        if isinstance(keepalive, int | float) and not isinstance(keepalive, bool) and keepalive > 0:
+            lease.keepalive_s = min(float(keepalive), MAX_CLIENT_KEEPALIVE_S)
+        lease.online = online
+        if not self._owns_tasks(client):
+            return
+        if online or retained:
+            # A retained "offline" may be stale (a broker restart): the client gets its
+            # lease period to show up before its tasks end.
+            self.renew(client)
+        else:
+            self.renew(client, OFFLINE_CONFIRM_S)  # a last will, to be confirmed
+
+    def renew(self, client: str, delay: float | None = None) -> None:
+        """(Re)start the countdown after which a silent client loses its tasks."""
+        lease = self._leases.setdefault(client, _Lease())
+        if lease.check is not None:
+            lease.check.cancel()
+        wait = self.period_s(client) if delay is None else delay
+
+        def expire() -> None:
+            lease.check = None
+            if not self._connected():
+                return  # we are the one cut off; leases restart when we reconnect
+            lease.online = False
+            why = (
+                "went offline" if delay is not None else f"showed no sign of life for {wait:.1f} s"
+            )
+            self._release(client, why)
+            self.forget(client)
+
+        lease.check = asyncio.get_running_loop().call_later(wait, expire)
+
+    def period_s(self, client: str) -> float:
+        lease = self._leases.get(client)
+        keepalive = lease.keepalive_s if lease and lease.keepalive_s else self.default_keepalive_s
+        return LEASE_FACTOR * keepalive
+
+    def forget(self, client: str) -> None:
+        lease = self._leases.pop(client, None)
+        if lease is not None and lease.check is not None:
+            lease.check.cancel()
+
+    def close(self) -> None:
+        for client in list(self._leases):
+            self.forget(client)

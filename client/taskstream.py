@@ -1,0 +1,165 @@
+"""The client's end of one remote task: order, check and deliver what the agent sends.
+
+Frames arrive on the task's data topic and control messages on its ctrl topic. A
+:class:`TaskStream` drops duplicates (QoS 1 resends), reports gaps in ``seq`` as lost
+frames, keeps at most :data:`INBOX_FRAMES` frames for a consumer that falls behind, and
+makes sure the sink's last item is END_OF_STREAM, once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections import deque
+from collections.abc import Callable, Mapping
+from typing import Any
+
+from ..model import Frame, StreamError, StreamStatus
+from ..util import END_OF_STREAM
+
+__all__ = ["INBOX_FRAMES", "TaskStream"]
+
+log = logging.getLogger(__name__)
+
+# After an "end" message, frames still on their way get this long to arrive.
+END_GRACE_S = 0.5
+# Frames held for a sink that is not being read; past this the oldest are dropped.
+INBOX_FRAMES = 1024
+
+
+class TaskStream:
+    """The client's end of one remote task: orders, checks and delivers its items."""
+
+    def __init__(
+        self,
+        agent: str,
+        task_id: str,
+        sink: asyncio.Queue[Any],
+        on_end: Callable[[TaskStream], None],
+    ) -> None:
+        self.agent = agent
+        self.task_id = task_id
+        self.sink = sink
+        self.on_end = on_end
+        self.stream_id = ""
+        self.next_seq = 0
+        self.received = 0
+        self.duplicates = 0
+        self.inbox: deque[Any] = deque()
+        self.inbox_frames = 0
+        self.overflow_samples = 0  # dropped for a slow consumer, not yet reported
+        self.wakeup = asyncio.Event()
+        self.frame_arrived = asyncio.Event()
+        self.ended = asyncio.Event()  # END_OF_STREAM is on the sink
+        self.finishing: asyncio.Task[None] | None = None
+        self.agent_lost: asyncio.TimerHandle | None = None
+        self.closing = False  # the last items are queued
+        self.delivery = asyncio.get_running_loop().create_task(self._deliver())
+
+    # -- items from the agent ------------------------------------------------------------
+
+    def on_frame(self, frame: Frame) -> None:
+        if self.closing:
+            return
+        if frame.seq < self.next_seq:
+            self.duplicates += 1  # a QoS 1 resend after a reconnect
+            return
+        self.stream_id = frame.stream_id
+        if frame.seq > self.next_seq:
+            lost = frame.seq - self.next_seq
+            reason = f"{lost} frames lost in transit (seq {self.next_seq} to {frame.seq - 1})"
+            log.warning("task %s: %s", self.task_id, reason)
+            self.put(StreamStatus(frame.stream_id, "dropped", reason))
+        self.next_seq = frame.seq + 1
+        self.received += 1
+        self.put(frame)
+        self.frame_arrived.set()
+
+    def on_ctrl(self, message: Mapping[str, Any]) -> None:
+        kind = message.get("kind")
+        stream_id = str(message.get("stream_id", self.stream_id))
+        if kind == "status":
+            status = str(message.get("status", ""))
+            self.put(StreamStatus(stream_id, status, str(message.get("reason", ""))))
+        elif kind == "error":
+            code, reason = str(message.get("code", "internal")), str(message.get("reason", ""))
+            self.put(StreamError(stream_id, code, reason))
+        elif kind == "end" and self.finishing is None:
+            frames = message.get("frames")
+            total = frames if isinstance(frames, int) else self.next_seq
+            self.finishing = asyncio.get_running_loop().create_task(self._finish(total))
+
+    async def _finish(self, total: int) -> None:
+        # Data and control travel on two topics: let late frames land before the end.
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(END_GRACE_S):
+                while self.next_seq < total:
+                    self.frame_arrived.clear()
+                    await self.frame_arrived.wait()
+        if self.next_seq < total:
+            lost = total - self.next_seq
+            reason = f"{lost} frames lost in transit (seq {self.next_seq} to {total - 1})"
+            self.put(StreamStatus(self.stream_id, "dropped", reason))
+        self.end()
+
+    def end(self, error: StreamError | None = None) -> None:
+        """Put the last items (an optional error, then END_OF_STREAM) and let go."""
+        if self.agent_lost is not None:
+            self.agent_lost.cancel()
+        if self.closing:
+            return
+        if error is not None:
+            self.put(error)
+        self.put(END_OF_STREAM)
+        self.closing = True
+        self.on_end(self)
+
+    def put(self, item: Any) -> None:
+        if self.closing:
+            return
+        if isinstance(item, Frame):
+            if self.inbox_frames >= INBOX_FRAMES:
+                self._drop_oldest_frame()
+            self.inbox_frames += 1
+        self.inbox.append(item)
+        self.wakeup.set()
+
+    def _drop_oldest_frame(self) -> None:
+        # The consumer is not keeping up: drop the oldest frame; one status says how much
+        # was dropped since the consumer last took an item.
+        for index, old in enumerate(self.inbox):
+            if isinstance(old, Frame):
+                del self.inbox[index]
+                self.inbox_frames -= 1
+                self.overflow_samples += len(old)
+                return
+
+    async def _deliver(self) -> None:
+        while True:
+            while self.inbox:
+                if self.overflow_samples:
+                    reason = f"{self.overflow_samples} samples dropped (consumer too slow)"
+                    log.warning("task %s: %s", self.task_id, reason)
+                    self.overflow_samples = 0
+                    await self._to_sink(StreamStatus(self.stream_id, "dropped", reason))
+                    continue
+                item = self.inbox.popleft()
+                if isinstance(item, Frame):
+                    self.inbox_frames -= 1
+                await self._to_sink(item)
+                if item is END_OF_STREAM:
+                    self.ended.set()
+                    return
+            self.wakeup.clear()
+            await self.wakeup.wait()
+
+    async def _to_sink(self, item: Any) -> None:
+        if self.sink.maxsize > 0:
+            await self.sink.put(item)
+            return
+        # An unbounded sink still holds at most INBOX_FRAMES items; past that they wait
+        # in the inbox, where the oldest frames give way.
+        while self.sink.qsize() >= INBOX_FRAMES:
+            await asyncio.sleep(0.002)
+        self.sink.put_nowait(item)
