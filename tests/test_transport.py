@@ -554,3 +554,79 @@ def test_small_frames_are_not_held_back_by_nagle(workspace, mosquitto, tmp_path)
             return sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)
 
     assert run(body()) != 0
+
+
+def _certificate(folder):
+    """A self-signed certificate for 127.0.0.1 (its own CA)."""
+    import shutil
+    import subprocess
+
+    openssl = shutil.which("openssl")
+    if openssl is None:
+        pytest.skip("openssl is not installed: no certificate for a TLS listener")
+    cert, key = folder / "broker.crt", folder / "broker.key"
+    subprocess.run(
+        [openssl, "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
+         "-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1",
+         "-keyout", str(key), "-out", str(cert)],
+        check=True, capture_output=True, timeout=60,
+    )  # fmt: skip
+    return cert, key
+
+
+def test_tls_and_passwords(workspace, tmp_path):
+    """Agent and RemoteAPI through a TLS listener that wants a user name and password."""
+    import shutil
+    import subprocess
+
+    from broker import Mosquitto
+
+    passwd_tool = shutil.which("mosquitto_passwd") or "/usr/bin/mosquitto_passwd"
+    broker = Mosquitto(tmp_path / "tls-broker")
+    cert, key = _certificate(broker.workdir)
+    passwd = broker.workdir / "passwd"
+    for i, user in enumerate(("pi-lab1", "ana")):
+        create = ["-c"] if i == 0 else []
+        subprocess.run([passwd_tool, *create, "-b", str(passwd), user, f"secret-{user}"],
+                       check=True, capture_output=True, timeout=30)  # fmt: skip
+    lines = broker.conf_path.read_text().splitlines()
+    lines = [ln for ln in lines if not ln.startswith("allow_anonymous")]
+    lines += [f"cafile {cert}", f"certfile {cert}", f"keyfile {key}",
+              "allow_anonymous false", f"password_file {passwd}"]  # fmt: skip
+    broker.conf_path.write_text("\n".join(lines) + "\n")
+    broker.start()
+
+    def config(user):
+        return workspace.config(**{
+            "broker.tls.ca_file": str(cert), "broker.username": user,
+            "broker.password": f"secret-{user}",
+        })  # fmt: skip
+
+    async def body():
+        agent_config = config("pi-lab1")
+        async with (
+            running_agent(agent_config, broker, tmp_path / "state", ca_file=str(cert),
+                          username="pi-lab1", password="secret-pi-lab1"),
+            remote_api(config("ana"), broker) as api,
+        ):  # fmt: skip
+            nodes = [n.id for n in await api.list_live_nodes()]
+            sink = asyncio.Queue()
+            ack = await api.proxy_live_stream("demo", "eeg", {}, sink)
+            frame = await asyncio.wait_for(sink.get(), 10)
+            await api.stop_task(ack.randseq)
+            await drain(sink)
+        intruder = dm.RemoteAPI(config=workspace.config(**{"broker.tls.ca_file": str(cert),
+                                "broker.username": "ana", "broker.password": "wrong"}),
+                                timeout=3)  # fmt: skip
+        with pytest.raises(Unavailable, match=r"[Nn]ot authori[sz]ed|password"):
+            await intruder.connect(broker.host, broker.port)
+        plain = dm.RemoteAPI(config=workspace.config(), timeout=3)
+        with pytest.raises(Unavailable):  # no TLS: the TLS listener never answers MQTT
+            await plain.connect(broker.host, broker.port)
+        return nodes, frame
+
+    try:
+        nodes, frame = run(body())
+    finally:
+        broker.stop()
+    assert nodes == ["demo"] and isinstance(frame, dm.Frame)
