@@ -107,6 +107,8 @@ class RemoteTask:
 
 @dataclass
 class Counters:
+    """What the agent has done since it started (published in its health messages)."""
+
     frames: int = 0
     samples: int = 0
     frames_dropped: int = 0  # QoS 0 frames that met no connection

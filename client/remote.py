@@ -357,6 +357,8 @@ class RemoteAPI:
     # -- the API -------------------------------------------------------------------------
 
     async def list_collections(self) -> list[Collection]:
+        """Every collection of the agent (or of every agent, ids qualified)."""
+
         def convert(agent: str, result: Any) -> list[Collection]:
             return [self._collection(agent, collection_from_wire(c)) for c in result]
 
@@ -380,16 +382,20 @@ class RemoteAPI:
         return dataclasses.replace(stream, **changes)
 
     async def list_collection_streams(self, collection_id: str) -> list[Stream]:
+        """The streams of one collection."""
         agent, local = self._route(collection_id, "collection_id")
         result = await self._call(agent, "list_collection_streams", {"collection_id": local})
         return [self._stream(agent, stream_from_wire(s)) for s in result]
 
     async def list_collection_recordings(self, collection_id: str) -> list[dict[str, str]]:
+        """The attrs of every recording of a collection."""
         agent, local = self._route(collection_id, "collection_id")
         result = await self._call(agent, "list_collection_recordings", {"collection_id": local})
         return [dict(r) for r in result]
 
     async def list_live_nodes(self) -> list[Node]:
+        """Every live node of the agent (or of every agent, ids qualified)."""
+
         def convert(agent: str, result: Any) -> list[Node]:
             nodes = [node_from_wire(n) for n in result]
             if self.agent_id is not None:
@@ -399,6 +405,7 @@ class RemoteAPI:
         return await self._each_agent("list_live_nodes", convert)
 
     async def list_live_streams(self, node_id: str) -> list[Stream]:
+        """The streams of one live node."""
         agent, local = self._route(node_id, "node_id")
         result = await self._call(agent, "list_live_streams", {"node_id": local})
         return [self._stream(agent, stream_from_wire(s)) for s in result]

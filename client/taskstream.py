@@ -60,6 +60,7 @@ class TaskStream:
     # -- items from the agent ------------------------------------------------------------
 
     def on_frame(self, frame: Frame) -> None:
+        """A frame from the data topic: duplicates dropped, gaps reported."""
         if self.closing:
             return
         if frame.seq < self.next_seq:
@@ -77,6 +78,7 @@ class TaskStream:
         self.frame_arrived.set()
 
     def on_ctrl(self, message: Mapping[str, Any]) -> None:
+        """A control message: status and error items go on the sink; "end" finishes."""
         kind = message.get("kind")
         stream_id = str(message.get("stream_id", self.stream_id))
         if kind == "status":
@@ -116,6 +118,7 @@ class TaskStream:
         self.on_end(self)
 
     def put(self, item: Any) -> None:
+        """Queue an item for the sink (the oldest frame gives way past INBOX_FRAMES)."""
         if self.closing:
             return
         if isinstance(item, Frame):

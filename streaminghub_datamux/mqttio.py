@@ -97,6 +97,8 @@ class BrokerSettings:
 
 @dataclass(frozen=True)
 class Will:
+    """The message the broker publishes for us if we vanish without a clean close."""
+
     topic: str
     payload: bytes
     qos: int = 1
@@ -406,6 +408,7 @@ class MqttLink:
         response_topic: str | None = None,
         correlation: bytes | None = None,
     ) -> bool:
+        """Publish now, without flow control (small control messages); False if offline."""
         client = self._client
         if client is None or not self.connected:
             return False
