@@ -41,6 +41,7 @@ SESSION_EXPIRY_S = 120
 # In "auto" mode, how long an MQTT 5 CONNECT may go unanswered before trying 3.1.1 (some
 # 3.1.1-only brokers, amqtt among them, wait instead of refusing).
 PROTOCOL_PROBE_S = 2.0
+TIMED_OUT = "timed out"
 _UNSUPPORTED_PROTOCOL = (1, 132)  # MQTT 3.1.1 and MQTT 5 reason codes
 
 
@@ -201,8 +202,11 @@ class MqttLink:
                 problem = await self._attempt(version, remaining) or ""
                 if not problem:
                     return
-                if problem == "protocol" or (probing and await self._tcp_open()):
+                silent = problem.startswith(TIMED_OUT)
+                if problem == "protocol" or (probing and silent and await self._tcp_open()):
                     continue  # the broker is there but not for this version: the next one
+                if not silent:  # the broker answered, and said no (a password, say)
+                    raise Unavailable(f"MQTT broker {self.settings.address}: {problem}")
                 break
             if deadline is not None and loop.time() >= deadline:
                 raise Unavailable(f"no MQTT broker answered at {self.settings.address}: {problem}")
@@ -246,7 +250,7 @@ class MqttLink:
             async with asyncio.timeout(timeout):
                 return await self._first
         except TimeoutError:
-            return "timed out (is the broker running, and is host:port right?)"
+            return f"{TIMED_OUT} (is the broker running, and is host:port right?)"
 
     def _connect_kwargs(self, version: int) -> dict[str, Any]:
         if version != mqtt.MQTTv5:
