@@ -332,8 +332,10 @@ class Agent:
             job = asyncio.get_running_loop().create_task(self._serve_request(message))
             self._requests.add(job)
             job.add_done_callback(self._requests.discard)
-        elif self.topics.level(message.topic, 0) == "clients":
-            self._on_client_state(self.topics.level(message.topic, 1), message)
+        else:
+            root, client, kind = self.topics.levels(message.topic, 3)
+            if root == "clients" and kind == "state":
+                self._on_client_state(client, message)
 
     def _refuse_busy(self, message: Incoming) -> None:
         why = "agent is stopping" if self._stopping.is_set() else "too many requests at once"
@@ -449,25 +451,18 @@ class Agent:
             stream = await self._stream_of(request.method, params)
             params["framing"] = self._fit_framing(stream, params.get("framing"), attrs)
             if request.method == "replay_collection_stream":
-                ack = await self.api.replay_collection_stream(
-                    params.pop("collection_id"),
-                    params.pop("stream_id"),
-                    attrs,
-                    sink,
-                    owner=request.client,
-                    task_id=task_id,
-                    **params,
-                )
+                start, source = self.api.replay_collection_stream, params.pop("collection_id")
             else:
-                ack = await self.api.proxy_live_stream(
-                    params.pop("node_id"),
-                    params.pop("stream_id"),
-                    attrs,
-                    sink,
-                    owner=request.client,
-                    task_id=task_id,
-                    **params,
-                )
+                start, source = self.api.proxy_live_stream, params.pop("node_id")
+            ack = await start(
+                source,
+                params.pop("stream_id"),
+                attrs,
+                sink,
+                owner=request.client,
+                task_id=task_id,
+                **params,
+            )
         except BaseException:
             del self._tasks[task_id]
             raise

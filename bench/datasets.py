@@ -49,6 +49,7 @@ import pyxdf
 from replay import (
     AIM_THROUGHPUT_RATIO,
     code_version,
+    fill_markers,
     load_average,
     log,
     machine_facts,
@@ -650,9 +651,8 @@ def replace_section(document: str, generated: str) -> str:
     appended; no other byte of the document changes.
     """
     block = f"{BEGIN_MARK}\n{generated.strip()}\n{END_MARK}"
-    marked = re.compile(rf"{re.escape(BEGIN_MARK)}.*?{re.escape(END_MARK)}", re.S)
-    if marked.search(document):
-        return marked.sub(lambda _: block, document, count=1)
+    if (filled := fill_markers(document, block, BEGIN_MARK, END_MARK)) is not None:
+        return filled
     section = re.compile(rf"^{re.escape(SECTION)}\n.*?(?=^## |\Z)", re.M | re.S)
     if section.search(document):
         return section.sub(lambda _: f"{SECTION}\n\n{block}\n\n", document, count=1)

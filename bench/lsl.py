@@ -43,7 +43,7 @@ from typing import Any
 
 import numpy as np
 import pylsl
-from replay import code_version, load_average, machine_facts  # bench/replay.py
+from replay import code_version, fill_markers, load_average, machine_facts  # bench/replay.py
 
 import streaminghub_datamux as dm
 from streaminghub_datamux.config import load_config
@@ -369,9 +369,8 @@ def replace_section(document: str, generated: str) -> str:
     marker, keep their bytes.
     """
     block = f"{BEGIN_MARK}\n{generated.strip()}\n{END_MARK}"
-    marked = re.compile(rf"{re.escape(BEGIN_MARK)}.*?{re.escape(END_MARK)}", re.S)
-    if marked.search(document):
-        return marked.sub(lambda _: block, document, count=1)
+    if (filled := fill_markers(document, block, BEGIN_MARK, END_MARK)) is not None:
+        return filled
     # Appended after the existing bytes, which stay exactly as they were.
     separator = "\n" if document.endswith("\n") else "\n\n" if document else ""
     return document + separator + f"{SECTION}\n\n{block}\n"

@@ -69,7 +69,13 @@ from datasets import (  # bench/datasets.py: its XDF chunk writer (pyxdf only re
     numeric_samples,
     xml_document,
 )
-from replay import _git, load_average, machine_facts, write_recording  # bench/replay.py
+from replay import (  # bench/replay.py
+    _git,
+    fill_markers,
+    load_average,
+    machine_facts,
+    write_recording,
+)
 
 import streaminghub_datamux as dm
 from streaminghub_datamux.codec import decode_frame, encode_frame
@@ -1280,9 +1286,8 @@ def replace_section(document: str, generated: str) -> str:
     marker, keep their bytes.
     """
     block = f"{BEGIN_MARK}\n{generated.strip()}\n{END_MARK}"
-    marked = re.compile(rf"{re.escape(BEGIN_MARK)}.*?{re.escape(END_MARK)}", re.S)
-    if marked.search(document):
-        return marked.sub(lambda _: block, document, count=1)
+    if (filled := fill_markers(document, block, BEGIN_MARK, END_MARK)) is not None:
+        return filled
     separator = "\n" if document.endswith("\n") else "\n\n" if document else ""
     return document + separator + f"{SECTION}\n\n{block}\n"
 

@@ -529,14 +529,12 @@ class RemoteAPI:
 
     def _on_message(self, message: Incoming) -> None:
         topic, topics = message.topic, self.topics
-        if topics.level(topic, 0) == "agents":
-            agent = topics.level(topic, 1)
-            if topics.level(topic, 2) == "state":
+        root, agent, kind, task, channel = topics.levels(topic, 5)
+        if root == "agents":
+            if kind == "state":
                 self._on_agent_state(agent, message.payload)
-            elif topics.level(topic, 2) == "tasks":
-                self._on_task_message(
-                    agent, topics.level(topic, 3), topics.level(topic, 4), message
-                )
+            elif kind == "tasks":
+                self._on_task_message(agent, task, channel, message)
         elif topic == topics.client_rpc(self.client_id):
             self._on_reply(message.payload)
 

@@ -44,8 +44,6 @@ class TaskStream:
         self.on_end = on_end
         self.stream_id = ""
         self.next_seq = 0
-        self.received = 0
-        self.duplicates = 0
         self.inbox: deque[Any] = deque()
         self.inbox_frames = 0
         self.overflow_samples = 0  # dropped for a slow consumer, not yet reported
@@ -64,8 +62,7 @@ class TaskStream:
         if self.closing:
             return
         if frame.seq < self.next_seq:
-            self.duplicates += 1  # a QoS 1 resend after a reconnect
-            return
+            return  # a QoS 1 resend after a reconnect
         self.stream_id = frame.stream_id
         if frame.seq > self.next_seq:
             lost = frame.seq - self.next_seq
@@ -73,7 +70,6 @@ class TaskStream:
             log.warning("task %s: %s", self.task_id, reason)
             self.put(StreamStatus(frame.stream_id, "dropped", reason))
         self.next_seq = frame.seq + 1
-        self.received += 1
         self.put(frame)
         self.frame_arrived.set()
 

@@ -257,23 +257,7 @@ def _from_typed_array(tag: cbor2.CBORTag) -> np.ndarray:
 
 
 def _from_json(item: Any, dtype: np.dtype) -> np.ndarray:
-    if dtype.kind == "f":
-        # null stands for NaN (JSON has none); an object array converts it in one pass.
-        return (
-            np.array(item, dtype=object).astype(dtype)
-            if _has_null(item)
-            else (np.asarray(item, dtype=dtype))
-        )
+    # null stands for NaN (JSON has none): numpy turns None into NaN for float dtypes.
     if dtype.kind == "U":
         return np.asarray(item, dtype=np.str_)
     return np.asarray(item, dtype=dtype)
-
-
-def _has_null(item: Any) -> bool:
-    if isinstance(item, list):
-        return (
-            any(_has_null(x) for x in item)
-            if item and isinstance(item[0], list)
-            else (None in item)
-        )
-    return item is None

@@ -98,10 +98,11 @@ class Topics:
     def reply_space(self) -> str:
         return f"{self.prefix}/clients/"
 
-    def level(self, topic: str, index: int) -> str:
-        """The topic level ``index`` after the prefix (0: "agents" or "clients")."""
-        parts = topic[len(self.prefix) + 1 :].split("/")
-        return parts[index] if len(parts) > index else ""
+    def levels(self, topic: str, count: int) -> list[str]:
+        """The first ``count`` topic levels after the prefix ("" where there are fewer):
+        ``["agents", agent, "tasks", task, "data"]``."""
+        parts = topic[len(self.prefix) + 1 :].split("/", count)[:count]
+        return parts + [""] * (count - len(parts))
 
 
 # -- requests --------------------------------------------------------------------------

@@ -12,6 +12,7 @@ from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
+import paho.mqtt.client as mqtt
 from broker import Mosquitto
 
 from streaminghub_datamux import API, RemoteAPI
@@ -87,6 +88,33 @@ def api_factory(kind: str, broker: Mosquitto | None, state_dir: Path) -> Callabl
             yield api
 
     return make
+
+
+# -- a raw MQTT peer, for what a RemoteAPI would never send ---------------------------
+
+
+class RawPeer:
+    """A bare paho client that records every message it receives."""
+
+    def __init__(self, broker, client_id="raw", protocol=mqtt.MQTTv5):
+        self.messages: list[mqtt.MQTTMessage] = []
+        self.client = mqtt.Client(
+            mqtt.CallbackAPIVersion.VERSION2, client_id=client_id, protocol=protocol
+        )
+        self.client.on_message = lambda c, u, m: self.messages.append(m)
+        self.client.connect(broker.host, broker.port)
+        self.client.loop_start()
+
+    def subscribe(self, topic):
+        self.client.subscribe(topic, 1)
+        time.sleep(0.3)  # no SUBACK wait in this bare client
+
+    def publish(self, topic, payload, properties=None, retain=False):
+        self.client.publish(topic, payload, qos=1, properties=properties, retain=retain)
+
+    def close(self):
+        self.client.disconnect()
+        self.client.loop_stop()
 
 
 # -- processes ---------------------------------------------------------------------------

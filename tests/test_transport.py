@@ -13,45 +13,17 @@ import time
 
 import cbor2
 import numpy as np
-import paho.mqtt.client as mqtt
 import pytest
 from helpers import drain, frames_of, gaze_collection, run
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
-from remote import AGENT_ID, AgentProcess, remote_api, running_agent, wait_until
+from remote import AGENT_ID, AgentProcess, RawPeer, remote_api, running_agent, wait_until
 
 import streaminghub_datamux as dm
 from streaminghub_datamux.errors import Forbidden, InvalidRequest, Timeout, Unavailable
 from streaminghub_datamux.protocol import Topics
 
 TOPICS = Topics()
-
-
-# -- a raw MQTT peer, for what a RemoteAPI would never send ------------------------------
-
-
-class RawPeer:
-    """A bare paho client that records every message it receives."""
-
-    def __init__(self, broker, client_id="raw", protocol=mqtt.MQTTv5):
-        self.messages: list[mqtt.MQTTMessage] = []
-        self.client = mqtt.Client(
-            mqtt.CallbackAPIVersion.VERSION2, client_id=client_id, protocol=protocol
-        )
-        self.client.on_message = lambda c, u, m: self.messages.append(m)
-        self.client.connect(broker.host, broker.port)
-        self.client.loop_start()
-
-    def subscribe(self, topic):
-        self.client.subscribe(topic, 1)
-        time.sleep(0.2)
-
-    def publish(self, topic, payload, properties=None, retain=False):
-        self.client.publish(topic, payload, qos=1, properties=properties, retain=retain)
-
-    def close(self):
-        self.client.disconnect()
-        self.client.loop_stop()
 
 
 async def wait_for_messages(peer, count, timeout=10.0):

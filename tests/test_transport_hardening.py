@@ -16,11 +16,10 @@ import time
 from types import SimpleNamespace
 
 import cbor2
-import paho.mqtt.client as mqtt
 import pytest
 from broker import free_port
 from helpers import drain, gaze_collection, run
-from remote import AGENT_ID, AgentProcess, remote_api, running_agent
+from remote import AGENT_ID, AgentProcess, RawPeer, remote_api, running_agent
 
 import streaminghub_datamux as dm
 from streaminghub_datamux.agent import Agent
@@ -30,30 +29,6 @@ from streaminghub_datamux.mqttio import MAX_OUTSTANDING, BrokerSettings
 from streaminghub_datamux.protocol import Topics
 
 TOPICS = Topics()
-
-
-class RawPeer:
-    """A bare paho client (MQTT 5) that records what it receives."""
-
-    def __init__(self, broker, client_id: str) -> None:
-        self.messages: list[mqtt.MQTTMessage] = []
-        self.client = mqtt.Client(
-            mqtt.CallbackAPIVersion.VERSION2, client_id=client_id, protocol=mqtt.MQTTv5
-        )
-        self.client.on_message = lambda c, u, m: self.messages.append(m)
-        self.client.connect(broker.host, broker.port)
-        self.client.loop_start()
-
-    def subscribe(self, topic: str) -> None:
-        self.client.subscribe(topic, 1)
-        time.sleep(0.3)
-
-    def publish(self, topic: str, payload: bytes) -> None:
-        self.client.publish(topic, payload, qos=1)
-
-    def close(self) -> None:
-        self.client.disconnect()
-        self.client.loop_stop()
 
 
 def _decode(payload: bytes):

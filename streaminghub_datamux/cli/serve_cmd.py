@@ -20,8 +20,6 @@ __all__ = ["register"]
 
 log = logging.getLogger(__name__)
 
-LOOPBACK_HOSTS = ("127.0.0.1", "::1", "localhost")
-
 
 def register(subparsers: argparse._SubParsersAction[Any]) -> None:
     serve = subparsers.add_parser(
@@ -83,7 +81,7 @@ def _config(args: argparse.Namespace, **extra: Any) -> Config:
 
 
 async def _serve(args: argparse.Namespace) -> int:
-    from ..agent.embedded import EmbeddedBroker, broker_reachable
+    from ..agent.embedded import EmbeddedBroker, broker_reachable, is_loopback
     from ..agent.service import Agent
     from ..mqttio import BrokerSettings
 
@@ -104,7 +102,7 @@ async def _serve(args: argparse.Namespace) -> int:
     broker = None
     if embedded == "always" or (
         embedded == "auto"
-        and host in LOOPBACK_HOSTS
+        and is_loopback(host)
         and not await asyncio.to_thread(broker_reachable, host, port)
     ):
         if embedded == "auto":
