@@ -7,7 +7,9 @@ frames and control messages (docs/protocol.md). Around that it keeps:
 - presence: a retained birth message, with a last will for when it vanishes;
 - leases: a client that disappears has its tasks stopped (docs/agent.md, "Leases");
 - store-and-forward: while the broker is away, QoS 1 messages wait in an on-disk spool;
-- health: counters, CPU and memory, retained, every ``agent.health_interval_s``.
+- health: counters, driver states, CPU, memory, disk, temperature and clock sync, as
+  JSON (readable in ``mosquitto_sub``), retained, every ``agent.health_interval_s``, and
+  cleared (an empty retained message) on a clean shutdown.
 """
 
 from __future__ import annotations
@@ -57,6 +59,7 @@ from ..protocol import (
 )
 from ..util import END_OF_STREAM, describe_error
 from . import sdnotify
+from .health import system_readings
 from .leases import LeaseBook
 from .spool import Spool
 
@@ -69,6 +72,8 @@ MAX_CONCURRENT_REQUESTS = 32
 OVERSIZE_DECODE_FACTOR = 4
 PUBLISHER_STOP_S = 5.0
 CTRL_QOS = 1  # end, error and status messages are never dropped
+# Health is for people and scripts as much as for clients: JSON, whatever agent.codec says.
+HEALTH_CODEC = "json"
 # Room for a frame's fields other than its arrays (task id, seq, dtype, tags, lengths).
 FRAME_HEADER_BYTES = 512
 
@@ -197,9 +202,10 @@ class Agent:
             self._starting = None
 
     async def _start(self, connect_timeout: float | None) -> None:
-        # Ready for systemd as soon as we run: waiting for a broker that boots later is
-        # normal, and the watchdog is fed meanwhile.
-        sdnotify.ready(f"connecting to {self.settings.address}")
+        # READY=1 means "serving" (the unit's comment, docs/operations.md): it comes after
+        # the broker connect. Meanwhile the watchdog is fed and STATUS= says what we wait
+        # for, with the broker's problem once there is one.
+        sdnotify.status(f"connecting to {self.settings.address}")
         watchdog = asyncio.get_running_loop().create_task(self._feed_watchdog_while_connecting())
         try:
             await self.link.connect(timeout=connect_timeout)
@@ -213,16 +219,22 @@ class Agent:
         if len(self.spool):
             log.info("%d spooled messages from before; sending them", len(self.spool))
             self._spool_ready.set()
-        sdnotify.status(f"serving as {self.id} on {self.settings.address}")
+        sdnotify.ready(f"serving as {self.id} on {self.settings.address}")
         log.info(
             "agent %s serving on %s (prefix %s)", self.id, self.settings.address, self.topics.prefix
         )
 
     async def _feed_watchdog_while_connecting(self) -> None:
         period = sdnotify.watchdog_interval()
-        while period:
-            sdnotify.watchdog_ping()
-            await asyncio.sleep(period)
+        shown = ""
+        while True:
+            if period:
+                sdnotify.watchdog_ping()
+            problem = self.link.problem
+            if problem and problem != shown:
+                shown = problem
+                sdnotify.status(f"waiting for the broker {self.settings.address}: {problem}")
+            await asyncio.sleep(min(period or 1.0, 1.0))
 
     async def run(self) -> None:
         """Serve until :meth:`request_stop` or :meth:`stop` (SIGTERM in ``datamux serve``)."""
@@ -272,7 +284,9 @@ class Agent:
         await asyncio.gather(*self._background, return_exceptions=True)
         self.leases.close()
         offline = (self.topics.agent_state(self.id), self._state("offline"), 1, True)
-        await self.link.close(final=[offline])
+        # An empty retained message deletes the retained health: no stale readings.
+        cleared = (self.topics.agent_health(self.id), b"", 1, True)
+        await self.link.close(final=[offline, cleared])
         self.spool.close()
         log.info("agent %s stopped", self.id)
 
@@ -296,7 +310,11 @@ class Agent:
             since=self.started,
             nodes=nodes or [],
             collections=collections or [],
+            drivers=self._driver_states(),
         )
+
+    def _driver_states(self) -> list[dict[str, Any]]:
+        return [status.to_dict() for status in self.api.driver_states()]
 
     def _on_connect(self, session_present: bool) -> None:
         # After every (re)connect: the will may have said "offline" meanwhile.
@@ -672,8 +690,13 @@ class Agent:
 
     # -- health --------------------------------------------------------------------------
 
-    def health(self) -> dict[str, Any]:
-        """The health counters (also published, retained, on the health topic)."""
+    def health(self, system: Mapping[str, Any] | None = None) -> dict[str, Any]:
+        """The health message (published as JSON, retained, on the health topic).
+
+        Args:
+            system: the box's readings (:func:`.health.system_readings`); read here
+                when omitted. The health loop reads them in a thread (files in /sys).
+        """
         now, cpu = time.monotonic(), time.process_time()
         wall = now - self._cpu_mark[0]
         cpu_percent = 100.0 * (cpu - self._cpu_mark[1]) / wall if wall > 0 else 0.0
@@ -682,6 +705,7 @@ class Agent:
         return {
             "agent": self.id,
             "boot": self.boot,
+            "version": __version__,
             "time": time.time(),
             "uptime_s": time.time() - self.started,
             "tasks": len(self._tasks),
@@ -697,23 +721,49 @@ class Agent:
             "broker_disconnects": self.link.disconnects,
             "cpu_percent": round(cpu_percent, 1),
             "rss_mb": round(rss_bytes() / (1 << 20), 1),
+            "drivers": self._driver_states(),
+            "task_list": [self._task_health(t) for t in self._tasks.values()],
+            **(system if system is not None else system_readings(self.spool.directory)),
+        }
+
+    def _task_health(self, remote: RemoteTask) -> dict[str, Any]:
+        elapsed = max(time.time() - remote.started, 1e-3)
+        local = next((t for t in self.api.tasks() if t.id == remote.id), None)
+        return {
+            **self._describe(remote),
+            "stream": remote.stream_id,
+            "rate_hz": round(remote.samples / elapsed, 1),
+            "samples_dropped": local.samples_dropped if local is not None else 0,
         }
 
     async def _health_loop(self) -> None:
         watchdog = sdnotify.watchdog_interval()
         interval = min(self.health_interval_s, watchdog) if watchdog else self.health_interval_s
         next_health = 0.0
+        announced = self._driver_states()
         while True:
             sdnotify.watchdog_ping()
             # The spool syncs on its own calls only; this bounds what a power cut can take.
             self.spool.sync()
             if time.monotonic() >= next_health:
                 next_health = time.monotonic() + self.health_interval_s
-                payload = encode(self.health(), self.codec)
+                system = await asyncio.to_thread(system_readings, self.spool.directory)
+                health = self.health(system)
+                payload = encode(health, HEALTH_CODEC)
                 self.link.publish_nowait(
                     self.topics.agent_health(self.id), payload, qos=0, retain=True
                 )
+                self._announce_if_drivers_changed(announced, health["drivers"])
+                announced = health["drivers"]
             await asyncio.sleep(interval)
+
+    def _announce_if_drivers_changed(
+        self, before: list[dict[str, Any]], now: list[dict[str, Any]]
+    ) -> None:
+        """A driver that came up (or went down) shows in the retained birth message too."""
+        if [(d["name"], d["state"]) for d in before] == [(d["name"], d["state"]) for d in now]:
+            return
+        self._spawn(self._announce_nodes(), "announce")
 
 
 def _parse(message: Any, topics: Topics) -> Request:

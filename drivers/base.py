@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import abc
 from collections.abc import AsyncIterator, Mapping
+from dataclasses import asdict, dataclass
 from types import TracebackType
 from typing import Any, Self
 
@@ -21,7 +22,7 @@ import numpy as np
 from ..framing import Framing
 from ..model import Node, Stream
 
-__all__ = ["Chunk", "Driver", "Source"]
+__all__ = ["Chunk", "Driver", "DriverStatus", "Source"]
 
 Chunk = tuple[np.ndarray, np.ndarray]
 
@@ -66,6 +67,26 @@ class Source(abc.ABC):
         await self.aclose()
 
 
+@dataclass(frozen=True)
+class DriverStatus:
+    """How a driver is doing, for the birth and health messages and ``datamux status``.
+
+    ``state`` is ``"ok"`` (serving), ``"degraded"`` (serving, but part of it fails: no
+    BLE adapter, a configured serial port missing) or ``"unavailable"`` (cannot start; it
+    is retried). ``reason`` says what failed and ``fix`` what to do about it.
+    """
+
+    name: str
+    state: str = "ok"
+    reason: str = ""
+    fix: str = ""
+    since: float = 0.0  # time.time() of the last change of state, 0 if unknown
+    retry_in_s: float | None = None
+
+    def to_dict(self) -> dict[str, object]:
+        return {k: v for k, v in asdict(self).items() if v not in ("", None)}
+
+
 class Driver(abc.ABC):
     """A family of live nodes: lists them and opens their streams."""
 
@@ -83,6 +104,10 @@ class Driver(abc.ABC):
 
     async def aclose(self) -> None:  # noqa: B027 - optional hook
         """Release what the driver holds (discovery threads, an adapter...)."""
+
+    def status(self) -> DriverStatus:
+        """How the driver is doing now (cheap: called with every health message)."""
+        return DriverStatus(self.name)
 
     @abc.abstractmethod
     async def list_nodes(self) -> list[Node]:

@@ -47,7 +47,7 @@ from bleak.uuids import normalize_uuid_str
 from ..errors import ConfigError, DeviceError, DeviceLost, NotFound
 from ..framing import Framing
 from ..model import Field, Node, Stream, numpy_dtype, seconds_index
-from .base import Chunk, Driver, Source
+from .base import Chunk, Driver, DriverStatus, Source
 from .signals import check_keys, config_number, config_text
 
 try:  # bleak >= 3.0
@@ -75,6 +75,12 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
+
+# What to check when scanning fails (docs/operations.md, "Doctor").
+BLE_FIX = (
+    "check the adapter (bluetoothctl show; rfkill unblock bluetooth), that bluetoothd "
+    "runs (systemctl status bluetooth) and that the agent's user is in group bluetooth"
+)
 
 CONFIG_PATH = "drivers.ble"
 
@@ -1002,6 +1008,7 @@ class BleDriver(Driver):
         self._scanned_at: float | None = None  # monotonic start of the last finished scan
         self._scan_task: asyncio.Task[None] | None = None
         self._scan_failed = False
+        self._scan_problem = ""  # the last scan's failure, for status()
         self._known: dict[str, DeviceSpec] = {}  # every scanned device ever listed
         self._background: set[asyncio.Task[None]] = set()
         self._closed = False
@@ -1055,7 +1062,7 @@ class BleDriver(Driver):
                     found = await BleakScanner.discover(
                         timeout=self.options.listen_s, return_adv=True
                     )
-            self._scan_failed = False
+            self._scan_failed, self._scan_problem = False, ""
         except Exception as exc:  # no adapter, BlueZ not running, no permission...
             # Say it once, not at every listing; loudly only if BLE devices are configured,
             # since with drivers.enabled "auto" BLE may simply not be part of this setup.
@@ -1063,6 +1070,7 @@ class BleDriver(Driver):
             level = logging.DEBUG if self._scan_failed else loud
             log.log(level, "BLE scan failed: %s", _reason(exc))
             self._scan_failed, found = True, {}
+            self._scan_problem = f"BLE scan failed: {_reason(exc)}"
         finally:
             self._scan_task = None
         self._seen = {
@@ -1139,6 +1147,12 @@ class BleDriver(Driver):
             known = sorted([*self.options.devices, *self._known])
             raise NotFound(f"no BLE node {node_id!r}; BLE nodes: {known or 'none'}")
         return device
+
+    def status(self) -> DriverStatus:
+        # Scans repeat on every listing, so an adapter plugged in later clears this.
+        if self._scan_problem:
+            return DriverStatus(self.name, "degraded", self._scan_problem, BLE_FIX)
+        return DriverStatus(self.name)
 
     async def list_nodes(self) -> list[Node]:
         scanned = await self._scanned_devices()

@@ -43,7 +43,7 @@ except RuntimeError as exc:  # pylsl is installed but cannot find liblsl
 from ..errors import DatamuxError, DeviceError, DeviceLost, NotFound
 from ..framing import Framing
 from ..model import Field, Node, Stream, numpy_dtype, seconds_index
-from .base import Chunk, Driver, Source
+from .base import Chunk, Driver, DriverStatus, Source
 from .signals import check_keys, config_number
 
 __all__ = [
@@ -322,6 +322,7 @@ class LslDriver(Driver):
         self._lock = threading.Lock()  # _suspect is written by reader threads
         self._readers: set[_InletReader] = set()
         self._closed = False  # after aclose: no discovery, no new sources
+        self._problem = ""  # why discovery does not run, for status()
 
     @classmethod
     def from_config(cls, options: Mapping[str, Any], *, recordings: Any = None) -> LslDriver:
@@ -331,6 +332,12 @@ class LslDriver(Driver):
             ConfigError: an unknown key or a bad value (the message names the key).
         """
         return cls(LslOptions.parse(options))
+
+    def status(self) -> DriverStatus:
+        if self._problem:
+            fix = "check that a network interface with multicast is up"
+            return DriverStatus(self.name, "degraded", self._problem, fix)
+        return DriverStatus(self.name)
 
     async def aclose(self) -> None:
         """Stop the resolver and every reader thread still running.
@@ -357,8 +364,11 @@ class LslDriver(Driver):
             try:
                 self._resolver = pylsl.ContinuousResolver(forget_after=self.options.forget_after_s)
             except RuntimeError as exc:  # no usable network: no LSL nodes, no failure
-                log.warning("LSL discovery unavailable: %s", exc)
+                if not self._problem:
+                    log.warning("LSL discovery unavailable: %s", exc)
+                self._problem = f"LSL discovery unavailable: {exc}"
                 return
+            self._problem = ""
             self._ready_at = loop.time() + self.options.wait_s
         delay = self._ready_at - loop.time()
         if delay > 0:  # the first multicast answers take a moment to arrive

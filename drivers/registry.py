@@ -10,12 +10,18 @@ listed below; a third-party package adds one with an entry point in the group
 
 Modules are imported only when their driver is used, so optional packages (pylsl,
 pyserial, bleak) stay optional: with ``drivers.enabled = "auto"`` a driver whose package is
-missing is skipped; named explicitly, it is an error that says what to install.
+not installed is skipped. A driver that cannot start although it is wanted (named in
+``drivers.enabled``, or installed but broken, like pylsl without a loadable liblsl) never
+stops the agent: it logs one WARNING with the cause and the fix, is reported as
+``unavailable`` (:class:`~.pending.PendingDriver`) and retried with backoff, while every
+other driver serves. Only an unknown name or a bad option is a config error.
 """
 
 from __future__ import annotations
 
+import importlib
 import logging
+import platform
 from collections.abc import Mapping
 from importlib import import_module
 from importlib.metadata import entry_points
@@ -23,8 +29,17 @@ from typing import Any
 
 from ..errors import ConfigError
 from .base import Driver
+from .pending import PendingDriver
 
-__all__ = ["BUILTIN", "ENTRY_POINT_GROUP", "available", "create_drivers", "load_driver"]
+__all__ = [
+    "BUILTIN",
+    "ENTRY_POINT_GROUP",
+    "DriverLoadError",
+    "available",
+    "create_drivers",
+    "liblsl_fix",
+    "load_driver",
+]
 
 log = logging.getLogger(__name__)
 
@@ -37,6 +52,32 @@ BUILTIN: dict[str, tuple[str, str]] = {
     "serial": ("streaminghub_datamux.drivers.serialport:SerialDriver", "serial"),
     "ble": ("streaminghub_datamux.drivers.ble:BleDriver", "ble"),
 }
+
+
+class DriverLoadError(ConfigError):
+    """A known driver whose module, or a package or library it needs, does not load.
+
+    ``installed`` is True when the driver's packages are there but broken (pylsl that
+    finds no liblsl): worth a warning even with ``drivers.enabled = "auto"``.
+    """
+
+    def __init__(self, name: str, reason: str, fix: str, *, installed: bool) -> None:
+        super().__init__(f"driver {name!r} cannot load: {reason}", key="drivers.enabled", fix=fix)
+        self.name, self.reason, self.installed = name, reason, installed
+
+
+def liblsl_fix(machine: str | None = None) -> str:
+    """How to get a liblsl that loads on this machine (pylsl's Linux ARM wheels lack one)."""
+    machine = machine or platform.machine()
+    arch = {"aarch64": "arm64", "arm64": "arm64", "armv7l": "armhf", "armv6l": "armhf"}.get(machine)
+    package = (
+        f"install the liblsl release package for {arch} (liblsl-*-{arch}.deb from "
+        "github.com/sccn/liblsl/releases: sudo apt install ./liblsl-*.deb)"
+        if arch
+        else "install liblsl (a release package from github.com/sccn/liblsl/releases, "
+        "or conda install -c conda-forge liblsl)"
+    )
+    return f"{package}, or set PYLSL_LIB to the full path of a liblsl.so built for {machine}"
 
 
 def available() -> dict[str, str]:
@@ -64,13 +105,7 @@ def load_driver(name: str) -> type[Driver]:
     try:
         driver_class = getattr(import_module(module_name), class_name)
     except ImportError as exc:
-        extra = BUILTIN.get(name, ("", ""))[1]
-        fix = f"pip install 'streaminghub-datamux[{extra}]'" if extra else "install it"
-        raise ConfigError(
-            f"driver {name!r} needs a package that is missing: {exc.name or exc}",
-            key="drivers.enabled",
-            fix=fix,
-        ) from exc
+        raise _load_error(name, exc) from exc
     if not (isinstance(driver_class, type) and issubclass(driver_class, Driver)):
         raise ConfigError(
             f"{targets[name]} is not a Driver subclass",
@@ -80,26 +115,67 @@ def load_driver(name: str) -> type[Driver]:
     return driver_class
 
 
+def _load_error(name: str, exc: ImportError) -> DriverLoadError:
+    if exc.name == "liblsl":  # drivers/lsl.py: pylsl is installed, its liblsl does not load
+        # pylsl's own text goes on with advice for conda users; its first line is the cause.
+        cause = exc.__cause__ if exc.__cause__ is not None else exc
+        reason = str(cause).strip().splitlines()[0] if str(cause).strip() else "no liblsl"
+        return DriverLoadError(
+            name, f"pylsl cannot load liblsl: {reason}", liblsl_fix(), installed=True
+        )
+    extra = BUILTIN.get(name, ("", ""))[1]
+    fix = f"pip install 'streaminghub-datamux[{extra}]'" if extra else "install it"
+    missing = exc.name or str(exc)
+    # A package that imports but fails inside (a broken install) is not simply "missing".
+    installed = not isinstance(exc, ModuleNotFoundError)
+    reason = f"a package it needs is missing: {missing}" if not installed else str(exc)
+    return DriverLoadError(name, reason, fix, installed=installed)
+
+
+def _build(name: str, options: Mapping[str, Any], recordings: Any) -> Driver:
+    """Import and configure one driver; a retry after a failed import looks afresh."""
+    importlib.invalidate_caches()  # a package installed since the last try is found
+    return load_driver(name).from_config(options, recordings=recordings)
+
+
 def create_drivers(
     enabled: str, options: Mapping[str, Any], *, recordings: Any = None
 ) -> list[Driver]:
     """Instantiate the drivers named in ``enabled`` ("auto" or "sim,lsl,...").
 
+    A driver that is wanted but cannot load becomes a :class:`PendingDriver`: it warns
+    once, reports itself ``unavailable`` and retries with backoff.
+
     Args:
         enabled: ``"auto"`` (every driver whose packages are installed) or a comma list.
         options: the ``drivers`` config section: driver name -> its options.
         recordings: what guided simulation replays from (the local API).
+
+    Raises:
+        ConfigError: an unknown driver name, or bad driver options.
     """
     explicit = enabled.strip().lower() != "auto"
     names = [n.strip() for n in enabled.split(",") if n.strip()] if explicit else list(available())
+    known = available()
     drivers: list[Driver] = []
     for name in dict.fromkeys(names):
+        if name not in known:
+            load_driver(name)  # raises the ConfigError that lists the known names
+        driver_options = options.get(name) or {}
         try:
             driver_class = load_driver(name)
-        except ConfigError as exc:
-            if explicit:
-                raise
-            log.debug("driver %s skipped: %s", name, exc)
+        except DriverLoadError as exc:
+            if not (explicit or exc.installed):
+                log.debug("driver %s skipped: %s", name, exc)
+                continue
+            drivers.append(
+                PendingDriver(
+                    name,
+                    lambda n=name, o=driver_options: _build(n, o, recordings),
+                    exc.reason,
+                    exc.fix,
+                )
+            )
             continue
-        drivers.append(driver_class.from_config(options.get(name) or {}, recordings=recordings))
+        drivers.append(driver_class.from_config(driver_options, recordings=recordings))
     return drivers

@@ -43,7 +43,7 @@ from serial.tools import list_ports
 from ..errors import ConfigError, DeviceError, DeviceLost, NotFound
 from ..framing import Framing
 from ..model import Field, Node, Stream, dtype_name, numpy_dtype, seconds_index
-from .base import Chunk, Driver, Source
+from .base import Chunk, Driver, DriverStatus, Source
 from .serialframes import (
     FormatSpec,
     ParseStats,
@@ -677,6 +677,18 @@ class SerialDriver(Driver):
         """From the ``drivers.serial`` section: ``{"devices": {...}, "list_ports": true}``."""
         devices, list_ports_flag = parse_options(options)
         return cls(devices, list_ports=list_ports_flag)
+
+    def status(self) -> DriverStatus:
+        # Device files only; URLs (socket://, rfc2217://) are checked when opened.
+        missing = sorted(
+            spec.port
+            for spec in self.devices.values()
+            if not _URL.match(spec.port) and not os.path.exists(spec.port)
+        )
+        if missing:
+            fix = "plug the device in (its reader retries), or fix the port in drivers.serial"
+            return DriverStatus(self.name, "degraded", f"missing ports: {', '.join(missing)}", fix)
+        return DriverStatus(self.name)
 
     def stats(self, node_id: str) -> ParseStats:
         """The bad-input counters of one configured device (kept across reopens)."""

@@ -17,7 +17,7 @@ from typing import Any, Self
 
 from .catalog import Catalog
 from .config import Config, load_config
-from .drivers.base import Driver, Source
+from .drivers.base import Driver, DriverStatus, Source
 from .drivers.registry import create_drivers
 from .drivers.replay import ReplaySource, open_reader
 from .errors import InvalidRequest, NotFound
@@ -199,6 +199,10 @@ class API:
         for driver in self._drivers:
             nodes.extend(await driver.list_nodes())
         return nodes
+
+    def driver_states(self) -> list[DriverStatus]:
+        """How each live driver is doing (``unavailable`` ones are retried in the background)."""
+        return [driver.status() for driver in self._drivers]
 
     async def _driver_of(self, node_id: str) -> Driver:
         _check_id(node_id, "node_id")

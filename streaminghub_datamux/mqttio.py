@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import logging
 import socket
 import ssl
@@ -25,7 +26,15 @@ from paho.mqtt.reasoncodes import ReasonCode
 from .config import Config
 from .errors import ConfigError, InvalidRequest, Unavailable
 
-__all__ = ["BrokerSettings", "Incoming", "MqttLink", "Will"]
+__all__ = [
+    "BrokerSettings",
+    "Incoming",
+    "MqttLink",
+    "Will",
+    "classify_connection_error",
+    "describe_refusal",
+    "diagnose_broker",
+]
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +52,16 @@ SESSION_EXPIRY_S = 120
 PROTOCOL_PROBE_S = 2.0
 TIMED_OUT = "timed out"
 _UNSUPPORTED_PROTOCOL = (1, 132)  # MQTT 3.1.1 and MQTT 5 reason codes
+_NOT_AUTHORISED = (134, 135, 138)  # bad user name or password, not authorized, banned
+# While the broker cannot be reached: a first look after FIRST_LOOK_S (a definite cause
+# is reported then), the first WARNING about silence after FIRST_REPORT_S (longer than
+# the MQTT 5 probe, which a 3.1.1-only broker lets run out), then one at each step.
+FIRST_LOOK_S = 0.5
+FIRST_REPORT_S = 2.5
+REPORT_STEPS_S = (5.0, 10.0, 20.0, 40.0, 60.0)
+DIAGNOSE_TIMEOUT_S = 3.0
+# Causes that waiting does not cure; a client with a timeout fails on them at once.
+DEFINITE_CAUSES = ("unknown host", "connection refused", "TLS", "not authorised")
 
 
 @dataclass(frozen=True)
@@ -94,6 +113,82 @@ class BrokerSettings:
     @property
     def address(self) -> str:
         return f"{self.host}:{self.port}"
+
+
+def classify_connection_error(exc: BaseException, settings: BrokerSettings) -> str:
+    """Why a connection to the broker failed, in words an operator can act on.
+
+    The text starts with the cause (``unknown host``, ``connection refused``,
+    ``no answer``, ``network unreachable``, ``TLS``), then says what to check.
+    """
+    address = settings.address
+    if isinstance(exc, socket.gaierror):
+        return (
+            f"unknown host {settings.host!r} ({exc.strerror or exc}): check broker.host "
+            "and the box's DNS"
+        )
+    if isinstance(exc, ssl.SSLCertVerificationError):
+        return (
+            f"TLS certificate not trusted ({exc.verify_message or exc}): broker.tls.ca_file "
+            f"must hold the CA that signed {address}'s certificate, for that host name"
+        )
+    if isinstance(exc, ssl.SSLError | ConnectionResetError) and (
+        settings.ca_file or settings.cert_file
+    ):
+        return (
+            f"TLS handshake with {address} failed ({exc}): is that port a TLS listener, "
+            "and do broker.tls.* match it?"
+        )
+    if isinstance(exc, ConnectionRefusedError):
+        return (
+            f"connection refused by {address}: no broker listens there (is it running, "
+            "and is broker.port right?)"
+        )
+    if isinstance(exc, TimeoutError | socket.timeout):
+        return (
+            f"no answer from {address}: a firewall, a wrong address, or the network or "
+            "the broker's host is down"
+        )
+    if isinstance(exc, OSError) and exc.errno in (errno.ENETUNREACH, errno.EHOSTUNREACH):
+        return f"network unreachable for {address} ({exc.strerror}): is the network up?"
+    return f"cannot connect to {address}: {exc}"
+
+
+def describe_refusal(code: ReasonCode) -> str:
+    """The broker answered and said no: the reason code in words, with the fix."""
+    if code.value in _NOT_AUTHORISED:
+        return (
+            f"not authorised ({code}): check broker.username and broker.password, and "
+            "the broker's ACL for this client id"
+        )
+    return f"refused ({code})"
+
+
+def diagnose_broker(settings: BrokerSettings, timeout: float = DIAGNOSE_TIMEOUT_S) -> str | None:
+    """Try what paho does (resolve, TCP, TLS handshake) and say what fails; None if none.
+
+    Blocking; run it in a thread. Only called while a connect is overdue, so it costs a
+    healthy broker nothing.
+    """
+    try:
+        infos = socket.getaddrinfo(settings.host, settings.port, type=socket.SOCK_STREAM)
+        family, kind, proto, _, address = infos[0]
+        with socket.socket(family, kind, proto) as sock:
+            sock.settimeout(timeout)
+            sock.connect(address)
+            if settings.ca_file or settings.cert_file:
+                context = ssl.create_default_context(cafile=settings.ca_file)
+                if settings.cert_file:
+                    context.load_cert_chain(settings.cert_file, settings.key_file)
+                with context.wrap_socket(sock, server_hostname=settings.host):
+                    pass
+    except (OSError, ValueError) as exc:
+        return classify_connection_error(exc, settings)
+    return None
+
+
+def _is_definite(problem: str) -> bool:
+    return problem.startswith(DEFINITE_CAUSES)
 
 
 @dataclass(frozen=True)
@@ -158,6 +253,10 @@ class MqttLink:
         self._connected = asyncio.Event()
         self._closing = False
         self._first: asyncio.Future[str | None] | None = None  # outcome of the first connect
+        self._reporter: asyncio.Task[None] | None = None  # says why, while not connected
+        self._definite = ""  # a cause a client with a timeout fails on at once
+        #: Why the broker cannot be reached now ("" when connected or not yet known).
+        self.problem = ""
         self.protocol: int = mqtt.MQTTv5
         self.disconnects = 0
         # The largest packet the broker accepts, when it says (MQTT 5 CONNACK).
@@ -182,11 +281,15 @@ class MqttLink:
             self.settings.protocol, [mqtt.MQTTv5, mqtt.MQTTv311]
         )
         deadline = None if timeout is None else loop.time() + timeout
+        self._definite = ""
+        self._start_reporting(fail_fast=deadline is not None)
         try:
             await self._connect_loop(versions, deadline)
         except asyncio.CancelledError:
             await self._stop_client()
             raise
+        finally:
+            self._stop_reporting()
 
     async def _connect_loop(self, versions: list[int], deadline: float | None) -> None:
         loop = asyncio.get_running_loop()
@@ -205,11 +308,12 @@ class MqttLink:
                 silent = problem.startswith(TIMED_OUT)
                 if problem == "protocol" or (probing and silent and await self._tcp_open()):
                     continue  # the broker is there but not for this version: the next one
-                if not silent:  # the broker answered, and said no (a password, say)
+                if not silent:  # the broker said no (a password), or a definite cause
                     raise Unavailable(f"MQTT broker {self.settings.address}: {problem}")
                 break
             if deadline is not None and loop.time() >= deadline:
-                raise Unavailable(f"no MQTT broker answered at {self.settings.address}: {problem}")
+                why = self.problem or problem
+                raise Unavailable(f"no MQTT broker answered at {self.settings.address}: {why}")
             log.debug("broker %s: %s; trying again", self.settings.address, problem)
 
     async def _attempt(self, version: int, timeout: float | None) -> str | None:
@@ -245,12 +349,65 @@ class MqttLink:
     async def _first_outcome(self, timeout: float | None) -> str | None:
         """None once connected; else why not ("protocol" if the broker refused the version)."""
         assert self._loop is not None
+        if self._definite:
+            return self._definite
         self._first = self._loop.create_future()
         try:
             async with asyncio.timeout(timeout):
                 return await self._first
         except TimeoutError:
             return f"{TIMED_OUT} (is the broker running, and is host:port right?)"
+
+    def _start_reporting(self, fail_fast: bool) -> None:
+        if self._reporter is None or self._reporter.done():
+            loop = asyncio.get_running_loop()
+            self._reporter = loop.create_task(self._report_until_connected(fail_fast))
+
+    def _stop_reporting(self) -> None:
+        if self._reporter is not None:
+            self._reporter.cancel()
+            self._reporter = None
+
+    async def _report_until_connected(self, fail_fast: bool) -> None:
+        """While not connected: find out why, and say so (WARNING) at each backoff step.
+
+        paho retries in its own thread without telling why; this probes the way it
+        connects (DNS, TCP, TLS) so the log, ``self.problem`` (the agent's systemd
+        STATUS=) and a client's error name the cause instead of "timed out".
+        """
+        loop = asyncio.get_running_loop()
+        began = loop.time()
+        steps = iter(REPORT_STEPS_S)
+        wait = FIRST_LOOK_S
+        while True:
+            await asyncio.sleep(wait)
+            if self.connected or self._closing:
+                return
+            found = await asyncio.to_thread(diagnose_broker, self.settings)
+            if self.connected or self._closing:
+                return
+            problem = found or (
+                f"{self.settings.address} accepts TCP but sends no MQTT CONNACK (is it an "
+                "MQTT broker, and the right protocol? broker.protocol)"
+            )
+            elapsed = loop.time() - began
+            if not _is_definite(problem) and elapsed < FIRST_REPORT_S:
+                wait = FIRST_REPORT_S - elapsed  # maybe just slow: look again before saying
+                continue
+            self.problem = problem
+            if fail_fast and _is_definite(problem):
+                self._definite = problem
+                if self._first is not None and not self._first.done():
+                    self._first.set_result(problem)
+                return
+            wait = next(steps, REPORT_STEPS_S[-1])
+            log.warning(
+                "MQTT broker %s: %s; still trying (for %.0f s), next report in %g s",
+                self.settings.address,
+                problem,
+                elapsed,
+                wait,
+            )
 
     def _connect_kwargs(self, version: int) -> dict[str, Any]:
         if version != mqtt.MQTTv5:
@@ -321,6 +478,8 @@ class MqttLink:
         await self._stop_client(disconnect=True)
 
     async def _stop_client(self, disconnect: bool = False) -> None:
+        if self._closing:
+            self._stop_reporting()
         client, self._client = self._client, None
         if client is None:
             return
@@ -491,13 +650,16 @@ class MqttLink:
         self.max_packet_size = int(limit) if limit else None
         first = self._first
         if code.is_failure:
-            problem = "protocol" if code.value in _UNSUPPORTED_PROTOCOL else str(code)
+            problem = "protocol" if code.value in _UNSUPPORTED_PROTOCOL else describe_refusal(code)
+            if problem != "protocol":
+                self.problem = problem
             if first is not None and not first.done():
                 first.set_result(problem)
             else:
-                log.warning("broker %s refused the connection: %s", self.settings.address, code)
+                log.warning("broker %s: %s", self.settings.address, problem)
             return
         self._connected.set()
+        self.problem = ""
         log.info(
             "connected to %s (MQTT %s, session %s)",
             self.settings.address,
@@ -535,6 +697,7 @@ class MqttLink:
         if was_connected and not self._closing:
             self.disconnects += 1
             log.warning("lost the broker %s (%s); reconnecting", self.settings.address, reason)
+            self._start_reporting(fail_fast=False)
             if self._on_disconnect is not None:
                 self._on_disconnect(reason)
 
