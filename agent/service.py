@@ -20,7 +20,6 @@ import logging
 import os
 import resource
 import secrets
-import socket
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -31,6 +30,7 @@ from .. import __version__
 from ..api import API
 from ..codec import CODECS, codec_of, decode, encode, encode_frame
 from ..config import Config
+from ..dirs import state_dir as default_state_dir
 from ..errors import (
     ConfigError,
     DatamuxError,
@@ -40,6 +40,7 @@ from ..errors import (
     Unavailable,
 )
 from ..framing import Framing
+from ..host import default_agent_id
 from ..model import Frame, Stream, StreamError, StreamStatus
 from ..mqttio import BrokerSettings, Incoming, MqttLink, Will
 from ..protocol import (
@@ -76,21 +77,6 @@ CTRL_QOS = 1  # end, error and status messages are never dropped
 HEALTH_CODEC = "json"
 # Room for a frame's fields other than its arrays (task id, seq, dtype, tags, lengths).
 FRAME_HEADER_BYTES = 512
-
-
-def default_agent_id() -> str:
-    """The host name, trimmed to what an id may contain."""
-    name = socket.gethostname().split(".")[0]
-    cleaned = "".join(c if c.isalnum() or c in "_-" else "-" for c in name).strip("-.")
-    return cleaned[:64] or "agent"
-
-
-def default_state_dir() -> Path:
-    """systemd's StateDirectory when it set one, else the XDG state folder."""
-    if os.environ.get("STATE_DIRECTORY"):
-        return Path(os.environ["STATE_DIRECTORY"].split(":")[0])
-    base = os.environ.get("XDG_STATE_HOME") or str(Path.home() / ".local" / "state")
-    return Path(base) / "streaminghub"
 
 
 @dataclass

@@ -25,8 +25,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from . import dirs
 from .errors import ConfigError
 from .framing import PRESETS
+from .host import default_agent_id
 
 __all__ = [
     "ENV_PREFIX",
@@ -47,7 +49,7 @@ Kind = Literal["path", "str", "int", "float", "bool", "dict"]
 
 ENV_PREFIX = "STREAMINGHUB_"
 RC_NAME = ".streaminghubrc"
-SYSTEM_RC = Path("/etc/streaminghub/streaminghubrc")
+SYSTEM_RC = Path("/etc/streaminghub/streaminghubrc")  # or in $CONFIGURATION_DIRECTORY
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 
 
@@ -229,7 +231,7 @@ _KEYS = (
         "agent.state_dir",
         "path",
         None,
-        "Agent state (the spool); empty means $STATE_DIRECTORY or ~/.local/state/streaminghub.",
+        "Agent state (the spool); empty means $STATE_DIRECTORY or the user state folder.",
         optional=True,
         example="/var/lib/streaminghub",
     ),
@@ -386,7 +388,8 @@ def load_config(
         env: Environment; defaults to ``os.environ``.
         cwd: Folder searched for a project rc; defaults to the current directory.
         home: Home folder for ``~``, ``$HOME`` and the user rc; defaults to ``Path.home()``.
-        system_rc: Fleet-wide rc; defaults to ``/etc/streaminghub/streaminghubrc``.
+        system_rc: Fleet-wide rc; defaults to ``streaminghubrc`` in
+            ``$CONFIGURATION_DIRECTORY`` (systemd) or ``/etc/streaminghub``.
 
     Returns:
         The merged :class:`Config`.
@@ -397,7 +400,9 @@ def load_config(
     env = os.environ if env is None else env
     home = Path.home() if home is None else Path(home)
     cwd = Path.cwd() if cwd is None else Path(cwd)
-    system_rc = SYSTEM_RC if system_rc is None else Path(system_rc)
+    if system_rc is None:
+        system_rc = dirs.system_rc(env) if "CONFIGURATION_DIRECTORY" in env else SYSTEM_RC
+    system_rc = Path(system_rc)
 
     values: dict[str, Any] = {}
     sources: dict[str, str] = {}
@@ -694,9 +699,22 @@ def describe(config: Config) -> list[tuple[str, str, str]]:
     """
     rows = []
     for name, key in SCHEMA.items():
-        value = config.values.get(name)
-        rows.append((name, _show(value, key.secret), config.sources.get(name, "default")))
+        value, source = config.values.get(name), config.sources.get(name, "default")
+        if source == "default" and name in _IN_USE:
+            value, source = _IN_USE[name]()
+        rows.append((name, _show(value, key.secret), source))
     return rows
+
+
+def _agent_id_in_use() -> tuple[Any, str]:
+    return default_agent_id(), "default (host name)"
+
+
+# Keys whose empty default stands for a value found at run time: shown as that value.
+_IN_USE: dict[str, Callable[[], tuple[Any, str]]] = {
+    "agent.id": _agent_id_in_use,
+    "agent.state_dir": dirs.describe_state_dir,
+}
 
 
 def _show(value: Any, secret: bool) -> str:

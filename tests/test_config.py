@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +22,7 @@ from streaminghub_datamux.config import (
 )
 from streaminghub_datamux.errors import ConfigError
 from streaminghub_datamux.framing import Framing
+from streaminghub_datamux.host import default_agent_id
 
 DOCS = Path(__file__).resolve().parents[1] / "docs" / "config.md"
 
@@ -424,7 +426,7 @@ def test_config_command_shows_each_values_source(box, capsys, monkeypatch):
     assert lines["framing.max_samples"].endswith("(env STREAMINGHUB_FRAMING__MAX_SAMPLES)")
     assert lines["log_level"].endswith("(default)")
     assert '{"node-0": {"streams": {}}' in lines["simulate.nodes"]
-    assert "...  (" in lines["simulate.nodes"]  # cut, and the source still shows
+    assert re.search(r"\.\.\.\s+\(/", lines["simulate.nodes"])  # cut; the source still shows
     long_path = "/a/very/long/path/that/nobody/wants/to/see/cut/in/the/middle/data"
     assert run(["config"], config_flags={"data_dir": long_path}) == 0
     assert f"= {long_path}  " in capsys.readouterr().out  # paths are never cut
@@ -476,3 +478,31 @@ def test_docs_list_every_key_and_its_env_var():
     for key in SCHEMA:
         assert f"`{key}`" in text, f"docs/config.md does not document {key}"
         assert env_name(key) in text, f"docs/config.md does not name {env_name(key)}"
+
+
+def test_config_shows_the_agent_id_and_state_dir_in_use(box, capsys, monkeypatch):
+    # Empty defaults stand for values found at run time: show those, and where from.
+    monkeypatch.delenv("STATE_DIRECTORY", raising=False)
+    monkeypatch.setenv("XDG_STATE_HOME", str(box["home"] / "xdg-state"))
+    assert run(["config"]) == 0
+    lines = {line.split()[0]: line for line in capsys.readouterr().out.splitlines()}
+    assert f"= {default_agent_id()} " in lines["agent.id"]
+    assert lines["agent.id"].endswith("(default (host name))")
+    state = box["home"] / "xdg-state" / "streaminghub"
+    assert f"= {state} " in lines["agent.state_dir"]
+    assert "platformdirs" in lines["agent.state_dir"]
+    monkeypatch.setenv("STATE_DIRECTORY", "/var/lib/streaminghub:/var/lib/other")
+    assert run(["config"]) == 0
+    lines = {line.split()[0]: line for line in capsys.readouterr().out.splitlines()}
+    assert "= /var/lib/streaminghub " in lines["agent.state_dir"]
+    assert lines["agent.state_dir"].endswith("(default ($STATE_DIRECTORY))")
+
+
+def test_configuration_directory_holds_the_system_rc(tmp_path, monkeypatch):
+    # Under systemd, ConfigurationDirectory= names the folder of the fleet rc.
+    folder = tmp_path / "etc-streaminghub"
+    folder.mkdir()
+    rc = write(folder / "streaminghubrc", {"agent": {"id": "pi-lab1"}})
+    config = load_config(env={"CONFIGURATION_DIRECTORY": str(folder)}, cwd=tmp_path, home=tmp_path)
+    assert config.get("agent.id") == "pi-lab1"
+    assert config.sources["agent.id"] == str(rc)

@@ -1,6 +1,7 @@
 """The ``datamux`` command line (also ``python -m streaminghub_datamux``).
 
-Exit codes: 0 success, 1 a task or request failed, 2 bad usage or config, 130 interrupted.
+Exit codes: 0 success, 1 a task or request failed, 2 bad usage or config (the systemd
+unit's RestartPreventExitStatus: no restart fixes it), 130 interrupted.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from .. import __version__
 from ..config import load_config
 from ..errors import ConfigError, DatamuxError
 from . import serve_cmd, setup_cmds, simulate_cmd, stream_cmds
+from .logs import configure_logging
 
 __all__ = ["build_parser", "main"]
 
@@ -81,10 +83,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     verbosity = getattr(args, "verbose", 0)
-    logging.basicConfig(
-        level=logging.WARNING - 10 * min(verbosity, 2),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
+    configure_logging(logging.WARNING - 10 * min(verbosity, 2))
     args.config_flags = {
         key: getattr(args, f"g_{key}")
         for key in ("data_dir", "meta_dir")

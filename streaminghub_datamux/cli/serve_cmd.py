@@ -14,6 +14,7 @@ import time
 from typing import Any
 
 from ..config import Config, load_config
+from ..dirs import cache_dir
 from ..errors import ConfigError, Unavailable
 
 __all__ = ["register"]
@@ -133,7 +134,7 @@ async def _demo(args: argparse.Namespace) -> int:
 
     config = _config(args)
     host, port = config.get("broker.host"), config.get("broker.port")
-    state_dir = os.path.join(os.path.expanduser("~"), ".cache", "streaminghub-demo")
+    state_dir = str(cache_dir() / "demo")  # a throwaway spool; platformdirs' cache folder
     command = [
         sys.executable,
         "-m",
