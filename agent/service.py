@@ -269,7 +269,13 @@ class Agent:
             job.cancel()
         await asyncio.gather(*self._background, return_exceptions=True)
         self.leases.close()
-        offline = (self.topics.agent_state(self.id), self._state("offline"), 1, True)
+        # `since`: when it went offline (the will, made at start, cannot know).
+        offline = (
+            self.topics.agent_state(self.id),
+            self._state("offline", since=time.time()),
+            1,
+            True,
+        )
         # An empty retained message deletes the retained health: no stale readings.
         cleared = (self.topics.agent_health(self.id), b"", 1, True)
         await self.link.close(final=[offline, cleared])
