@@ -57,6 +57,9 @@ def notify(message: str) -> bool:
         return False
     try:
         with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
+            # Never block the event loop: a receiver that does not read (its queue holds
+            # about 10 datagrams) costs one notification, not the agent.
+            sock.setblocking(False)
             # A datagram is sent whole or not at all; no partial writes to handle.
             sock.sendto(message.encode("utf-8"), address)
     except OSError as exc:

@@ -734,7 +734,8 @@ class Agent:
         next_health = 0.0
         announced = self._driver_states()
         while True:
-            sdnotify.watchdog_ping()
+            if watchdog:
+                sdnotify.watchdog_ping()
             # The spool syncs on its own calls only; this bounds what a power cut can take.
             self.spool.sync()
             if time.monotonic() >= next_health:

@@ -180,8 +180,11 @@ def diagnose_broker(settings: BrokerSettings, timeout: float = DIAGNOSE_TIMEOUT_
                 context = ssl.create_default_context(cafile=settings.ca_file)
                 if settings.cert_file:
                     context.load_cert_chain(settings.cert_file, settings.key_file)
-                with context.wrap_socket(sock, server_hostname=settings.host):
-                    pass
+                tls = context.wrap_socket(
+                    sock, server_hostname=settings.host, do_handshake_on_connect=False
+                )
+                with tls:  # closed on a failed handshake too
+                    tls.do_handshake()
     except (OSError, ValueError) as exc:
         return classify_connection_error(exc, settings)
     return None

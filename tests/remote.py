@@ -124,7 +124,12 @@ class AgentProcess:
     """``datamux serve`` in its own process, stopped by its own pid."""
 
     def __init__(
-        self, broker: Mosquitto, workdir: Path, agent_id: str = AGENT_ID, *extra: str
+        self,
+        broker: Mosquitto,
+        workdir: Path,
+        agent_id: str = AGENT_ID,
+        *extra: str,
+        env: dict[str, str] | None = None,
     ) -> None:
         self.log_path = workdir / f"agent-{agent_id}.log"
         self.command = [
@@ -151,11 +156,12 @@ class AgentProcess:
             str(workdir / "meta"),
             *extra,
         ]
-        env = {k: v for k, v in os.environ.items() if not k.startswith("STREAMINGHUB_")}
-        env["HOME"] = str(workdir)  # no user rc file leaks in
+        environ = {k: v for k, v in os.environ.items() if not k.startswith("STREAMINGHUB_")}
+        environ["HOME"] = str(workdir)  # no user rc file leaks in
+        environ.update(env or {})
         with self.log_path.open("ab") as log:
             self.process = subprocess.Popen(
-                self.command, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=workdir
+                self.command, stdout=log, stderr=subprocess.STDOUT, env=environ, cwd=workdir
             )
 
     def log(self) -> str:

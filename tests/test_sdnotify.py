@@ -151,3 +151,11 @@ def test_malformed_watchdog_variables(monkeypatch: pytest.MonkeyPatch, usec: str
     monkeypatch.setenv("WATCHDOG_USEC", usec)
     monkeypatch.setenv("WATCHDOG_PID", pid)
     assert sdnotify.watchdog_interval() is None
+
+
+def test_a_receiver_that_does_not_read_never_blocks_the_sender(path_socket: socket.socket) -> None:
+    # The kernel queues about 10 datagrams per AF_UNIX socket; a blocking send would
+    # then stall the agent's event loop. Past the queue, notifications are dropped.
+    results = [sdnotify.watchdog_ping() for _ in range(200)]
+    assert results[0] is True
+    assert results[-1] is False
