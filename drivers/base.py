@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import abc
 from collections.abc import AsyncIterator, Mapping
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from types import TracebackType
 from typing import Any, Self
 
@@ -84,7 +84,17 @@ class DriverStatus:
     retry_in_s: float | None = None
 
     def to_dict(self) -> dict[str, object]:
-        return {k: v for k, v in asdict(self).items() if v not in ("", None)}
+        """What is known, for JSON: an ``ok`` driver is just its name and state."""
+        out: dict[str, object] = {"name": self.name, "state": self.state}
+        if self.reason:
+            out["reason"] = self.reason
+        if self.fix:
+            out["fix"] = self.fix
+        if self.since:
+            out["since"] = self.since
+        if self.retry_in_s is not None:
+            out["retry_in_s"] = self.retry_in_s
+        return out
 
 
 class Driver(abc.ABC):

@@ -387,15 +387,23 @@ def test_birth_and_health_messages(workspace, mosquitto, tmp_path):
         peer.close()
     by_topic: dict[str, list] = {}
     for message in peer.messages:
-        by_topic.setdefault(message.topic, []).append(json.loads(message.payload))
+        # An empty payload deletes a retained message (the health, at a clean shutdown).
+        decoded = json.loads(message.payload) if message.payload else None
+        by_topic.setdefault(message.topic, []).append(decoded)
     states = by_topic[TOPICS.agent_state(AGENT_ID)]
     birth = next(s for s in states if s["nodes"])
     assert birth["state"] == "online" and birth["protocol"] == 1 and birth["agent"] == AGENT_ID
     assert birth["nodes"] == ["demo"] and birth["collections"] == ["study"]
-    assert states[-1] == {"state": "offline", "agent": AGENT_ID, "boot": birth["boot"]}
-    health = by_topic[TOPICS.agent_health(AGENT_ID)][-1]
+    assert birth["drivers"] == [{"name": "sim", "state": "ok"}]
+    offline = states[-1]
+    assert offline.pop("since") >= birth["since"]
+    assert offline == {"state": "offline", "agent": AGENT_ID, "boot": birth["boot"]}
+    *healths, cleared = by_topic[TOPICS.agent_health(AGENT_ID)]
+    assert cleared is None  # a clean shutdown leaves no stale health retained
+    health = healths[-1]
     assert health["tasks"] == 0 and health["spool_messages"] == 0
     assert 1 < health["rss_mb"] < 1000 and health["cpu_percent"] >= 0
+    assert health["drivers"] == [{"name": "sim", "state": "ok"}] and health["task_list"] == []
 
 
 def test_what_was_spooled_survives_an_agent_restart(workspace, mosquitto, tmp_path):
