@@ -935,3 +935,21 @@ def test_a_source_whose_link_forgot_it_notices_at_the_liveness_check(workspace, 
             assert statuses(items) == ["disconnected", "reconnected"]
 
     run(body())
+
+
+def test_a_missing_adapter_degrades_the_driver_until_it_is_plugged_in(workspace, air):
+    air.scan_error = BleakError("No Bluetooth adapters found.")
+
+    async def body():
+        async with make_api(workspace, scan=True, scan_s=0.2, **strap_config()) as api:
+            assert [n.id for n in await api.list_live_nodes()] == ["chest"]  # still serves
+            (state,) = api.driver_states()
+            assert (state.name, state.state) == ("ble", "degraded")
+            assert "No Bluetooth adapters found" in state.reason
+            assert "rfkill" in state.fix and "group bluetooth" in state.fix
+            air.scan_error = None  # the adapter is plugged in: the next scan clears it
+            await asyncio.sleep(0.3)
+            await api.list_live_nodes()
+            await until(lambda: api.driver_states()[0].state == "ok")
+
+    run(body())

@@ -1076,3 +1076,15 @@ def test_writer_never_blocks_without_a_reader(tmp_path: Path):
         for frame in frames_of_signal(200, 50):
             writer.write_frame(frame)
     assert writer.bytes_dropped > 0 and writer.bytes_written > 0
+
+
+def test_a_configured_port_that_is_missing_degrades_the_driver(tmp_path, devices):
+    device = devices(csv_lines).start()
+    missing = str(tmp_path / "ttyUSB9")
+    entries = {"here": device_entry(device.path), "gone": device_entry(missing)}
+    driver = SerialDriver.from_config({"devices": entries, "list_ports": False})
+    status = driver.status()
+    assert (status.state, status.reason) == ("degraded", f"missing ports: {missing}")
+    assert "plug the device in" in status.fix
+    ok = SerialDriver.from_config({"devices": {"here": entries["here"]}, "list_ports": False})
+    assert ok.status().state == "ok"
