@@ -733,6 +733,7 @@ class Agent:
         interval = min(self.health_interval_s, watchdog) if watchdog else self.health_interval_s
         next_health = 0.0
         announced = self._driver_states()
+        shown = f"serving as {self.id} on {self.settings.address}"  # what READY=1 said
         while True:
             if watchdog:
                 sdnotify.watchdog_ping()
@@ -748,7 +749,17 @@ class Agent:
                 )
                 self._announce_if_drivers_changed(announced, health["drivers"])
                 announced = health["drivers"]
+                shown = self._show_status(shown)
             await asyncio.sleep(interval)
+
+    def _show_status(self, shown: str) -> str:
+        """systemd's STATUS= (``systemctl status``): serving, or why the broker is away."""
+        text = f"serving as {self.id} on {self.settings.address}"
+        if not self.link.connected:
+            text = f"broker {self.settings.address} away: {self.link.problem or 'reconnecting'}"
+        if text != shown:
+            sdnotify.status(text)
+        return text
 
     def _announce_if_drivers_changed(
         self, before: list[dict[str, Any]], now: list[dict[str, Any]]
