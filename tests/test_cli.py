@@ -8,6 +8,7 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
 from helpers import gaze_collection
 
 
@@ -200,8 +201,28 @@ def test_ls_names_both_folders_and_counts_in_words(workspace):
     assert out.returncode == 0, out.stderr
     assert out.stdout.splitlines()[:2] == [
         f"collections in {workspace.meta_dir} and {workspace.data_dir}:",
-        "  study                1 stream  Gaze study",
+        "  study                1 stream    Gaze study",
     ]
+    assert out.stdout.splitlines()[-2:] == [
+        "live nodes:",
+        "  demo                 sim         Demo device",
+    ]
+
+
+def test_unconfigured_serial_ports_are_listed_by_ls_all_only(workspace):
+    from serial.tools import list_ports
+
+    ports = list_ports.comports()
+    if not ports:
+        pytest.skip("this machine reports no serial ports to list")
+    with_serial = {"STREAMINGHUB_DRIVERS__ENABLED": "sim,serial"}
+    out = datamux(workspace, "ls", *dirs(workspace), env_extra=with_serial)
+    assert out.returncode == 0, out.stderr
+    assert "serial-port" not in out.stdout
+    out = datamux(workspace, "ls", "--all", *dirs(workspace), env_extra=with_serial)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.count(" serial-port ") == len(ports)
+    assert any(p.device in out.stdout for p in ports)
 
 
 def test_frames_and_seconds_must_be_positive(workspace):

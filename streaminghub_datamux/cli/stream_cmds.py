@@ -56,6 +56,11 @@ def register(subparsers: argparse._SubParsersAction[Any]) -> None:
     )
     ls.add_argument("id", nargs="?", help="a collection or node id")
     ls.add_argument("--json", action="store_true", help="print JSON")
+    ls.add_argument(
+        "--all",
+        action="store_true",
+        help="also list serial ports that no device is configured for (this machine only)",
+    )
     ls.set_defaults(handler=lambda args: _run(_ls(args)))
 
     output = argparse.ArgumentParser(add_help=False)
@@ -196,7 +201,12 @@ def _run(coro: Any) -> int:
 
 async def _api(args: argparse.Namespace) -> Any:
     """The local API, or with ``--broker`` a connected RemoteAPI (same methods)."""
-    config = load_config(flags=getattr(args, "config_flags", None))
+    flags = getattr(args, "config_flags", None) or {}
+    config = load_config(flags=flags)
+    if getattr(args, "all", False) and not getattr(args, "broker", None):
+        # Unconfigured ports are listed on request only: they cannot stream anything.
+        serial_options = {**(config.get("drivers.serial") or {}), "list_ports": True}
+        config = load_config(flags={**flags, "drivers.serial": serial_options})
     if not getattr(args, "broker", None):
         if not getattr(args, "verbose", 0):
             # A failed task's error item is printed by this command: its log line would
@@ -255,12 +265,12 @@ async def _ls_with(api: Any, args: argparse.Namespace) -> int:
             where = f"in {api.config.meta_dir} and {api.config.data_dir}"
         print(f"collections {where}:")
         for c in collections:
-            print(f"  {c.id:<20} {_count(len(c.streams), 'stream')}  {c.name}")
+            print(f"  {c.id:<20} {_count(len(c.streams), 'stream'):<10}  {c.name}")
         if not collections:
             print("  (none)")
         print("live nodes:")
         for n in nodes:
-            print(f"  {n.id:<20} {n.kind:<6} {n.name}")
+            print(f"  {n.id:<20} {n.kind:<11} {n.name}")
         if not nodes:
             print("  (none)")
         return 0
