@@ -280,3 +280,16 @@ def test_record_clash_names_the_overwrite_flag(workspace):
         f"datamux: error: {path} exists; pick other recording attrs, or replace it with "
         "--overwrite (overwrite=True in Python)\n"
     )
+
+
+def test_ordinary_commands_keep_stderr_clean(workspace):
+    """No liblsl INFO line ("Loaded default config") or other noise on a plain command."""
+    with_lsl = {"STREAMINGHUB_DRIVERS__ENABLED": "sim,lsl"}
+    out = datamux(workspace, "ls", *dirs(workspace), env_extra=with_lsl)
+    assert out.returncode == 0, out.stderr
+    assert out.stderr == ""
+    out = datamux(
+        workspace, "simulate", "--lsl", "demo", "--streams", "markers", "--seconds", "0.5"
+    )
+    assert out.returncode == 0, out.stderr
+    assert out.stderr == ""

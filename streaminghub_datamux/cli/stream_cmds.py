@@ -23,6 +23,7 @@ from ..errors import InvalidRequest, NotFound
 from ..model import Frame, StreamError, StreamStatus
 from ..recording import record
 from ..util import END_OF_STREAM
+from .text import count
 
 __all__ = ["register"]
 
@@ -265,7 +266,7 @@ async def _ls_with(api: Any, args: argparse.Namespace) -> int:
             where = f"in {api.config.meta_dir} and {api.config.data_dir}"
         print(f"collections {where}:")
         for c in collections:
-            print(f"  {c.id:<20} {_count(len(c.streams), 'stream'):<10}  {c.name}")
+            print(f"  {c.id:<20} {count(len(c.streams), 'stream'):<10}  {c.name}")
         if not collections:
             print("  (none)")
         print("live nodes:")
@@ -299,10 +300,6 @@ async def _ls_with(api: Any, args: argparse.Namespace) -> int:
         for attrs in recordings:
             print("  " + " ".join(f"{k}={v}" for k, v in attrs.items()))
     return 0
-
-
-def _count(n: int, noun: str) -> str:
-    return f"{n} {noun}" + ("" if n == 1 else "s")
 
 
 def _agents_line(api: Any, broker: str) -> str:
@@ -504,7 +501,7 @@ async def _record(args: argparse.Namespace) -> int:
         await api.aclose()
     how = " (stopped by Ctrl-C)" if stop.is_set() else ""
     print(
-        f"recorded {_count(summary.samples, 'sample')} in {_count(summary.frames, 'frame')} "
+        f"recorded {count(summary.samples, 'sample')} in {count(summary.frames, 'frame')} "
         f"({summary.seconds:.1f} s) to {summary.path}{how}"
     )
     if summary.error:
