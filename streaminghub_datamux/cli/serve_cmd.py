@@ -99,22 +99,36 @@ async def _serve(args: argparse.Namespace) -> int:
         logging.getLogger().setLevel(config.log_level)  # a service logs at its configured level
     host, port = config.get("broker.host"), config.get("broker.port")
     embedded = config.get("broker.embedded")
-    broker = None
-    if embedded == "always" or (
+    start_broker = embedded == "always" or (
         embedded == "auto"
         and is_loopback(host)
         and not await asyncio.to_thread(broker_reachable, host, port)
-    ):
-        if embedded == "auto":
-            log.warning("no MQTT broker on %s:%d: starting the embedded one", host, port)
-        broker = await EmbeddedBroker.start(host, port)
+    )
+    # The agent (config, drivers) is built before anything starts: a config error then
+    # stops serve with its own message, not amid an embedded broker's shutdown noise.
     # amqtt speaks MQTT 3.1.1 only: no need to try 5 first.
     agent = Agent(
-        config, settings=BrokerSettings.from_config(config, protocol="3.1.1") if broker else None
+        config,
+        settings=BrokerSettings.from_config(config, protocol="3.1.1") if start_broker else None,
     )
+    broker = None
+    if start_broker:
+        if embedded == "auto":
+            log.warning("no MQTT broker on %s:%d: starting the embedded one", host, port)
+        try:
+            broker = await EmbeddedBroker.start(host, port)
+        except BaseException:
+            await agent.api.aclose()
+            raise
     loop = asyncio.get_running_loop()
+
+    def stop() -> None:
+        if broker is not None:
+            broker.quiet_shutdown()
+        agent.request_stop()
+
     for signum in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(signum, agent.request_stop)
+        loop.add_signal_handler(signum, stop)
     try:
         await agent.run()
     finally:
@@ -154,7 +168,9 @@ async def _demo(args: argparse.Namespace) -> int:
     # With no broker there now, the agent starts the embedded one, which speaks 3.1.1.
     embedded = not await asyncio.to_thread(broker_reachable, host, port)
     env = {**os.environ, "STREAMINGHUB_LOG_LEVEL": "WARNING"}  # the agent's warnings only
-    agent = subprocess.Popen(command, env=env)
+    # Its own session: Ctrl-C reaches only this process, which closes its client first
+    # and then stops the agent (a broker going away under the client would be logged).
+    agent = subprocess.Popen(command, env=env, start_new_session=True)
     try:
         await _wait_for_broker(host, port, agent, broker_reachable)
         if embedded:
@@ -167,13 +183,21 @@ async def _demo(args: argparse.Namespace) -> int:
         ack = await api.proxy_live_stream(args.node, args.stream, {}, sink)
         print(f"proxying {args.node}/{args.stream} over MQTT as task {ack.randseq}:")
         printer = FramePrinter(rows=False)
+        loop = asyncio.get_running_loop()
         with contextlib.suppress(TimeoutError):
-            async with asyncio.timeout(args.seconds):
+            async with asyncio.timeout(args.seconds) as timeout:
+                # Ctrl-C ends the demo the way --seconds does; a second one interrupts.
+                def on_interrupt() -> None:
+                    loop.remove_signal_handler(signal.SIGINT)
+                    timeout.reschedule(loop.time())
+
+                loop.add_signal_handler(signal.SIGINT, on_interrupt)
                 while (item := await sink.get()) is not END_OF_STREAM:
                     if isinstance(item, Frame):
                         printer.frame(item)
                     else:
                         printer.other(item)
+        loop.remove_signal_handler(signal.SIGINT)
         await api.close()
         print("done: the client closed; stopping the agent")
         return 0
