@@ -159,17 +159,19 @@ def _metadata_for_update(meta_dir: Path, collection_id: str) -> Iterator[tuple[P
     """Hold an exclusive lock on a collection's metadata while it is read and rewritten.
 
     Two recordings into one collection (two shells, two streams) would otherwise both read
-    the old file and the last writer would drop the other's stream.
+    the old file and the last writer would drop the other's stream. The lock is on the
+    meta_dir folder itself, so no lock file is left behind in it (holding it is a
+    metadata rewrite long, so other collections waiting on it do not matter).
     """
     meta_dir.mkdir(parents=True, exist_ok=True)
     path = meta_dir / f"{collection_id}.collection.json"
-    with open(meta_dir / f".{collection_id}.collection.lock", "a+") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        try:
-            meta = json.loads(path.read_text(encoding="utf-8")) if path.exists() else None
-            yield path, meta
-        finally:
-            fcntl.flock(lock, fcntl.LOCK_UN)
+    folder = os.open(meta_dir, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        fcntl.flock(folder, fcntl.LOCK_EX)
+        meta = json.loads(path.read_text(encoding="utf-8")) if path.exists() else None
+        yield path, meta
+    finally:
+        os.close(folder)  # releases the lock
 
 
 def _replace_json(path: Path, meta: dict[str, Any]) -> None:

@@ -240,6 +240,8 @@ def test_stop_ends_a_recording_with_its_summary(workspace):
 
     summary, back = run(body())
     assert summary.samples > 0 and summary.samples == len(concat(back)[0])
+    # only the collection's metadata in meta_dir: no lock or temporary files left behind
+    assert sorted(p.name for p in workspace.meta_dir.iterdir()) == ["lab.collection.json"]
 
 
 def test_ctrl_c_ends_datamux_record_with_a_summary(workspace):

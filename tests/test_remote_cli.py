@@ -160,3 +160,28 @@ def test_ctrl_c_on_demo_stops_it_quietly(tmp_path):
         "starting the embedded one"
     )  # nothing from amqtt, no "lost the broker"
     assert not port_open("127.0.0.1", port)
+
+
+def test_ls_through_a_broker_says_when_no_agent_is_online(mosquitto, tmp_path):
+    broker = f"{mosquitto.host}:{mosquitto.port}"
+    hint = "start one with 'datamux serve' on the box with the data"
+    out = datamux("ls", "--broker", broker, cwd=tmp_path)
+    assert out.stdout.splitlines() == [
+        f"agents on {broker}: none online (none has ever connected); {hint}",
+        f"collections on {broker}:",
+        "  (none)",
+        "live nodes:",
+        "  (none)",
+    ]
+    agent = AgentProcess(mosquitto, tmp_path)
+    try:
+        wait_until(lambda: "serving" in agent.log(), 20, "the agent")
+        out = datamux("ls", "--broker", broker, cwd=tmp_path)
+        assert out.stdout.splitlines()[0] == f"agents on {broker}: {AGENT_ID}"
+    finally:
+        assert agent.terminate() == 0, agent.log()
+    out = datamux("ls", "--broker", broker, cwd=tmp_path)
+    assert (
+        out.stdout.splitlines()[0]
+        == f"agents on {broker}: none online (offline: {AGENT_ID}); {hint}"
+    )
