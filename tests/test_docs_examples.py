@@ -24,7 +24,7 @@ from streaminghub_datamux.config import write_user_config
 from streaminghub_datamux.sample import sample_metadata, write_sample
 
 ROOT = Path(__file__).resolve().parent.parent
-DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+DOCS = [p for p in [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))] if p.is_file()]
 PYTHON = {"python"}
 SHELL = {"sh", "bash", "console"}
 # Languages that are not examples to run: data, config files and output.
