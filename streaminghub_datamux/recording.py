@@ -261,7 +261,9 @@ class _Limit:
         if self.first is None:
             self.first = float(timestamps[0])
         assert self.span is not None
-        within = int(np.searchsorted(timestamps - self.first, self.span, side="right"))
+        # The first sample past the span ends it (live timestamps need not be sorted).
+        beyond = np.flatnonzero(timestamps - self.first > self.span)
+        within = int(beyond[0]) if len(beyond) else len(timestamps)
         if self.count is not None:
             within = min(within, self.count - written)
         return max(within, 0)

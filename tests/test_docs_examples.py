@@ -10,6 +10,7 @@ hardware, root) says so in the markdown just before its fence, with
 
 from __future__ import annotations
 
+import ast
 import json
 import os
 import re
@@ -93,6 +94,34 @@ def test_every_fence_names_its_language():
 def test_no_run_markers_only_on_examples():
     misplaced = [b.id for b in ALL if b.no_run and b.lang not in PYTHON | SHELL]
     assert not misplaced, f"no-run markers before blocks that never run: {misplaced}"
+
+
+def _awaits_at_top_level(code: str) -> bool:
+    try:
+        compile(code, "<doc>", "exec")  # ast.parse would accept a stray await
+        return False
+    except SyntaxError:
+        pass
+    try:
+        compile(code, "<doc>", "exec", flags=ast.PyCF_ALLOW_TOP_LEVEL_AWAIT)
+        return True
+    except SyntaxError:
+        return False  # not a program at all (a signature listing)
+
+
+def test_top_level_await_is_explained_where_it_is_used():
+    """Such a snippet only runs in ``python -m asyncio``: its page must say so."""
+    unexplained = sorted(
+        {
+            str(b.file.relative_to(ROOT))
+            for b in EXAMPLES
+            if b.lang in PYTHON
+            and not (b.no_run and "excerpt" in b.no_run)  # a part of a function
+            and _awaits_at_top_level(b.code)
+            and "python -m asyncio" not in b.file.read_text(encoding="utf-8")
+        }
+    )
+    assert not unexplained, f"say 'run it in python -m asyncio' in {unexplained}"
 
 
 def test_blocks_are_found_with_their_markers(tmp_path):
