@@ -287,7 +287,10 @@ def test_ordinary_commands_keep_stderr_clean(workspace):
     with_lsl = {"STREAMINGHUB_DRIVERS__ENABLED": "sim,lsl"}
     out = datamux(workspace, "ls", *dirs(workspace), env_extra=with_lsl)
     assert out.returncode == 0, out.stderr
-    assert out.stderr == ""
+    # liblsl's warnings and errors stay (e.g. an outlet of another process vanishing
+    # during discovery, which tests running beside this one cause): only INFO goes.
+    assert "Loaded default config" not in out.stderr
+    assert not [line for line in out.stderr.splitlines() if " INFO| " in line]
     out = datamux(
         workspace, "simulate", "--lsl", "demo", "--streams", "markers", "--seconds", "0.5"
     )
