@@ -185,3 +185,26 @@ def test_ls_through_a_broker_says_when_no_agent_is_online(mosquitto, tmp_path):
         out.stdout.splitlines()[0]
         == f"agents on {broker}: none online (offline: {AGENT_ID}); {hint}"
     )
+
+
+def test_a_hangup_or_term_signal_on_demo_stops_its_agent_too(tmp_path):
+    """The agent runs in its own session: the demo must stop it whatever ends the demo."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("STREAMINGHUB_")}
+    env["HOME"] = str(tmp_path)
+    for signum in (signal.SIGHUP, signal.SIGTERM):
+        port = free_port()
+        demo = subprocess.Popen(
+            [sys.executable, "-m", "streaminghub_datamux", "demo", "--port", str(port),
+             "--seconds", "60"],
+            cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )  # fmt: skip
+        try:
+            wait_until(lambda: port_open("127.0.0.1", port), 30, "the demo's agent")  # noqa: B023
+            demo.send_signal(signum)
+            code = demo.wait(timeout=30)
+        finally:
+            if demo.poll() is None:
+                demo.kill()
+                demo.wait(timeout=10)
+        assert code in (0, 130), (signum, code)  # printing ends like --seconds; startup: 130
+        wait_until(lambda: not port_open("127.0.0.1", port), 10, "the agent to stop")  # noqa: B023

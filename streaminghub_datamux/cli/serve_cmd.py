@@ -168,41 +168,70 @@ async def _demo(args: argparse.Namespace) -> int:
     # With no broker there now, the agent starts the embedded one, which speaks 3.1.1.
     embedded = not await asyncio.to_thread(broker_reachable, host, port)
     env = {**os.environ, "STREAMINGHUB_LOG_LEVEL": "WARNING"}  # the agent's warnings only
-    # Its own session: Ctrl-C reaches only this process, which closes its client first
-    # and then stops the agent (a broker going away under the client would be logged).
-    agent = subprocess.Popen(command, env=env, start_new_session=True)
-    try:
-        await _wait_for_broker(host, port, agent, broker_reachable)
-        if embedded:
-            config = _config(args, **{"broker.protocol": "3.1.1"})
-        api = RemoteAPI("mqtt", "cbor", agent_id="demo-agent", config=config)
-        await _connect_when_announced(api, host, port, agent)
-        nodes = await api.list_live_nodes()
-        print("live nodes of demo-agent:", ", ".join(n.id for n in nodes))
-        sink: asyncio.Queue[Any] = asyncio.Queue()
-        ack = await api.proxy_live_stream(args.node, args.stream, {}, sink)
-        print(f"proxying {args.node}/{args.stream} over MQTT as task {ack.randseq}:")
-        printer = FramePrinter(rows=False)
-        loop = asyncio.get_running_loop()
-        with contextlib.suppress(TimeoutError):
-            async with asyncio.timeout(args.seconds) as timeout:
-                # Ctrl-C ends the demo the way --seconds does; a second one interrupts.
-                def on_interrupt() -> None:
-                    loop.remove_signal_handler(signal.SIGINT)
-                    timeout.reschedule(loop.time())
+    with _Interrupts(asyncio.get_running_loop(), asyncio.current_task()) as interrupts:
+        agent = subprocess.Popen(command, env=env, start_new_session=True)
+        try:
+            await _wait_for_broker(host, port, agent, broker_reachable)
+            if embedded:
+                config = _config(args, **{"broker.protocol": "3.1.1"})
+            api = RemoteAPI("mqtt", "cbor", agent_id="demo-agent", config=config)
+            await _connect_when_announced(api, host, port, agent)
+            nodes = await api.list_live_nodes()
+            print("live nodes of demo-agent:", ", ".join(n.id for n in nodes))
+            sink: asyncio.Queue[Any] = asyncio.Queue()
+            ack = await api.proxy_live_stream(args.node, args.stream, {}, sink)
+            print(f"proxying {args.node}/{args.stream} over MQTT as task {ack.randseq}:")
+            printer = FramePrinter(rows=False)
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(args.seconds) as interrupts.printing:
+                    while (item := await sink.get()) is not END_OF_STREAM:
+                        if isinstance(item, Frame):
+                            printer.frame(item)
+                        else:
+                            printer.other(item)
+            interrupts.printing = None
+            await api.close()
+            print("done: the client closed; stopping the agent")
+            return 0
+        except asyncio.CancelledError:
+            if not interrupts.fired:
+                raise
+            return 130
+        finally:
+            _stop_process(agent)
 
-                loop.add_signal_handler(signal.SIGINT, on_interrupt)
-                while (item := await sink.get()) is not END_OF_STREAM:
-                    if isinstance(item, Frame):
-                        printer.frame(item)
-                    else:
-                        printer.other(item)
-        loop.remove_signal_handler(signal.SIGINT)
-        await api.close()
-        print("done: the client closed; stopping the agent")
-        return 0
-    finally:
-        _stop_process(agent)
+
+class _Interrupts:
+    """Ctrl-C, SIGTERM and SIGHUP end the demo in order: its client, then its agent.
+
+    The agent runs in a session of its own, so that the terminal's Ctrl-C does not stop
+    it (and its broker) under the client, which would log the loss. This process must
+    then stop it on every signal that would otherwise end only this process. While
+    frames print, a signal ends the printing as --seconds does; before, it cancels.
+    """
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, task: asyncio.Task[Any] | None) -> None:
+        self.loop, self.task = loop, task
+        self.printing: asyncio.Timeout | None = None
+        self.fired = False
+
+    def __enter__(self) -> _Interrupts:
+        for signum in self.SIGNALS:
+            self.loop.add_signal_handler(signum, self._on_signal)
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        for signum in self.SIGNALS:
+            self.loop.remove_signal_handler(signum)
+
+    def _on_signal(self) -> None:
+        self.fired = True
+        if self.printing is not None:
+            self.printing.reschedule(self.loop.time())
+        elif self.task is not None:
+            self.task.cancel()
 
 
 async def _wait_for_broker(host: str, port: int, agent: subprocess.Popen, reachable: Any) -> None:
