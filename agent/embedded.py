@@ -164,11 +164,25 @@ class EmbeddedBroker:
         """Whether the broker is listening (until :meth:`aclose`)."""
         return self._broker is not None
 
+    def quiet_shutdown(self) -> None:
+        """Log only amqtt's errors from now on (unless started with ``debug``).
+
+        While the agent and its clients leave, amqtt warns about what is expected then
+        ("messages not broadcasted", a late PUBACK): nothing a user could act on.
+        """
+        if self._quiet is None:
+            return
+        for name in _NOISY_LOGGERS:
+            logger = logging.getLogger(name)
+            if logger.level <= logging.WARNING:
+                logger.setLevel(logging.ERROR)
+
     async def aclose(self) -> None:
         """Stop listening and drop every client and retained message. Idempotent."""
         broker, self._broker = self._broker, None
         if broker is None:
             return
+        self.quiet_shutdown()
         try:
             await broker.shutdown()
         finally:

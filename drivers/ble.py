@@ -594,6 +594,18 @@ def _reason(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
 
 
+def _scan_failure(exc: BaseException) -> str:
+    """Why a scan failed, in words that point at the fix."""
+    if isinstance(exc, FileNotFoundError | ConnectionRefusedError):
+        # bleak's BlueZ backend talks to the D-Bus system bus socket; on a machine without
+        # D-Bus (a container, a minimal install) connecting to it fails like this.
+        return (
+            "no BlueZ/D-Bus on this machine (the D-Bus system bus is not running); install "
+            "and start bluez and dbus, or leave 'ble' out of drivers.enabled"
+        )
+    return _reason(exc)
+
+
 async def _disconnect_quietly(client: BleakClient) -> None:
     """Disconnect, bounded; failures only matter to the log (the link is gone anyway)."""
     try:
@@ -1068,7 +1080,7 @@ class BleDriver(Driver):
             # since with drivers.enabled "auto" BLE may simply not be part of this setup.
             loud = logging.WARNING if self.options.devices else logging.INFO
             level = logging.DEBUG if self._scan_failed else loud
-            log.log(level, "BLE scan failed: %s", _reason(exc))
+            log.log(level, "BLE scan failed: %s", _scan_failure(exc))
             self._scan_failed, found = True, {}
             self._scan_problem = f"BLE scan failed: {_reason(exc)}"
         finally:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import io
 import math
+import re
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -20,10 +21,55 @@ from ..model import Stream
 from .base import Chunk
 from .formats import RecordingFormat
 
-__all__ = ["CsvFormat", "CsvStreamReader"]
+__all__ = ["CsvFormat", "CsvStreamReader", "bad_line_message", "to_seconds"]
 
 # Seconds per unit of a declared index column.
 _TIME_UNITS = {"s": 1.0, "ms": 1e-3, "us": 1e-6, "µs": 1e-6, "ns": 1e-9}
+_UNITS_PER_SECOND = {1e-3: 1e3, 1e-6: 1e6, 1e-9: 1e9}
+_NUMPY_POSITION = re.compile(r" at row \d+, column \d+\.?")
+
+
+def to_seconds(raw: np.ndarray, scale: float) -> np.ndarray:
+    """Index values in seconds, ``scale`` being seconds per unit.
+
+    Dividing by units per second, not multiplying by ``scale``: 1001 ms is then the
+    float closest to 1.001 (1001 * 0.001 is 1.0010000000000001), so ``--rows`` and
+    every consumer see the timestamps the file has.
+    """
+    if scale == 1.0:
+        return raw
+    per_second = _UNITS_PER_SECOND.get(scale)
+    return raw / per_second if per_second is not None else raw * scale
+
+
+def bad_line_message(
+    line: str, header: list[str], columns: dict[int, np.dtype], fallback: str = ""
+) -> str:
+    """Why one data line of a CSV file cannot be read, in the file's own terms.
+
+    Every parser of the file (numpy's block parser, or a faster one) reports bad lines
+    through this, so a user sees one wording: "expected 4 columns, got 2" or
+    "could not convert 'abc' to float64 in column 3 (y)". Columns count from 1.
+
+    Args:
+        line: the text of the line, without its line ending.
+        header: the column names of the header row.
+        columns: position (0-based) -> dtype of each column that is read.
+        fallback: the parser's own message, used when this line looks fine on its own.
+    """
+    cells = line.split(",")
+    if len(cells) <= max(columns, default=-1):
+        return f"expected {len(header)} columns, got {len(cells)}"
+    for position, dtype in sorted(columns.items()):
+        cell = cells[position].strip()
+        if dtype.kind == "U":
+            continue
+        try:
+            np.array([cell]).astype(dtype)
+        except (ValueError, OverflowError):
+            name = header[position] if position < len(header) else "?"
+            return f"could not convert {cell!r} to {dtype.name} in column {position + 1} ({name})"
+    return _NUMPY_POSITION.sub("", fallback).strip() or "cannot parse this line"
 
 
 class CsvStreamReader:
@@ -46,8 +92,13 @@ class CsvStreamReader:
             # Quoted fields may hold newlines: never cut such a file into blocks.
             self.block_bytes = -1
 
+    def _column_dtype(self, column: int) -> np.dtype:
+        """The dtype a read column is parsed as (timestamps: float64)."""
+        return np.dtype(np.float64) if column == self._index_col else self.dtype
+
     def _columns(self, header: str) -> tuple[int | None, list[int]]:
         names = [name.strip().strip('"') for name in header.rstrip("\r\n").split(",")]
+        self._header = names
         position = {name: i for i, name in enumerate(names)}
         missing = [f for f in self.stream.fields if f not in position]
         if missing:
@@ -147,7 +198,13 @@ class CsvStreamReader:
             try:
                 self._loadtxt(io.BytesIO(line), usecols)
             except ValueError as exc:
-                error = DataError(str(exc), file=str(self.path), line=first_line + offset)
+                message = bad_line_message(
+                    line.decode("utf-8", errors="replace").rstrip("\r\n"),
+                    self._header,
+                    {col: self._column_dtype(col) for col in usecols},
+                    str(exc),
+                )
+                error = DataError(message, file=str(self.path), line=first_line + offset)
                 if not any(ln.strip() for ln in lines[:offset]):
                     return None, error
                 return self._loadtxt(io.BytesIO(b"".join(lines[:offset])), usecols), error
@@ -171,6 +228,7 @@ class CsvStreamReader:
             if not header.strip():
                 return
             index_col, value_cols = self._columns(header)
+            self._index_col = index_col
             usecols = value_cols if index_col is None else [index_col, *value_cols]
             self._parse_dtype = self._table_dtype(usecols, index_col is not None)
             line_no, row_no, scale, rest = 2, 0, None, b""
@@ -192,7 +250,7 @@ class CsvStreamReader:
                         else:
                             if scale is None:
                                 scale = self._time_scale(raw_ts)
-                            timestamps = raw_ts * scale if scale != 1.0 else raw_ts
+                            timestamps = to_seconds(raw_ts, scale)
                         if values.dtype != self.dtype:
                             values = values.astype(self.dtype)
                         yield np.ascontiguousarray(timestamps), np.ascontiguousarray(values)

@@ -22,6 +22,7 @@ import asyncio
 import contextlib
 import logging
 import math
+import os
 import re
 import threading
 import time
@@ -57,6 +58,29 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
+
+# Where liblsl looks for its config file (after $LSLAPICFG), in its own order.
+_LSL_CONFIG_FILES = ("lsl_api.cfg", "~/lsl_api/lsl_api.cfg", "/etc/lsl_api/lsl_api.cfg")
+
+
+def _quiet_liblsl() -> None:
+    """Keep liblsl's INFO lines ("Loaded default config") off every command's stderr.
+
+    Only when the user has no lsl_api.cfg: configuration content replaces a file
+    wholesale, and theirs may hold KnownPeers or multicast settings. liblsl reads its
+    configuration once, on first use, so this must run before any other pylsl call.
+    """
+    if os.environ.get("LSLAPICFG"):
+        return
+    if any(os.path.exists(os.path.expanduser(path)) for path in _LSL_CONFIG_FILES):
+        return
+    try:
+        pylsl.util.set_config_content("[log]\nlevel = -1\n")  # warnings and errors only
+    except (AttributeError, NotImplementedError):  # liblsl older than 1.17.7
+        log.debug("cannot lower liblsl's log level: this liblsl has no lsl_set_config_content")
+
+
+_quiet_liblsl()
 
 CONFIG_PATH = "drivers.lsl"
 

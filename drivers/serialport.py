@@ -1,8 +1,9 @@
 """Serial devices (USB-serial adapters, Arduinos, OpenBCI-style boards) as live nodes.
 
-Every device configured under ``drivers.serial.devices`` is a node with one stream; with
-``list_ports`` (the default) the ports the OS reports that are not configured are listed
-too, as nodes without streams, so the user can see what to configure. See
+Every device configured under ``drivers.serial.devices`` is a node with one stream. With
+``list_ports`` (``datamux ls --all`` sets it) the ports the OS reports that are not
+configured are listed too, as nodes without streams, so the user can see what to
+configure; by default they are not, since a node that cannot stream is noise everywhere. See
 docs/drivers.md ("Serial devices") for the config format.
 
 One reader thread per open port does the blocking reads, parses each batch with numpy
@@ -293,7 +294,7 @@ def parse_options(options: Mapping[str, Any] | None) -> tuple[dict[str, DeviceSp
         ConfigError: naming the offending key path and how to fix it.
     """
     options = check_keys(options or {}, CONFIG_PATH, _OPTION_KEYS, "serial driver")
-    list_ports_flag = options.get("list_ports", True)
+    list_ports_flag = options.get("list_ports", False)
     if not isinstance(list_ports_flag, bool):
         raise ConfigError(
             f"expected true or false, got {list_ports_flag!r}",
@@ -666,7 +667,7 @@ class SerialDriver(Driver):
     name = "serial"
 
     def __init__(
-        self, devices: Mapping[str, DeviceSpec] | None = None, *, list_ports: bool = True
+        self, devices: Mapping[str, DeviceSpec] | None = None, *, list_ports: bool = False
     ) -> None:
         self.devices = dict(devices or {})
         self.list_ports = list_ports
@@ -674,7 +675,7 @@ class SerialDriver(Driver):
 
     @classmethod
     def from_config(cls, options: Mapping[str, Any], *, recordings: Any = None) -> SerialDriver:
-        """From the ``drivers.serial`` section: ``{"devices": {...}, "list_ports": true}``."""
+        """From the ``drivers.serial`` section: ``{"devices": {...}, "list_ports": false}``."""
         devices, list_ports_flag = parse_options(options)
         return cls(devices, list_ports=list_ports_flag)
 

@@ -1,6 +1,7 @@
 """Write a small DFDS collection, then replay it through the local API.
 
 Run: python examples/replay_collection.py [WORKDIR]
+(without WORKDIR it works in a temporary folder that is removed at the end).
 """
 
 import asyncio
@@ -57,5 +58,8 @@ async def main(root: Path) -> None:
 
 
 if __name__ == "__main__":
-    workdir = Path(sys.argv[1]) if len(sys.argv) > 1 else Path(tempfile.mkdtemp())
-    asyncio.run(main(workdir))
+    if len(sys.argv) > 1:
+        asyncio.run(main(Path(sys.argv[1])))  # kept, to look at
+    else:
+        with tempfile.TemporaryDirectory(prefix="datamux-example-") as workdir:
+            asyncio.run(main(Path(workdir)))  # removed at the end

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import fcntl
 import json
 import os
@@ -107,7 +108,8 @@ class CsvFrameWriter:
             self._fd = os.open(self.path, flags, 0o644)
         except FileExistsError:
             raise InvalidRequest(
-                f"{self.path} exists; pick other recording attrs or allow overwriting"
+                f"{self.path} exists; pick other recording attrs, or replace it with "
+                "--overwrite (overwrite=True in Python)"
             ) from None
         self._write_all(("t," + ",".join(self.columns) + "\n").encode())
 
@@ -157,17 +159,19 @@ def _metadata_for_update(meta_dir: Path, collection_id: str) -> Iterator[tuple[P
     """Hold an exclusive lock on a collection's metadata while it is read and rewritten.
 
     Two recordings into one collection (two shells, two streams) would otherwise both read
-    the old file and the last writer would drop the other's stream.
+    the old file and the last writer would drop the other's stream. The lock is on the
+    meta_dir folder itself, so no lock file is left behind in it (holding it is a
+    metadata rewrite long, so other collections waiting on it do not matter).
     """
     meta_dir.mkdir(parents=True, exist_ok=True)
     path = meta_dir / f"{collection_id}.collection.json"
-    with open(meta_dir / f".{collection_id}.collection.lock", "a+") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        try:
-            meta = json.loads(path.read_text(encoding="utf-8")) if path.exists() else None
-            yield path, meta
-        finally:
-            fcntl.flock(lock, fcntl.LOCK_UN)
+    folder = os.open(meta_dir, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        fcntl.flock(folder, fcntl.LOCK_EX)
+        meta = json.loads(path.read_text(encoding="utf-8")) if path.exists() else None
+        yield path, meta
+    finally:
+        os.close(folder)  # releases the lock
 
 
 def _replace_json(path: Path, meta: dict[str, Any]) -> None:
@@ -234,6 +238,63 @@ async def _find_stream(api: _StreamingAPI, mode: str, source_id: str, stream_id:
     raise NotFound(f"{source_id!r} has no stream {stream_id!r}; streams: {[s.id for s in streams]}")
 
 
+class _Limit:
+    """Which samples ``duration`` keeps: the first ``duration`` seconds of the stream's time.
+
+    A regular stream keeps exactly ``round(duration x frequency)`` samples (fewer if it
+    drops some: a timestamp past the span ends it too); an irregular one keeps the
+    samples whose timestamps fall within ``duration`` of the first.
+    """
+
+    def __init__(self, duration: float | None, frequency: float) -> None:
+        self.duration, self.first = duration, None
+        self.count = round(duration * frequency) if duration and frequency > 0 else None
+        # Half a period of slack, so rounding in t0 + k / f never drops sample k.
+        self.span = (
+            None if duration is None else duration - (0.5 / frequency if frequency > 0 else 0)
+        )
+
+    def keep(self, timestamps: np.ndarray, written: int) -> int:
+        """How many samples at the start of this frame to write."""
+        if self.duration is None or len(timestamps) == 0:
+            return len(timestamps)
+        if self.first is None:
+            self.first = float(timestamps[0])
+        assert self.span is not None
+        # The first sample past the span ends it (live timestamps need not be sorted).
+        beyond = np.flatnonzero(timestamps - self.first > self.span)
+        within = int(beyond[0]) if len(beyond) else len(timestamps)
+        if self.count is not None:
+            within = min(within, self.count - written)
+        return max(within, 0)
+
+    def reached(self, written: int) -> bool:
+        return self.count is not None and written >= self.count
+
+
+def _head(frame: Frame, n: int) -> Frame:
+    return dataclasses.replace(frame, timestamps=frame.timestamps[:n], values=frame.values[:n])
+
+
+def _deadline(
+    started: float, duration: float | None, mode: str, speed: float, frequency: float
+) -> float | None:
+    """A wall-clock bound, so a stream that stalls cannot keep a timed recording open."""
+    if duration is None or (mode == "replay" and speed <= 0):
+        return None
+    wall = duration / speed if mode == "replay" else duration
+    if frequency <= 0 and mode == "proxy":
+        return started + wall  # irregular live events: no count to wait for
+    return started + wall * 1.5 + 2.0
+
+
+async def _reschedule_on(
+    stop: asyncio.Event, timeout: asyncio.Timeout, loop: asyncio.AbstractEventLoop
+) -> None:
+    await stop.wait()
+    timeout.reschedule(loop.time())
+
+
 async def record(
     api: _StreamingAPI,
     *,
@@ -248,12 +309,13 @@ async def record(
     speed: float = 0.0,
     overwrite: bool = False,
     on_frame: Callable[[Frame], None] | None = None,
+    stop: asyncio.Event | None = None,
 ) -> RecordingSummary:
     """Record one stream into the collection ``into`` until it ends or ``duration`` passes.
 
     Works with any API object (``dm.API`` or ``dm.RemoteAPI``): it only uses the public
-    methods. Cancel the coroutine (or Ctrl-C in ``datamux record``) to stop early; what was
-    written stays replayable.
+    methods. Set ``stop`` (or cancel the coroutine) to stop early; what was written stays
+    replayable.
 
     Args:
         api: where the stream comes from.
@@ -266,10 +328,14 @@ async def record(
             they become folders and the collection's groups.
         attrs: passed to the proxy/replay request (for replay: which recording).
         config: where ``data_dir``/``meta_dir`` are; the usual layers by default.
-        duration: stop after this many seconds (live streams run until stopped otherwise).
+        duration: record this many seconds of the stream, by its timestamps: a regular
+            stream gives exactly ``duration x frequency`` samples (live streams run until
+            stopped otherwise).
         speed: replay speed (0, the default, records a replay as fast as possible).
         overwrite: replace an existing recording with the same attrs.
         on_frame: called with every frame written (e.g. for progress).
+        stop: set it to stop early and still get the summary (``datamux record`` sets it
+            on Ctrl-C). Cancelling the coroutine stops too, without a summary.
 
     Raises:
         InvalidRequest: unsafe ids or attrs, an existing recording, a clash with the
@@ -302,12 +368,20 @@ async def record(
         )
     loop = asyncio.get_running_loop()
     started = loop.time()
-    deadline = None if duration is None else started + duration
+    limit = _Limit(duration, stream.frequency)
     frames = samples = 0
     error = None
     writing: asyncio.Future[None] | None = None
+    pending = 0  # samples of the frame being written
+    watcher = None
     try:
-        async with asyncio.timeout_at(deadline):
+        async with asyncio.timeout_at(
+            _deadline(started, duration, mode, speed, stream.frequency)
+        ) as timeout:
+            if stop is not None:
+                # Stopping early ends the loop like the deadline does: same cleanup, and
+                # the summary still comes back.
+                watcher = asyncio.ensure_future(_reschedule_on(stop, timeout, loop))
             while (item := await sink.get()) is not END_OF_STREAM:
                 if isinstance(item, StreamError):
                     error = f"{item.code}: {item.reason}"
@@ -319,20 +393,29 @@ async def record(
                         f"its metadata declares {len(columns)}",
                         file=str(path),
                     )
-                # Shielded: a stop must not close the file under a write in progress.
-                writing = asyncio.ensure_future(
-                    asyncio.to_thread(writer.write, item.timestamps, item.values)
-                )
-                await asyncio.shield(writing)
-                frames += 1
-                samples += len(item)
-                if on_frame is not None:
-                    on_frame(item)
+                keep = limit.keep(item.timestamps, samples)
+                if keep:
+                    timestamps, values = item.timestamps[:keep], item.values[:keep]
+                    # Shielded: a stop must not close the file under a write in progress.
+                    pending = keep
+                    writing = asyncio.ensure_future(
+                        asyncio.to_thread(writer.write, timestamps, values)
+                    )
+                    await asyncio.shield(writing)
+                    frames, samples, pending = frames + 1, samples + keep, 0
+                    if on_frame is not None:
+                        on_frame(item if keep == len(item) else _head(item, keep))
+                if keep < len(item) or limit.reached(samples):
+                    break
     except TimeoutError:
-        pass  # duration reached
+        pass  # the time is up (a stalled stream), or `stop` was set
     finally:
+        if watcher is not None:
+            watcher.cancel()
         if writing is not None and not writing.done():
             await asyncio.wait({writing})  # the frame being written is kept
+            if pending and writing.exception() is None:
+                frames, samples = frames + 1, samples + pending
         await asyncio.to_thread(writer.close)
         await api.stop_task(ack.randseq)
         values = {k: str(v) for k, v in recording.items()}

@@ -9,10 +9,20 @@ from typing import Any
 
 import pytest
 from broker import Mosquitto
-from helpers import Workspace
+from helpers import SHARED_DATA, Workspace
 from remote import remote_api, running_agent
 
 import streaminghub_datamux as dm
+
+
+def pytest_report_header() -> str:
+    """Say up front where the shared test data is, or that tests needing it will skip."""
+    if SHARED_DATA.is_dir():
+        return f"shared test data: {SHARED_DATA}"
+    return (
+        f"shared test data: NOT FOUND at {SHARED_DATA}; the tests that need it will skip "
+        "(put the 'shared' folder beside this checkout, or set DATAMUX_TEST_DATA)"
+    )
 
 
 @pytest.fixture

@@ -4,15 +4,34 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 from collections.abc import Coroutine
 from pathlib import Path
 from typing import Any, TypeVar
 
 import numpy as np
+import pytest
 
 from streaminghub_datamux.config import load_config
 
 T = TypeVar("T")
+
+# Read-only data the tests share (the XDF maintainers' examples, upstream DFDS metadata):
+# the folder shared/data beside this checkout, or wherever DATAMUX_TEST_DATA points.
+SHARED_DATA = Path(
+    os.environ.get("DATAMUX_TEST_DATA") or Path(__file__).resolve().parents[2] / "shared" / "data"
+)
+
+
+def needs_shared(subfolder: str) -> pytest.MarkDecorator:
+    """Skip a test, saying where the data should be, when ``SHARED_DATA/subfolder`` is missing."""
+    path = SHARED_DATA / subfolder
+    return pytest.mark.skipif(
+        not path.is_dir(),
+        reason=f"shared test data not found at {path}: put the 'shared' folder beside this "
+        f"checkout (../shared/data/{subfolder}) or set DATAMUX_TEST_DATA to its data folder",
+    )
+
 
 # Every async test body runs under this bound, so a bug never hangs the suite.
 TEST_TIMEOUT_S = 30.0

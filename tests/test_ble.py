@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import logging
 import time
 from collections.abc import Callable
 from typing import Any
@@ -538,14 +539,19 @@ def test_listing_never_waits_longer_than_scan_s(workspace, air):
     run(body())
 
 
-def test_a_failing_scan_lists_configured_devices_only(workspace, air):
+def test_a_failing_scan_lists_configured_devices_only(workspace, air, caplog):
     air.scan_error = FileNotFoundError(2, "No such file or directory")  # no D-Bus socket
 
     async def body():
         async with make_api(workspace, scan=True, **strap_config()) as api:
             assert [n.id for n in await api.list_live_nodes()] == ["chest"]
 
-    run(body())
+    with caplog.at_level(logging.INFO, logger="streaminghub_datamux.drivers.ble"):
+        run(body())
+    assert [r.getMessage() for r in caplog.records if "scan" in r.getMessage()] == [
+        "BLE scan failed: no BlueZ/D-Bus on this machine (the D-Bus system bus is not running); "
+        "install and start bluez and dbus, or leave 'ble' out of drivers.enabled"
+    ]
 
 
 def test_configured_and_scanned_straps_are_listed_through_either_api(workspace, air, serve):

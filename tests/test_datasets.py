@@ -8,21 +8,18 @@ import os
 import shutil
 import subprocess
 import sys
-from pathlib import Path
 
 import numpy as np
 import pyedflib
 import pytest
-from helpers import drain, frames_of, run
+from helpers import SHARED_DATA, drain, frames_of, needs_shared, run
 from test_edf import SIGNALS, reference, write_file
 
 import streaminghub_datamux as dm
 from streaminghub_datamux.errors import DataError, NotFound
 
-SHARED_XDF = Path(__file__).resolve().parents[2] / "shared" / "data" / "xdf"
-needs_xdf = pytest.mark.skipif(
-    not SHARED_XDF.is_dir(), reason=f"no shared XDF files at {SHARED_XDF}"
-)
+SHARED_XDF = SHARED_DATA / "xdf"
+needs_xdf = needs_shared("xdf")
 
 
 async def replay_all(api, collection, stream, attrs):

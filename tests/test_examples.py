@@ -27,6 +27,17 @@ def test_replay_example(tmp_path):
     assert sum(int(ln.split("(")[1].split(",")[0]) for ln in frames) == 120
 
 
+def test_replay_example_without_a_workdir_leaves_nothing_behind(tmp_path):
+    env = {k: v for k, v in os.environ.items() if not k.startswith("STREAMINGHUB_")}
+    env.update(HOME=str(tmp_path), TMPDIR=str(tmp_path / "tmp"))
+    (tmp_path / "tmp").mkdir()
+    command = [sys.executable, str(EXAMPLES / "replay_collection.py")]
+    out = subprocess.run(command, capture_output=True, text=True, timeout=60, cwd=tmp_path, env=env)
+    assert out.returncode == 0, out.stderr
+    assert "mycollection ['gaze']" in out.stdout
+    assert list((tmp_path / "tmp").iterdir()) == []
+
+
 def test_live_demo_example(tmp_path):
     out = run_example("live_demo.py", tmp_path)
     assert out.returncode == 0, out.stderr

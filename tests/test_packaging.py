@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 import tomllib
 from pathlib import Path
 
@@ -45,6 +48,7 @@ def test_public_names_match_all():
         "protocol",
         "dirs",
         "host",
+        "sample",
     }
     assert set(dm.__all__) - {"__version__"} == public - modules
     assert dm.util.END_OF_STREAM is dm.END_OF_STREAM
@@ -60,3 +64,26 @@ def test_subpackages_import_under_the_public_name():
     assert streaminghub_datamux.cli.main is not None
     assert streaminghub_datamux.agent.__all__ == ["Agent"]
     assert streaminghub_datamux.client.RemoteAPI is dm.RemoteAPI
+
+
+@pytest.mark.skipif(not PYPROJECT.exists(), reason="runs from a source checkout")
+def test_python_m_runs_in_the_checkout_root_whatever_is_installed():
+    """The checkout's folder shadows an installed package there; it must work on its own.
+
+    A regular (non-editable) install is what this simulates: the editable finder, which
+    maps agent/, client/ and drivers/ into the package, is taken away.
+    """
+    code = (
+        "import runpy, sys\n"
+        "sys.meta_path[:] = [f for f in sys.meta_path if '__editable__' not in repr(f)]\n"
+        "sys.path.insert(0, '')\n"
+        "sys.argv = ['datamux', 'ls', 'demo']\n"
+        "runpy.run_module('streaminghub_datamux', run_name='__main__', alter_sys=True)\n"
+    )
+    env = {k: v for k, v in os.environ.items() if not k.startswith("STREAMINGHUB_")}
+    env["STREAMINGHUB_DRIVERS__ENABLED"] = "sim"
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, env=env, timeout=60
+    )
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.splitlines()[0] == "streams:"

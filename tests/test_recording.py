@@ -202,3 +202,69 @@ def test_two_recordings_into_one_collection_at_once_keep_both_streams(workspace)
         return {s.id for s in await api.list_collection_streams("lab")}
 
     assert run(body()) == {"eeg", "imu"}
+
+
+def test_a_timed_recording_keeps_exactly_duration_times_rate_samples(workspace):
+    workspace.add_collection("study", gaze_collection())
+    workspace.add_gaze_recording("A", "1", n=300)
+
+    async def body():
+        api = dm.API(workspace.config())
+        common = dict(into="lab", recording={"subject": "A"}, config=api.config)
+        live = await record(
+            api, mode="proxy", source_id="demo", stream_id="eeg", duration=2, **common
+        )
+        replayed = await record(
+            api, mode="replay", source_id="study", stream_id="gaze", attrs={"subject": "A"},
+            duration=0.5, **common,
+        )  # fmt: skip
+        back = await replay_all(api, "lab", "eeg", {"subject": "A"})
+        return live, replayed, back
+
+    live, replayed, back = run(body())
+    assert (live.samples, replayed.samples) == (500, 50)  # 2 s x 250 Hz, 0.5 s x 100 Hz
+    timestamps, _ = concat(back)
+    assert len(timestamps) == 500 and timestamps[-1] - timestamps[0] < 2.0
+
+
+def test_stop_ends_a_recording_with_its_summary(workspace):
+    async def body():
+        api = dm.API(workspace.config())
+        stop = asyncio.Event()
+        asyncio.get_running_loop().call_later(0.5, stop.set)
+        summary = await record(
+            api, mode="proxy", source_id="demo", stream_id="eeg", into="lab",
+            recording={"subject": "A"}, config=api.config, stop=stop,
+        )  # fmt: skip
+        return summary, await replay_all(api, "lab", "eeg", {"subject": "A"})
+
+    summary, back = run(body())
+    assert summary.samples > 0 and summary.samples == len(concat(back)[0])
+    # only the collection's metadata in meta_dir: no lock or temporary files left behind
+    assert sorted(p.name for p in workspace.meta_dir.iterdir()) == ["lab.collection.json"]
+
+
+def test_ctrl_c_ends_datamux_record_with_a_summary(workspace):
+    path = workspace.data_dir / "lab" / "A" / "eeg.csv"
+    command = [
+        sys.executable, "-m", "streaminghub_datamux", "record", "--node", "demo", "eeg",
+        "--into", "lab", "-r", "subject=A", "--data_dir", str(workspace.data_dir),
+        "--meta_dir", str(workspace.meta_dir),
+    ]  # fmt: skip
+    env = {**os.environ, "HOME": str(workspace.root), "STREAMINGHUB_DRIVERS__ENABLED": "sim"}
+    process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline and (not path.exists() or path.stat().st_size < 5000):
+            time.sleep(0.05)
+        process.send_signal(signal.SIGINT)
+        stdout, stderr = process.communicate(timeout=20)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait(timeout=10)
+    assert process.returncode == 0, stderr
+    rows = len(path.read_text().splitlines()) - 1
+    assert stdout.decode().startswith(f"recorded {rows} samples in ")
+    assert stdout.decode().endswith(f" to {path} (stopped by Ctrl-C)\n")
+    assert stderr.decode() == ""

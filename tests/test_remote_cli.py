@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -118,3 +119,92 @@ def test_demo_shows_remote_streaming_with_no_broker_installed(tmp_path):
     assert "proxying demo/eeg over MQTT" in demo.stdout
     assert demo.stdout.count("samples") >= 5  # 250 Hz, balanced framing: ~20 frames/s
     assert not port_open("127.0.0.1", port)  # the agent and its broker are gone
+
+
+def test_serve_checks_its_config_before_starting_a_broker(tmp_path):
+    port = free_port()
+    out = datamux(
+        "serve", "--port", str(port), "--drivers", "sim,foo", "--embedded", "auto",
+        "--state-dir", str(tmp_path / "state"), cwd=tmp_path, check=False,
+    )  # fmt: skip
+    assert out.returncode == 2
+    assert out.stderr == (
+        "datamux: config error: key 'drivers.enabled': unknown driver 'foo' (fix: use some "
+        "of ['ble', 'lsl', 'serial', 'sim'], or install the package that provides it)\n"
+    )
+
+
+def test_ctrl_c_on_demo_stops_it_quietly(tmp_path):
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("STREAMINGHUB_")}
+    env["HOME"] = str(tmp_path)
+    out, err = tmp_path / "demo.out", tmp_path / "demo.err"
+    with out.open("wb") as stdout, err.open("wb") as stderr:
+        demo = subprocess.Popen(
+            [sys.executable, "-m", "streaminghub_datamux", "demo", "--port", str(port),
+             "--seconds", "60"],
+            cwd=tmp_path, env=env, stdout=stdout, stderr=stderr,
+        )  # fmt: skip
+    try:
+        wait_until(lambda: out.read_text().count(" samples ") >= 5, 30, "the demo's frames")
+        demo.send_signal(signal.SIGINT)  # what Ctrl-C in its terminal does
+        assert demo.wait(timeout=30) == 0, err.read_text()
+    finally:
+        if demo.poll() is None:
+            demo.kill()
+            demo.wait(timeout=10)
+    assert out.read_text().endswith("done: the client closed; stopping the agent\n")
+    lines = err.read_text().splitlines()
+    assert len(lines) == 1 and lines[0].endswith(
+        f"WARNING streaminghub_datamux.cli.serve_cmd: no MQTT broker on 127.0.0.1:{port}: "
+        "starting the embedded one"
+    )  # nothing from amqtt, no "lost the broker"
+    assert not port_open("127.0.0.1", port)
+
+
+def test_ls_through_a_broker_says_when_no_agent_is_online(mosquitto, tmp_path):
+    broker = f"{mosquitto.host}:{mosquitto.port}"
+    hint = "start one with 'datamux serve' on the box with the data"
+    out = datamux("ls", "--broker", broker, cwd=tmp_path)
+    assert out.stdout.splitlines() == [
+        f"agents on {broker}: none online (none has ever connected); {hint}",
+        f"collections on {broker}:",
+        "  (none)",
+        "live nodes:",
+        "  (none)",
+    ]
+    agent = AgentProcess(mosquitto, tmp_path)
+    try:
+        wait_until(lambda: "serving" in agent.log(), 20, "the agent")
+        out = datamux("ls", "--broker", broker, cwd=tmp_path)
+        assert out.stdout.splitlines()[0] == f"agents on {broker}: {AGENT_ID}"
+    finally:
+        assert agent.terminate() == 0, agent.log()
+    out = datamux("ls", "--broker", broker, cwd=tmp_path)
+    assert (
+        out.stdout.splitlines()[0]
+        == f"agents on {broker}: none online (offline: {AGENT_ID}); {hint}"
+    )
+
+
+def test_a_hangup_or_term_signal_on_demo_stops_its_agent_too(tmp_path):
+    """The agent runs in its own session: the demo must stop it whatever ends the demo."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("STREAMINGHUB_")}
+    env["HOME"] = str(tmp_path)
+    for signum in (signal.SIGHUP, signal.SIGTERM):
+        port = free_port()
+        demo = subprocess.Popen(
+            [sys.executable, "-m", "streaminghub_datamux", "demo", "--port", str(port),
+             "--seconds", "60"],
+            cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )  # fmt: skip
+        try:
+            wait_until(lambda: port_open("127.0.0.1", port), 30, "the demo's agent")  # noqa: B023
+            demo.send_signal(signum)
+            code = demo.wait(timeout=30)
+        finally:
+            if demo.poll() is None:
+                demo.kill()
+                demo.wait(timeout=10)
+        assert code in (0, 130), (signum, code)  # printing ends like --seconds; startup: 130
+        wait_until(lambda: not port_open("127.0.0.1", port), 10, "the agent to stop")  # noqa: B023

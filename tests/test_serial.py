@@ -272,7 +272,8 @@ def test_port_listing_skips_configured_ports_and_describes_the_rest(monkeypatch,
     ]
     monkeypatch.setattr(serialport.list_ports, "comports", lambda: fakes)
     devices, _ = parse_options({"devices": {"uno": device_entry(str(configured))}})
-    nodes = run(SerialDriver(devices).list_nodes())
+    assert [n.id for n in run(SerialDriver(devices).list_nodes())] == ["uno"]  # by default
+    nodes = run(SerialDriver(devices, list_ports=True).list_nodes())
     assert [(n.id, n.kind) for n in nodes] == [("uno", "serial"), ("ttyUSB7", "serial-port")]
     port = nodes[1]
     assert port.name == "CP2102 USB to UART" and port.device["port"] == "/dev/ttyUSB7"

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from helpers import SHARED_DATA, needs_shared
 
 pyxdf = pytest.importorskip("pyxdf")
 
@@ -22,10 +23,8 @@ from streaminghub_datamux.errors import DataError  # noqa: E402
 from streaminghub_datamux.model import Stream  # noqa: E402
 
 # The XDF maintainers' example files (read-only), beside the project: ../shared/data/xdf.
-DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "xdf"
-needs_data = pytest.mark.skipif(
-    not DATA.is_dir(), reason=f"XDF example files not found at {DATA} (../shared/data/xdf)"
-)
+DATA = SHARED_DATA / "xdf"
+needs_data = needs_shared("xdf")
 SAFE_ID = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,63}")
 FILES = ("minimal.xdf", "empty_streams.xdf", "clock_resets.xdf")
 

@@ -100,22 +100,36 @@ async def _serve(args: argparse.Namespace) -> int:
         logging.getLogger().setLevel(config.log_level)  # a service logs at its configured level
     host, port = config.get("broker.host"), config.get("broker.port")
     embedded = config.get("broker.embedded")
-    broker = None
-    if embedded == "always" or (
+    start_broker = embedded == "always" or (
         embedded == "auto"
         and is_loopback(host)
         and not await asyncio.to_thread(broker_reachable, host, port)
-    ):
-        if embedded == "auto":
-            log.warning("no MQTT broker on %s:%d: starting the embedded one", host, port)
-        broker = await EmbeddedBroker.start(host, port)
+    )
+    # The agent (config, drivers) is built before anything starts: a config error then
+    # stops serve with its own message, not amid an embedded broker's shutdown noise.
     # amqtt speaks MQTT 3.1.1 only: no need to try 5 first.
     agent = Agent(
-        config, settings=BrokerSettings.from_config(config, protocol="3.1.1") if broker else None
+        config,
+        settings=BrokerSettings.from_config(config, protocol="3.1.1") if start_broker else None,
     )
+    broker = None
+    if start_broker:
+        if embedded == "auto":
+            log.warning("no MQTT broker on %s:%d: starting the embedded one", host, port)
+        try:
+            broker = await EmbeddedBroker.start(host, port)
+        except BaseException:
+            await agent.api.aclose()
+            raise
     loop = asyncio.get_running_loop()
+
+    def stop() -> None:
+        if broker is not None:
+            broker.quiet_shutdown()
+        agent.request_stop()
+
     for signum in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(signum, agent.request_stop)
+        loop.add_signal_handler(signum, stop)
     try:
         await agent.run()
     finally:
@@ -155,31 +169,70 @@ async def _demo(args: argparse.Namespace) -> int:
     # With no broker there now, the agent starts the embedded one, which speaks 3.1.1.
     embedded = not await asyncio.to_thread(broker_reachable, host, port)
     env = {**os.environ, "STREAMINGHUB_LOG_LEVEL": "WARNING"}  # the agent's warnings only
-    agent = subprocess.Popen(command, env=env)
-    try:
-        await _wait_for_broker(host, port, agent, broker_reachable)
-        if embedded:
-            config = _config(args, **{"broker.protocol": "3.1.1"})
-        api = RemoteAPI("mqtt", "cbor", agent_id="demo-agent", config=config)
-        await _connect_when_announced(api, host, port, agent)
-        nodes = await api.list_live_nodes()
-        print("live nodes of demo-agent:", ", ".join(n.id for n in nodes))
-        sink: asyncio.Queue[Any] = asyncio.Queue()
-        ack = await api.proxy_live_stream(args.node, args.stream, {}, sink)
-        print(f"proxying {args.node}/{args.stream} over MQTT as task {ack.randseq}:")
-        printer = FramePrinter(rows=False)
-        with contextlib.suppress(TimeoutError):
-            async with asyncio.timeout(args.seconds):
-                while (item := await sink.get()) is not END_OF_STREAM:
-                    if isinstance(item, Frame):
-                        printer.frame(item)
-                    else:
-                        printer.other(item)
-        await api.close()
-        print("done: the client closed; stopping the agent")
-        return 0
-    finally:
-        _stop_process(agent)
+    with _Interrupts(asyncio.get_running_loop(), asyncio.current_task()) as interrupts:
+        agent = subprocess.Popen(command, env=env, start_new_session=True)
+        try:
+            await _wait_for_broker(host, port, agent, broker_reachable)
+            if embedded:
+                config = _config(args, **{"broker.protocol": "3.1.1"})
+            api = RemoteAPI("mqtt", "cbor", agent_id="demo-agent", config=config)
+            await _connect_when_announced(api, host, port, agent)
+            nodes = await api.list_live_nodes()
+            print("live nodes of demo-agent:", ", ".join(n.id for n in nodes))
+            sink: asyncio.Queue[Any] = asyncio.Queue()
+            ack = await api.proxy_live_stream(args.node, args.stream, {}, sink)
+            print(f"proxying {args.node}/{args.stream} over MQTT as task {ack.randseq}:")
+            printer = FramePrinter(rows=False)
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(args.seconds) as interrupts.printing:
+                    while (item := await sink.get()) is not END_OF_STREAM:
+                        if isinstance(item, Frame):
+                            printer.frame(item)
+                        else:
+                            printer.other(item)
+            interrupts.printing = None
+            await api.close()
+            print("done: the client closed; stopping the agent")
+            return 0
+        except asyncio.CancelledError:
+            if not interrupts.fired:
+                raise
+            return 130
+        finally:
+            _stop_process(agent)
+
+
+class _Interrupts:
+    """Ctrl-C, SIGTERM and SIGHUP end the demo in order: its client, then its agent.
+
+    The agent runs in a session of its own, so that the terminal's Ctrl-C does not stop
+    it (and its broker) under the client, which would log the loss. This process must
+    then stop it on every signal that would otherwise end only this process. While
+    frames print, a signal ends the printing as --seconds does; before, it cancels.
+    """
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, task: asyncio.Task[Any] | None) -> None:
+        self.loop, self.task = loop, task
+        self.printing: asyncio.Timeout | None = None
+        self.fired = False
+
+    def __enter__(self) -> _Interrupts:
+        for signum in self.SIGNALS:
+            self.loop.add_signal_handler(signum, self._on_signal)
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        for signum in self.SIGNALS:
+            self.loop.remove_signal_handler(signum)
+
+    def _on_signal(self) -> None:
+        self.fired = True
+        if self.printing is not None:
+            self.printing.reschedule(self.loop.time())
+        elif self.task is not None:
+            self.task.cancel()
 
 
 async def _wait_for_broker(host: str, port: int, agent: subprocess.Popen, reachable: Any) -> None:

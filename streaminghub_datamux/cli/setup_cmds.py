@@ -14,6 +14,7 @@ from typing import Any
 
 from ..config import SCHEMA, Config, describe, load_config, write_user_config
 from ..errors import ConfigError
+from ..sample import SAMPLE_ID, write_sample
 
 __all__ = ["register"]
 
@@ -28,7 +29,8 @@ def register(subparsers: argparse._SubParsersAction[Any]) -> None:
         "init",
         help="write ~/.streaminghubrc and create the data and metadata folders",
         description="Write data_dir and meta_dir to ~/.streaminghubrc (other keys are kept) "
-        "and create both folders.",
+        "and create both folders. With --example, also write the sample collection the "
+        "docs use.",
     )
     # Own dests: argparse lets subparser defaults overwrite the main parser's values,
     # and the main CLI has global --data_dir/--meta_dir of its own.
@@ -42,6 +44,11 @@ def register(subparsers: argparse._SubParsersAction[Any]) -> None:
         "--force",
         action="store_true",
         help="replace an rc that is not a JSON object (the old one is kept as .bak)",
+    )
+    init.add_argument(
+        "--example",
+        action="store_true",
+        help="also write the sample collection 'n_back' that the docs' examples use",
     )
     init.set_defaults(handler=run_init)
 
@@ -75,7 +82,19 @@ def run_init(args: argparse.Namespace) -> int:
     for key in ("data_dir", "meta_dir"):
         print(f"  {key} = {written[key]}")
     print("Created both folders if missing. Run 'datamux config' to see the effective config.")
+    if args.example:
+        _write_example(Path(written["data_dir"]), Path(written["meta_dir"]))
     return 0
+
+
+def _write_example(data_dir: Path, meta_dir: Path) -> None:
+    written, kept = write_sample(data_dir, meta_dir)
+    print(
+        f"Sample collection '{SAMPLE_ID}': wrote {len(written)} files"
+        + (f", kept {len(kept)} that existed" if kept else "")
+        + f" ({meta_dir / (SAMPLE_ID + '.collection.json')}, {data_dir / SAMPLE_ID}/)."
+    )
+    print(f"Try: datamux ls {SAMPLE_ID}")
 
 
 def run_config(args: argparse.Namespace) -> int:

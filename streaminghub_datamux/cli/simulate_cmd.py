@@ -31,6 +31,7 @@ from ..config import load_config
 from ..errors import ConfigError, InvalidRequest, NotFound
 from ..model import Frame, Stream, StreamError, StreamStatus, dtype_name
 from ..util import END_OF_STREAM
+from .text import count
 
 __all__ = ["TARGETS", "PublishedStream", "publish_lsl", "register"]
 
@@ -111,7 +112,7 @@ async def _simulate(
             loop.remove_signal_handler(sig)
         await api.aclose()
     for item in published:
-        print(f"stopped {item.node_id}/{item.stream_id}: {item.samples} samples published")
+        print(f"stopped {item.node_id}/{item.stream_id}: {count(item.samples, 'sample')} published")
     return 1 if any(item.error for item in published) else 0
 
 
@@ -164,7 +165,8 @@ async def publish_lsl(
         ConfigError: pylsl (the ``lsl`` extra) is not installed.
     """
     try:
-        import pylsl
+        # Through the driver module: it keeps liblsl's INFO lines off stderr.
+        from ..drivers.lsl import pylsl
     except (ImportError, RuntimeError) as exc:
         raise ConfigError(
             f"publishing on LSL needs pylsl and liblsl: {exc}",

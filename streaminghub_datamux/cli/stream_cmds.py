@@ -4,7 +4,11 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import difflib
 import json
+import logging
+import math
+import signal
 import sys
 import time
 from typing import Any, TextIO
@@ -19,6 +23,7 @@ from ..errors import InvalidRequest, NotFound
 from ..model import Frame, StreamError, StreamStatus
 from ..recording import record
 from ..util import END_OF_STREAM
+from .text import count
 
 __all__ = ["register"]
 
@@ -52,6 +57,11 @@ def register(subparsers: argparse._SubParsersAction[Any]) -> None:
     )
     ls.add_argument("id", nargs="?", help="a collection or node id")
     ls.add_argument("--json", action="store_true", help="print JSON")
+    ls.add_argument(
+        "--all",
+        action="store_true",
+        help="also list serial ports that no device is configured for (this machine only)",
+    )
     ls.set_defaults(handler=lambda args: _run(_ls(args)))
 
     output = argparse.ArgumentParser(add_help=False)
@@ -68,7 +78,7 @@ def register(subparsers: argparse._SubParsersAction[Any]) -> None:
         action="store_true",
         help="print one CSV row per sample instead of one line per frame",
     )
-    output.add_argument("--frames", type=int, metavar="N", help="stop after N frames")
+    output.add_argument("--frames", type=_at_least_one, metavar="N", help="stop after N frames")
     output.add_argument(
         "--framing",
         metavar="PRESET",
@@ -105,7 +115,7 @@ def register(subparsers: argparse._SubParsersAction[Any]) -> None:
     )
     tail.add_argument("node", nargs="?", default="demo", help="node id (default: demo)")
     tail.add_argument("stream", nargs="?", default="eeg", help="stream id (default: eeg)")
-    tail.add_argument("--seconds", type=float, metavar="S", help="stop after S seconds")
+    tail.add_argument("--seconds", type=_positive, metavar="S", help="stop after S seconds")
     tail.set_defaults(handler=lambda args: _run(_tail(args)))
 
     rec = subparsers.add_parser(
@@ -139,7 +149,12 @@ def register(subparsers: argparse._SubParsersAction[Any]) -> None:
         metavar="KEY=VALUE",
         help="attribute of the source (for --collection: which recording)",
     )
-    rec.add_argument("--seconds", type=float, metavar="S", help="stop after S seconds")
+    rec.add_argument(
+        "--seconds",
+        type=_positive,
+        metavar="S",
+        help="record S seconds of the stream's samples (S x its rate, for a regular stream)",
+    )
     rec.add_argument(
         "--speed",
         type=float,
@@ -156,6 +171,28 @@ def register(subparsers: argparse._SubParsersAction[Any]) -> None:
     rec.set_defaults(handler=lambda args: _run(_record(args)))
 
 
+def _at_least_one(text: str) -> int:
+    """argparse type of --frames: a whole number >= 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1 or str(value) != text.strip():
+        raise argparse.ArgumentTypeError(f"must be a whole number >= 1, not {text!r}")
+    return value
+
+
+def _positive(text: str) -> float:
+    """argparse type of --seconds: a number > 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not value > 0 or math.isinf(value):
+        raise argparse.ArgumentTypeError(f"must be a number > 0, not {text!r}")
+    return value
+
+
 def _run(coro: Any) -> int:
     try:
         return asyncio.run(coro)
@@ -165,8 +202,17 @@ def _run(coro: Any) -> int:
 
 async def _api(args: argparse.Namespace) -> Any:
     """The local API, or with ``--broker`` a connected RemoteAPI (same methods)."""
-    config = load_config(flags=getattr(args, "config_flags", None))
+    flags = getattr(args, "config_flags", None) or {}
+    config = load_config(flags=flags)
+    if getattr(args, "all", False) and not getattr(args, "broker", None):
+        # Unconfigured ports are listed on request only: they cannot stream anything.
+        serial_options = {**(config.get("drivers.serial") or {}), "list_ports": True}
+        config = load_config(flags={**flags, "drivers.serial": serial_options})
     if not getattr(args, "broker", None):
+        if not getattr(args, "verbose", 0):
+            # A failed task's error item is printed by this command: its log line would
+            # say the same thing twice (-v shows it).
+            logging.getLogger("streaminghub_datamux.tasks").setLevel(logging.ERROR)
         return API(config)
     host, _, port = args.broker.rpartition(":") if ":" in args.broker else (args.broker, "", "")
     if port and not port.isdigit():
@@ -212,23 +258,31 @@ async def _ls_with(api: Any, args: argparse.Namespace) -> int:
                 )
             )
             return 0
-        where = (
-            f"on {args.broker}" if getattr(args, "broker", None) else f"in {api.config.meta_dir}"
-        )
+        if getattr(args, "broker", None):
+            print(_agents_line(api, args.broker))
+            where = f"on {args.broker}"
+        else:
+            # Metadata files in meta_dir, and folders of XDF/EDF/BDF files in data_dir.
+            where = f"in {api.config.meta_dir} and {api.config.data_dir}"
         print(f"collections {where}:")
         for c in collections:
-            print(f"  {c.id:<20} {len(c.streams)} streams  {c.name}")
+            print(f"  {c.id:<20} {count(len(c.streams), 'stream'):<10}  {c.name}")
         if not collections:
             print("  (none)")
         print("live nodes:")
         for n in nodes:
-            print(f"  {n.id:<20} {n.kind:<6} {n.name}")
+            print(f"  {n.id:<20} {n.kind:<11} {n.name}")
+        if not nodes:
+            print("  (none)")
         return 0
     try:
         streams = await api.list_collection_streams(args.id)
         recordings = await api.list_collection_recordings(args.id)
     except NotFound:
-        streams, recordings = await api.list_live_streams(args.id), None
+        try:
+            streams, recordings = await api.list_live_streams(args.id), None
+        except NotFound:
+            raise NotFound(await _unknown_id(api, args.id)) from None
     if args.json:
         out: dict[str, Any] = {"streams": {s.id: s.to_dict() for s in streams}}
         if recordings is not None:
@@ -246,6 +300,39 @@ async def _ls_with(api: Any, args: argparse.Namespace) -> int:
         for attrs in recordings:
             print("  " + " ".join(f"{k}={v}" for k, v in attrs.items()))
     return 0
+
+
+def _agents_line(api: Any, broker: str) -> str:
+    """Which agents the broker knows, so an empty listing is never a mystery."""
+    states = api.agents()
+    online = sorted(a for a, s in states.items() if s.get("state") == "online")
+    offline = sorted(a for a, s in states.items() if s.get("state") != "online")
+    if online:
+        more = f" (offline: {', '.join(offline)})" if offline else ""
+        return f"agents on {broker}: {', '.join(online)}{more}"
+    seen = f"offline: {', '.join(offline)}" if offline else "none has ever connected"
+    return (
+        f"agents on {broker}: none online ({seen}); "
+        "start one with 'datamux serve' on the box with the data"
+    )
+
+
+async def _unknown_id(api: Any, wanted: str) -> str:
+    """Say that neither a collection nor a live node has this id, and what is close."""
+    collections = await api.list_collections()
+    nodes = await api.list_live_nodes()
+    ids = [c.id for c in collections] + [n.id for n in nodes]
+    by_name = [c.id for c in collections if c.name == wanted]
+    if by_name:
+        hint = f"'{wanted}' is the name of collection '{by_name[0]}': use its id. "
+    else:
+        close = difflib.get_close_matches(wanted, ids, n=3, cutoff=0.6)
+        hint = f"did you mean {' or '.join(repr(c) for c in close)}? " if close else ""
+    return (
+        f"no collection or live node {wanted!r}; {hint}"
+        f"collections: {[c.id for c in collections] or 'none'}; "
+        f"live nodes: {[n.id for n in nodes] or 'none'}"
+    )
 
 
 # -- printing frames ---------------------------------------------------------------------
@@ -396,14 +483,26 @@ async def _record(args: argparse.Namespace) -> int:
     api = await _api(args)
     enabled = args.progress == "on" or (args.progress == "auto" and sys.stderr.isatty())
     progress = Progress(None, enabled)
+    # Ctrl-C is the documented way to end a recording without --seconds: it stops the
+    # recording cleanly and the summary is printed; a second Ctrl-C interrupts for real.
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+
+    def on_interrupt() -> None:
+        stop.set()
+        loop.remove_signal_handler(signal.SIGINT)
+
+    loop.add_signal_handler(signal.SIGINT, on_interrupt)
     try:
-        summary = await _record_with(api, args, progress)
+        summary = await _record_with(api, args, progress, stop)
     finally:
+        loop.remove_signal_handler(signal.SIGINT)
         progress.close()
         await api.aclose()
+    how = " (stopped by Ctrl-C)" if stop.is_set() else ""
     print(
-        f"recorded {summary.samples} samples in {summary.frames} frames "
-        f"({summary.seconds:.1f} s) to {summary.path}"
+        f"recorded {count(summary.samples, 'sample')} in {count(summary.frames, 'frame')} "
+        f"({summary.seconds:.1f} s) to {summary.path}{how}"
     )
     if summary.error:
         print(f"datamux: the stream failed: {summary.error}", file=sys.stderr)
@@ -411,7 +510,9 @@ async def _record(args: argparse.Namespace) -> int:
     return 0
 
 
-async def _record_with(api: Any, args: argparse.Namespace, progress: Progress) -> Any:
+async def _record_with(
+    api: Any, args: argparse.Namespace, progress: Progress, stop: asyncio.Event
+) -> Any:
     return await record(
         api,
         mode="proxy" if args.node else "replay",
@@ -425,4 +526,5 @@ async def _record_with(api: Any, args: argparse.Namespace, progress: Progress) -
         speed=args.speed,
         overwrite=args.overwrite,
         on_frame=lambda frame: progress.advance(len(frame)),
+        stop=stop,
     )
