@@ -419,16 +419,25 @@ class RemoteAPI:
         *,
         speed: float | None = None,
         rate_limit: bool | None = None,
+        strict_time: bool | None = None,
+        use_relative_ts: bool | None = None,
         framing: Framing | str | dict[str, Any] | None = None,
         qos: int | None = None,
     ) -> StreamAck:
-        """As :meth:`API.replay_collection_stream`; ``qos`` overrides the client's."""
+        """As :meth:`API.replay_collection_stream`; ``qos`` overrides the client's.
+
+        ``transform`` is local only (a callable cannot travel): apply it to the frames
+        taken from ``sink``.
+        """
         agent, local = self._route(collection_id, "collection_id")
         params: dict[str, Any] = {"collection_id": local, "stream_id": stream_id}
-        if speed is not None:
-            params["speed"] = speed
-        if rate_limit is not None:
-            params["rate_limit"] = rate_limit
+        optional = {
+            "speed": speed,
+            "rate_limit": rate_limit,
+            "strict_time": strict_time,
+            "use_relative_ts": use_relative_ts,
+        }
+        params.update({k: v for k, v in optional.items() if v is not None})
         return await self._start(
             agent, "replay_collection_stream", params, attrs, sink, framing, qos
         )

@@ -8,7 +8,6 @@ so there is no Python work per sample.
 from __future__ import annotations
 
 import io
-import math
 import re
 from collections.abc import Iterator
 from pathlib import Path
@@ -20,26 +19,11 @@ from ..errors import DataError
 from ..model import Stream
 from .base import Chunk
 from .formats import RecordingFormat
+from .tables import seconds_per_unit, to_seconds
 
 __all__ = ["CsvFormat", "CsvStreamReader", "bad_line_message", "to_seconds"]
 
-# Seconds per unit of a declared index column.
-_TIME_UNITS = {"s": 1.0, "ms": 1e-3, "us": 1e-6, "µs": 1e-6, "ns": 1e-9}
-_UNITS_PER_SECOND = {1e-3: 1e3, 1e-6: 1e6, 1e-9: 1e9}
 _NUMPY_POSITION = re.compile(r" at row \d+, column \d+\.?")
-
-
-def to_seconds(raw: np.ndarray, scale: float) -> np.ndarray:
-    """Index values in seconds, ``scale`` being seconds per unit.
-
-    Dividing by units per second, not multiplying by ``scale``: 1001 ms is then the
-    float closest to 1.001 (1001 * 0.001 is 1.0010000000000001), so ``--rows`` and
-    every consumer see the timestamps the file has.
-    """
-    if scale == 1.0:
-        return raw
-    per_second = _UNITS_PER_SECOND.get(scale)
-    return raw / per_second if per_second is not None else raw * scale
 
 
 def bad_line_message(
@@ -129,21 +113,7 @@ class CsvStreamReader:
 
     def _time_scale(self, timestamps: np.ndarray) -> float:
         """Seconds per index unit: declared, else inferred from the nominal rate."""
-        index_field = next(iter(self.stream.index.values()), None)
-        if index_field is not None and index_field.unit:
-            if index_field.unit not in _TIME_UNITS:
-                raise DataError(
-                    f"index unit {index_field.unit!r} is not one of {sorted(_TIME_UNITS)}",
-                    file=str(self.path),
-                )
-            return _TIME_UNITS[index_field.unit]
-        if self.stream.frequency > 0 and len(timestamps) > 1:
-            step = float(np.median(np.diff(timestamps)))
-            if step > 0:
-                # Undeclared unit: pick the one that makes the spacing match the rate.
-                expected = 1.0 / self.stream.frequency
-                return min(_TIME_UNITS.values(), key=lambda s: abs(math.log(step * s / expected)))
-        return 1.0
+        return seconds_per_unit(self.stream, timestamps, self.path)
 
     def _table_dtype(self, usecols: list[int], has_index: bool) -> np.dtype:
         if self._markers:

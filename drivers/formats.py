@@ -5,7 +5,13 @@ pattern, ``csv://...``) and by file extension. Formats whose files describe them
 (XDF, EDF, BDF) implement :meth:`RecordingFormat.describe`, which lets a plain folder of
 such files be a collection with no hand-written metadata.
 
-Optional readers (pyxdf, pyedflib) are imported only when their format is used.
+Container formats (HDF5) keep every recording of a collection in one file, one dataset
+each: they name that file (:attr:`RecordingFormat.container`), list its datasets
+(:meth:`RecordingFormat.datasets`) and read one of them
+(:meth:`RecordingFormat.dataset_blocks`).
+
+Optional readers (pyxdf, pyedflib, h5py, pyarrow) are imported only when their format is
+used; a missing one is an error naming the extra to install.
 """
 
 from __future__ import annotations
@@ -23,6 +29,7 @@ __all__ = [
     "FORMAT_MODULES",
     "SELF_DESCRIBING",
     "RecordingFormat",
+    "container_of",
     "extensions_of",
     "format_for_path",
     "get_format",
@@ -38,6 +45,22 @@ class RecordingFormat(abc.ABC):
     extensions: tuple[str, ...] = ()
     #: True when files carry their own stream metadata (describe() works).
     self_describing: bool = False
+    #: For container formats: the one file per collection that holds every recording.
+    container: str | None = None
+
+    def datasets(self, path: Path) -> list[str]:
+        """The names of the recordings (datasets) in a container file.
+
+        Raises:
+            DataError: the file cannot be read.
+        """
+        raise InvalidRequest(f"{self.name} files hold one recording each, not datasets")
+
+    def dataset_blocks(
+        self, path: Path, dataset: str, stream: Stream, block_bytes: int
+    ) -> Iterator[Chunk]:
+        """As :meth:`blocks`, for one dataset of a container file."""
+        raise InvalidRequest(f"{self.name} files hold one recording each, not datasets")
 
     def describe(self, path: Path) -> dict[str, Stream]:
         """The streams in ``path`` by id, with metadata read from the file.
@@ -69,10 +92,25 @@ FORMAT_MODULES: dict[str, str] = {
     "xdf": "streaminghub_datamux.drivers.xdf:XdfFormat",
     "edf": "streaminghub_datamux.drivers.edf:EdfFormat",
     "bdf": "streaminghub_datamux.drivers.edf:EdfFormat",
+    "h5": "streaminghub_datamux.drivers.hdf5:Hdf5Format",
+    "parquet": "streaminghub_datamux.drivers.parquet:ParquetFormat",
 }
+#: The pip extra that installs each optional reader, where it differs from the name.
+EXTRAS = {"h5": "hdf5"}
+#: Container formats: the file, in the recordings folder, that holds every recording.
+CONTAINERS = {"h5": "data.h5"}
 #: Formats whose files carry their own stream metadata (no hand-written streams needed).
 SELF_DESCRIBING = frozenset({"xdf", "edf", "bdf"})
-_EXTENSIONS = {".csv": "csv", ".xdf": "xdf", ".xdfz": "xdf", ".edf": "edf", ".bdf": "bdf"}
+_EXTENSIONS = {
+    ".csv": "csv",
+    ".xdf": "xdf",
+    ".xdfz": "xdf",
+    ".edf": "edf",
+    ".bdf": "bdf",
+    ".parquet": "parquet",
+    ".h5": "h5",
+    ".hdf5": "h5",
+}
 _loaded: dict[str, RecordingFormat] = {}
 
 
@@ -93,7 +131,7 @@ def get_format(name: str) -> RecordingFormat:
         except ImportError as exc:
             raise InvalidRequest(
                 f"reading {name} files needs an optional package: {exc.msg}. "
-                f"Install it with: pip install 'streaminghub-datamux[{name}]'"
+                f"Install it with: pip install 'streaminghub-datamux[{EXTRAS.get(name, name)}]'"
             ) from exc
         _loaded[name] = getattr(module, class_name)()
     return _loaded[name]
@@ -119,3 +157,8 @@ def format_for_path(path: Path) -> RecordingFormat:
 def extensions_of(name: str) -> tuple[str, ...]:
     """Every extension of a format name, e.g. ``("xdf",)`` -> ``(".xdf", ".xdfz")``."""
     return tuple(ext for ext, fmt in _EXTENSIONS.items() if fmt == name)
+
+
+def container_of(name: str) -> str | None:
+    """The file that holds every recording, for a container format (``h5`` -> ``data.h5``)."""
+    return CONTAINERS.get(name)

@@ -1,9 +1,6 @@
-"""Replay recorded DFDS collections: find recordings, read them, release frames on time.
+"""Replay recorded DFDS collections: read recordings and release their frames on time.
 
-Recordings are found from the collection's ``pattern``: ``csv://{subject}/{session}``
-matches files ``<data_dir>/<collection id>/<subject>/<session>.csv``, and each
-placeholder becomes an attribute of the recording. A ``{stream}`` placeholder puts each
-stream in a file of its own; without it, one file holds the columns of all streams.
+Recordings are found by :mod:`.recordings` (from the collection's ``pattern``).
 
 Replay knows the future, so it cuts frames itself (``paced`` source): each frame holds at
 most ``max_samples`` samples spanning at most ``max_latency_ms`` of (scaled) recording
@@ -15,130 +12,29 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import re
-from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
-from dataclasses import dataclass
-from pathlib import Path
-from typing import Any
+from collections.abc import AsyncIterator, Callable, Iterator
 
 import numpy as np
 
-from ..dfds import split_pattern
 from ..errors import DatamuxError, InvalidRequest, NotFound
 from ..framing import Framing
-from ..model import Collection, Stream
+from ..model import Stream
 from .base import Chunk, Source
-from .formats import SELF_DESCRIBING, extensions_of, format_for_path, get_format
+from .formats import format_for_path
+from .recordings import SELF_DESCRIBING_EXTENSIONS, Recording, select_recording
 
-__all__ = ["Recording", "ReplaySource", "find_recordings", "open_reader", "select_recording"]
+__all__ = [
+    "SELF_DESCRIBING_EXTENSIONS",
+    "Recording",
+    "ReplaySource",
+    "open_reader",
+    "select_recording",
+]
 
 # Paced replay sleeps until this long before a frame is due, then yields to the event
 # loop until it is (see ReplaySource._sleep_until); capped at 10% of max latency.
 PACING_MARGIN_S = 0.0012
 _MIN_LOOP_GAP_S = 1e-3
-SELF_DESCRIBING_EXTENSIONS = tuple(ext for name in SELF_DESCRIBING for ext in extensions_of(name))
-_PLACEHOLDER = re.compile(r"\{(\w+)\}")
-
-
-@dataclass(frozen=True)
-class Recording:
-    """One recording of a collection: its attributes and the file of each stream."""
-
-    attrs: Mapping[str, str]
-    files: Mapping[str, Path]  # stream id -> file; key "*" when one file holds every stream
-
-    def file_for(self, stream_id: str) -> Path | None:
-        return self.files.get(stream_id, self.files.get("*"))
-
-
-def _template_regex(
-    template: str, extensions: tuple[str, ...]
-) -> tuple[re.Pattern[str], list[str]]:
-    parts, names, seen = [], [], set()
-    position = 0
-    for match in _PLACEHOLDER.finditer(template):
-        parts.append(re.escape(template[position : match.start()]))
-        name = match[1]
-        # A placeholder used twice must match the same text twice.
-        parts.append(f"(?P={name})" if name in seen else f"(?P<{name}>[^/]+?)")
-        if name not in seen:
-            names.append(name)
-            seen.add(name)
-        position = match.end()
-    parts.append(re.escape(template[position:]))
-    if not template.lower().endswith(extensions):
-        parts.append("(?:" + "|".join(re.escape(ext) for ext in extensions) + ")")
-    return re.compile("".join(parts), re.IGNORECASE), names
-
-
-def _files_under(root: Path, extensions: tuple[str, ...]) -> list[Path]:
-    return sorted(p for p in root.rglob("*") if p.suffix.lower() in extensions and p.is_file())
-
-
-def find_recordings(collection: Collection, data_dir: Path) -> list[Recording]:
-    """Every recording of ``collection`` under ``data_dir/<collection id>``, sorted by attrs.
-
-    A collection without a pattern (a folder of XDF/EDF/BDF files) has one recording per
-    file, with the attribute ``file``: its path below the folder, without the extension.
-    """
-    root = data_dir / collection.id
-    if not root.is_dir():
-        return []
-    if not collection.pattern:
-        return [
-            Recording({"file": path.relative_to(root).with_suffix("").as_posix()}, {"*": path})
-            for path in _files_under(root, SELF_DESCRIBING_EXTENSIONS)
-        ]
-    scheme, template = split_pattern(collection.pattern)
-    extensions = extensions_of(scheme)
-    if not extensions:
-        get_format(scheme)  # raises InvalidRequest naming the supported formats
-    regex, names = _template_regex(template, extensions)
-    by_attrs: dict[tuple[tuple[str, str], ...], dict[str, Path]] = {}
-    for path in _files_under(root, extensions):
-        match = regex.fullmatch(path.relative_to(root).as_posix())
-        if match is None:
-            continue
-        groups = match.groupdict()
-        stream_id = groups.pop("stream", "*")
-        if stream_id != "*" and collection.streams and stream_id not in collection.streams:
-            continue
-        key = tuple((name, groups[name]) for name in names if name != "stream")
-        by_attrs.setdefault(key, {})[stream_id] = path
-    return [Recording(dict(key), files) for key, files in sorted(by_attrs.items())]
-
-
-def select_recording(
-    recordings: Sequence[Recording], attrs: Mapping[str, Any], collection_id: str
-) -> Recording:
-    """The one recording whose attributes match ``attrs``.
-
-    Raises:
-        InvalidRequest: an attribute the collection does not have, or attrs that match
-            more than one recording.
-        NotFound: no recording matches.
-    """
-    known = {name for r in recordings for name in r.attrs}
-    wanted = {str(k): str(v) for k, v in attrs.items()}
-    unknown = sorted(set(wanted) - known)
-    if unknown and recordings:
-        raise InvalidRequest(
-            f"collection {collection_id!r} has no attribute {unknown}; "
-            f"recordings are selected by {sorted(known)}"
-        )
-    matches = [r for r in recordings if all(r.attrs.get(k) == v for k, v in wanted.items())]
-    if not matches:
-        examples = ", ".join(str(dict(r.attrs)) for r in recordings[:5]) or "none"
-        raise NotFound(
-            f"no recording of {collection_id!r} matches {wanted}; recordings: {examples}"
-        )
-    if len(matches) > 1:
-        examples = ", ".join(str(dict(r.attrs)) for r in matches[:5])
-        raise InvalidRequest(
-            f"{len(matches)} recordings of {collection_id!r} match {wanted}; "
-            f"add attributes to pick one: {examples}"
-        )
-    return matches[0]
 
 
 def open_reader(
@@ -149,6 +45,9 @@ def open_reader(
     if path is None:
         raise NotFound(f"recording {dict(recording.attrs)} has no file for stream {stream.id!r}")
     reader = format_for_path(path)
+    if recording.dataset is not None:
+        dataset = recording.dataset
+        return lambda: reader.dataset_blocks(path, dataset, stream, block_bytes)
     return lambda: reader.blocks(path, stream, block_bytes)
 
 
@@ -253,6 +152,12 @@ class ReplaySource(Source):
         framing: frame size and latency limits.
         loop: start again at the end (guided simulation); timestamps then move on
             by the length of the recording each pass.
+        relative_ts: shift timestamps so that the first sample is at 0 (upstream's
+            ``use_relative_ts``); otherwise they are the recording's own.
+        strict_time: release each frame when its timestamp is due (an absolute
+            schedule); ``False`` paces by sample count at the nominal ``frequency``
+            instead, ignoring gaps in the timestamps (upstream's ``strict_time``;
+            irregular streams have no nominal rate and keep the timestamp schedule).
     """
 
     paced = True
@@ -265,6 +170,8 @@ class ReplaySource(Source):
         speed: float = 1.0,
         framing: Framing,
         loop: bool = False,
+        relative_ts: bool = False,
+        strict_time: bool = True,
     ) -> None:
         super().__init__(stream)
         if not isinstance(speed, int | float) or isinstance(speed, bool) or speed < 0:
@@ -273,6 +180,9 @@ class ReplaySource(Source):
         self.speed = float(speed)
         self.framing = framing
         self.loop = loop
+        self.relative_ts = relative_ts
+        self.strict_time = strict_time
+        self._released = 0  # samples released so far (pacing by count)
         #: The loop time at which the first sample was due (set on the first frame).
         self.started_at: float | None = None
 
@@ -296,6 +206,7 @@ class ReplaySource(Source):
         span = self.framing.max_latency_s * self.speed
         tolerance = 0.5 / self.stream.frequency if self.stream.frequency > 0 else 0.0
         first_ts: float | None = None
+        origin = 0.0  # subtracted from every timestamp (relative_ts)
         offset = 0.0  # added to timestamps on each loop pass
         while True:
             cutter = FrameCutter(self.framing.max_samples, span, tolerance)
@@ -320,6 +231,10 @@ class ReplaySource(Source):
                     if first_ts is None:
                         first_ts = float(timestamps[0])
                         self.started_at = clock()
+                        if self.relative_ts:
+                            origin, first_ts = first_ts, 0.0
+                    if origin:
+                        timestamps = timestamps - origin
                     if pass_first is None:
                         pass_first = float(timestamps[0])
                     last_ts = float(timestamps[-1])
@@ -344,6 +259,10 @@ class ReplaySource(Source):
 
     async def _release(self, frame: Chunk, first_ts: float) -> None:
         """Wait until the frame's last sample is due (at once at speed 0)."""
+        if not self.strict_time and self.stream.frequency > 0:
+            position = (self._released + len(frame[0]) - 1) / self.stream.frequency
+        else:
+            position = float(frame[0][-1]) - first_ts
+        self._released += len(frame[0])
         if self.speed > 0 and self.started_at is not None:
-            due = self.started_at + (float(frame[0][-1]) - first_ts) / self.speed
-            await self._sleep_until(due)
+            await self._sleep_until(self.started_at + position / self.speed)

@@ -10,7 +10,7 @@ import asyncio
 import logging
 import secrets
 from collections import deque
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
 from typing import Any, Self
@@ -22,7 +22,7 @@ from .drivers.registry import create_drivers
 from .drivers.replay import ReplaySource, open_reader
 from .errors import InvalidRequest, NotFound
 from .framing import Framing
-from .model import Collection, Node, Stream, StreamAck
+from .model import Collection, Frame, Node, Stream, StreamAck
 from .tasks import Task
 
 __all__ = ["API"]
@@ -121,15 +121,35 @@ class API:
         return list(collections.values())
 
     async def list_collection_streams(self, collection_id: str) -> list[Stream]:
-        """The streams of one collection."""
-        collection = await asyncio.to_thread(self.get_collection, collection_id)
-        return list(collection.streams.values())
+        """One stream per recording and stream, as upstream DataMux lists them.
+
+        Each ``stream.attrs`` holds the recording's attributes plus ``collection``,
+        ``id`` and ``mode``; passed back to :meth:`replay_collection_stream` they replay
+        that recording. The declared streams alone: :meth:`get_collection`.
+
+        Raises:
+            NotFound: unknown collection, or no recordings (naming the folders searched
+                and the pattern).
+        """
+
+        def listing() -> list[Stream]:
+            return self.catalog.recording_streams(self.get_collection(collection_id))
+
+        return await asyncio.to_thread(listing)
 
     async def list_collection_recordings(self, collection_id: str) -> list[dict[str, str]]:
-        """The attrs of every recording of a collection (what ``attrs`` may select)."""
-        collection = await asyncio.to_thread(self.get_collection, collection_id)
-        recordings = await asyncio.to_thread(self.catalog.recordings, collection)
-        return [dict(r.attrs) for r in recordings]
+        """The attrs of every recording of a collection (what ``attrs`` may select).
+
+        Raises:
+            NotFound: unknown collection, or no recordings (naming the folders searched
+                and the pattern).
+        """
+
+        def listing() -> list[dict[str, str]]:
+            recordings = self.catalog.recordings(self.get_collection(collection_id))
+            return [dict(r.attrs) for r in recordings]
+
+        return await asyncio.to_thread(listing)
 
     def open_replay(
         self,
@@ -140,13 +160,23 @@ class API:
         speed: float,
         framing: Framing,
         loop: bool = False,
+        relative_ts: bool = False,
+        strict_time: bool = True,
     ) -> ReplaySource:
         """A replay source for one stream of one recording (not yet opened)."""
         stream, recording = self.catalog.resolve(
             _check_id(collection_id, "collection_id"), _check_id(stream_id, "stream_id"), attrs
         )
         reader = open_reader(recording, stream, block_bytes=_BLOCK_BYTES)
-        return ReplaySource(stream, reader, speed=speed, framing=framing, loop=loop)
+        return ReplaySource(
+            stream,
+            reader,
+            speed=speed,
+            framing=framing,
+            loop=loop,
+            relative_ts=relative_ts,
+            strict_time=strict_time,
+        )
 
     async def replay_collection_stream(
         self,
@@ -157,6 +187,9 @@ class API:
         *,
         speed: float | None = None,
         rate_limit: bool | None = None,
+        strict_time: bool = True,
+        use_relative_ts: bool = False,
+        transform: Callable[[Frame], Any] | None = None,
         framing: Framing | str | dict[str, Any] | None = None,
         owner: str = "",
         task_id: str | None = None,
@@ -166,10 +199,19 @@ class API:
         Args:
             collection_id: the collection.
             stream_id: the stream in it.
-            attrs: selects exactly one recording (e.g. ``{"subject": "A"}``).
+            attrs: selects exactly one recording (e.g. ``{"subject": "A"}``): the
+                pattern's placeholders select, other keys (such as upstream's ``id``,
+                ``mode``, ``collection``) are echoed on every frame.
             sink: receives frames, then END_OF_STREAM.
             speed: 1.0 real time (default), 2.0 twice as fast, 0 as fast as possible.
             rate_limit: upstream's switch; ``False`` means speed 0.
+            strict_time: ``True`` (default) releases frames on the timestamps' absolute
+                schedule; ``False`` paces by sample count at the nominal frequency.
+            use_relative_ts: shift timestamps so the first sample is at 0 (upstream's
+                default); ``False`` (default) keeps the recording's own (docs/design.md).
+            transform: called with each frame; what it returns goes on the sink instead
+                (status items, errors and END_OF_STREAM pass unchanged). An exception
+                in it ends the task with an error item.
             framing: a :class:`Framing`, a preset name or a dict; defaults to the config.
             owner: who asked (the agent passes the client id; see docs/protocol.md).
             task_id: the task's id; chosen here when omitted (the agent passes the
@@ -184,12 +226,26 @@ class API:
         task_id = self._new_task_id(task_id)
         if speed is None:
             speed = 0.0 if rate_limit is False else 1.0
+        for name, flag in (("strict_time", strict_time), ("use_relative_ts", use_relative_ts)):
+            if not isinstance(flag, bool):
+                raise InvalidRequest(f"{name} must be True or False, not {flag!r}")
+        if transform is not None and not callable(transform):
+            raise InvalidRequest(f"transform must be callable, not {type(transform).__name__}")
         chosen = Framing.coerce(framing) if framing is not None else self.framing
         source = await asyncio.to_thread(
-            self.open_replay, collection_id, stream_id, attrs, speed=speed, framing=chosen
+            self.open_replay,
+            collection_id,
+            stream_id,
+            attrs,
+            speed=speed,
+            framing=chosen,
+            relative_ts=use_relative_ts,
+            strict_time=strict_time,
         )
         frame_attrs = {**source.stream.attrs, **attrs}
-        return self._start(source.stream, lambda: source, sink, frame_attrs, chosen, owner, task_id)
+        return self._start(
+            source.stream, lambda: source, sink, frame_attrs, chosen, owner, task_id, transform
+        )
 
     # -- live nodes --------------------------------------------------------------------
 
@@ -264,6 +320,7 @@ class API:
         framing: Framing,
         owner: str,
         task_id: str,
+        transform: Callable[[Frame], Any] | None = None,
     ) -> StreamAck:
         if task_id in self._tasks:  # checked before, but an await came in between
             raise InvalidRequest(f"task id {task_id!r} is in use")
@@ -276,6 +333,7 @@ class API:
             attrs=attrs,
             framing=framing,
             owner=owner,
+            transform=transform,
         )
         self._tasks[task_id] = task
         task.start(on_done=self._forget)

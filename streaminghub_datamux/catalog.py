@@ -4,32 +4,107 @@ A collection comes from ``<meta_dir>/<id>.collection.json``, or, with no metadat
 from a folder ``<data_dir>/<id>/`` holding XDF, EDF or BDF files. When a collection's
 streams are not written out (a folder, or a metadata file whose pattern is ``xdf://``,
 ``edf://`` or ``bdf://`` without ``streams``), they are read from the files themselves.
+
+Recordings are found by :mod:`.drivers.recordings`; the scan of a collection's folders
+is cached until one of them changes (see :class:`ScanCache`), so listing a collection of
+ten thousand recordings again costs a few ``stat`` calls, not a walk of the folders.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import re
-from dataclasses import replace
+import time
+from collections import OrderedDict
+from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Any
 
 from .dfds import COLLECTION_SUFFIX, load_collection, scan_collections
 from .drivers.formats import format_for_path
-from .drivers.replay import (
+from .drivers.recordings import (
     SELF_DESCRIBING_EXTENSIONS,
     Recording,
-    find_recordings,
+    Search,
+    recording_folders,
+    scan_folder,
     select_recording,
+    target_of,
 )
 from .errors import DatamuxError, MetadataError, NotFound
 from .model import Collection, Stream
 
-__all__ = ["Catalog"]
+__all__ = ["Catalog", "ScanCache"]
 
 log = logging.getLogger(__name__)
 
 _FOLDER_ID = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,63}")
 _DESCRIBE_CACHE_SIZE = 512
+_SCAN_CACHE_SIZE = 64
+# A folder changed this recently may change again within the same mtime tick (coarse
+# file system clocks): its scan is not cached, so a change is never missed.
+_RACY_S = 2.0
+#: Upstream's attributes of a listed stream, after the recording's own (which win).
+UPSTREAM_ATTRS = ("collection", "id", "mode")
+
+
+def _stamp(paths: list[Path]) -> tuple[tuple[int, int], ...] | None:
+    """``(mtime_ns, size)`` of every folder walked and file read; None if one is gone."""
+    try:
+        return tuple((st.st_mtime_ns, st.st_size) for st in map(os.stat, paths))
+    except OSError:
+        return None
+
+
+@dataclass(frozen=True)
+class _Scan:
+    stamp: tuple[tuple[int, int], ...]
+    paths: list[Path]
+    recordings: list[Recording]
+    search: Search
+
+
+class ScanCache:
+    """The recordings of each collection, kept while none of the folders walked changes.
+
+    Adding, removing or renaming a file changes the modification time of its folder, and
+    every folder walked (plus ``data_dir``, where a collection's folder may appear) is in
+    the stamp; container files (``data.h5``) are stamped by time and size.
+    """
+
+    def __init__(self, data_dir: Path, size: int = _SCAN_CACHE_SIZE) -> None:
+        self.data_dir = data_dir
+        self.size = size
+        self._scans: OrderedDict[tuple[Any, ...], _Scan] = OrderedDict()
+        self.hits = self.misses = 0
+
+    def locate(self, collection: Collection) -> tuple[list[Recording], Search]:
+        """Every recording of ``collection`` (maybe none), and where they were looked for."""
+        key = (collection.id, collection.name, collection.pattern, tuple(collection.streams))
+        cached = self._scans.get(key)
+        if cached is not None and _stamp(cached.paths) == cached.stamp:
+            self._scans.move_to_end(key)
+            self.hits += 1
+            return cached.recordings, cached.search
+        self.misses += 1
+        started = time.time_ns()
+        dirs, files = [self.data_dir], []
+        search = Search(collection.id, target_of(collection))
+        recordings: list[Recording] = []
+        for folder in recording_folders(collection, self.data_dir):
+            recordings, why = scan_folder(collection, folder, dirs, files)
+            if recordings:
+                break
+            search.looked.append((folder, why))
+        paths = dirs + files
+        stamp = _stamp(paths)
+        self._scans.pop(key, None)
+        if stamp is not None and all(started - mtime > _RACY_S * 1e9 for mtime, _ in stamp):
+            self._scans[key] = _Scan(stamp, paths, recordings, search)
+            while len(self._scans) > self.size:
+                self._scans.popitem(last=False)
+        return recordings, search
 
 
 class Catalog:
@@ -38,6 +113,7 @@ class Catalog:
     def __init__(self, data_dir: Path, meta_dir: Path) -> None:
         self.data_dir = Path(data_dir)
         self.meta_dir = Path(meta_dir)
+        self.scans = ScanCache(self.data_dir)
         # (path, mtime_ns, size) -> streams: describing an XDF file means parsing it.
         self._described: dict[tuple[str, int, int], dict[str, Stream]] = {}
 
@@ -121,7 +197,61 @@ class Catalog:
         return replace(collection, streams=self._derive_streams(collection))
 
     def recordings(self, collection: Collection) -> list[Recording]:
-        return find_recordings(collection, self.data_dir)
+        """Every recording of a collection.
+
+        Raises:
+            NotFound: none, naming every folder searched and the pattern.
+        """
+        recordings, search = self.scans.locate(collection)
+        if not recordings:
+            raise search.not_found()
+        return recordings
+
+    def recording_streams(self, collection: Collection) -> list[Stream]:
+        """One stream per recording and stream it holds, as upstream DataMux lists them.
+
+        Each is a copy of the collection's stream whose ``attrs`` hold the recording's
+        attributes (and, with a ``{stream}`` placeholder, that file's stream), then
+        upstream's ``collection`` (the collection's name), ``id`` (the stream id) and
+        ``mode`` (``"replay"``) unless the recording has attributes of those names, then
+        the stream's own attrs. Passed back to ``replay_collection_stream``, they select
+        exactly that recording.
+
+        Raises:
+            NotFound: the collection has no recordings (naming the folders searched).
+        """
+        out: list[Stream] = []
+        for recording in self.recordings(collection):
+            for stream_id, stream in self._streams_in(collection, recording):
+                attrs: dict[str, Any] = dict(recording.attrs)
+                if recording.stream_key is not None:
+                    attrs[recording.stream_key] = stream_id
+                extra = {"collection": collection.name, "id": stream_id, "mode": "replay"}
+                for key in UPSTREAM_ATTRS:
+                    attrs.setdefault(key, extra[key])
+                for key, value in stream.attrs.items():
+                    attrs.setdefault(key, value)
+                out.append(replace(stream, attrs=attrs))
+        return out
+
+    def _streams_in(self, collection: Collection, recording: Recording) -> list[tuple[str, Stream]]:
+        path = recording.file_for("*")
+        if path is not None and path.suffix.lower() in SELF_DESCRIBING_EXTENSIONS:
+            try:
+                described = self.describe(path)
+            except DatamuxError as exc:  # listed without streams; replaying it says why
+                log.warning("collection %s: skipping %s: %s", collection.id, path, exc)
+                return []
+            return [
+                (sid, replace(s, collection_id=collection.id))
+                for sid, s in described.items()
+                if sid in collection.streams
+            ]
+        return [
+            (sid, stream)
+            for sid, stream in collection.streams.items()
+            if recording.file_for(sid) is not None
+        ]
 
     # -- streams of self-describing files ---------------------------------------------------
 
@@ -138,7 +268,8 @@ class Catalog:
     def _derive_streams(self, collection: Collection) -> dict[str, Stream]:
         """The union of the streams in every recording (first description wins)."""
         streams: dict[str, Stream] = {}
-        for recording in self.recordings(collection):
+        recordings, _ = self.scans.locate(collection)
+        for recording in recordings:
             path = recording.file_for("*")
             if path is None:
                 continue

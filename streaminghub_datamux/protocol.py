@@ -236,6 +236,8 @@ METHODS: dict[str, dict[str, tuple[Check, bool]]] = {
         "task_id": (_task_id, True),
         "speed": (_speed, False),
         "rate_limit": (_flag, False),
+        "strict_time": (_flag, False),
+        "use_relative_ts": (_flag, False),
         "framing": (_framing, False),
         "qos": (_qos, False),
     },

@@ -114,6 +114,7 @@ class Task:
         attrs: echoed on every frame.
         framing: frame limits for live sources.
         owner: who started the task (a client id for remote tasks).
+        transform: applied to each frame; its result goes on the sink instead.
     """
 
     def __init__(
@@ -127,6 +128,7 @@ class Task:
         attrs: Mapping[str, Any],
         framing: Framing,
         owner: str = "",
+        transform: Callable[[Frame], Any] | None = None,
     ) -> None:
         self.id = task_id
         self.open_source = open_source
@@ -136,6 +138,7 @@ class Task:
         self.attrs = dict(attrs)
         self.framing = framing
         self.owner = owner
+        self.transform = transform
         self.frames_sent = 0
         self.samples_sent = 0
         self.samples_dropped = 0
@@ -283,7 +286,7 @@ class Task:
             channels=self.channels,
             attrs=self.attrs,
         )
-        await self._deliver(frame)
+        await self._deliver(frame if self.transform is None else self.transform(frame))
         self.frames_sent += 1
         self.samples_sent += len(timestamps)
 

@@ -275,12 +275,16 @@ async def _ls_with(api: Any, args: argparse.Namespace) -> int:
         if not nodes:
             print("  (none)")
         return 0
+    recordings: list[dict[str, str]] | None = None
     try:
-        streams = await api.list_collection_streams(args.id)
         recordings = await api.list_collection_recordings(args.id)
+        listed = await api.list_collection_streams(args.id)
+        streams = list({s.id: s for s in listed}.values())  # one per recording: once each
     except NotFound:
+        if args.id in {c.id for c in await api.list_collections()}:
+            raise  # no recordings: the error names the folders searched and the pattern
         try:
-            streams, recordings = await api.list_live_streams(args.id), None
+            streams = await api.list_live_streams(args.id)
         except NotFound:
             raise NotFound(await _unknown_id(api, args.id)) from None
     if args.json:
