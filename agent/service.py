@@ -43,6 +43,7 @@ from ..framing import Framing
 from ..host import default_agent_id
 from ..model import Frame, Stream, StreamError, StreamStatus
 from ..mqttio import BrokerSettings, Incoming, MqttLink, Will
+from ..paging import PAGED_METHODS, Pager
 from ..protocol import (
     ID_PATTERN,
     PROTOCOL_VERSION,
@@ -143,6 +144,7 @@ class Agent:
         self.max_request_bytes = int(config.get("agent.max_request_bytes"))
         self.max_tasks = int(config.get("agent.max_tasks"))
         self.max_frame_bytes = int(config.get("agent.max_frame_bytes"))
+        self.pager = Pager()  # listings larger than one message go out in pages
         self.health_interval_s = float(config.get("agent.health_interval_s"))
         self.drain_per_s = float(config.get("agent.spool_drain_per_s"))
         folder = state_dir or config.get("agent.state_dir") or default_state_dir()
@@ -374,6 +376,9 @@ class Agent:
             if self._owns_tasks(request.client):
                 self.leases.renew(request.client)  # a request is a sign of life too
             result = await self._call(request, codec)
+            if request.method in PAGED_METHODS:
+                budget = self.pager.budget(self.link.max_packet_size)
+                result = self.pager.reply(request.client, request.params, result, codec, budget)
             reply = ok_reply(request.id, result)
         except DatamuxError as exc:
             if isinstance(exc, InvalidRequest):

@@ -39,6 +39,7 @@ from ..errors import (
 from ..framing import Framing
 from ..model import Collection, Node, Stream, StreamAck, StreamError, StreamStatus
 from ..mqttio import BrokerSettings, Incoming, MqttLink, Will
+from ..paging import fetch_all_pages
 from ..protocol import Topics, check_id, collection_from_wire, node_from_wire, stream_from_wire
 from .taskstream import TaskStream
 
@@ -285,7 +286,8 @@ class RemoteAPI:
         self._require_link()
         targets = self._targets()
         results = await asyncio.gather(
-            *(self._call(agent, method, {}) for agent in targets), return_exceptions=True
+            *(fetch_all_pages(self._call, agent, method, {}) for agent in targets),
+            return_exceptions=True,
         )
         merged: list[Any] = []
         failures = []
@@ -384,13 +386,17 @@ class RemoteAPI:
     async def list_collection_streams(self, collection_id: str) -> list[Stream]:
         """The streams of one collection."""
         agent, local = self._route(collection_id, "collection_id")
-        result = await self._call(agent, "list_collection_streams", {"collection_id": local})
+        result = await fetch_all_pages(
+            self._call, agent, "list_collection_streams", {"collection_id": local}
+        )
         return [self._stream(agent, stream_from_wire(s)) for s in result]
 
     async def list_collection_recordings(self, collection_id: str) -> list[dict[str, str]]:
         """The attrs of every recording of a collection."""
         agent, local = self._route(collection_id, "collection_id")
-        result = await self._call(agent, "list_collection_recordings", {"collection_id": local})
+        result = await fetch_all_pages(
+            self._call, agent, "list_collection_recordings", {"collection_id": local}
+        )
         return [dict(r) for r in result]
 
     async def list_live_nodes(self) -> list[Node]:
@@ -407,7 +413,7 @@ class RemoteAPI:
     async def list_live_streams(self, node_id: str) -> list[Stream]:
         """The streams of one live node."""
         agent, local = self._route(node_id, "node_id")
-        result = await self._call(agent, "list_live_streams", {"node_id": local})
+        result = await fetch_all_pages(self._call, agent, "list_live_streams", {"node_id": local})
         return [self._stream(agent, stream_from_wire(s)) for s in result]
 
     async def replay_collection_stream(

@@ -14,6 +14,7 @@ from typing import Any
 
 from .errors import InvalidRequest
 from .model import Collection, Node, Stream, StreamError, StreamStatus
+from .paging import PAGE_PARAMS, PAGED_METHODS
 
 __all__ = [
     "METHODS",
@@ -254,6 +255,8 @@ METHODS: dict[str, dict[str, tuple[Check, bool]]] = {
     "stop_task": {"task_id": (_task_id, True)},
     "list_tasks": {},
 }
+for _method in PAGED_METHODS:  # listings may be asked for in pages (paging.py)
+    METHODS[_method].update(PAGE_PARAMS)
 
 
 def read_envelope(message: Any, topics: Topics) -> tuple[Any, str | None]:
