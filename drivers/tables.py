@@ -114,8 +114,11 @@ class ColumnPicker:
             if self._scale is None:
                 self._scale = seconds_per_unit(self.stream, raw, self.file)
             timestamps = to_seconds(raw.astype(np.float64), self._scale)
-        values = np.empty((n, len(self.fields)), dtype=self.dtype)
-        for column, name in enumerate(self.fields):
-            values[:, column] = columns[name]
+        if self.dtype.kind == "U":  # markers: the width comes from the longest text
+            values = np.column_stack([np.asarray(columns[f], dtype=np.str_) for f in self.fields])
+        else:
+            values = np.empty((n, len(self.fields)), dtype=self.dtype)
+            for column, name in enumerate(self.fields):
+                values[:, column] = columns[name]
         self._rows += n
         return np.ascontiguousarray(timestamps), values

@@ -4,6 +4,8 @@ A recording is one CSV file per stream, ``<data_dir>/<collection>/<attr values..
 described by ``<meta_dir>/<collection>.collection.json`` with the pattern
 ``csv://{attr1}/{attr2}/{stream}``. Replay reads it back bit-exact: numbers are written in
 the shortest text that reads back to the same float32/float64/integer, markers are quoted.
+With ``format="parquet"`` the file is ``<stream>.parquet`` (pattern ``parquet://...``),
+typed columns, bit-exact by construction; it is complete only once the recording ends.
 
 Crash-safe by construction: the metadata file is written (atomically) before any data;
 each frame is appended with one unbuffered ``write`` of whole lines, and the file is
@@ -34,7 +36,7 @@ from .errors import DataError, InvalidRequest, NotFound
 from .model import Frame, Stream, StreamError, dtype_name
 from .util import END_OF_STREAM
 
-__all__ = ["CsvFrameWriter", "RecordingSummary", "record"]
+__all__ = ["CsvFrameWriter", "ParquetFrameWriter", "RecordingSummary", "record"]
 
 _SAFE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,63}")
 _FSYNC_EVERY_S = 1.0
@@ -139,6 +141,73 @@ class CsvFrameWriter:
             self._fd = None
 
 
+class ParquetFrameWriter:
+    """Writes frames to one Parquet file, a row group per :data:`ROW_GROUP_ROWS` samples.
+
+    Parquet's footer is written by :meth:`close`: a recording killed before that leaves
+    a file no reader can open (CSV is the crash-safe format).
+    """
+
+    ROW_GROUP_ROWS = 65536
+
+    def __init__(self, path: Path, columns: list[str], dtype: np.dtype) -> None:
+        self.path, self.columns, self.dtype = path, columns, dtype
+        self._file: Any = None
+        self._writer: Any = None
+        self._pending: list[tuple[np.ndarray, np.ndarray]] = []
+        self._rows = 0
+
+    def open(self, overwrite: bool = False) -> None:
+        try:
+            import pyarrow as pa
+            import pyarrow.parquet as pq
+        except ImportError as exc:
+            raise InvalidRequest(
+                "recording Parquet needs pyarrow: pip install 'streaminghub-datamux[parquet]'"
+            ) from exc
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            self._file = open(self.path, "wb" if overwrite else "xb")  # noqa: SIM115
+        except FileExistsError:
+            raise InvalidRequest(
+                f"{self.path} exists; pick other recording attrs, or replace it with "
+                "--overwrite (overwrite=True in Python)"
+            ) from None
+        kind = pa.string() if self.dtype.kind == "U" else pa.from_numpy_dtype(self.dtype)
+        schema = pa.schema([("t", pa.float64()), *((c, kind) for c in self.columns)])
+        self._writer = pq.ParquetWriter(self._file, schema)
+
+    def write(self, timestamps: np.ndarray, values: np.ndarray) -> None:
+        if len(timestamps):
+            self._pending.append((timestamps, values))
+            self._rows += len(timestamps)
+        if self._rows >= self.ROW_GROUP_ROWS:
+            self._flush()
+
+    def _flush(self) -> None:
+        import pyarrow as pa
+
+        if not self._pending:
+            return
+        timestamps = np.concatenate([p[0] for p in self._pending]).astype(np.float64)
+        values = np.concatenate([p[1] for p in self._pending])
+        self._pending, self._rows = [], 0
+        arrays = [pa.array(timestamps)]
+        arrays += [pa.array(values[:, j].astype(self.dtype)) for j in range(len(self.columns))]
+        self._writer.write_table(pa.table(arrays, names=["t", *self.columns]))
+
+    def close(self) -> None:
+        if self._writer is not None:
+            try:
+                self._flush()
+                self._writer.close()
+            finally:
+                self._writer = None
+                self._file.flush()
+                os.fsync(self._file.fileno())
+                self._file.close()
+
+
 def _stream_metadata(stream: Stream, columns: list[str]) -> dict[str, Any]:
     fields = {}
     for column, field in zip(columns, stream.fields.values(), strict=True):
@@ -183,10 +252,15 @@ def _replace_json(path: Path, meta: dict[str, Any]) -> None:
 
 
 def _write_metadata(
-    meta_dir: Path, collection_id: str, stream: Stream, columns: list[str], attr_keys: list[str]
+    meta_dir: Path,
+    collection_id: str,
+    stream: Stream,
+    columns: list[str],
+    attr_keys: list[str],
+    file_format: str = "csv",
 ) -> None:
     """Create or extend ``<collection>.collection.json``, atomically and under a lock."""
-    pattern = "csv://" + "/".join([*(f"{{{k}}}" for k in attr_keys), "{stream}"])
+    pattern = f"{file_format}://" + "/".join([*(f"{{{k}}}" for k in attr_keys), "{stream}"])
     with _metadata_for_update(meta_dir, collection_id) as (path, meta):
         if meta is not None and meta.get("pattern") != pattern:
             raise InvalidRequest(
@@ -310,6 +384,7 @@ async def record(
     overwrite: bool = False,
     on_frame: Callable[[Frame], None] | None = None,
     stop: asyncio.Event | None = None,
+    file_format: Literal["csv", "parquet"] = "csv",
 ) -> RecordingSummary:
     """Record one stream into the collection ``into`` until it ends or ``duration`` passes.
 
@@ -336,6 +411,8 @@ async def record(
         on_frame: called with every frame written (e.g. for progress).
         stop: set it to stop early and still get the summary (``datamux record`` sets it
             on Ctrl-C). Cancelling the coroutine stops too, without a summary.
+        file_format: ``"csv"`` (crash-safe text) or ``"parquet"`` (typed columns,
+            readable once the recording ends; needs the ``[parquet]`` extra).
 
     Raises:
         InvalidRequest: unsafe ids or attrs, an existing recording, a clash with the
@@ -343,6 +420,8 @@ async def record(
         NotFound: unknown node, collection or stream.
     """
     config = config or load_config()
+    if file_format not in ("csv", "parquet"):
+        raise InvalidRequest(f"file_format must be 'csv' or 'parquet', not {file_format!r}")
     _check_segment(into, "collection id")
     _check_segment(stream_id, "stream id")
     attr_keys = list(recording)
@@ -354,9 +433,16 @@ async def record(
     columns = [_column_id(channel, taken) for channel in stream.channels]
 
     meta_dir, data_dir = Path(config.meta_dir), Path(config.data_dir)
-    path = data_dir / into / Path(*(str(recording[k]) for k in attr_keys)) / f"{stream_id}.csv"
-    await asyncio.to_thread(_write_metadata, meta_dir, into, stream, columns, attr_keys)
-    writer = CsvFrameWriter(path, columns)
+    folder = data_dir / into / Path(*(str(recording[k]) for k in attr_keys))
+    path = folder / f"{stream_id}.{file_format}"
+    await asyncio.to_thread(
+        _write_metadata, meta_dir, into, stream, columns, attr_keys, file_format
+    )
+    writer: CsvFrameWriter | ParquetFrameWriter
+    if file_format == "parquet":
+        writer = ParquetFrameWriter(path, columns, stream.dtype)
+    else:
+        writer = CsvFrameWriter(path, columns)
     await asyncio.to_thread(writer.open, overwrite)
 
     sink: asyncio.Queue[Any] = asyncio.Queue(maxsize=256)

@@ -53,7 +53,8 @@ def concat(frames):
     )
 
 
-def test_replay_recorded_into_a_collection_replays_bit_exact(workspace):
+@pytest.mark.parametrize("file_format", ["csv", "parquet"])
+def test_replay_recorded_into_a_collection_replays_bit_exact(workspace, file_format):
     workspace.add_collection("study", gaze_collection())
     workspace.add_gaze_recording("A", "1", n=3000)
 
@@ -68,6 +69,7 @@ def test_replay_recorded_into_a_collection_replays_bit_exact(workspace):
             into="copy",
             recording={"subject": "A", "session": "1"},
             config=api.config,
+            file_format=file_format,
         )
         original = await replay_all(api, "study", "gaze", {"subject": "A"})
         copied = await replay_all(api, "copy", "gaze", {"subject": "A", "session": "1"})
@@ -76,18 +78,19 @@ def test_replay_recorded_into_a_collection_replays_bit_exact(workspace):
 
     summary, original, copied, streams = run(body())
     assert summary.samples == 3000 and summary.error is None
-    assert summary.path == workspace.data_dir / "copy" / "A" / "1" / "gaze.csv"
+    assert summary.path == workspace.data_dir / "copy" / "A" / "1" / f"gaze.{file_format}"
     ts0, v0 = concat(original)
     ts1, v1 = concat(copied)
     assert v1.dtype == v0.dtype == np.float32
     np.testing.assert_array_equal(ts1, ts0)
     np.testing.assert_array_equal(v1, v0)
-    (stream,) = streams
+    (stream,) = streams  # one recording of one stream
     assert stream.channels == ["x", "y"] and stream.frequency == 100
     assert [f.name for f in stream.fields.values()] == ["gaze x", "gaze y"]
 
 
-def test_live_streams_of_every_dtype_round_trip(workspace):
+@pytest.mark.parametrize("file_format", ["csv", "parquet"])
+def test_live_streams_of_every_dtype_round_trip(workspace, file_format):
     async def body():
         api = dm.API(workspace.config(**{"simulate.nodes": NODES}))
         results = {}
@@ -103,6 +106,7 @@ def test_live_streams_of_every_dtype_round_trip(workspace):
                 config=api.config,
                 duration=1.0,
                 on_frame=seen.append,
+                file_format=file_format,
             )
             back = await replay_all(api, "live", stream_id, {"take": "1"})
             results[stream_id] = (summary, seen, back)
@@ -268,3 +272,30 @@ def test_ctrl_c_ends_datamux_record_with_a_summary(workspace):
     assert stdout.decode().startswith(f"recorded {rows} samples in ")
     assert stdout.decode().endswith(f" to {path} (stopped by Ctrl-C)\n")
     assert stderr.decode() == ""
+
+
+def test_datamux_record_format_parquet_from_the_shell(workspace):
+    workspace.add_collection("study", gaze_collection())
+    workspace.add_gaze_recording("A", "1", n=500)
+    env = {**os.environ, "HOME": str(workspace.root)}
+    flags = ["--data_dir", str(workspace.data_dir), "--meta_dir", str(workspace.meta_dir)]
+    result = subprocess.run(
+        [sys.executable, "-m", "streaminghub_datamux", "record", "--collection", "study",
+         "gaze", "-a", "subject=A", "--into", "pq", "-r", "take=1", "--format", "parquet",
+         *flags],
+        capture_output=True, text=True, timeout=60, cwd=workspace.root, env=env,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    path = workspace.data_dir / "pq" / "1" / "gaze.parquet"
+    assert "recorded 500 samples" in result.stdout and str(path) in result.stdout
+    meta = (workspace.meta_dir / "pq.collection.json").read_text()
+    assert '"pattern": "parquet://{take}/{stream}"' in meta
+
+    async def body():
+        api = dm.API(workspace.config())
+        original = concat(await replay_all(api, "study", "gaze", {"subject": "A"}))
+        copied = concat(await replay_all(api, "pq", "gaze", {"take": "1"}))
+        return original, copied
+
+    (ts0, v0), (ts1, v1) = run(body())
+    assert ts1.tobytes() == ts0.tobytes() and v1.tobytes() == v0.tobytes()

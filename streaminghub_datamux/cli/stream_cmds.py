@@ -163,6 +163,12 @@ def register(subparsers: argparse._SubParsersAction[Any]) -> None:
     )
     rec.add_argument("--overwrite", action="store_true", help="replace an existing recording")
     rec.add_argument(
+        "--format",
+        choices=["csv", "parquet"],
+        default="csv",
+        help="csv (default; crash-safe text) or parquet (typed; complete when recording ends)",
+    )
+    rec.add_argument(
         "--progress",
         choices=["auto", "on", "off"],
         default="auto",
@@ -531,4 +537,5 @@ async def _record_with(
         overwrite=args.overwrite,
         on_frame=lambda frame: progress.advance(len(frame)),
         stop=stop,
+        file_format=args.format,
     )
