@@ -295,3 +295,71 @@ def test_a_missing_extra_is_an_error_naming_it(upstream, monkeypatch):
             assert await api.list_collection_recordings("adhd_sin")
 
     run(body())
+
+
+def _age(*paths):
+    """Date folders back, as data on disk is: fresh changes are never cached (racy)."""
+    past = time.time() - 60
+    for path in paths:
+        os.utime(path, (past, past))
+
+
+def test_the_folder_scan_is_cached_and_follows_every_change(workspace):
+    from helpers import gaze_collection
+
+    workspace.add_collection("study", gaze_collection())
+    workspace.add_gaze_recording("A", "1", n=5)
+    workspace.add_gaze_recording("B", "1", n=5)
+    study = workspace.data_dir / "study"
+
+    async def body():
+        async with dm.API(workspace.config()) as api:
+            scans = api.catalog.scans
+
+            async def listed():
+                return [tuple(r.values()) for r in await api.list_collection_recordings("study")]
+
+            _age(workspace.data_dir, study, study / "A", study / "B")
+            assert await listed() == [("A", "1"), ("B", "1")]
+            assert await listed() == [("A", "1"), ("B", "1")]
+            assert (scans.misses, scans.hits) == (1, 1)
+            workspace.add_gaze_recording("A", "2", n=5)  # a new file in a nested folder
+            assert await listed() == [("A", "1"), ("A", "2"), ("B", "1")]
+            (study / "B" / "1_gaze.csv").unlink()  # a file removed
+            assert await listed() == [("A", "1"), ("A", "2")]
+            _age(study / "A", study / "B")
+            await listed()
+            hits = scans.hits
+            assert await listed() == [("A", "1"), ("A", "2")] and scans.hits == hits + 1
+
+    run(body())
+
+
+def test_hdf5_recording_errors_name_file_dataset_and_columns(upstream):
+    import h5py
+
+    workspace, _ = upstream
+    path = workspace.data_dir / "n_back" / "data.h5"
+    with h5py.File(path, "a") as handle:
+        handle.create_dataset("S2_task_1back_center", data=np.zeros(4, [("t", "f4"), ("x", "f4")]))
+        handle.create_dataset("S3_task_1back_center", data=np.zeros((4, 2), "f4"))
+    (workspace.data_dir / "pg_weather" / "data.h5").write_text("not hdf5")
+
+    async def failure(api, collection, stream, attrs):
+        sink: asyncio.Queue = asyncio.Queue()
+        await api.replay_collection_stream(collection, stream, attrs, sink, speed=0)
+        items = await drain(sink)
+        return items[-2]
+
+    async def body():
+        async with dm.API(workspace.config()) as api:
+            error = await failure(api, "n_back", "gaze", {"subject": "2"})
+            assert error.code == "data"
+            assert f"{path}:S2_task_1back_center" in error.reason
+            assert "columns ['y'] of stream 'gaze'" in error.reason and "'t', 'x'" in error.reason
+            error = await failure(api, "n_back", "gaze", {"subject": "3"})
+            assert "must be a 1-D structured array" in error.reason
+            with pytest.raises(dm.errors.DataError, match="not a readable HDF5 file"):
+                await api.list_collection_streams("pg_weather")
+
+    run(body())
