@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from .dfds import COLLECTION_SUFFIX, load_collection, scan_collections
-from .drivers.formats import format_for_path
+from .drivers.formats import SELF_DESCRIBING, format_for_path
 from .drivers.recordings import (
     SELF_DESCRIBING_EXTENSIONS,
     Recording,
@@ -45,8 +45,15 @@ _SCAN_CACHE_SIZE = 64
 # A folder changed this recently may change again within the same mtime tick (coarse
 # file system clocks): its scan is not cached, so a change is never missed.
 _RACY_S = 2.0
-#: Upstream's attributes of a listed stream, after the recording's own (which win).
-UPSTREAM_ATTRS = ("collection", "id", "mode")
+
+
+def _with_attrs(stream: Stream, attrs: dict[str, Any]) -> Stream:
+    """A copy of ``stream`` with other attrs: ``dataclasses.replace`` without its cost
+    (it re-runs ``__init__``; listing 40,000 streams spent most of its time there)."""
+    copy = object.__new__(Stream)
+    copy.__dict__.update(stream.__dict__)
+    copy.__dict__["attrs"] = attrs
+    return copy
 
 
 def _stamp(paths: list[Path]) -> tuple[tuple[int, int], ...] | None:
@@ -221,36 +228,41 @@ class Catalog:
             NotFound: the collection has no recordings (naming the folders searched).
         """
         out: list[Stream] = []
+        declared = list(collection.streams.items())
+        described = not collection.pattern or collection.pattern.split("://")[0] in SELF_DESCRIBING
         for recording in self.recordings(collection):
-            for stream_id, stream in self._streams_in(collection, recording):
+            if described:  # each file says which streams it holds
+                streams = self._streams_in(collection, recording)
+            elif "*" in recording.files:
+                streams = declared
+            else:  # a file per stream
+                streams = [(sid, s) for sid, s in declared if sid in recording.files]
+            for stream_id, stream in streams:
                 attrs: dict[str, Any] = dict(recording.attrs)
                 if recording.stream_key is not None:
                     attrs[recording.stream_key] = stream_id
-                extra = {"collection": collection.name, "id": stream_id, "mode": "replay"}
-                for key in UPSTREAM_ATTRS:
-                    attrs.setdefault(key, extra[key])
+                attrs.setdefault("collection", collection.name)
+                attrs.setdefault("id", stream_id)
+                attrs.setdefault("mode", "replay")
                 for key, value in stream.attrs.items():
                     attrs.setdefault(key, value)
-                out.append(replace(stream, attrs=attrs))
+                out.append(_with_attrs(stream, attrs))
         return out
 
     def _streams_in(self, collection: Collection, recording: Recording) -> list[tuple[str, Stream]]:
+        """The streams of a self-describing file (XDF, EDF/BDF) that the collection has."""
         path = recording.file_for("*")
-        if path is not None and path.suffix.lower() in SELF_DESCRIBING_EXTENSIONS:
-            try:
-                described = self.describe(path)
-            except DatamuxError as exc:  # listed without streams; replaying it says why
-                log.warning("collection %s: skipping %s: %s", collection.id, path, exc)
-                return []
-            return [
-                (sid, replace(s, collection_id=collection.id))
-                for sid, s in described.items()
-                if sid in collection.streams
-            ]
+        if path is None:
+            return []
+        try:
+            described = self.describe(path)
+        except DatamuxError as exc:  # listed without streams; replaying it says why
+            log.warning("collection %s: skipping %s: %s", collection.id, path, exc)
+            return []
         return [
-            (sid, stream)
-            for sid, stream in collection.streams.items()
-            if recording.file_for(sid) is not None
+            (sid, replace(s, collection_id=collection.id))
+            for sid, s in described.items()
+            if sid in collection.streams
         ]
 
     # -- streams of self-describing files ---------------------------------------------------
