@@ -15,6 +15,7 @@ from __future__ import annotations
 import logging
 import os
 import re
+import threading
 import time
 from collections import OrderedDict
 from dataclasses import dataclass, replace
@@ -84,17 +85,23 @@ class ScanCache:
         self.data_dir = data_dir
         self.size = size
         self._scans: OrderedDict[tuple[Any, ...], _Scan] = OrderedDict()
+        # Listings run in worker threads, several at once on an agent: the dict is shared.
+        self._lock = threading.Lock()
         self.hits = self.misses = 0
 
     def locate(self, collection: Collection) -> tuple[list[Recording], Search]:
         """Every recording of ``collection`` (maybe none), and where they were looked for."""
         key = (collection.id, collection.name, collection.pattern, tuple(collection.streams))
-        cached = self._scans.get(key)
+        with self._lock:
+            cached = self._scans.get(key)
         if cached is not None and _stamp(cached.paths) == cached.stamp:
-            self._scans.move_to_end(key)
-            self.hits += 1
+            with self._lock:
+                if key in self._scans:
+                    self._scans.move_to_end(key)
+                self.hits += 1
             return cached.recordings, cached.search
-        self.misses += 1
+        with self._lock:
+            self.misses += 1
         started = time.time_ns()
         dirs, files = [self.data_dir], []
         search = Search(collection.id, target_of(collection))
@@ -106,11 +113,12 @@ class ScanCache:
             search.looked.append((folder, why))
         paths = dirs + files
         stamp = _stamp(paths)
-        self._scans.pop(key, None)
-        if stamp is not None and all(started - mtime > _RACY_S * 1e9 for mtime, _ in stamp):
-            self._scans[key] = _Scan(stamp, paths, recordings, search)
-            while len(self._scans) > self.size:
-                self._scans.popitem(last=False)
+        with self._lock:
+            self._scans.pop(key, None)
+            if stamp is not None and all(started - t > _RACY_S * 1e9 for t, _ in stamp):
+                self._scans[key] = _Scan(stamp, paths, recordings, search)
+                while len(self._scans) > self.size:
+                    self._scans.popitem(last=False)
         return recordings, search
 
 
