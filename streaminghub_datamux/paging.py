@@ -135,10 +135,21 @@ async def fetch_all_pages(
 ) -> list[Any]:
     """The client's side: every page of a listing, in order, as one list.
 
+    An agent from before paging refuses the ``page`` parameter: it is asked once more
+    without it, and its one reply is the listing.
+
     Raises:
         DatamuxError: a malformed page (nothing from the network is trusted).
     """
-    first = await call(agent, method, {**params, "page": 0})
+    try:
+        first = await call(agent, method, {**params, "page": 0})
+    except InvalidRequest as exc:
+        if "unknown parameters ['page']" not in str(exc):
+            raise
+        whole = await call(agent, method, params)
+        if not isinstance(whole, list):
+            raise DatamuxError(f"{method}: malformed reply from agent {agent!r}") from None
+        return whole
     items, pages, token = _checked(first, 0, method, agent)
     for page in range(1, pages):
         more, _, _ = _checked(

@@ -78,3 +78,22 @@ def test_pages_are_kept_per_client_and_expire():
         pager.reply("c1", {"page": 99, "page_token": first["token"]}, items, "cbor", 2048)
     small = [1, 2, 3]
     assert pager.reply("c1", {}, small, "cbor", 2048) == small  # unpaged, as before
+
+
+def test_an_agent_from_before_paging_is_asked_without_pages():
+    from streaminghub_datamux import protocol
+    from streaminghub_datamux.paging import fetch_all_pages
+
+    schema = {"collection_id": protocol.METHODS["list_collection_streams"]["collection_id"]}
+    sent = []
+
+    async def old_agent(agent, method, params):  # the old agent's schema check, verbatim
+        sent.append(dict(params))
+        unknown = sorted(k for k in params if k not in schema)
+        if unknown:
+            raise InvalidRequest(f"{method}: unknown parameters {unknown}; known: ['x']")
+        return [{"id": "gaze"}]
+
+    got = run(fetch_all_pages(old_agent, "a1", "list_collection_streams", {"collection_id": "c"}))
+    assert got == [{"id": "gaze"}]
+    assert sent == [{"collection_id": "c", "page": 0}, {"collection_id": "c"}]
