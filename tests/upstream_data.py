@@ -95,7 +95,9 @@ def _expected(meta, stream_id, index_raw, columns, unit) -> Expected:
     stream = Stream.from_dict(stream_id, meta["streams"][stream_id])
     fields = list(meta["streams"][stream_id]["fields"])
     values = np.column_stack([columns[f] for f in fields]).astype(stream.dtype)
-    return Expected(np.asarray(index_raw, dtype=np.float64) * unit, values)
+    raw = np.asarray(index_raw, dtype=np.float64)
+    # Seconds as the closest float: 1001 ms is 1001 / 1e3, not 1001 * 1e-3 (one ulp off).
+    return Expected(raw if unit == 1.0 else raw / round(1 / unit), values)
 
 
 def _write_csv(path: Path, index_name: str, index_text: list[str], columns) -> dict[str, Any]:
