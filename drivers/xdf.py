@@ -19,13 +19,17 @@ Mapping rules (see docs/datasets.md, "XDF"):
 Reading: :meth:`XdfFormat.describe` walks the chunk headers itself (stream headers are
 parsed, sample data is skipped), so listing is cheap; pyxdf's ``resolve_streams`` would
 be as cheap but drops ``desc``, where channel labels and units live. Descriptions are
-cached per (path, mtime, size). :meth:`XdfFormat.blocks` loads samples with
-``pyxdf.load_xdf`` and :data:`LOAD_OPTIONS`.
+cached per (path, mtime, size). :meth:`XdfFormat.blocks` streams numeric streams of
+plain ``.xdf`` files chunk by chunk (:mod:`.xdfstream`: one indexing pass, then values
+decoded a block at a time, with pyxdf's own clock sync and dejitter on the timestamps, so
+the result is ``pyxdf.load_xdf`` with :data:`LOAD_OPTIONS`, bit for bit). String streams,
+``.xdfz`` files, truncated files and anything the index pass cannot decode are loaded
+whole with ``pyxdf.load_xdf``.
 
-Memory: pyxdf reads the whole file in one go, so replaying an XDF stream holds all of that
-stream's samples in memory (pyxdf skips the other streams' data): unlike CSV, whose replay
-memory is flat, XDF replay memory is proportional to the file. Only metadata is cached,
-never samples, and loads run one at a time.
+Memory: streamed, a replay holds the stream's timestamps (8 bytes a sample, plus pyxdf's
+least-squares dejitter fit while it runs, once, before the first frame) and one block of
+values. Loaded whole, it holds all of the stream's samples. Only metadata is cached,
+never samples, and indexing passes and loads run one at a time.
 
 A file cut short after its stream headers (a crashed recorder) is still described; its
 replay yields what pyxdf recovers, then raises DataError. Python warnings raised while
@@ -59,6 +63,7 @@ from ..errors import DataError, DatamuxError
 from ..model import Field, Stream
 from .base import Chunk
 from .formats import RecordingFormat
+from .xdfstream import StreamIndex, Unsupported, index_stream
 
 __all__ = ["CHANNEL_FORMATS", "LOAD_OPTIONS", "XdfFormat"]
 
@@ -390,6 +395,31 @@ def _load(path: Path, xdf_id: int) -> dict[str, Any]:
     return loaded[0]
 
 
+def _index(path: Path, xdf_id: int) -> StreamIndex | None:
+    """The stream indexed for chunk-by-chunk replay, or None where only load_xdf will do."""
+    with _LOAD_LOCK, warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            index = index_stream(path, xdf_id, LOAD_OPTIONS)
+        except Unsupported as exc:
+            log.debug("%s: stream %d is loaded whole: %s", path, xdf_id, exc)
+            return None
+        except (OSError, ValueError, ET.ParseError, struct.error) as exc:
+            log.debug("%s: stream %d is loaded whole: %s", path, xdf_id, exc)
+            return None
+    for warning in caught:
+        log.warning(
+            "%s: while indexing stream %d: %s: %s",
+            path,
+            xdf_id,
+            warning.category.__name__,
+            warning.message,
+        )
+    if len(index.timestamps) > 1 and np.any(index.timestamps[1:] < index.timestamps[:-1]):
+        return None  # sorting needs every value at once (see _in_time_order)
+    return index
+
+
 def _columns(stream: Stream, found: Stream, path: Path) -> list[int] | None:
     """Columns to keep: None for all (same channels, or as many), else by channel id."""
     wanted, have = stream.channels, found.channels
@@ -472,6 +502,11 @@ class XdfFormat(RecordingFormat):
         found = _find(path, stream, description)
         xdf_id = found.attrs["xdf_stream_id"]
         columns = _columns(stream, found, path)
+        if description.truncated_at is None:
+            index = _index(path, xdf_id)
+            if index is not None:
+                yield from index.blocks(block_bytes, stream.dtype, columns)
+                return
         loaded = _load(path, xdf_id)
         timestamps, values = _arrays(loaded, stream.dtype, path)
         if columns is not None:

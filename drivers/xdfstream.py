@@ -1,0 +1,300 @@
+"""Stream one numeric XDF stream chunk by chunk, with pyxdf's own clock sync and dejitter.
+
+``pyxdf.load_xdf`` decodes every sample of the file in Python before returning, so a
+replay held the whole stream in memory (2.2 bytes of RAM per byte of file) and its first
+frame waited for the whole load. Here one pass over the file (:func:`index_stream`)
+reads the stream's header, footer, ClockOffset chunks and the time stamps of its Samples
+chunks, remembering where each chunk's data is; values are decoded later, a few chunks
+at a time, when replay asks for them (:meth:`StreamIndex.blocks`).
+
+Identical results: clock synchronisation and dejittering need every clock offset and
+every time stamp of the stream, which the index pass has, and they run through pyxdf's
+own functions (``_truncate_corrupted_offsets``, ``_clock_sync``, ``_jitter_removal``)
+with ``load_xdf``'s defaults, so timestamps are those of ``load_xdf`` bit for bit, for
+the installed pyxdf. Memory is the time stamps (8 bytes per sample, plus pyxdf's
+transient least-squares fit while dejittering) and one block of values, not the values
+of the whole stream.
+
+:func:`index_stream` raises :class:`Unsupported` when the streamed path cannot promise
+that (string streams, compressed files, a chunk it cannot decode, an older or newer
+pyxdf without those functions); the caller then loads the stream with ``load_xdf``.
+"""
+
+from __future__ import annotations
+
+import struct
+import xml.etree.ElementTree as ET
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, BinaryIO
+
+import numpy as np
+
+from ..errors import DataError
+from .base import Chunk
+
+try:
+    from pyxdf import pyxdf as _pyxdf
+
+    _SYNC = (
+        _pyxdf.StreamData,
+        _pyxdf._xml2dict,
+        _pyxdf._truncate_corrupted_offsets,
+        _pyxdf._clock_sync,
+        _pyxdf._jitter_removal,
+    )
+except (ImportError, AttributeError):  # pragma: no cover - depends on the pyxdf version
+    _SYNC = None
+
+__all__ = ["StreamIndex", "Unsupported", "index_stream"]
+
+_MAGIC = b"XDF:"
+_TAG_HEADER, _TAG_SAMPLES, _TAG_CLOCK, _TAG_FOOTER = 2, 3, 4, 6
+_STREAM_TAGS = frozenset({2, 3, 4, 6})
+_VARLEN = {1: "<B", 4: "<I", 8: "<Q"}
+_FORMATS = {
+    "float32": "<f4",
+    "double64": "<f8",
+    "int8": "<i1",
+    "int16": "<i2",
+    "int32": "<i4",
+    "int64": "<i8",
+}
+# load_xdf's defaults for what LOAD_OPTIONS does not set (pyxdf 1.16-1.17).
+_RESET_ARGS = (5, 5, 10, 1, 0.0001)  # stds, seconds, offset stds, offset seconds, winsor
+_JITTER_ARGS = (1, 500)  # break threshold seconds, samples
+
+
+class Unsupported(Exception):
+    """The streamed path cannot promise load_xdf's result here; load the whole stream."""
+
+
+@dataclass(frozen=True)
+class _SampleChunk:
+    offset: int  # file offset of the first sample
+    size: int  # bytes of sample data
+    count: int  # samples
+    stamped: int  # samples carrying their own time stamp
+
+
+@dataclass
+class StreamIndex:
+    """Where one stream's samples are, and their final (synchronised) time stamps."""
+
+    path: Path
+    value_dtype: np.dtype  # little-endian, as stored
+    channels: int
+    chunks: list[_SampleChunk]
+    timestamps: np.ndarray  # float64, synchronised and dejittered like load_xdf
+    samples: int  # samples to deliver (pyxdf may drop a pylsl#67 extra at the end)
+
+    def blocks(
+        self, block_bytes: int, dtype: np.dtype, columns: list[int] | None = None
+    ) -> Iterator[Chunk]:
+        """``(timestamps, values)`` of at most about ``block_bytes``, decoded chunk by chunk."""
+        width = self.channels if columns is None else len(columns)
+        rows = max(1, block_bytes // (8 + dtype.itemsize * max(width, 1)))
+        pending: list[np.ndarray] = []
+        held, start = 0, 0  # samples decoded but not yet yielded; index of the first
+        with self.path.open("rb") as handle:
+            for chunk in self.chunks:
+                if start + held >= self.samples:
+                    break
+                values = self._values(handle, chunk)
+                pending.append(values if columns is None else values[:, columns])
+                held += chunk.count
+                if held < rows:
+                    continue
+                joined = pending[0] if len(pending) == 1 else np.concatenate(pending)
+                whole = (len(joined) // rows) * rows
+                for at in range(0, whole, rows):
+                    if start >= self.samples:
+                        return
+                    yield self._block(joined[at : at + rows], start, dtype)
+                    start += rows
+                pending, held = ([joined[whole:]], len(joined) - whole)
+            if held and start < self.samples:
+                joined = pending[0] if len(pending) == 1 else np.concatenate(pending)
+                yield self._block(joined, start, dtype)
+
+    def _block(self, values: np.ndarray, start: int, dtype: np.dtype) -> Chunk:
+        stop = min(start + len(values), self.samples)
+        values = np.ascontiguousarray(values[: stop - start], dtype=dtype)
+        return self.timestamps[start:stop], values
+
+    def _values(self, handle: BinaryIO, chunk: _SampleChunk) -> np.ndarray:
+        handle.seek(chunk.offset)
+        data = handle.read(chunk.size)
+        if len(data) != chunk.size:
+            raise DataError(
+                f"the file changed while replaying: chunk at byte {chunk.offset} is cut short",
+                file=str(self.path),
+            )
+        return _decode(data, chunk.count, chunk.stamped, self.value_dtype, self.channels)[1]
+
+
+def _layout(stamped: bool, value_dtype: np.dtype, channels: int) -> np.dtype:
+    fields: list[tuple[str, Any]] = [("flag", "u1")]
+    if stamped:
+        fields.append(("t", "<f8"))
+    fields.append(("v", value_dtype, (channels,)))
+    return np.dtype(fields)  # packed: no alignment padding, as in the file
+
+
+def _decode(
+    data: bytes, count: int, stamped: int, value_dtype: np.dtype, channels: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """``(stamp or NaN per sample, values (count, channels))`` of one Samples chunk.
+
+    Every sample stamped, or none: one vectorised view. A mix: sample by sample.
+    """
+    if stamped in (0, count):
+        rows = np.frombuffer(data, _layout(stamped == count, value_dtype, channels), count)
+        if (stamped and not rows["flag"].all()) or (not stamped and rows["flag"].any()):
+            raise Unsupported("sample flags disagree with the chunk length")
+        stamps = rows["t"] if stamped else np.full(count, np.nan)
+        return stamps, rows["v"].reshape(count, channels)
+    sample_bytes = value_dtype.itemsize * channels
+    stamps = np.full(count, np.nan)
+    values = np.empty((count, channels), value_dtype)
+    at = 0
+    for k in range(count):
+        if data[at]:
+            stamps[k] = struct.unpack_from("<d", data, at + 1)[0]
+            at += 9
+        else:
+            at += 1
+        values[k] = np.frombuffer(data, value_dtype, channels, at)
+        at += sample_bytes
+    if at != len(data):
+        raise Unsupported("sample flags disagree with the chunk length")
+    return stamps, values
+
+
+def _fill_stamps(stamps: np.ndarray, last: float, tdiff: float) -> float:
+    """Unstamped samples (NaN) become previous + tdiff, added one by one as pyxdf does."""
+    missing = np.isnan(stamps)
+    if not missing.any():
+        return float(stamps[-1]) if len(stamps) else last
+    if missing.all():
+        # Sequential sums (np.add.accumulate), so the rounding is pyxdf's.
+        steps = np.full(len(stamps) + 1, tdiff)
+        steps[0] = last
+        stamps[:] = np.add.accumulate(steps)[1:]
+        return float(stamps[-1])
+    for k in range(len(stamps)):
+        if missing[k]:
+            stamps[k] = last + tdiff
+        last = float(stamps[k])
+    return last
+
+
+def _varlen(handle: BinaryIO) -> int | None:
+    width = handle.read(1)
+    if not width:
+        return None
+    fmt = _VARLEN.get(width[0])
+    if fmt is None:
+        raise Unsupported(f"bad length prefix {width[0]}")
+    raw = handle.read(struct.calcsize(fmt))
+    if len(raw) != struct.calcsize(fmt):
+        raise Unsupported("cut short")
+    return struct.unpack(fmt, raw)[0]
+
+
+def _read(handle: BinaryIO, size: int) -> bytes:
+    data = handle.read(size)
+    if len(data) != size:
+        raise Unsupported("cut short")
+    return data
+
+
+def index_stream(path: Path, xdf_id: int, options: Mapping[str, bool]) -> StreamIndex:
+    """One pass over ``path``: stream ``xdf_id``'s chunks, stamps, offsets; then pyxdf's sync.
+
+    Raises:
+        Unsupported: the stream or file needs ``load_xdf`` (see the module docstring).
+    """
+    if _SYNC is None:
+        raise Unsupported("this pyxdf has no clock sync functions to reuse")
+    stream_data, xml2dict, truncate_offsets, clock_sync, jitter_removal = _SYNC
+    if path.suffix.lower() != ".xdf":
+        raise Unsupported("compressed files cannot be read chunk by chunk")
+    header: dict[str, Any] | None = None
+    temp: Any = None
+    chunks: list[_SampleChunk] = []
+    stamps: list[np.ndarray] = []
+    with path.open("rb") as handle:
+        if handle.read(len(_MAGIC)) != _MAGIC:
+            raise Unsupported("no XDF signature")
+        while (length := _varlen(handle)) is not None:
+            tag = struct.unpack("<H", _read(handle, 2))[0]
+            content = length - 2
+            if tag not in _STREAM_TAGS:
+                handle.seek(content, 1)
+                continue
+            stream_id = struct.unpack("<I", _read(handle, 4))[0]
+            content -= 4
+            if stream_id != xdf_id:
+                handle.seek(content, 1)
+                continue
+            if tag == _TAG_HEADER:
+                header = xml2dict(ET.fromstring(_read(handle, content).decode("utf-8", "replace")))
+                # A repeated header starts the stream afresh, as in load_xdf.
+                temp, chunks, stamps = stream_data(header), [], []
+                if temp.fmt not in _FORMATS:
+                    raise Unsupported(f"{temp.fmt} samples are decoded by pyxdf")
+                value_dtype = np.dtype(_FORMATS[temp.fmt])
+            elif tag == _TAG_SAMPLES:
+                if temp is None:
+                    raise Unsupported("samples before the stream header")
+                start = handle.tell()
+                count = _varlen(handle)
+                if count is None:
+                    raise Unsupported("cut short")
+                offset = handle.tell()
+                size = content - (offset - start)
+                data = _read(handle, size)
+                extra = size - count * (1 + value_dtype.itemsize * temp.nchns)
+                if extra < 0 or extra % 8 or extra // 8 > count:
+                    raise Unsupported(f"Samples chunk at byte {start} has an odd length")
+                chunk = _SampleChunk(offset, size, count, extra // 8)
+                chunk_stamps = _decode(data, count, chunk.stamped, value_dtype, temp.nchns)[0]
+                chunk_stamps = np.array(chunk_stamps, dtype=np.float64)  # own the memory
+                temp.last_timestamp = _fill_stamps(chunk_stamps, temp.last_timestamp, temp.tdiff)
+                chunks.append(chunk)
+                stamps.append(chunk_stamps)
+            elif tag == _TAG_CLOCK:
+                clock = _read(handle, content)
+                if temp is None or len(clock) < 16:
+                    raise Unsupported("odd ClockOffset chunk")
+                temp.clock_times.append(struct.unpack_from("<d", clock, 0)[0])
+                temp.clock_values.append(struct.unpack_from("<d", clock, 8)[0])
+            else:  # footer
+                raw = _read(handle, content)
+                if header is None:
+                    raise Unsupported("footer before the stream header")
+                header["footer"] = xml2dict(ET.fromstring(raw))
+    if temp is None:
+        raise Unsupported(f"no stream {xdf_id}")
+    temp.time_stamps = np.concatenate(stamps) if stamps else np.zeros((0,))
+    total = len(temp.time_stamps)
+    # Only its length matters to pyxdf's sync (it may cut a pylsl#67 extra sample).
+    temp.time_series = range(total)
+    streams, headers = {xdf_id: temp}, {xdf_id: header}
+    if options.get("synchronize_clocks"):
+        streams = truncate_offsets(streams, headers)
+        streams = clock_sync(streams, options.get("handle_clock_resets", True), *_RESET_ARGS)
+    if options.get("dejitter_timestamps"):
+        streams = jitter_removal(streams, *_JITTER_ARGS, stream_headers=headers)
+    result = streams[xdf_id]
+    samples = len(result.time_series)
+    return StreamIndex(
+        path=path,
+        value_dtype=value_dtype,
+        channels=temp.nchns,
+        chunks=chunks,
+        timestamps=np.ascontiguousarray(result.time_stamps[:samples], dtype=np.float64),
+        samples=samples,
+    )

@@ -1,0 +1,129 @@
+"""XDF replay chunk by chunk: the same values and timestamps as pyxdf.load_xdf, bit for bit."""
+
+from __future__ import annotations
+
+import struct
+import tracemalloc
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+pyxdf = pytest.importorskip("pyxdf")
+
+from test_xdf import DATA, _chunk, _header, _varlen, _write  # noqa: E402
+
+from streaminghub_datamux.drivers.xdf import LOAD_OPTIONS, XdfFormat  # noqa: E402
+from streaminghub_datamux.drivers.xdfstream import index_stream  # noqa: E402
+
+FORMATS = {"float32": "<f4", "double64": "<f8", "int16": "<i2", "int32": "<i4"}
+
+
+def _samples(sid: int, stamps: list[float | None], rows: np.ndarray, fmt: str) -> bytes:
+    """A Samples chunk; a stamp of None is left out (the reader adds the nominal step)."""
+    body = bytearray(_varlen(len(stamps)))
+    for stamp, row in zip(stamps, rows, strict=True):
+        body += b"\x00" if stamp is None else b"\x08" + struct.pack("<d", stamp)
+        body += np.asarray(row, FORMATS[fmt]).tobytes()
+    return _chunk(3, struct.pack("<I", sid) + bytes(body))
+
+
+def _clock(sid: int, time: float, offset: float) -> bytes:
+    return _chunk(4, struct.pack("<I", sid) + struct.pack("<dd", time, offset))
+
+
+def _footer(sid: int, count: int) -> bytes:
+    xml = f"<?xml version='1.0'?><info><sample_count>{count}</sample_count></info>"
+    return _chunk(6, struct.pack("<I", sid) + xml.encode())
+
+
+def write_session(
+    path: Path,
+    *,
+    seconds: float = 30,
+    rate: float = 250,
+    channels: int = 8,
+    reset: bool,
+    pylsl67: bool,
+) -> Path:
+    """Two regular streams with every stamping pattern, jitter, a gap, clock offsets."""
+    rng = np.random.default_rng(5)
+    chunks = [_header(1, "EEG", "float32", channels, rate), _header(2, "Aux", "int16", 2, rate / 2)]
+    per_chunk = 25
+    t, n, total = 100.0, 0, int(seconds * rate)
+    patterns = ["all", "first", "none", "mixed"]
+    for index, start in enumerate(range(0, total, per_chunk)):
+        if start == total // 2:
+            t += 3.0  # a gap longer than the dejitter break threshold
+        stamps: list[float | None] = []
+        for k in range(per_chunk):
+            ts = t + k / rate + rng.normal(0, 2e-4)
+            pattern = patterns[index % 4]
+            keep = {"all": True, "first": k == 0, "none": False}.get(pattern, k % 3 == 0)
+            stamps.append(ts if keep or (index == 0 and k == 0) else None)
+        values = rng.standard_normal((per_chunk, channels)).astype(np.float32)
+        chunks.append(_samples(1, stamps, values, "float32"))
+        if index % 2 == 0:
+            aux = rng.integers(-999, 999, (per_chunk // 2, 2))
+            chunks.append(_samples(2, [t] + [None] * (per_chunk // 2 - 1), aux, "int16"))
+        if index % 20 == 0:
+            jump = 500.0 if reset and start > total // 2 else 0.0
+            chunks.append(_clock(1, t + jump, -0.25 + rng.normal(0, 1e-5)))
+            chunks.append(_clock(2, t, 0.5 + rng.normal(0, 1e-5)))
+        t += per_chunk / rate
+        n += per_chunk
+    if pylsl67:
+        # The pylsl#67 bug: one extra sample after the footer count, a garbage offset.
+        chunks.append(_samples(1, [t], np.zeros((1, channels), np.float32), "float32"))
+        chunks.append(_clock(1, t + 1e6, 1e6))
+    chunks += [_footer(1, n), _footer(2, n // 4)]
+    return _write(path, *chunks)
+
+
+def assert_same_as_pyxdf(path: Path, xdf_id: int, block_bytes: int = 1 << 16) -> int:
+    expected = pyxdf.load_xdf(str(path), select_streams=[xdf_id], **LOAD_OPTIONS)[0][0]
+    index = index_stream(path, xdf_id, LOAD_OPTIONS)  # not Unsupported: really streamed
+    dtype = np.asarray(expected["time_series"]).dtype
+    blocks = list(index.blocks(block_bytes, dtype))
+    timestamps = np.concatenate([b[0] for b in blocks]) if blocks else np.zeros(0)
+    assert timestamps.tobytes() == np.asarray(expected["time_stamps"], np.float64).tobytes()
+    if blocks:
+        values = np.concatenate([b[1] for b in blocks])
+        assert values.dtype == expected["time_series"].dtype
+        assert values.tobytes() == np.ascontiguousarray(expected["time_series"]).tobytes()
+    return len(timestamps)
+
+
+@pytest.mark.parametrize(("reset", "pylsl67"), [(False, False), (True, False), (False, True)])
+def test_generated_sessions_match_load_xdf(tmp_path, caplog, reset, pylsl67):
+    path = write_session(tmp_path / "s.xdf", reset=reset, pylsl67=pylsl67)
+    n = assert_same_as_pyxdf(path, 1)
+    assert n == 30 * 250  # pylsl67: the extra sample is dropped, as pyxdf does
+    assert assert_same_as_pyxdf(path, 2) > 0
+
+
+@pytest.mark.skipif(not DATA.is_dir(), reason="shared XDF files not found")
+@pytest.mark.parametrize("name", ["minimal.xdf", "clock_resets.xdf", "empty_streams.xdf"])
+def test_shared_files_match_load_xdf(name):
+    path = DATA / name
+    streams = XdfFormat().describe(path)
+    numeric = [s for s in streams.values() if s.dtype.kind != "U"]
+    assert numeric
+    for stream in numeric:
+        assert_same_as_pyxdf(path, int(stream.attrs["xdf_stream_id"]))
+
+
+def test_replay_holds_blocks_not_the_stream(tmp_path):
+    """Peak traced memory of reading every block is far below the stream's values."""
+    path = write_session(tmp_path / "s.xdf", seconds=120, channels=64, reset=False, pylsl67=False)
+    stream = XdfFormat().describe(path)["EEG"]
+    tracemalloc.start()
+    try:
+        rows = sum(len(t) for t, _ in XdfFormat().blocks(path, stream, 1 << 16))
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    values_bytes = rows * 64 * 4
+    # What is held per sample is its timestamp and pyxdf's dejitter fit (~70 bytes while
+    # it runs), not its 256 bytes of values.
+    assert peak < 0.5 * values_bytes, (peak, values_bytes)
