@@ -147,7 +147,8 @@ def _decode(
 ) -> tuple[np.ndarray, np.ndarray]:
     """``(stamp or NaN per sample, values (count, channels))`` of one Samples chunk.
 
-    Every sample stamped, or none: one vectorised view. A mix: sample by sample.
+    Vectorised for the layouts recorders write (every sample stamped, none, or only the
+    first); any other mix is decoded sample by sample.
     """
     if stamped in (0, count):
         rows = np.frombuffer(data, _layout(stamped == count, value_dtype, channels), count)
@@ -155,6 +156,15 @@ def _decode(
             raise Unsupported("sample flags disagree with the chunk length")
         stamps = rows["t"] if stamped else np.full(count, np.nan)
         return stamps, rows["v"].reshape(count, channels)
+    if stamped == 1 and data[0]:
+        head = np.frombuffer(data, _layout(True, value_dtype, channels), 1)
+        rest = np.frombuffer(data, _layout(False, value_dtype, channels), count - 1, head.nbytes)
+        if rest["flag"].any():
+            raise Unsupported("sample flags disagree with the chunk length")
+        stamps = np.full(count, np.nan)
+        stamps[0] = head["t"][0]
+        values = np.concatenate([head["v"], rest["v"]]).reshape(count, channels)
+        return stamps, values
     sample_bytes = value_dtype.itemsize * channels
     stamps = np.full(count, np.nan)
     values = np.empty((count, channels), value_dtype)
@@ -173,21 +183,24 @@ def _decode(
 
 
 def _fill_stamps(stamps: np.ndarray, last: float, tdiff: float) -> float:
-    """Unstamped samples (NaN) become previous + tdiff, added one by one as pyxdf does."""
+    """Unstamped samples (NaN) become previous + tdiff, added one at a time as pyxdf does.
+
+    Each run of unstamped samples is one sequential sum (``np.add.accumulate`` adds in
+    order, so the rounding is pyxdf's). Returns the chunk's last stamp.
+    """
+    if not len(stamps):
+        return last
     missing = np.isnan(stamps)
     if not missing.any():
-        return float(stamps[-1]) if len(stamps) else last
-    if missing.all():
-        # Sequential sums (np.add.accumulate), so the rounding is pyxdf's.
-        steps = np.full(len(stamps) + 1, tdiff)
-        steps[0] = last
-        stamps[:] = np.add.accumulate(steps)[1:]
         return float(stamps[-1])
-    for k in range(len(stamps)):
-        if missing[k]:
-            stamps[k] = last + tdiff
-        last = float(stamps[k])
-    return last
+    # Starts and ends of runs of missing stamps.
+    edges = np.flatnonzero(np.diff(np.concatenate(([0], missing.view(np.int8), [0]))))
+    for start, stop in zip(edges[::2].tolist(), edges[1::2].tolist(), strict=True):
+        before = last if start == 0 else float(stamps[start - 1])
+        steps = np.full(stop - start + 1, tdiff)
+        steps[0] = before
+        stamps[start:stop] = np.add.accumulate(steps)[1:]
+    return float(stamps[-1])
 
 
 def _varlen(handle: BinaryIO) -> int | None:
