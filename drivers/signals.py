@@ -300,8 +300,41 @@ def cast_values(values: np.ndarray, dtype: np.dtype) -> np.ndarray:
     return values.astype(dtype, copy=False)
 
 
+@dataclass
+class _PeriodicGroup:
+    """The channels of one periodic kind, parameters as vectors (one entry per channel)."""
+
+    kind: str
+    columns: list[int]
+    specs: list[ChannelSpec]
+
+    def __post_init__(self) -> None:
+        chosen = [self.specs[i] for i in self.columns]
+        self.freq = np.array([s.freq_hz for s in chosen])
+        self.shift = np.array([s.phase for s in chosen]) / (2 * np.pi)
+        self.offset = np.array([s.offset for s in chosen])
+        self.amplitude = np.array([s.amplitude for s in chosen])
+        self.duty = np.array([s.duty for s in chosen])
+
+    def values(self, k: np.ndarray, frequency: float) -> np.ndarray:
+        """``(len(k), channels)``: ChannelGenerator._periodic, broadcast over channels."""
+        cycles = self.freq * (k / frequency)[:, None] + self.shift
+        if self.kind == "sine":
+            return self.offset + self.amplitude * np.sin(2 * np.pi * cycles)
+        frac = cycles - np.floor(cycles)
+        if self.kind == "square":
+            return self.offset + self.amplitude * np.where(frac < self.duty, 1.0, -1.0)
+        return self.offset + self.amplitude * (2.0 * frac - 1.0)
+
+
 class StreamSynth:
     """All channels of one stream, generated together as ``(n, channels)`` chunks.
+
+    Periodic channels (sine, square, sawtooth) are computed for all channels in one
+    vectorised call per signal kind, with each channel's noise drawn from its own
+    generator into one buffer: a handful of numpy calls per chunk instead of about ten
+    per channel. The arithmetic is :class:`ChannelGenerator`'s, element by element, so
+    the samples are the same bit for bit (tests compare the two).
 
     Args:
         channels: channel id -> spec, in column order.
@@ -321,14 +354,39 @@ class StreamSynth:
         ]
         specs = list(channels.values())
         self.clock = EventClock(specs[0].rate_hz, seed) if specs[0].is_marker else None
+        periodic = [i for i, s in enumerate(specs) if s.signal in ("sine", "square", "sawtooth")]
+        # Column groups with their parameters as row vectors (broadcast over samples).
+        self._groups = [
+            _PeriodicGroup(kind, [i for i in periodic if specs[i].signal == kind], specs)
+            for kind in ("sine", "square", "sawtooth")
+            if any(specs[i].signal == kind for i in periodic)
+        ]
+        self._others = [(i, self._channels[i]) for i in range(len(specs)) if i not in periodic]
+        noisy = [i for i in periodic if specs[i].noise > 0]
+        self._noisy = np.array(noisy, dtype=np.intp)
+        self._noise_scale = np.array([specs[i].noise for i in noisy])
+        self._noise_draws = [self._channels[i]._noise for i in noisy]
 
     def take(self, n: int) -> np.ndarray:
         """The next ``n`` samples of every channel, shape ``(n, channels)``."""
+        start = self.next_index
         self.next_index += n
-        columns = [channel.take(n) for channel in self._channels]
         if self.dtype.kind == "U":
+            columns = [channel.take(n) for channel in self._channels]
             return np.stack(columns, axis=1) if columns else np.empty((n, 0), np.str_)
-        return cast_values(np.stack(columns, axis=1), self.dtype)
+        out = np.empty((n, len(self._channels)))
+        if self._groups:
+            k = np.arange(start, start + n, dtype=np.float64)
+            for group in self._groups:
+                out[:, group.columns] = group.values(k, self.frequency)
+            if len(self._noisy):
+                draws = np.empty((len(self._noisy), n))
+                for row, generator in zip(draws, self._noise_draws, strict=True):
+                    generator.standard_normal(out=row)
+                out[:, self._noisy] += self._noise_scale * draws.T
+        for column, channel in self._others:
+            out[:, column] = channel.take(n)
+        return cast_values(out, self.dtype)
 
     def upto(self, t: float, *, inclusive: bool = True) -> tuple[np.ndarray, np.ndarray]:
         """Samples due by ``t`` seconds after the start: ``(relative times, values)``.

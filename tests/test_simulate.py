@@ -431,3 +431,25 @@ def test_disconnect_reaches_every_source_of_the_stream() -> None:
     first, second = run(both())
     assert first == pytest.approx(0.3, abs=0.05)
     assert second < 0.25  # lost with the first source, before its own 0.3 s were up
+
+
+def test_stream_synth_matches_its_channels_bit_for_bit() -> None:
+    """The vectorised chunk is the per-channel generators' output, exactly."""
+    from streaminghub_datamux.drivers.signals import ChannelGenerator, StreamSynth, cast_values
+
+    specs = {
+        "a": parse_channel({"signal": "sine", "freq_hz": 10, "amplitude": 20, "noise": 5}, "a"),
+        "b": parse_channel({"signal": "square", "freq_hz": 3, "duty": 0.3, "phase": 1.0}, "b"),
+        "c": parse_channel({"signal": "noise", "amplitude": 2, "offset": 1}, "c"),
+        "d": parse_channel({"signal": "sawtooth", "freq_hz": 0.7, "noise": 0.1}, "d"),
+        "e": parse_channel({"signal": "random_walk", "step": 0.5, "noise": 0.2}, "e"),
+        "f": parse_channel({"signal": "sine", "freq_hz": 1.5, "phase": 2.0, "offset": -3}, "f"),
+    }
+    for dtype in (np.dtype(np.float32), np.dtype(np.float64), np.dtype(np.int16)):
+        synth = StreamSynth(specs, 250.0, dtype, seed=42)
+        reference = [ChannelGenerator(s, 250.0, 42, i) for i, s in enumerate(specs.values())]
+        for n in (1, 3, 250, 0, 17, 1000):
+            expected = cast_values(np.stack([g.take(n) for g in reference], axis=1), dtype)
+            got = synth.take(n)
+            assert got.dtype == expected.dtype and got.shape == (n, len(specs))
+            assert got.tobytes() == expected.tobytes()
