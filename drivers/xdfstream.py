@@ -292,6 +292,7 @@ def index_stream(path: Path, xdf_id: int, options: Mapping[str, bool]) -> Stream
     if temp is None:
         raise Unsupported(f"no stream {xdf_id}")
     temp.time_stamps = np.concatenate(stamps) if stamps else np.zeros((0,))
+    del stamps  # the pieces would otherwise stay alive through pyxdf's fit, its peak
     total = len(temp.time_stamps)
     # Only its length matters to pyxdf's sync (it may cut a pylsl#67 extra sample).
     temp.time_series = range(total)
