@@ -51,18 +51,52 @@ def open_reader(
     return lambda: reader.blocks(path, stream, block_bytes)
 
 
+# Blocks fetched per hop to the worker thread: a hop costs about as much as framing a
+# block, so in-memory and fast readers move several blocks per hop, up to this much data.
+_BATCH_BYTES = 1 << 20
+_BATCH_BLOCKS = 16
+
+
+def _fill_batch(blocks: Iterator[Chunk], batch: list[Chunk]) -> None:
+    """Append the next blocks to ``batch``, up to _BATCH_BYTES of them (none at the end)."""
+    size = 0
+    for block in blocks:
+        batch.append(block)
+        size += block[0].nbytes + block[1].nbytes
+        if size >= _BATCH_BYTES or len(batch) >= _BATCH_BLOCKS:
+            break
+    return batch
+
+
 async def _blocks_in_thread(make_blocks: Callable[[], Iterator[Chunk]]) -> AsyncIterator[Chunk]:
-    """Read blocks in a worker thread, one block ahead of the consumer."""
+    """Read blocks in a worker thread, one batch of blocks ahead of the consumer.
+
+    A reader error ends the batch it happens in: the blocks read before it are yielded
+    first, then the error is raised.
+    """
     blocks = make_blocks()
-    done = object()
-    pending = asyncio.ensure_future(asyncio.to_thread(next, blocks, done))
+    failure: list[BaseException] = []
+
+    def fetch() -> list[Chunk]:
+        batch: list[Chunk] = []
+        try:
+            _fill_batch(blocks, batch)
+        except Exception as exc:  # raised on the loop, after the blocks before it
+            failure.append(exc)
+        return batch
+
+    pending = asyncio.ensure_future(asyncio.to_thread(fetch))
     try:
         while True:
-            block = await pending
-            if block is done:
+            batch = await pending
+            if not batch and not failure:
                 return
-            pending = asyncio.ensure_future(asyncio.to_thread(next, blocks, done))
-            yield block
+            if batch and not failure:
+                pending = asyncio.ensure_future(asyncio.to_thread(fetch))
+            for block in batch:
+                yield block
+            if failure:
+                raise failure[0]
     finally:
         # The read in flight cannot be interrupted; close the reader (its file) as soon
         # as that read is over, instead of whenever the garbage collector gets to it.
