@@ -292,7 +292,12 @@ class ReplaySource(Source):
             offset += length + max(period, _MIN_LOOP_GAP_S)
 
     async def _release(self, frame: Chunk, first_ts: float) -> None:
-        """Wait until the frame's last sample is due (at once at speed 0)."""
+        """Wait until the frame's last sample is due; at speed 0, just let others run.
+
+        At speed 0 nothing else would suspend between frames of a batch of blocks (an
+        unbounded sink never blocks), so one full-speed replay could hold the loop for
+        a whole batch and make paced tasks late.
+        """
         if not self.strict_time and self.stream.frequency > 0:
             position = (self._released + len(frame[0]) - 1) / self.stream.frequency
         else:
@@ -300,3 +305,5 @@ class ReplaySource(Source):
         self._released += len(frame[0])
         if self.speed > 0 and self.started_at is not None:
             await self._sleep_until(self.started_at + position / self.speed)
+        else:
+            await asyncio.sleep(0)
