@@ -50,8 +50,9 @@ DEFAULT_DOC = REPO / "docs" / "performance.md"
 SECTION = "## Replay"
 CODE_DIRS = ("streaminghub_datamux", "drivers")  # the code a replay runs through
 
-# The aims stated in the issue.
-AIM_THROUGHPUT_RATIO = 0.5
+# The aims stated in the issues (#12: replay at disk speed, >= 5 x np.loadtxt, and
+# pacing p99 <= 2 ms even with a speed-0 replay in the same loop).
+AIM_THROUGHPUT_RATIO = 5.0
 AIM_PACING_P99_MS = 2.0
 
 THROUGHPUT_RATE_HZ = 1000.0
@@ -398,7 +399,8 @@ def _label(recording: Recording) -> str:
 def throughput_table(results: Sequence[ThroughputResult]) -> list[str]:
     lines = [
         "| recording | rows | baseline `np.loadtxt` (samples/s) "
-        "| replay speed 0 (samples/s) | replay / baseline (range over runs) | aim >= 0.50 |",
+        f"| replay speed 0 (samples/s) | replay / baseline (range over runs) "
+        f"| aim >= {AIM_THROUGHPUT_RATIO:g} |",
         "|---|---:|---:|---:|---:|---|",
     ]
     for r in results:
@@ -426,7 +428,7 @@ def pacing_table(results: Sequence[PacingResult]) -> list[str]:
                 f", **with** a speed-0 replay of the {r.load.channels} ch file in the same loop"
             )
         p99 = _stats(r.replay_ms)[1]
-        verdict = "stress case" if r.load is not None else _verdict(p99 <= AIM_PACING_P99_MS)
+        verdict = _verdict(p99 <= AIM_PACING_P99_MS)
         per_run = ", ".join(f"{v:.2f}" for v in r.replay_p99_per_run)
         lines.append(
             f"| {label} | {sum(r.frames_per_run)} ({_runs(len(r.frames_per_run))}) "
@@ -441,16 +443,28 @@ def aims_summary(throughput: Sequence[ThroughputResult], pacing: Sequence[Pacing
     plain = [r for r in pacing if r.load is None]
     p99s = [_stats(r.replay_ms)[1] for r in plain]
     bare = [_stats(r.baseline_ms)[1] for r in plain]
+    stressed = [_stats(r.replay_ms)[1] for r in pacing if r.load is not None]
     rates = ", ".join(f"{r.recording.frequency:g} Hz" for r in plain)
     return (
-        f"**Aims.** Throughput >= {AIM_THROUGHPUT_RATIO:.0%} of the plain parse: "
+        f"**Aims.** Throughput >= {AIM_THROUGHPUT_RATIO:g} x the plain parse: "
         f"{_verdict(min(ratios) >= AIM_THROUGHPUT_RATIO)} "
-        f"(replay / baseline {', '.join(f'{x:.2f}' for x in ratios)}). "
+        f"(replay / baseline {', '.join(f'{x:.2f}' for x in ratios)}; CSV parser: "
+        f"{csv_parser()}). "
         f"Pacing p99 <= {AIM_PACING_P99_MS:g} ms: "
-        f"{_verdict(max(p99s) <= AIM_PACING_P99_MS)} "
-        f"(p99 at {rates}: {', '.join(f'{x:.2f}' for x in p99s)} ms; "
+        f"{_verdict(max(p99s + stressed) <= AIM_PACING_P99_MS)} "
+        f"(p99 at {rates}: {', '.join(f'{x:.2f}' for x in p99s)} ms; with a speed-0 replay "
+        f"in the same loop: {', '.join(f'{x:.2f}' for x in stressed)} ms; "
         f"the bare event loop on the same schedules: {', '.join(f'{x:.2f}' for x in bare)} ms)."
     )
+
+
+def csv_parser() -> str:
+    """Which parser CSV replay uses here (drivers/csvfast.py)."""
+    from streaminghub_datamux.drivers import csvfast
+
+    if csvfast.available():
+        return f"pandas {csvfast.pd.__version__} C engine, 2 threads"
+    return "numpy loadtxt (pandas >= 3 not installed)"
 
 
 def render_section(

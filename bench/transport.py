@@ -129,6 +129,8 @@ LATENCY_FRAMING = "low-latency"
 
 RESOURCE_TASKS, RESOURCE_RATE_HZ, RESOURCE_CHANNELS = 8, 256.0, 8
 RESOURCE_FRAMING = "balanced"
+RESOURCE_CHUNK_MS = 10.0  # the simulator's chunk period with balanced framing
+AIM_CPU_VS_MINIMAL = 1.3  # issue #12: agent CPU <= 1.3 x bench/minimal_publisher.py
 RESOURCE_WARMUP_S = 1.0
 RSS_SAMPLE_S = 0.25
 
@@ -820,6 +822,7 @@ class Window:
 class ResourceResult:
     idle: list[Window] = field(default_factory=list)
     loaded: list[Window] = field(default_factory=list)
+    minimal: list[dict[str, float]] = field(default_factory=list)  # minimal_publisher.py
     peak_mb: float = 0.0  # VmHWM at the end of the section
     problems: int = 0
     expected_per_s: float = RESOURCE_TASKS * RESOURCE_RATE_HZ
@@ -886,6 +889,34 @@ async def _loaded_window(
     return window
 
 
+async def _minimal_publisher(broker: Broker, seconds: float) -> dict[str, float]:
+    """bench/minimal_publisher.py on the same broker: the same streams and wakes."""
+    script = Path(__file__).resolve().parent / "minimal_publisher.py"
+    args = [
+        f"--port={broker.port}",
+        f"--streams={RESOURCE_TASKS}",
+        f"--rate={RESOURCE_RATE_HZ}",
+        f"--channels={RESOURCE_CHANNELS}",
+        f"--chunk-ms={RESOURCE_CHUNK_MS:g}",
+        f"--latency-ms={PRESETS[RESOURCE_FRAMING].max_latency_ms:g}",
+        f"--seconds={seconds}",
+        f"--warmup={RESOURCE_WARMUP_S}",
+    ]
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, str(script), *args, stdout=asyncio.subprocess.PIPE
+    )
+    try:
+        async with asyncio.timeout(seconds + RESOURCE_WARMUP_S + 30):
+            out, _ = await process.communicate()
+    finally:
+        if process.returncode is None:
+            process.kill()
+            await process.wait()
+    result = json.loads(out.decode().strip().splitlines()[-1])
+    result["cpu_percent"] = 100.0 * result["cpu_s"] / result["wall_s"]
+    return result
+
+
 async def _resources(
     config: Config, broker: Broker, agent: AgentProcess, runs: int, seconds: float
 ) -> ResourceResult:
@@ -893,10 +924,12 @@ async def _resources(
     problems = [0]
     await asyncio.sleep(RESOURCE_WARMUP_S)  # the agent settles after its birth
     for run in range(runs):
-        for variant in rotate(("idle", "loaded"), run):
+        for variant in rotate(("idle", "loaded", "minimal"), run):
             agent.check()
             if variant == "idle":
                 result.idle.append(await _window(agent, broker, seconds, [0]))
+            elif variant == "minimal":
+                result.minimal.append(await _minimal_publisher(broker, seconds))
             else:
                 window = await _loaded_window(config, broker, agent, seconds, problems)
                 result.loaded.append(window)
@@ -905,7 +938,8 @@ async def _resources(
         log(
             f"  run {run + 1}/{runs}: agent idle {idle.agent_cpu_percent:.1f}% CPU "
             f"{idle.rss_max:.1f} MiB, loaded {loaded.agent_cpu_percent:.1f}% CPU "
-            f"{loaded.rss_max:.1f} MiB, {loaded.samples / seconds:,.0f} samples/s"
+            f"{loaded.rss_max:.1f} MiB, {loaded.samples / seconds:,.0f} samples/s; minimal "
+            f"publisher {result.minimal[-1]['cpu_percent']:.1f}% CPU"
         )
     result.peak_mb = proc_status_mb(agent.pid, "VmHWM")
     result.problems = problems[0]
@@ -1064,6 +1098,14 @@ def resource_table(result: ResourceResult, seconds: float) -> list[str]:
             f"| {statistics.median(w.client_cpu_percent for w in windows):.1f} "
             f"| {received:,.0f} |"
         )
+    if result.minimal:
+        published = statistics.median(m["samples"] / m["wall_s"] for m in result.minimal)
+        lines.append(
+            "| baseline: `bench/minimal_publisher.py` (paho + cbor2, same streams, wakes and "
+            f"framing; CPU of its own process) "
+            f"| {_median_range([m['cpu_percent'] for m in result.minimal], '.1f')} | - | - | - "
+            f"| {published:,.0f} published |"
+        )
     return lines
 
 
@@ -1099,7 +1141,20 @@ def aims_summary(
         f"QoS 0 {p99_q0:.2f} ms, {_verdict(p99_q0 <= AIM_P99_MS)}). "
         f"Agent RSS <= {AIM_RSS_MB:g} MB with {RESOURCE_TASKS} proxy tasks: "
         f"{_verdict(rss * 1.048576 <= AIM_RSS_MB)} (max VmRSS {rss:.1f} MiB = "
-        f"{rss * 1.048576:.1f} MB)."
+        f"{rss * 1.048576:.1f} MB)." + _cpu_aim(resources)
+    )
+
+
+def _cpu_aim(resources: ResourceResult) -> str:
+    if not resources.minimal:
+        return ""
+    agent = statistics.median(w.agent_cpu_percent for w in resources.loaded)
+    minimal = statistics.median(m["cpu_percent"] for m in resources.minimal)
+    ratio = agent / minimal if minimal > 0 else float("inf")
+    return (
+        f" Agent CPU <= {AIM_CPU_VS_MINIMAL:g} x a minimal paho + cbor2 publisher of the same "
+        f"streams: {_verdict(ratio <= AIM_CPU_VS_MINIMAL)} ({agent:.1f}% / {minimal:.1f}% = "
+        f"{ratio:.2f})."
     )
 
 
