@@ -14,6 +14,7 @@ import errno
 import logging
 import socket
 import ssl
+from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -251,6 +252,9 @@ class MqttLink:
         self._acks: dict[int, asyncio.Future[Any]] = {}  # SUBACK / UNSUBACK by mid
         self._pending: dict[int, tuple[int, int]] = {}  # mid -> (qos, size), not yet sent/acked
         self._pending_bytes = 0
+        # PUBACKed mids from paho's thread, handed to the loop in batches.
+        self._acked_publishes: deque[int] = deque()
+        self._drain_scheduled = False
         self._room = asyncio.Event()
         self._room.set()
         self._connected = asyncio.Event()
@@ -614,10 +618,12 @@ class MqttLink:
 
     # -- paho callbacks (paho's thread) -> the loop ----------------------------------------
 
-    def _to_loop(self, callback: Callable[..., None], *args: Any) -> None:
+    def _to_loop(self, callback: Callable[..., None], *args: Any) -> bool:
         loop = self._loop
-        if loop is not None and not loop.is_closed():
-            loop.call_soon_threadsafe(callback, *args)
+        if loop is None or loop.is_closed():
+            return False
+        loop.call_soon_threadsafe(callback, *args)
+        return True
 
     def _paho_connect(self, client, userdata, flags, reason_code, properties) -> None:
         limit = getattr(properties, "MaximumPacketSize", None) if properties else None
@@ -638,7 +644,13 @@ class MqttLink:
         self._to_loop(self._on_message, incoming)
 
     def _paho_publish(self, client, userdata, mid, reason_code, properties) -> None:
-        self._to_loop(self._published_on_loop, mid)
+        # PUBACKs come in bursts: queue them and wake the loop once per burst, not once
+        # per message (each call_soon_threadsafe is a write to the loop's wake-up pipe).
+        self._acked_publishes.append(mid)
+        if not self._drain_scheduled:
+            self._drain_scheduled = True
+            if not self._to_loop(self._published_batch_on_loop):
+                self._drain_scheduled = False  # no loop to drain them: allow a later try
 
     def _paho_subscribe(self, client, userdata, mid, *rest: Any) -> None:
         self._to_loop(self._acked_on_loop, mid)
@@ -703,6 +715,13 @@ class MqttLink:
             self._start_reporting(fail_fast=False)
             if self._on_disconnect is not None:
                 self._on_disconnect(reason)
+
+    def _published_batch_on_loop(self) -> None:
+        # Cleared before draining: a PUBACK queued after this line schedules a new drain.
+        self._drain_scheduled = False
+        acked = self._acked_publishes
+        while acked:
+            self._published_on_loop(acked.popleft())
 
     def _published_on_loop(self, mid: int) -> None:
         entry = self._pending.pop(mid, None)

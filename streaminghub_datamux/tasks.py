@@ -43,6 +43,11 @@ class Framer:
 
     Holds at most ``capacity`` samples; past that the oldest chunks are dropped and
     counted in :attr:`dropped`, so a stalled consumer never stalls the device.
+
+    :attr:`arrived` is set only when the task loop has something new to do: the framer
+    was empty (the loop now has a deadline to wait for) or holds a full frame. A chunk
+    that only adds to a frame not yet due wakes nobody, so a live stream costs one wake
+    of its source per chunk and one of the loop per frame, not two per chunk.
     """
 
     def __init__(self, framing: Framing, capacity: int) -> None:
@@ -63,7 +68,8 @@ class Framer:
         # A chunk's first sample was taken before the chunk arrived by its time span.
         span = float(timestamps[-1] - timestamps[0]) if timestamps.dtype.kind == "f" else 0.0
         birth = now - min(max(span, 0.0), self.framing.max_latency_s)
-        if self._oldest_birth is None:
+        was_empty = self._oldest_birth is None
+        if was_empty:
             self._oldest_birth = birth
         self._chunks.append((timestamps, values))
         self._size += len(timestamps)
@@ -71,7 +77,8 @@ class Framer:
             dropped_ts, _ = self._chunks.popleft()
             self._size -= len(dropped_ts)
             self.dropped += len(dropped_ts)
-        self.arrived.set()
+        if was_empty or self._size >= self.framing.max_samples:
+            self.arrived.set()
 
     def deadline(self) -> float | None:
         """When the oldest held sample reaches max latency (None when empty)."""

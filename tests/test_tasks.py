@@ -234,3 +234,22 @@ def test_drops_inside_a_source_are_reported_too():
     items, dropped = run(body())
     (status,) = [i for i in items if isinstance(i, dm.StreamStatus)]
     assert status.status == "dropped" and status.reason.startswith("7 samples") and dropped == 7
+
+
+def test_framer_wakes_the_task_only_when_there_is_something_to_do() -> None:
+    """First sample (a deadline to arm) or a full frame: yes; more of a partial frame: no."""
+
+    async def body() -> list[bool]:
+        framer = Framer(Framing(max_samples=10, max_latency_ms=50), capacity=100)
+        woken = []
+        for n in (3, 3, 3, 3):
+            framer.arrived.clear()
+            framer.push(np.arange(n) / 100.0, np.zeros((n, 1)), 0.0)
+            woken.append(framer.arrived.is_set())
+        framer.pop(0.0)
+        framer.arrived.clear()
+        framer.push(np.arange(1) / 100.0, np.zeros((1, 1)), 0.0)  # 2 + 1 held: not due
+        woken.append(framer.arrived.is_set())
+        return woken
+
+    assert asyncio.run(body()) == [True, False, False, True, False]
