@@ -64,8 +64,11 @@ class Framing:
 
 
 PRESETS: dict[str, Framing] = {
-    # Interactive feedback, BCI loops: a frame every few milliseconds.
-    "low-latency": Framing(max_samples=256, max_latency_ms=5.0),
+    # Interactive feedback, BCI loops: a frame every few milliseconds. 2 ms, not 5: a
+    # sample also waits for its source's next chunk and for the loop's timer (epoll
+    # rounds up to 1 ms), so 5 ms of framing gave a p99 of 8-9 ms end to end (issue #12;
+    # docs/performance.md). The simulator then delivers every 1 ms.
+    "low-latency": Framing(max_samples=256, max_latency_ms=2.0),
     # Dashboards and online analytics.
     "balanced": Framing(max_samples=1024, max_latency_ms=50.0),
     # Recording and bulk transfer: few, large frames.
