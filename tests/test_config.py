@@ -21,7 +21,7 @@ from streaminghub_datamux.config import (
     write_user_config,
 )
 from streaminghub_datamux.errors import ConfigError
-from streaminghub_datamux.framing import Framing
+from streaminghub_datamux.framing import PRESETS, Framing
 from streaminghub_datamux.host import default_agent_id
 
 DOCS = Path(__file__).resolve().parents[1] / "docs" / "config.md"
@@ -189,7 +189,7 @@ def test_null_unsets_an_optional_key_from_a_lower_layer(box):
 def test_config_framing_feeds_framing_coerce(box):
     write(box["home"] / ".streaminghubrc", {"framing": {"preset": "low-latency", "max_samples": 8}})
     framing = Framing.coerce(load(box).framing)
-    assert framing == Framing(max_samples=8, max_latency_ms=5.0)
+    assert framing == Framing(max_samples=8, max_latency_ms=PRESETS["low-latency"].max_latency_ms)
 
 
 # --- paths ----------------------------------------------------------------------------
