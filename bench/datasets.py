@@ -47,7 +47,6 @@ import pyxdf
 
 # bench/replay.py sits next to this file (sys.path[0] when run as a script).
 from replay import (
-    AIM_THROUGHPUT_RATIO,
     code_version,
     fill_markers,
     load_average,
@@ -62,6 +61,9 @@ from streaminghub_datamux.drivers.xdf import LOAD_OPTIONS
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_DOC = REPO / "docs" / "performance.md"
 SECTION = "## Dataset formats"
+# The project-wide replay aim for formats: replay >= 50% of the format's own reader.
+# (CSV's own aim is now 5 x np.loadtxt, issue #12; formats keep this one.)
+AIM_RATIO = 0.5
 AFTER_SECTION = "## Replay"  # a new section goes right after this one
 
 XDF_CHANNELS, XDF_RATE_HZ = 64, 1000.0
@@ -570,18 +572,18 @@ def results_table(results: Sequence[Result]) -> list[str]:
             f"| {base:,.0f} ({base * d.channels:,.0f}) | {rep:,.0f} ({rep * d.channels:,.0f}) "
             f"| {statistics.median(r.baseline_s):.2f} / {statistics.median(r.replay_s):.2f} "
             f"| {ratio:.2f} ({min(r.ratios):.2f}-{max(r.ratios):.2f}) "
-            f"| {_verdict(ratio >= AIM_THROUGHPUT_RATIO)} |"
+            f"| {_verdict(ratio >= AIM_RATIO)} |"
         )
     return lines
 
 
 def aims_summary(results: Sequence[Result]) -> str:
     parts = ", ".join(f"{r.dataset.format} {statistics.median(r.ratios):.2f}" for r in results)
-    ok = all(statistics.median(r.ratios) >= AIM_THROUGHPUT_RATIO for r in results)
+    ok = all(statistics.median(r.ratios) >= AIM_RATIO for r in results)
     return (
         "**Aim.** The issue asks for replay throughput per format beside a direct read of "
         "the same file and sets no number for formats; judged against the project-wide aim "
-        f"(replay >= {AIM_THROUGHPUT_RATIO:.0%} of its baseline, as for CSV): "
+        f"(replay >= {AIM_RATIO:.0%} of its baseline): "
         f"{_verdict(ok)} (replay / baseline: {parts})."
     )
 
