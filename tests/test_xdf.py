@@ -295,8 +295,14 @@ def test_python_warnings_are_logged_not_raised(
     )
     with caplog.at_level(logging.WARNING, logger=xdf_module.__name__):
         _, _, values = _read_all(fmt, path, fmt.describe(path)["S"])
-    assert values[:, 0].tolist() == [1.0, 2.0]
-    assert any("RuntimeWarning" in r.getMessage() for r in caplog.records)
+    # pyxdf releases disagree on the order they leave two same-instant samples in
+    # (1.17.5 dejitters them into descending time, which the reader then sorts).
+    assert sorted(values[:, 0].tolist()) == [1.0, 2.0]
+    # Older pyxdf warns through numpy (a RuntimeWarning, logged by the reader); 1.17.5
+    # computes the rate without dividing by zero and logs it itself. Either way the
+    # reader survives pytest's warnings-as-errors and the degenerate stream is reported.
+    messages = [r.getMessage() for r in caplog.records]
+    assert any("RuntimeWarning" in m or "effective sampling rate" in m for m in messages)
 
 
 def test_out_of_order_samples_are_sorted_stably() -> None:
