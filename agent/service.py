@@ -53,10 +53,10 @@ from ..protocol import (
     ctrl_error,
     ctrl_status,
     error_reply,
+    is_id,
     ok_reply,
     parse_request,
-    read_envelope,
-    reply_topic_ok,
+    request_id_of,
     stream_to_wire,
 )
 from ..util import END_OF_STREAM, describe_error
@@ -106,6 +106,8 @@ class Counters:
     frames_dropped: int = 0  # QoS 0 frames that met no connection
     requests: int = 0
     bad_requests: int = 0
+    unidentified_requests: int = 0  # on a topic that names no valid client: not answered
+    v1_requests: int = 0  # from protocol v1 peers: answered with an error
 
 
 class Agent:
@@ -161,6 +163,7 @@ class Agent:
             will=Will(self.topics.agent_state(self.id), self._state("offline")),
         )
         self._tasks: dict[str, RemoteTask] = {}
+        self._v1_rpc: list[str] = []
         self.leases = LeaseBook(
             self._owns_tasks,
             lambda: self.link.connected,
@@ -199,7 +202,10 @@ class Agent:
             await self.link.connect(timeout=connect_timeout)
         finally:
             watchdog.cancel()
-        await self.link.subscribe(self.topics.agent_rpc(self.id), qos=1)
+        await self.link.subscribe(self.topics.rpc_of(self.id), qos=1)
+        self._v1_rpc = self.topics.v1_rpc(self.id)
+        for topic in self._v1_rpc:
+            await self.link.subscribe(topic, qos=1)
         await self.link.subscribe(self.topics.every_client_state, qos=1)
         self._spawn(self._health_loop(), "health")
         self._spawn(self._drain_spool(), "spool")
@@ -337,44 +343,53 @@ class Agent:
     # -- incoming messages ---------------------------------------------------------------
 
     def _on_message(self, message: Incoming) -> None:
-        if message.topic == self.topics.agent_rpc(self.id):
-            if len(self._requests) >= MAX_CONCURRENT_REQUESTS or self._stopping.is_set():
-                self._refuse_busy(message)
-                return
-            job = asyncio.get_running_loop().create_task(self._serve_request(message))
-            self._requests.add(job)
-            job.add_done_callback(self._requests.discard)
-        else:
-            root, client, kind = self.topics.levels(message.topic, 3)
-            if root == "clients" and kind == "state":
-                self._on_client_state(client, message)
+        if message.topic in self._v1_rpc:
+            self._answer_v1(message)
+            return
+        root, agent, kind, client = self.topics.levels(message.topic, 4)
+        if root == "agents" and agent == self.id and kind == "rpc":
+            self._on_request(client, message)
+        elif root == "clients" and kind == "state" and client == "":
+            self._on_client_state(agent, message)  # levels: clients/{client}/state
 
-    def _refuse_busy(self, message: Incoming) -> None:
-        why = "agent is stopping" if self._stopping.is_set() else "too many requests at once"
-        self._reply_error(message, "unavailable", why)
-
-    async def _serve_request(self, message: Incoming) -> None:
+    def _on_request(self, client: str, message: Incoming) -> None:
+        """A request from ``client``: the topic level the broker let that client write."""
         self.counters.requests += 1
+        if not is_id(client):
+            # No identity we could answer to: log and count, never reply elsewhere.
+            self.counters.bad_requests += 1
+            self.counters.unidentified_requests += 1
+            log.warning("ignored a request on %r: no valid client id in the topic", message.topic)
+            return
+        if len(self._requests) >= MAX_CONCURRENT_REQUESTS or self._stopping.is_set():
+            why = "agent is stopping" if self._stopping.is_set() else "too many requests at once"
+            self._reply_error(client, message, "unavailable", why)
+            return
+        job = asyncio.get_running_loop().create_task(self._serve_request(client, message))
+        self._requests.add(job)
+        job.add_done_callback(self._requests.discard)
+
+    async def _serve_request(self, client: str, message: Incoming) -> None:
         codec = codec_of(message.payload)
         size = len(message.payload)
         if size > self.max_request_bytes:
             self.counters.bad_requests += 1
             text = f"request of {size} bytes exceeds the limit of {self.max_request_bytes}"
-            log.warning("refused a request: %s", text)
-            self._reply_error(message, "invalid_request", text)
+            log.warning("refused a request of client %s: %s", client, text)
+            self._reply_error(client, message, "invalid_request", text)
             return
         try:
             decoded = decode(message.payload)
         except InvalidRequest as exc:
             self.counters.bad_requests += 1
-            log.warning("refused a malformed request: %s", exc)
-            self._reply_error(message, exc.code, str(exc), decodable=False)
+            log.warning("refused a malformed request of client %s: %s", client, exc)
+            self._reply_error(client, message, exc.code, str(exc), decodable=False)
             return
-        request_id, reply_to = read_envelope(decoded, self.topics)
+        request_id = request_id_of(decoded)
         try:
-            request = _parse(decoded, self.topics)
-            if self._owns_tasks(request.client):
-                self.leases.renew(request.client)  # a request is a sign of life too
+            request = _parse(decoded, client)
+            if self._owns_tasks(client):
+                self.leases.renew(client)  # a request is a sign of life too
             result = await self._call(request, codec)
             if request.method in PAGED_METHODS:
                 budget = self.pager.budget(self.link.max_packet_size)
@@ -383,46 +398,70 @@ class Agent:
         except DatamuxError as exc:
             if isinstance(exc, InvalidRequest):
                 self.counters.bad_requests += 1
-            log.info("request %r failed: %s", request_id, exc)
+            log.info("request %r of client %s failed: %s", request_id, client, exc)
             reply = error_reply(request_id, exc.code, str(exc))
         except asyncio.CancelledError:
             # The agent is stopping: the request still gets its one answer.
             reply = error_reply(request_id, "unavailable", "the agent is stopping")
-            self._reply(message, reply_to, reply, codec)
+            self._reply(client, message, reply, codec)
             raise
         except Exception as exc:
             code, text = describe_error(exc)
-            log.exception("request %r failed", request_id)
+            log.exception("request %r of client %s failed", request_id, client)
             reply = error_reply(request_id, code, text)
-        self._reply(message, reply_to, reply, codec)
+        self._reply(client, message, reply, codec)
 
     def _reply_error(
-        self, message: Incoming, code: str, text: str, *, decodable: bool = True
+        self, client: str, message: Incoming, code: str, text: str, *, decodable: bool = True
     ) -> None:
-        request_id = reply_to = None
-        size = len(message.payload)
-        if decodable and size <= self.max_request_bytes * OVERSIZE_DECODE_FACTOR:
+        request_id = None
+        if decodable and len(message.payload) <= self.max_request_bytes * OVERSIZE_DECODE_FACTOR:
             with contextlib.suppress(InvalidRequest):
-                request_id, reply_to = read_envelope(decode(message.payload), self.topics)
-        reply = error_reply(request_id, code, text)
-        self._reply(message, reply_to, reply, codec_of(message.payload))
+                request_id = request_id_of(decode(message.payload))
+        self._reply(client, message, error_reply(request_id, code, text), codec_of(message.payload))
 
-    def _reply(
-        self, message: Incoming, reply_to: str | None, reply: dict[str, Any], codec: str
-    ) -> None:
-        topic = reply_to
-        if topic is None and reply_topic_ok(message.response_topic, self.topics):
-            topic = message.response_topic
-        if topic is None:
-            log.warning("no reply address in a request; error not sent: %s", reply)
-            return
+    def _reply(self, client: str, message: Incoming, reply: dict[str, Any], codec: str) -> None:
+        """Answer on the client's own reply topic, the only place a reply ever goes.
+
+        Nothing in the request (a payload field, an MQTT 5 Response Topic) can name
+        another: the topic comes from the level the broker let this client write.
+        """
         try:
             payload = encode(reply, codec)
         except (ValueError, TypeError, OverflowError) as exc:  # e.g. NaN metadata in JSON
             log.warning("reply to %r cannot be encoded: %s", reply.get("id"), exc)
             text = f"the reply cannot be encoded in {codec}: {exc}"
             payload = encode(error_reply(reply.get("id"), "internal", text), codec)
+        topic = self.topics.reply(self.id, client)
         self.link.publish_nowait(topic, payload, qos=1, correlation=message.correlation)
+
+    def _answer_v1(self, message: Incoming) -> None:
+        """A protocol v1 request: a clear error, so that an old client is not left waiting.
+
+        v1 clients listen on ``{p}/clients/{client}/rpc`` only. The error goes there, and
+        nowhere else: the payload's client id, in the prefix the request came on. Its
+        text is fixed, and v2 peers never read that topic (v2 ACLs do not even let an
+        agent write it).
+        """
+        self.counters.requests += 1
+        self.counters.bad_requests += 1
+        self.counters.v1_requests += 1
+        prefix = message.topic.rsplit("/agents/", 1)[0]
+        decoded: Any = None
+        if len(message.payload) <= self.max_request_bytes:
+            with contextlib.suppress(InvalidRequest):
+                decoded = decode(message.payload)
+        client = decoded.get("client") if isinstance(decoded, Mapping) else None
+        log.warning("a protocol v1 request on %s (client %s)", message.topic, _short_id(client))
+        if not is_id(client) or decoded.get("reply_to") != f"{prefix}/clients/{client}/rpc":
+            return
+        text = (
+            f"agent {self.id} speaks protocol v{PROTOCOL_VERSION} under {self.topics.prefix}; "
+            "this client speaks v1: upgrade streaminghub-datamux (docs/protocol.md, Versioning)"
+        )
+        reply = error_reply(request_id_of(decoded), "invalid_request", text)
+        payload = encode(reply, codec_of(message.payload))
+        self.link.publish_nowait(f"{prefix}/clients/{client}/rpc", payload, qos=1)
 
     # -- methods -------------------------------------------------------------------------
 
@@ -553,8 +592,9 @@ class Agent:
     # -- publishing ----------------------------------------------------------------------
 
     async def _publish_task(self, remote: RemoteTask, sink: asyncio.Queue[Any]) -> None:
-        data = self.topics.task_data(self.id, remote.id)
-        ctrl = self.topics.task_ctrl(self.id, remote.id)
+        # The owner is in the topic: the broker can let only that client read it.
+        data = self.topics.task_data(self.id, remote.owner, remote.id)
+        ctrl = self.topics.task_ctrl(self.id, remote.owner, remote.id)
         try:
             while True:
                 item = await sink.get()
@@ -712,6 +752,8 @@ class Agent:
             "samples_dropped": sum(t.samples_dropped for t in self.api.tasks()),
             "requests": counters.requests,
             "bad_requests": counters.bad_requests,
+            "unidentified_requests": counters.unidentified_requests,
+            "v1_requests": counters.v1_requests,
             "spool_messages": len(self.spool),
             "spool_bytes": self.spool.depth_bytes,
             "spool_dropped": self.spool.dropped,
@@ -775,12 +817,16 @@ class Agent:
         self._spawn(self._announce_nodes(), "announce")
 
 
-def _parse(message: Any, topics: Topics) -> Request:
+def _parse(message: Any, client: str) -> Request:
     """parse_request, with hostile shapes (huge numbers, cycles) as InvalidRequest."""
     try:
-        return parse_request(message, topics)
+        return parse_request(message, client)
     except (RecursionError, OverflowError) as exc:
         raise InvalidRequest(f"malformed request: {type(exc).__name__}") from None
+
+
+def _short_id(value: Any) -> str:
+    return repr(value[:64]) if isinstance(value, str) else type(value).__name__
 
 
 def _checked_agent_id(value: str) -> str:

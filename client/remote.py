@@ -16,7 +16,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
-import itertools
 import logging
 import secrets
 import threading
@@ -40,7 +39,16 @@ from ..framing import Framing
 from ..model import Collection, Node, Stream, StreamAck, StreamError, StreamStatus
 from ..mqttio import BrokerSettings, Incoming, MqttLink, Will
 from ..paging import fetch_all_pages
-from ..protocol import Topics, check_id, collection_from_wire, node_from_wire, stream_from_wire
+from ..protocol import (
+    DEFAULT_PREFIX,
+    PROTOCOL_VERSION,
+    V1_PREFIX,
+    Topics,
+    check_id,
+    collection_from_wire,
+    node_from_wire,
+    stream_from_wire,
+)
 from .taskstream import TaskStream
 
 __all__ = ["RemoteAPI"]
@@ -62,6 +70,10 @@ class RemoteAPI:
         config: broker settings and timeouts come from here (``broker.*``, ``client.*``).
         timeout: seconds a request may take; default ``client.timeout_s``.
         qos: data QoS of the tasks this client starts: 1 (no loss, default) or 0.
+        client_id: who this client is in topics, and who owns its tasks. On a broker
+            with one of the shipped ACL profiles it must be the broker user name (with
+            certificates: the certificate's CN). Default: the user name if one is set,
+            else a random id.
     """
 
     def __init__(
@@ -73,6 +85,7 @@ class RemoteAPI:
         config: Config | None = None,
         timeout: float | None = None,
         qos: int = 1,
+        client_id: str | None = None,
     ) -> None:
         if rpc_name != "mqtt":
             raise InvalidRequest(f"unknown rpc {rpc_name!r}; the transport is 'mqtt'")
@@ -85,14 +98,19 @@ class RemoteAPI:
         self.config = config
         self.timeout = timeout
         self.qos = qos
-        self.client_id = "c" + secrets.token_hex(8)
+        self._chosen_id = check_id(client_id, "client_id") if client_id is not None else None
+        self.client_id = self._chosen_id or "c" + secrets.token_hex(8)
         self.link: MqttLink | None = None
         self.topics = Topics()
         self._agents: dict[str, Mapping[str, Any]] = {}
-        self._replies: dict[str, tuple[str, asyncio.Future[Any]]] = {}  # id -> (agent, reply)
+        self._v1_agents: set[str] = set()  # seen under the v1 prefix: named in errors
+        # request id -> (the agent asked, its reply); ids are unpredictable, and a reply
+        # counts only on that agent's reply topic.
+        self._replies: dict[str, tuple[str, asyncio.Future[Any]]] = {}
+        self._sync_marker: str | None = None
+        self._synced: asyncio.Event | None = None
         self._jobs: set[asyncio.Task[Any]] = set()
         self._streams: dict[tuple[str, str], TaskStream] = {}
-        self._request_ids = itertools.count(1)
         self._since = time.time()
         self._heartbeat_stop = threading.Event()
 
@@ -118,8 +136,12 @@ class RemoteAPI:
             self.timeout = float(config.get("client.timeout_s"))
         settings = BrokerSettings.from_config(config, host=server_host, port=server_port, **options)
         self.topics = Topics(settings.prefix)
+        if self._chosen_id is None and settings.username and check_id_ok(settings.username):
+            # The broker's identity of us: what the ACL profiles pin topics to (%u).
+            self.client_id = settings.username
         self.link = MqttLink(
-            self.client_id,  # the MQTT client id too, so a broker ACL can pin it (%c)
+            # Unique per connection: one user may run several clients at once.
+            f"{self.client_id}-{secrets.token_hex(4)}",
             settings,
             on_message=self._on_message,
             on_connect=self._on_connect,
@@ -131,13 +153,17 @@ class RemoteAPI:
             self.link = None
             raise
         try:
-            await self.link.subscribe(self.topics.client_rpc(self.client_id), qos=1)
+            await self.link.subscribe(self.topics.replies_to(self.client_id), qos=1)
+            await self.link.subscribe(self.topics.client_state(self.client_id), qos=1)
             states = (
                 self.topics.agent_state(self.agent_id)
                 if self.agent_id
                 else self.topics.every_agent_state
             )
             await self.link.subscribe(states, qos=1)
+            if self.topics.prefix == DEFAULT_PREFIX:
+                # Old agents, only to say why they are not used.
+                await self.link.subscribe(f"{V1_PREFIX}/agents/+/state", qos=1)
             await self._sync()
         except BaseException:
             link, self.link = self.link, None
@@ -147,40 +173,52 @@ class RemoteAPI:
         if self.agent_id and self.agent_id not in self._agents:
             await self.close()
             raise NotFound(
-                f"agent {self.agent_id!r} has never announced itself on {settings.address}"
+                f"agent {self.agent_id!r} has never announced itself on {settings.address} "
+                f"under {self.topics.prefix}{self._v1_hint(self.agent_id)}"
             )
         return self
 
     async def _sync(self) -> None:
         """Wait until the broker has sent every retained agent state.
 
-        A message to ourselves comes back after them: the broker sends retained messages
-        right after the SUBACK, in order.
+        Our own presence comes back after them: the broker sends retained messages right
+        after the SUBACK, in order. (Only agents may publish replies, so the echo is the
+        presence, on the one topic this client may both write and read.)
         """
         assert self.link is not None
-        marker = f"sync-{next(self._request_ids)}"
-        future = asyncio.get_running_loop().create_future()
-        self._replies[marker] = ("", future)
+        self._sync_marker = secrets.token_hex(8)
+        self._synced = asyncio.Event()
         try:
-            payload = encode({"id": marker, "ok": True, "result": None}, self.codec)
-            self.link.publish_nowait(self.topics.client_rpc(self.client_id), payload, qos=1)
+            payload = self._presence(sync=self._sync_marker)
+            self.link.publish_nowait(
+                self.topics.client_state(self.client_id), payload, qos=1, retain=True
+            )
             async with asyncio.timeout(self.timeout):
-                await future
+                await self._synced.wait()
         except TimeoutError:
             raise Timeout("the broker did not echo a message in time") from None
         finally:
-            self._replies.pop(marker, None)
+            self._sync_marker = None
+
+    def _v1_hint(self, agent: str | None = None) -> str:
+        old = sorted(self._v1_agents) if agent is None else sorted({agent} & self._v1_agents)
+        if not old:
+            return ""
+        return (
+            f"; agents {old} speak protocol v1 under {V1_PREFIX}: upgrade them to "
+            f"v{PROTOCOL_VERSION} (docs/protocol.md, Versioning)"
+        )
 
     def _absence(self) -> bytes:
         # Not an empty message (which would clear the retained presence): some brokers
         # refuse an empty will. A clean close clears it instead.
         return encode({"state": "offline", "client": self.client_id}, self.codec)
 
-    def _presence(self) -> bytes:
+    def _presence(self, **extra: Any) -> bytes:
         assert self.link is not None
         presence = {"state": "online", "client": self.client_id, "since": self._since}
         presence["keepalive"] = self.link.settings.keepalive_s
-        return encode(presence, self.codec)
+        return encode({**presence, **extra}, self.codec)
 
     def _on_connect(self, session_present: bool) -> None:
         assert self.link is not None
@@ -254,7 +292,12 @@ class RemoteAPI:
         return dict(self._agents)
 
     def _online(self) -> list[str]:
-        return sorted(a for a, s in self._agents.items() if s.get("state") == "online")
+        """Online agents that speak our protocol version."""
+        return sorted(
+            a
+            for a, s in self._agents.items()
+            if s.get("state") == "online" and s.get("protocol") == PROTOCOL_VERSION
+        )
 
     def _route(self, qualified: str, what: str) -> tuple[str, str]:
         """(agent, local id) for an id the caller passed."""
@@ -309,29 +352,27 @@ class RemoteAPI:
         link = self._require_link()
         state = self._agents.get(agent)
         if state is None:
-            raise NotFound(f"no agent {agent!r} behind the broker (online: {self._online()})")
+            raise NotFound(
+                f"no agent {agent!r} behind the broker (online: {self._online()})"
+                + self._v1_hint(agent)
+            )
         if state.get("state") != "online":
             raise Unavailable(f"agent {agent!r} is offline")
-        request_id = f"{self.client_id}-{next(self._request_ids)}"
-        reply_to = self.topics.client_rpc(self.client_id)
-        request = {
-            "id": request_id,
-            "method": method,
-            "params": dict(params),
-            "reply_to": reply_to,
-            "client": self.client_id,
-        }
+        if state.get("protocol") != PROTOCOL_VERSION:
+            raise Unavailable(
+                f"agent {agent!r} speaks protocol {state.get('protocol')!r:.20}, this client "
+                f"v{PROTOCOL_VERSION}: upgrade the older one (docs/protocol.md, Versioning)"
+            )
+        # Unpredictable, so that nobody who sees or guesses ids can answer in our place.
+        request_id = secrets.token_urlsafe(16)
+        request = {"id": request_id, "method": method, "params": dict(params)}
         future = asyncio.get_running_loop().create_future()
         self._replies[request_id] = (agent, future)
         try:
             # The deadline covers sending too: a stalled broker must not stall the caller.
             async with asyncio.timeout(self.timeout):
                 sent = await link.publish(
-                    self.topics.agent_rpc(agent),
-                    encode(request, self.codec),
-                    qos=1,
-                    response_topic=reply_to,
-                    correlation=request_id.encode(),
+                    self.topics.rpc(agent, self.client_id), encode(request, self.codec), qos=1
                 )
                 if not sent:
                     raise Unavailable(f"not connected to the broker {link.settings.address}")
@@ -485,7 +526,7 @@ class RemoteAPI:
             params["framing"] = protocol.check_framing(_framing_wire(framing), "framing")
         stream = TaskStream(agent, task_id, sink, self._forget)
         self._streams[(agent, task_id)] = stream
-        topic = self.topics.task_any(agent, task_id)
+        topic = self.topics.task_any(agent, self.client_id, task_id)
         try:
             # Subscribe first: frames may flow before the reply arrives.
             await link.subscribe(topic, qos=task_qos, timeout=self.timeout or 10.0)
@@ -539,30 +580,47 @@ class RemoteAPI:
         self._streams.pop((stream.agent, stream.task_id), None)
         link = self.link
         if link is not None:
-            topic = self.topics.task_any(stream.agent, stream.task_id)
+            topic = self.topics.task_any(stream.agent, self.client_id, stream.task_id)
             self._spawn(_quietly(link.unsubscribe(topic)))
 
     def _on_message(self, message: Incoming) -> None:
-        topic, topics = message.topic, self.topics
-        root, agent, kind, task, channel = topics.levels(topic, 5)
-        if root == "agents":
-            if kind == "state":
-                self._on_agent_state(agent, message.payload)
-            elif kind == "tasks":
+        # Who published is in the topic (the ACL profiles let only agent X write under
+        # agents/X/), so each kind of message is taken only from where it belongs.
+        me = self.client_id
+        root, agent, kind, rest = self.topics.levels(message.topic, 4)
+        if root == "agents" and kind == "state" and rest == "":
+            self._on_agent_state(agent, message.payload)
+        elif root == "agents" and kind == "reply" and rest == me:
+            self._on_reply(agent, message.payload)
+        elif root == "clients" and agent == me and kind == "state" and rest == "":
+            self._on_own_presence(message.payload)
+        elif root == "":
+            root, agent, kind, owner, task, channel = self.topics.levels(message.topic, 6)
+            if root == "agents" and kind == "tasks" and owner == me:
                 self._on_task_message(agent, task, channel, message)
-        elif topic == topics.client_rpc(self.client_id):
-            self._on_reply(message.payload)
+            elif message.topic.startswith(f"{V1_PREFIX}/agents/") and message.payload:
+                self._v1_agents.add(message.topic.split("/")[-2])
 
-    def _on_reply(self, payload: bytes) -> None:
+    def _on_own_presence(self, payload: bytes) -> None:
+        if self._sync_marker is None or self._synced is None:
+            return
+        with contextlib.suppress(InvalidRequest):
+            presence = decode(payload)
+            if isinstance(presence, Mapping) and presence.get("sync") == self._sync_marker:
+                self._synced.set()
+
+    def _on_reply(self, agent: str, payload: bytes) -> None:
         try:
             reply = decode(payload)
         except InvalidRequest as exc:
-            log.warning("ignored an unreadable reply: %s", exc)
+            log.warning("ignored an unreadable reply from agent %s: %s", agent, exc)
             return
-        if not isinstance(reply, Mapping):
+        if not isinstance(reply, Mapping) or not isinstance(reply.get("id"), str):
             return
-        waiting = self._replies.get(str(reply.get("id")))
-        if waiting is not None and not waiting[1].done():
+        waiting = self._replies.get(reply["id"])
+        if waiting is None or waiting[0] != agent:
+            return  # not ours, or not from the agent we asked
+        if not waiting[1].done():
             waiting[1].set_result(reply)
 
     def _on_task_message(self, agent: str, task_id: str, kind: str, message: Incoming) -> None:
@@ -571,7 +629,11 @@ class RemoteAPI:
             return
         try:
             if kind == "data":
-                stream.on_frame(decode_frame(message.payload).frame)
+                wire = decode_frame(message.payload)
+                if wire.task_id != task_id:
+                    log.warning("task %s: ignored a frame of task %r", task_id, wire.task_id[:64])
+                    return
+                stream.on_frame(wire.frame)
             elif kind == "ctrl":
                 ctrl = decode(message.payload)
                 if isinstance(ctrl, Mapping):
@@ -628,6 +690,14 @@ def _framing_wire(framing: Framing | str | Mapping[str, Any]) -> str | dict[str,
     if isinstance(framing, str):
         return framing
     return dict(framing)
+
+
+def check_id_ok(value: str) -> bool:
+    try:
+        check_id(value, "user name")
+    except InvalidRequest:
+        return False
+    return True
 
 
 async def _quietly(awaitable: Awaitable[Any]) -> None:

@@ -18,7 +18,7 @@ from typing import Any
 from ..model import Frame, StreamError, StreamStatus
 from ..util import END_OF_STREAM
 
-__all__ = ["INBOX_FRAMES", "TaskStream"]
+__all__ = ["INBOX_FRAMES", "SEQ_WINDOW", "TaskStream"]
 
 log = logging.getLogger(__name__)
 
@@ -26,6 +26,9 @@ log = logging.getLogger(__name__)
 END_GRACE_S = 0.5
 # Frames held for a sink that is not being read; past this the oldest are dropped.
 INBOX_FRAMES = 1024
+# How far behind the newest frame a frame still counts as a QoS 1 resend. Resends are
+# at most the unacknowledged window (mqttio.MAX_OUTSTANDING, 64) behind.
+SEQ_WINDOW = 256
 
 
 class TaskStream:
@@ -58,13 +61,27 @@ class TaskStream:
     # -- items from the agent ------------------------------------------------------------
 
     def on_frame(self, frame: Frame) -> None:
-        """A frame from the data topic: duplicates dropped, gaps reported."""
+        """A frame from the data topic: duplicates dropped, gaps reported.
+
+        Only a frame at most :data:`SEQ_WINDOW` behind counts as a resend. A frame
+        further behind means the sequence went back (a frame far ahead was forged, or
+        came from another run): it is taken, with a status saying so, so that one bad
+        ``seq`` can never silence the frames after it.
+        """
         if self.closing:
             return
-        if frame.seq < self.next_seq:
+        behind = self.next_seq - frame.seq
+        if 0 < behind <= SEQ_WINDOW:
             return  # a QoS 1 resend after a reconnect
         self.stream_id = frame.stream_id
-        if frame.seq > self.next_seq:
+        if behind > 0:
+            reason = (
+                f"seq went back from {self.next_seq - 1} to {frame.seq}: the frame(s) "
+                "ahead were not of this stream; going on from here"
+            )
+            log.warning("task %s: %s", self.task_id, reason)
+            self.put(StreamStatus(frame.stream_id, "dropped", reason))
+        elif frame.seq > self.next_seq:
             lost = frame.seq - self.next_seq
             reason = f"{lost} frames lost in transit (seq {self.next_seq} to {frame.seq - 1})"
             log.warning("task %s: %s", self.task_id, reason)

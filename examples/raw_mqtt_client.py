@@ -14,7 +14,7 @@ import cbor2
 import numpy as np
 import paho.mqtt.client as mqtt
 
-PREFIX = "streaminghub/v1"
+PREFIX = "streaminghub/v2"
 # RFC 8746 typed arrays (little endian) -> numpy dtypes
 TYPED_ARRAYS = {64: "u1", 69: "<u2", 70: "<u4", 71: "<u8", 72: "i1", 77: "<i2",
                 78: "<i4", 79: "<i8", 84: "<f2", 85: "<f4", 86: "<f8"}  # fmt: skip
@@ -51,16 +51,18 @@ def main(host: str, port: int, agent: str, node: str, stream: str, wanted: int) 
     online = cbor2.dumps({"state": "online", "client": me, "keepalive": 10})
     client.publish(f"{PREFIX}/clients/{me}/state", online, qos=1, retain=True)
     # ...so it can subscribe to the task's topics before the first frame is sent.
-    client.subscribe(f"{PREFIX}/clients/{me}/rpc", qos=1)
-    client.subscribe(f"{PREFIX}/agents/{agent}/tasks/{task}/+", qos=1)
+    # Replies come on agents/{agent}/reply/{me}; task topics carry their owner, me.
+    client.subscribe(f"{PREFIX}/agents/{agent}/reply/{me}", qos=1)
+    client.subscribe(f"{PREFIX}/agents/{agent}/tasks/{me}/{task}/+", qos=1)
 
     def call(method: str, **params) -> object:
-        request = {"id": secrets.token_hex(4), "method": method, "params": params,
-                   "reply_to": f"{PREFIX}/clients/{me}/rpc", "client": me}  # fmt: skip
-        client.publish(f"{PREFIX}/agents/{agent}/rpc", cbor2.dumps(request), qos=1)
+        # The id is unpredictable: only the agent asked can answer it.
+        request = {"id": secrets.token_urlsafe(16), "method": method, "params": params}
+        # Who asks is the topic's last level (which a broker ACL pins to the user).
+        client.publish(f"{PREFIX}/agents/{agent}/rpc/{me}", cbor2.dumps(request), qos=1)
         while True:
             message = inbox.get(timeout=10)
-            if message.topic.endswith("/rpc"):
+            if message.topic == f"{PREFIX}/agents/{agent}/reply/{me}":
                 reply = cbor2.loads(message.payload)
                 if reply["id"] == request["id"]:
                     if not reply["ok"]:

@@ -221,7 +221,7 @@ _KEYS = (
     Key(
         "broker.prefix",
         "str",
-        "streaminghub/v1",
+        "streaminghub/v2",
         "Topic prefix of every message.",
         check=_topic_prefix,
     ),

@@ -78,7 +78,7 @@ class BrokerSettings:
     cert_file: str | None = None
     key_file: str | None = None
     keepalive_s: int = 10
-    prefix: str = "streaminghub/v1"
+    prefix: str = "streaminghub/v2"
 
     @classmethod
     def from_config(cls, config: Config, **overrides: Any) -> BrokerSettings:

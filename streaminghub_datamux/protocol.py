@@ -17,6 +17,7 @@ from .model import Collection, Node, Stream, StreamError, StreamStatus
 from .paging import PAGE_PARAMS, PAGED_METHODS
 
 __all__ = [
+    "DEFAULT_PREFIX",
     "METHODS",
     "PROTOCOL_VERSION",
     "Request",
@@ -26,13 +27,18 @@ __all__ = [
     "ctrl_error",
     "ctrl_status",
     "error_reply",
+    "is_id",
     "ok_reply",
     "parse_request",
+    "request_id_of",
     "stream_from_wire",
     "stream_to_wire",
 ]
 
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2
+DEFAULT_PREFIX = "streaminghub/v2"
+# Where protocol v1 peers are found when the prefix is the default one (for clear errors).
+V1_PREFIX = "streaminghub/v1"
 
 # Agent, client and task ids appear in topics (and the spool's folder): no "/", "+",
 # "#" or spaces, and a bounded length.
@@ -52,40 +58,63 @@ def check_id(value: Any, what: str) -> str:
     if not isinstance(value, str) or not ID_PATTERN.fullmatch(value):
         raise InvalidRequest(
             f"{what} must be 1 to 64 letters, digits, '_', '.' or '-' (not starting with "
-            f"'.' or '-'), not {value!r:.80}"
+            f"'.' or '-'), not {_short(value)}"
         )
     return value
 
 
-class Topics:
-    """Every topic of one deployment, under its prefix (docs/protocol.md, "Topics")."""
+def is_id(value: Any) -> bool:
+    return isinstance(value, str) and ID_PATTERN.fullmatch(value) is not None
 
-    def __init__(self, prefix: str = "streaminghub/v1") -> None:
+
+class Topics:
+    """Every topic of one deployment, under its prefix (docs/protocol.md, "Topics").
+
+    The one place the topic layout is written down. Who may publish on a topic is in
+    the topic itself, so that a broker ACL can enforce it (``%u``): everything an agent
+    publishes is under ``agents/{agent}/``, a request names its client as the last level
+    of ``agents/{agent}/rpc/{client}``, and task topics carry their owner.
+    """
+
+    def __init__(self, prefix: str = DEFAULT_PREFIX) -> None:
         self.prefix = prefix.strip("/")
 
+    # -- published by an agent
     def agent_state(self, agent: str) -> str:
         return f"{self.prefix}/agents/{agent}/state"
-
-    def agent_rpc(self, agent: str) -> str:
-        return f"{self.prefix}/agents/{agent}/rpc"
 
     def agent_health(self, agent: str) -> str:
         return f"{self.prefix}/agents/{agent}/health"
 
-    def task_data(self, agent: str, task: str) -> str:
-        return f"{self.prefix}/agents/{agent}/tasks/{task}/data"
+    def reply(self, agent: str, client: str) -> str:
+        """Where ``agent`` answers ``client``: readable by that client only (ACL)."""
+        return f"{self.prefix}/agents/{agent}/reply/{client}"
 
-    def task_ctrl(self, agent: str, task: str) -> str:
-        return f"{self.prefix}/agents/{agent}/tasks/{task}/ctrl"
+    def task_data(self, agent: str, owner: str, task: str) -> str:
+        return f"{self.prefix}/agents/{agent}/tasks/{owner}/{task}/data"
 
-    def task_any(self, agent: str, task: str) -> str:
-        return f"{self.prefix}/agents/{agent}/tasks/{task}/+"
+    def task_ctrl(self, agent: str, owner: str, task: str) -> str:
+        return f"{self.prefix}/agents/{agent}/tasks/{owner}/{task}/ctrl"
 
-    def client_rpc(self, client: str) -> str:
-        return f"{self.prefix}/clients/{client}/rpc"
+    def task_any(self, agent: str, owner: str, task: str) -> str:
+        return f"{self.prefix}/agents/{agent}/tasks/{owner}/{task}/+"
+
+    # -- published by a client
+    def rpc(self, agent: str, client: str) -> str:
+        """Where ``client`` sends requests to ``agent``: writable by that client only."""
+        return f"{self.prefix}/agents/{agent}/rpc/{client}"
 
     def client_state(self, client: str) -> str:
         return f"{self.prefix}/clients/{client}/state"
+
+    # -- subscriptions
+    def rpc_of(self, agent: str) -> str:
+        """Every client's requests to ``agent``."""
+        return f"{self.prefix}/agents/{agent}/rpc/+"
+
+    def replies_to(self, client: str) -> str:
+        """Every agent's replies to ``client``."""
+        return f"{self.prefix}/agents/+/reply/{client}"
 
     @property
     def every_agent_state(self) -> str:
@@ -95,14 +124,21 @@ class Topics:
     def every_client_state(self) -> str:
         return f"{self.prefix}/clients/+/state"
 
-    @property
-    def reply_space(self) -> str:
-        return f"{self.prefix}/clients/"
+    def v1_rpc(self, agent: str) -> list[str]:
+        """Where protocol v1 clients send requests to ``agent`` (answered with an error)."""
+        topics = [f"{self.prefix}/agents/{agent}/rpc"]
+        if self.prefix == DEFAULT_PREFIX:
+            topics.append(f"{V1_PREFIX}/agents/{agent}/rpc")
+        return topics
 
     def levels(self, topic: str, count: int) -> list[str]:
         """The first ``count`` topic levels after the prefix ("" where there are fewer):
-        ``["agents", agent, "tasks", task, "data"]``."""
-        parts = topic[len(self.prefix) + 1 :].split("/", count)[:count]
+        ``["agents", agent, "tasks", owner, task, "data"]``. Empty for another prefix."""
+        if not topic.startswith(self.prefix + "/"):
+            return [""] * count
+        parts = topic[len(self.prefix) + 1 :].split("/")
+        if len(parts) > count:
+            return [""] * count  # deeper than any topic of ours
         return parts + [""] * (count - len(parts))
 
 
@@ -111,12 +147,12 @@ class Topics:
 
 @dataclass(frozen=True)
 class Request:
-    """A validated request: ``{id, method, params, reply_to, client}``."""
+    """A validated request: ``{id, method, params}`` from ``client``, the last level of
+    the topic it came on (never a payload field)."""
 
     id: str | int
     method: str
     params: dict[str, Any]
-    reply_to: str
     client: str
 
 
@@ -132,6 +168,17 @@ def _type(value: Any) -> str:
     return "null" if value is None else type(value).__name__
 
 
+def _short(value: Any) -> str:
+    """A value for an error message: short, and safe for any hostile shape."""
+    if isinstance(value, str):
+        return repr(value[:60])
+    if isinstance(value, bool | float) or value is None:
+        return repr(value)
+    if isinstance(value, int):
+        return repr(value) if abs(value) < 10**30 else "a huge integer"
+    return f"a {_type(value)}"
+
+
 def _number(value: Any, name: str) -> float:
     try:
         finite = (
@@ -142,7 +189,7 @@ def _number(value: Any, name: str) -> float:
     except OverflowError:  # an integer too large for a float
         finite = False
     if not finite:
-        raise InvalidRequest(f"{name} must be a finite number, not {value!r:.40}")
+        raise InvalidRequest(f"{name} must be a finite number, not {_short(value)}")
     return float(value)
 
 
@@ -160,8 +207,10 @@ def _flag(value: Any, name: str) -> bool:
 
 
 def _qos(value: Any, name: str) -> int:
-    if isinstance(value, bool) or value not in (0, 1):
-        raise InvalidRequest(f"{name} must be 0 (lowest latency) or 1 (no loss), not {value!r}")
+    if not isinstance(value, int) or isinstance(value, bool) or value not in (0, 1):
+        raise InvalidRequest(
+            f"{name} must be 0 (lowest latency) or 1 (no loss), not {_short(value)}"
+        )
     return int(value)
 
 
@@ -176,9 +225,9 @@ def _attrs(value: Any, name: str) -> dict[str, Any]:
     for key, item in value.items():
         _text(key, f"{name} key")
         if isinstance(item, int | float) and not isinstance(item, bool):
-            _number(item, f"{name}[{key!r}]")  # no NaN, no infinity: JSON has neither
+            _number(item, f"{name}[{key[:60]!r}]")  # no NaN, no infinity: JSON has neither
         elif not isinstance(item, str | bool) or (isinstance(item, str) and len(item) > MAX_TEXT):
-            raise InvalidRequest(f"{name}[{key!r}] must be a short string, number or boolean")
+            raise InvalidRequest(f"{name}[{key[:60]!r}] must be a short string, number or boolean")
         out[key] = item
     return out
 
@@ -186,11 +235,9 @@ def _attrs(value: Any, name: str) -> dict[str, Any]:
 def _framing(value: Any, name: str) -> str | dict[str, Any]:
     if isinstance(value, str):
         return _text(value, name)
-    if not isinstance(value, Mapping) or not set(value) <= {
-        "preset",
-        "max_samples",
-        "max_latency_ms",
-    }:
+    if not isinstance(value, Mapping) or any(
+        k not in ("preset", "max_samples", "max_latency_ms") for k in value
+    ):
         raise InvalidRequest(
             f"{name} must be a preset name or a map of preset, max_samples, max_latency_ms"
         )
@@ -259,73 +306,69 @@ for _method in PAGED_METHODS:  # listings may be asked for in pages (paging.py)
     METHODS[_method].update(PAGE_PARAMS)
 
 
-def read_envelope(message: Any, topics: Topics) -> tuple[Any, str | None]:
-    """The request id and reply address, as far as they can be read (for error replies)."""
+# A request's fields; anything else is refused, so that a v1 request (with "client" and
+# "reply_to", which v2 takes from the topic) gets a clear error.
+REQUEST_FIELDS = ("id", "method", "params")
+
+
+def request_id_of(message: Any) -> str | int | None:
+    """The request's id, if it has a usable one (to address an error reply)."""
     if not isinstance(message, Mapping):
-        return None, None
-    reply_to = message.get("reply_to")
-    client = message.get("client")
-    # Tied to the client's own topic when the client id is valid (a bad id still gets
-    # its error reply, on some client's rpc topic, never elsewhere).
-    valid = isinstance(client, str) and ID_PATTERN.fullmatch(client) is not None
-    ok = reply_topic_ok(reply_to, topics, client if valid else None)
+        return None
     request_id = message.get("id")
-    if not (isinstance(request_id, str) and len(request_id) <= MAX_TEXT) and not (
-        isinstance(request_id, int) and not isinstance(request_id, bool)
-    ):
-        request_id = None
-    return request_id, reply_to if ok else None
-
-
-def reply_topic_ok(topic: Any, topics: Topics, client: str | None = None) -> bool:
-    """Whether an agent may reply to ``topic``: a client's own ``rpc`` topic only.
-
-    Anything looser would let a request make the agent publish elsewhere on its
-    behalf, e.g. an "offline" into another client's presence, ending its tasks.
-    """
+    if isinstance(request_id, str) and 0 < len(request_id) <= MAX_TEXT:
+        return request_id
     if (
-        not isinstance(topic, str)
-        or len(topic) > MAX_TEXT
-        or not topic.startswith(topics.reply_space)
+        isinstance(request_id, int)
+        and not isinstance(request_id, bool)
+        and -(2**63) <= request_id < 2**64
     ):
-        return False
-    owner, _, rest = topic[len(topics.reply_space) :].partition("/")
-    if rest != "rpc" or not ID_PATTERN.fullmatch(owner):
-        return False
-    return client is None or owner == client
+        return request_id
+    return None
 
 
-def parse_request(message: Any, topics: Topics) -> Request:
-    """Validate a decoded request against the schema.
+def parse_request(message: Any, client: str) -> Request:
+    """Validate a decoded request from ``client`` (taken from its topic) against the schema.
+
+    Any value in any field, however deep or odd, either passes or raises InvalidRequest.
 
     Raises:
         InvalidRequest: a missing or wrong field, an unknown method or parameter.
     """
     if not isinstance(message, Mapping):
         raise InvalidRequest(f"a request must be a map, not {_type(message)}")
-    request_id, reply_to = read_envelope(message, topics)
+    unknown_fields = [k for k in message if k not in REQUEST_FIELDS]
+    if unknown_fields:
+        names = ", ".join(sorted(_short(k) for k in unknown_fields)[:8])
+        hint = ""
+        if "client" in unknown_fields or "reply_to" in unknown_fields:
+            hint = (
+                f" (protocol v{PROTOCOL_VERSION} takes the client from the request's topic, "
+                "agents/{agent}/rpc/{client}, and always replies on agents/{agent}/reply/{client})"
+            )
+        raise InvalidRequest(f"unknown request fields {names}; known: {list(REQUEST_FIELDS)}{hint}")
+    request_id = request_id_of(message)
     if request_id is None:
-        raise InvalidRequest("id must be a string of at most 256 characters or an integer")
-    client = check_id(message.get("client"), "client")
-    if reply_to is None:
-        raise InvalidRequest(f"reply_to must be the client's own {topics.client_rpc(client)}")
+        raise InvalidRequest("id must be a string of 1 to 256 characters or a 64-bit integer")
     method = message.get("method")
-    if method not in METHODS:
-        raise InvalidRequest(f"unknown method {method!r:.60}; methods: {sorted(METHODS)}")
+    if not isinstance(method, str) or method not in METHODS:
+        raise InvalidRequest(f"unknown method {_short(method)}; methods: {sorted(METHODS)}")
     raw = message.get("params", {})
     if not isinstance(raw, Mapping):
         raise InvalidRequest(f"params must be a map, not {_type(raw)}")
     schema = METHODS[method]
-    unknown = sorted(str(k) for k in raw if k not in schema)
+    unknown = sorted(_short(k) for k in raw if k not in schema)
     if unknown:
-        raise InvalidRequest(f"{method}: unknown parameters {unknown}; known: {sorted(schema)}")
+        raise InvalidRequest(
+            f"{method}: unknown parameters {', '.join(unknown[:8])}; known: {sorted(schema)}"
+        )
     params: dict[str, Any] = {}
     for name, (check, required) in schema.items():
         if name in raw:
             params[name] = check(raw[name], name)
         elif required:
             raise InvalidRequest(f"{method}: missing parameter {name!r}")
-    return Request(request_id, method, params, reply_to, client)
+    return Request(request_id, method, params, check_id(client, "client"))
 
 
 def ok_reply(request_id: Any, result: Any) -> dict[str, Any]:

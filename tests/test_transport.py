@@ -34,28 +34,28 @@ async def wait_for_messages(peer, count, timeout=10.0):
 
 
 def test_bad_requests_get_error_replies_and_the_agent_keeps_serving(workspace, mosquitto, tmp_path):
-    reply_topic = TOPICS.client_rpc("raw")
-    rpc = TOPICS.agent_rpc(AGENT_ID)
+    reply_topic = TOPICS.reply(AGENT_ID, "raw")
+    rpc = TOPICS.rpc(AGENT_ID, "raw")
 
     def request(method, params, **extra):
-        return {"id": "r1", "method": method, "params": params, "reply_to": reply_topic,
-                "client": "raw", **extra}  # fmt: skip
+        return {"id": "r1", "method": method, "params": params, **extra}
 
     async def body():
         config = workspace.config(**{"agent.max_request_bytes": 2048})
         async with running_agent(config, mosquitto, tmp_path / "state") as agent:
             peer = RawPeer(mosquitto)
-            peer.subscribe(f"{reply_topic}")
+            peer.subscribe(f"{TOPICS.prefix}/#")
             try:
                 props = Properties(PacketTypes.PUBLISH)
-                props.ResponseTopic = reply_topic
+                props.ResponseTopic = TOPICS.reply(AGENT_ID, "someone-else")  # ignored
                 props.CorrelationData = b"c-1"
                 sent = [
-                    (b"\xff\x00garbage", props),  # not CBOR: only MQTT 5 says where to reply
+                    (b"\xff\x00garbage", props),  # not CBOR: the topic still says who asked
                     (json.dumps(request("format_disk", {})).encode(), None),
                     (cbor2.dumps(request("list_collection_streams", {"collection_id": 7})), None),
                     (cbor2.dumps(request("list_live_streams", {"node_id": "x", "extra": 1})), None),
-                    (cbor2.dumps(request("list_collections", {}, client="bad/id")), None),
+                    (cbor2.dumps(request("list_collections", {}, client="raw",
+                                         reply_to=reply_topic)), None),  # a v1 request
                     (cbor2.dumps(request("list_live_streams", {"node_id": "no"})), None),
                     (cbor2.dumps(request("stop_task", {"task_id": "f" * 16})), None),
                     (cbor2.dumps(request("list_collections", {"pad": "x" * 4000})), None),
@@ -63,34 +63,52 @@ def test_bad_requests_get_error_replies_and_the_agent_keeps_serving(workspace, m
                 ]  # fmt: skip
                 for payload, properties in sent:
                     peer.publish(rpc, payload, properties)
-                await wait_for_messages(peer, len(sent))
-                replies = peer.messages
+                await _wait_for(lambda: len(_on(peer, reply_topic)) >= len(sent))
                 # Still serving everyone else:
                 async with remote_api(workspace.config(), mosquitto) as api:
                     assert await api.list_collections() == []
-                return replies, agent.counters.bad_requests
+                await asyncio.sleep(0.3)
+                return list(peer.messages), agent.counters.bad_requests
             finally:
                 peer.close()
 
-    replies, bad = run(body())
+    messages, bad = run(body())
+    replies = _on_messages(messages, reply_topic)
+    # Nothing went anywhere else: no reply on another client's topic (the MQTT 5
+    # Response Topic named one), none on a payload-named topic.
+    assert not _on_messages(messages, TOPICS.reply(AGENT_ID, "someone-else"))
     decoded = []
     for message in replies:
         payload = message.payload
         decoded.append(json.loads(payload) if payload[:1] == b"{" else cbor2.loads(payload))
     by_text = [(d["ok"], d["error"]["code"], d["error"]["message"]) for d in decoded]
-    assert all(ok is False for ok, _, _ in by_text)
+    assert len(by_text) == 9 and all(ok is False for ok, _, _ in by_text)
     codes = sorted(code for _, code, _ in by_text)
     assert codes.count("invalid_request") == 7 and codes.count("not_found") == 2
-    messages = " | ".join(text for _, _, text in by_text)
+    messages_text = " | ".join(text for _, _, text in by_text)
     for expected in ("malformed payload", "unknown method 'format_disk'", "collection_id must be",
-                     "unknown parameters ['extra']", "client must be", "exceeds the limit",
-                     "a request must be a map", "no task"):  # fmt: skip
-        assert expected in messages
+                     "unknown parameters 'extra'", "takes the client from the request's topic",
+                     "exceeds the limit", "a request must be a map", "no task"):  # fmt: skip
+        assert expected in messages_text
     # The JSON request got a JSON reply; the garbage got its correlation data back.
     assert any(m.payload[:1] == b"{" for m in replies)
-    garbage_reply = replies[0]
-    assert garbage_reply.properties.CorrelationData == b"c-1"
+    assert replies[0].properties.CorrelationData == b"c-1"
     assert bad >= 7
+
+
+def _on(peer, topic):
+    return _on_messages(peer.messages, topic)
+
+
+def _on_messages(messages, topic):
+    return [m for m in messages if m.topic == topic]
+
+
+async def _wait_for(condition, timeout=10.0):
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        await asyncio.sleep(0.02)
 
 
 def test_another_client_cannot_stop_my_task(workspace, mosquitto, tmp_path):
@@ -392,7 +410,7 @@ def test_birth_and_health_messages(workspace, mosquitto, tmp_path):
         by_topic.setdefault(message.topic, []).append(decoded)
     states = by_topic[TOPICS.agent_state(AGENT_ID)]
     birth = next(s for s in states if s["nodes"])
-    assert birth["state"] == "online" and birth["protocol"] == 1 and birth["agent"] == AGENT_ID
+    assert birth["state"] == "online" and birth["protocol"] == 2 and birth["agent"] == AGENT_ID
     assert birth["nodes"] == ["demo"] and birth["collections"] == ["study"]
     assert birth["drivers"] == [{"name": "sim", "state": "ok"}]
     offline = states[-1]
@@ -434,7 +452,7 @@ def test_what_was_spooled_survives_an_agent_restart(workspace, mosquitto, tmp_pa
 
     mosquitto.start()
     peer = RawPeer(mosquitto, client_id="late-reader")
-    peer.subscribe(f"{TOPICS.prefix}/agents/{AGENT_ID}/tasks/{task_id}/#")
+    peer.subscribe(f"{TOPICS.prefix}/agents/{AGENT_ID}/tasks/+/{task_id}/#")
 
     async def second_life():
         async with running_agent(workspace.config(), mosquitto, state_dir) as agent:

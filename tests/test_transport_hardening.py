@@ -188,10 +188,10 @@ def test_close_does_not_strand_a_request_waiting_for_room(workspace, mosquitto, 
 
 
 def test_reply_to_cannot_target_another_clients_state(workspace, mosquitto, tmp_path):
-    """protocol._reply_topic_ok accepts any topic under {p}/clients/. A request with
-    reply_to = {p}/clients/<victim>/state makes the agent publish its reply there; the
-    agent reads it back as the victim's presence (not online, not retained) and stops the
-    victim's tasks 0.5 s later, bypassing the Forbidden check."""
+    """v1 let a request's reply_to name {p}/clients/<victim>/state: the agent published
+    its reply there, read it back as the victim's presence and stopped the victim's
+    tasks. In v2 a request has no reply address: whatever it names, the answer goes to
+    the requester's own reply topic."""
 
     async def body():
         config = workspace.config()
@@ -203,17 +203,33 @@ def test_reply_to_cannot_target_another_clients_state(workspace, mosquitto, tmp_
             await victim.proxy_live_stream("demo", "eeg", {}, sink)
             await asyncio.wait_for(sink.get(), 10)
             attacker = RawPeer(mosquitto, "attacker")
+            attacker.subscribe(f"{TOPICS.prefix}/#")
             try:
                 request = {"id": "x", "method": "list_collections", "params": {},
                            "reply_to": TOPICS.client_state(victim.client_id),
                            "client": "attacker"}  # fmt: skip
-                attacker.publish(TOPICS.agent_rpc(AGENT_ID), cbor2.dumps(request))
+                attacker.publish(TOPICS.rpc(AGENT_ID, "attacker"), cbor2.dumps(request))
                 await asyncio.sleep(2.0)
-                return len(agent.api.tasks())
+                published = [
+                    m.topic
+                    for m in attacker.messages
+                    if not m.topic.endswith("/data") and _is_reply_to(m.payload, "x")
+                ]
+                return len(agent.api.tasks()), published
             finally:
                 attacker.close()
 
-    assert run(body()) == 1, "another client's reply_to ended the victim's task"
+    tasks, published = run(body())
+    assert tasks == 1, "another client's reply_to ended the victim's task"
+    assert published == [TOPICS.reply(AGENT_ID, "attacker")]
+
+
+def _is_reply_to(payload: bytes, request_id: str) -> bool:
+    try:
+        message = _decode(payload)
+    except Exception:
+        return False
+    return isinstance(message, dict) and message.get("id") == request_id and "ok" in message
 
 
 def test_a_frame_that_cannot_be_encoded_still_ends_the_task(workspace, mosquitto, tmp_path):
@@ -225,15 +241,14 @@ def test_a_frame_that_cannot_be_encoded_still_ends_the_task(workspace, mosquitto
 
     async def body():
         async with running_agent(workspace.config(), mosquitto, tmp_path / "state"):
-            peer.subscribe(TOPICS.client_rpc("rawjson"))
-            peer.subscribe(TOPICS.task_any(AGENT_ID, "t1"))
+            peer.subscribe(TOPICS.reply(AGENT_ID, "rawjson"))
+            peer.subscribe(TOPICS.task_any(AGENT_ID, "rawjson", "t1"))
             request = (
-                '{"id": "r1", "method": "proxy_live_stream", "client": "rawjson", '
-                f'"reply_to": "{TOPICS.client_rpc("rawjson")}", '
+                '{"id": "r1", "method": "proxy_live_stream", '
                 '"params": {"node_id": "demo", "stream_id": "eeg", "task_id": "t1", '
                 '"attrs": {"gain": NaN}}}'
             )
-            peer.publish(TOPICS.agent_rpc(AGENT_ID), request.encode())
+            peer.publish(TOPICS.rpc(AGENT_ID, "rawjson"), request.encode())
             await _wait_for(lambda: peer.messages, 5)
             await asyncio.sleep(3.0)
             return [(m.topic, _decode(m.payload)) for m in peer.messages]
@@ -242,7 +257,7 @@ def test_a_frame_that_cannot_be_encoded_still_ends_the_task(workspace, mosquitto
         received = run(body())
     finally:
         peer.close()
-    replies = [p for t, p in received if t == TOPICS.client_rpc("rawjson")]
+    replies = [p for t, p in received if t == TOPICS.reply(AGENT_ID, "rawjson")]
     assert replies, "no reply"
     if replies[0]["ok"] is False:
         assert replies[0]["error"]["code"] == "invalid_request"  # refused up front: fine
