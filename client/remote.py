@@ -72,8 +72,8 @@ class RemoteAPI:
         qos: data QoS of the tasks this client starts: 1 (no loss, default) or 0.
         client_id: who this client is in topics, and who owns its tasks. On a broker
             with one of the shipped ACL profiles it must be the broker user name (with
-            certificates: the certificate's CN). Default: the user name if one is set,
-            else a random id.
+            certificates: the certificate's CN). Default: ``client.id``, else the user
+            name if one is set, else a random id.
     """
 
     def __init__(
@@ -136,9 +136,11 @@ class RemoteAPI:
             self.timeout = float(config.get("client.timeout_s"))
         settings = BrokerSettings.from_config(config, host=server_host, port=server_port, **options)
         self.topics = Topics(settings.prefix)
-        if self._chosen_id is None and settings.username and check_id_ok(settings.username):
-            # The broker's identity of us: what the ACL profiles pin topics to (%u).
-            self.client_id = settings.username
+        if self._chosen_id is None:
+            configured = config.get("client.id") or settings.username
+            if configured and check_id_ok(configured):
+                # The broker's identity of us: what the ACL profiles pin topics to (%u).
+                self.client_id = configured
         self.link = MqttLink(
             # Unique per connection: one user may run several clients at once.
             f"{self.client_id}-{secrets.token_hex(4)}",

@@ -97,6 +97,12 @@ def _at_least_two(value: int) -> str | None:
     return None if value >= 2 else "must be at least 2"
 
 
+def _client_id(value: str) -> str | None:
+    if re.fullmatch(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,63}", value):
+        return None
+    return "must be 1 to 64 letters, digits, '_', '.' or '-', not starting with '.' or '-'"
+
+
 def _topic_prefix(value: str) -> str | None:
     if not value or value.startswith("/") or value.endswith("/"):
         return "must be a non-empty topic without a leading or trailing /"
@@ -271,6 +277,17 @@ _KEYS = (
         "Largest frame message; frames hold fewer samples to fit (and fit the broker's "
         "limit when it says).",
         check=_positive,
+    ),
+    Key(
+        "client.id",
+        "str",
+        None,
+        "RemoteAPI: who this client is in topics, owner of its tasks. With the shipped ACL "
+        "profiles, the broker user name (a certificate's CN). Default: broker.username, "
+        "else random.",
+        optional=True,
+        example="alice",
+        check=_client_id,
     ),
     Key(
         "client.timeout_s",
