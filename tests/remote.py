@@ -62,7 +62,10 @@ async def remote_api(
     **options: Any,
 ) -> AsyncIterator[RemoteAPI]:
     timeout = options.pop("timeout", 10.0)
-    api = RemoteAPI("mqtt", codec, agent_id=agent_id, config=config, timeout=timeout)
+    client_id = options.pop("client_id", None)
+    api = RemoteAPI(
+        "mqtt", codec, agent_id=agent_id, config=config, timeout=timeout, client_id=client_id
+    )
     await api.connect(broker.host, broker.port, **options)
     try:
         yield api
@@ -163,6 +166,12 @@ class AgentProcess:
             self.process = subprocess.Popen(
                 self.command, stdout=log, stderr=subprocess.STDOUT, env=environ, cwd=workdir
             )
+
+    def rss_bytes(self) -> int:
+        """The agent process's resident memory now (Linux)."""
+        status = Path(f"/proc/{self.process.pid}/status").read_text()
+        line = next(x for x in status.splitlines() if x.startswith("VmRSS:"))
+        return int(line.split()[1]) * 1024
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")[-4000:]
