@@ -36,8 +36,8 @@ UNIT = SYSTEMD / "streaminghub-agent.service"
 FLEET_RC = SYSTEMD / "streaminghubrc.example"
 AGENT_ENV = SYSTEMD / "agent.env.example"
 MOSQUITTO_CONF = SYSTEMD / "mosquitto.conf.example"
-MOSQUITTO_ACL = SYSTEMD / "mosquitto.acl.example"
-PREFIX = "streaminghub/v1"
+MOSQUITTO_ACL = SYSTEMD / "acl" / "lab.acl"  # the "private" profile: test_security.py
+PREFIX = "streaminghub/v2"
 WAIT_S = 5.0
 
 if not SYSTEMD.is_dir():
@@ -503,11 +503,13 @@ def test_agent_publishes_under_its_own_id_only(broker_factory: Any) -> None:
     ops.subscribe(f"{PREFIX}/#")
     agent = _agent(broker, will=f"{PREFIX}/agents/{AGENT}/state")
     own = f"{PREFIX}/agents/{AGENT}"
-    for topic in (f"{own}/state", f"{own}/health", f"{own}/tasks/t1/data", f"{own}/tasks/t1/ctrl"):
+    mine = (f"{own}/state", f"{own}/health", f"{own}/tasks/c1/t1/data", f"{own}/reply/c1")
+    for topic in mine:
         assert agent.publish(topic, b"own") == "ok", topic
     forged = _token()
     other = f"{PREFIX}/agents/{OTHER_AGENT}"
-    for topic in (f"{other}/state", f"{other}/tasks/t1/data", f"{PREFIX}/clients/x/state"):
+    for topic in (f"{other}/state", f"{other}/tasks/c1/t1/data", f"{other}/reply/c1",
+                  f"{PREFIX}/clients/x/state", f"{own}/rpc/c1"):  # fmt: skip
         assert agent.publish(topic, forged) == "Not authorized", topic
     end = _token()
     agent.publish(f"{own}/health", end)
@@ -539,19 +541,19 @@ def test_agent_last_will_under_another_id_is_dropped(broker_factory: Any) -> Non
 def test_agent_reads_its_own_requests_and_answers_clients(broker_factory: Any) -> None:
     broker = broker_factory(tls=False)
     agent = _agent(broker)
-    agent.subscribe(f"{PREFIX}/agents/+/rpc")  # accepted, but only its own is delivered
+    agent.subscribe(f"{PREFIX}/agents/+/rpc/+")  # accepted, but only its own is delivered
     agent.subscribe(f"{PREFIX}/clients/+/state")
-    client = _connect(broker, ANALYST, "dm-client-c1")
-    client.subscribe(f"{PREFIX}/clients/c1/rpc")
-    assert client.publish(f"{PREFIX}/clients/c1/state", b"online", retain=True) == "ok"
-    assert client.publish(f"{PREFIX}/agents/{OTHER_AGENT}/rpc", b"not-for-you") == "ok"
+    client = _connect(broker, ANALYST, "alice-1")
+    client.subscribe(f"{PREFIX}/agents/+/reply/{ANALYST}")
+    assert client.publish(f"{PREFIX}/clients/{ANALYST}/state", b"online", retain=True) == "ok"
+    assert client.publish(f"{PREFIX}/agents/{OTHER_AGENT}/rpc/{ANALYST}", b"not-for-you") == "ok"
     request = _token()
-    assert client.publish(f"{PREFIX}/agents/{AGENT}/rpc", request) == "ok"
+    assert client.publish(f"{PREFIX}/agents/{AGENT}/rpc/{ANALYST}", request) == "ok"
     received = agent.wait_for(request)
-    assert (f"{PREFIX}/clients/c1/state", b"online", False) in received
+    assert (f"{PREFIX}/clients/{ANALYST}/state", b"online", False) in received
     assert not [m for m in received if m[1] == b"not-for-you"]
     reply = _token()
-    assert agent.publish(f"{PREFIX}/clients/c1/rpc", reply) == "ok"
+    assert agent.publish(f"{PREFIX}/agents/{AGENT}/reply/{ANALYST}", reply) == "ok"
     client.wait_for(reply)
     agent.close()
     client.close()
@@ -559,17 +561,20 @@ def test_agent_reads_its_own_requests_and_answers_clients(broker_factory: Any) -
 
 def test_analyst_reads_agents_but_cannot_pose_as_one(broker_factory: Any) -> None:
     broker = broker_factory(tls=False)
-    analyst = _connect(broker, ANALYST, "dm-client-c1")
+    analyst = _connect(broker, ANALYST, "alice-1")
     analyst.subscribe(f"{PREFIX}/agents/#")
     for topic in (
-        f"{PREFIX}/agents/{ANALYST}/state",  # the %u pattern, overruled by the deny line
+        f"{PREFIX}/agents/{ANALYST}/state",
         f"{PREFIX}/agents/{AGENT}/state",
-        f"{PREFIX}/agents/{AGENT}/tasks/t1/data",
+        f"{PREFIX}/agents/{AGENT}/reply/{ANALYST}",
+        f"{PREFIX}/agents/{AGENT}/tasks/{ANALYST}/t1/data",
+        f"{PREFIX}/agents/{AGENT}/rpc/bob",
+        f"{PREFIX}/clients/bob/state",
     ):
         assert analyst.publish(topic, b"fake") == "Not authorized", topic
     agent = _agent(broker)
     data = _token()
-    agent.publish(f"{PREFIX}/agents/{AGENT}/tasks/t1/data", data)
+    agent.publish(f"{PREFIX}/agents/{AGENT}/tasks/bob/t1/data", data)  # "lab": every stream
     analyst.wait_for(data)
     agent.close()
     analyst.close()
@@ -596,33 +601,6 @@ def test_tls_listener_serves_the_broker_certificate(broker_factory: Any) -> None
     agent = _agent(broker, tls=True)
     assert agent.publish(f"{PREFIX}/agents/{AGENT}/health", b"over tls") == "ok"
     agent.close()
-
-
-def test_pinned_client_topics_variant(broker_factory: Any) -> None:
-    # The optional variant at the end of the ACL: the two %c lines replace the
-    # analysts' "clients/+" lines; a client's topic id is its MQTT client id.
-    lines = []
-    for line in MOSQUITTO_ACL.read_text(encoding="utf-8").splitlines():
-        if line.startswith("#pattern "):
-            line = line[1:]
-        elif line.startswith("topic ") and f" {PREFIX}/clients/+/" in line:
-            continue
-        lines.append(line)
-    assert sum(line.startswith("pattern ") and "%c" in line for line in lines) == 2
-    broker = broker_factory("\n".join(lines) + "\n", tls=False)
-    mine, theirs = "dm-client-a1", "dm-client-b1"
-    client = _connect(broker, ANALYST, mine)
-    client.subscribe(f"{PREFIX}/clients/+/rpc")
-    assert client.publish(f"{PREFIX}/clients/{mine}/state", b"online") == "ok"
-    assert client.publish(f"{PREFIX}/clients/{theirs}/state", b"offline") == "Not authorized"
-    agent = _agent(broker)
-    agent.publish(f"{PREFIX}/clients/{theirs}/rpc", b"theirs")
-    reply = _token()
-    agent.publish(f"{PREFIX}/clients/{mine}/rpc", reply)
-    received = client.wait_for(reply)
-    assert not [m for m in received if m[1] == b"theirs"]
-    agent.close()
-    client.close()
 
 
 def test_mosquitto_conf_example_keeps_what_production_needs() -> None:
