@@ -86,6 +86,7 @@ class RemoteTask:
 
     id: str
     owner: str
+    session: str  # the owner's connection that started it: its lease
     qos: int
     codec: str
     stream_id: str
@@ -324,8 +325,8 @@ class Agent:
         if len(self.spool):
             self._spool_ready.set()
         # Leases: whoever owns a task must show up again (or still be there).
-        for owner in {t.owner for t in self._tasks.values()}:
-            self.leases.renew(owner)
+        for lease in {lease_key(t.owner, t.session) for t in self._tasks.values()}:
+            self.leases.renew(lease)
 
     async def _announce_nodes(self) -> None:
         """Publish the birth message again with node and collection ids, once known."""
@@ -388,8 +389,9 @@ class Agent:
         request_id = request_id_of(decoded)
         try:
             request = _parse(decoded, client)
-            if self._owns_tasks(client):
-                self.leases.renew(client)  # a request is a sign of life too
+            lease = lease_key(client, request.session)
+            if self._owns_tasks(lease):
+                self.leases.renew(lease)  # a request is a sign of life too
             result = await self._call(request, codec)
             if request.method in PAGED_METHODS:
                 budget = self.pager.budget(self.link.max_packet_size)
@@ -499,7 +501,9 @@ class Agent:
             raise InvalidRequest(f"task id {task_id!r} is in use; choose a new one")
         sink: asyncio.Queue[Any] = asyncio.Queue()
         attrs = params.pop("attrs", {})
-        remote = RemoteTask(task_id, request.client, qos, codec, params["stream_id"])
+        remote = RemoteTask(
+            task_id, request.client, request.session, qos, codec, params["stream_id"]
+        )
         self._tasks[task_id] = remote
         try:
             stream = await self._stream_of(request.method, params)
@@ -525,7 +529,7 @@ class Agent:
         )
         if remote.stop_requested:
             await self.api.stop_task(task_id)
-        self.leases.renew(request.client)
+        self.leases.renew(lease_key(request.client, request.session))
         log.info("task %s for %s: %s", task_id, request.client, request.method)
         return {"randseq": ack.randseq, "status": ack.status}
 
@@ -696,6 +700,12 @@ class Agent:
     # -- leases (agent/leases.py) ---------------------------------------------------------
 
     def _on_client_state(self, client: str, message: Incoming) -> None:
+        """A presence message, on the topic only ``client`` may write (ACL profiles).
+
+        Its ``session`` (one of the client's connections) picks the lease: one user
+        with two notebooks loses only the tasks of the one that went away. An empty
+        message (a cleared presence) concerns the connection without a session.
+        """
         if not ID_PATTERN.fullmatch(client) or len(message.payload) > self.max_request_bytes:
             return
         state: Mapping[str, Any] = {}
@@ -706,18 +716,22 @@ class Agent:
                 log.warning("unreadable state message of client %s", client)
                 return
             state = decoded if isinstance(decoded, Mapping) else {}
+            session = state.get("session", "")
             if (
                 state.get("state") not in ("online", "offline")
                 or state.get("client", client) != client
+                or not (session == "" or is_id(session))
             ):
                 return  # not a presence message of this client
-        self.leases.on_presence(client, state, message.retain)
+        lease = lease_key(client, state.get("session", ""))
+        self.leases.on_presence(lease, state, message.retain)
 
-    def _owns_tasks(self, client: str) -> bool:
-        return any(t.owner == client for t in self._tasks.values())
+    def _owns_tasks(self, lease: str) -> bool:
+        return any(lease_key(t.owner, t.session) == lease for t in self._tasks.values())
 
-    def _release(self, client: str, why: str) -> None:
-        owned = [t for t in self._tasks.values() if t.owner == client]
+    def _release(self, lease: str, why: str) -> None:
+        owned = [t for t in self._tasks.values() if lease_key(t.owner, t.session) == lease]
+        client = lease.split("#", 1)[0]
         if owned:
             log.info("stopping %d tasks of client %s: %s", len(owned), client, why)
         for remote in owned:
@@ -823,6 +837,11 @@ def _parse(message: Any, client: str) -> Request:
         return parse_request(message, client)
     except (RecursionError, OverflowError) as exc:
         raise InvalidRequest(f"malformed request: {type(exc).__name__}") from None
+
+
+def lease_key(client: str, session: str) -> str:
+    """A lease is per client connection: ``client#session`` ("#" is never in an id)."""
+    return f"{client}#{session}"
 
 
 def _short_id(value: Any) -> str:

@@ -100,6 +100,9 @@ class RemoteAPI:
         self.qos = qos
         self._chosen_id = check_id(client_id, "client_id") if client_id is not None else None
         self.client_id = self._chosen_id or "c" + secrets.token_hex(8)
+        # This connection among the client's (one user may run several): its tasks'
+        # lease follows this connection's presence only.
+        self.session = secrets.token_hex(8)
         self.link: MqttLink | None = None
         self.topics = Topics()
         self._agents: dict[str, Mapping[str, Any]] = {}
@@ -214,11 +217,13 @@ class RemoteAPI:
     def _absence(self) -> bytes:
         # Not an empty message (which would clear the retained presence): some brokers
         # refuse an empty will. A clean close clears it instead.
-        return encode({"state": "offline", "client": self.client_id}, self.codec)
+        absence = {"state": "offline", "client": self.client_id, "session": self.session}
+        return encode(absence, self.codec)
 
     def _presence(self, **extra: Any) -> bytes:
         assert self.link is not None
-        presence = {"state": "online", "client": self.client_id, "since": self._since}
+        presence = {"state": "online", "client": self.client_id, "session": self.session}
+        presence["since"] = self._since
         presence["keepalive"] = self.link.settings.keepalive_s
         return encode({**presence, **extra}, self.codec)
 
@@ -259,8 +264,9 @@ class RemoteAPI:
         self._fail_replies(lambda agent: True, "the client closed")
         self.link = None
         self._heartbeat_stop.set()
-        gone = (self.topics.client_state(self.client_id), b"", 1, True)
-        await link.close(final=[gone])
+        # "offline" for this connection's lease, then clear the retained presence.
+        state = self.topics.client_state(self.client_id)
+        await link.close(final=[(state, self._absence(), 1, False), (state, b"", 1, True)])
 
     def _fail_replies(self, which: Callable[[str], bool], why: str) -> None:
         """End the waits of requests to the agents ``which`` selects, with Unavailable."""
@@ -367,7 +373,12 @@ class RemoteAPI:
             )
         # Unpredictable, so that nobody who sees or guesses ids can answer in our place.
         request_id = secrets.token_urlsafe(16)
-        request = {"id": request_id, "method": method, "params": dict(params)}
+        request = {
+            "id": request_id,
+            "method": method,
+            "params": dict(params),
+            "session": self.session,
+        }
         future = asyncio.get_running_loop().create_future()
         self._replies[request_id] = (agent, future)
         try:

@@ -154,6 +154,7 @@ class Request:
     method: str
     params: dict[str, Any]
     client: str
+    session: str = ""  # which of the client's connections: groups its tasks' lease
 
 
 def _text(value: Any, name: str) -> str:
@@ -308,7 +309,7 @@ for _method in PAGED_METHODS:  # listings may be asked for in pages (paging.py)
 
 # A request's fields; anything else is refused, so that a v1 request (with "client" and
 # "reply_to", which v2 takes from the topic) gets a clear error.
-REQUEST_FIELDS = ("id", "method", "params")
+REQUEST_FIELDS = ("id", "method", "params", "session")
 
 
 def request_id_of(message: Any) -> str | int | None:
@@ -368,7 +369,10 @@ def parse_request(message: Any, client: str) -> Request:
             params[name] = check(raw[name], name)
         elif required:
             raise InvalidRequest(f"{method}: missing parameter {name!r}")
-    return Request(request_id, method, params, check_id(client, "client"))
+    session = message.get("session", "")
+    if session != "":
+        check_id(session, "session")
+    return Request(request_id, method, params, check_id(client, "client"), session)
 
 
 def ok_reply(request_id: Any, result: Any) -> dict[str, Any]:

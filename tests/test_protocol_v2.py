@@ -428,3 +428,42 @@ def test_a_frame_of_another_task_on_my_task_topic_is_ignored(workspace, mosquitt
     finally:
         rogue.close()
     assert not [f for f in frames_of(items) if f.channels == ["forged"]]
+
+
+# -- one user, several connections ----------------------------------------------------------
+
+
+def test_one_client_id_on_two_connections_keeps_separate_leases(workspace, mosquitto, tmp_path):
+    """With the ACL profiles a client id is the user name, so one user's two notebooks
+    share it. One going away (its will, or a clean close) ends only its own tasks."""
+    peer = RawPeer(mosquitto, "will-sender")
+
+    async def body():
+        config = workspace.config()
+        async with (
+            running_agent(config, mosquitto, tmp_path / "state") as agent,
+            remote_api(config, mosquitto, client_id="alice") as first,
+            remote_api(config, mosquitto, client_id="alice") as second,
+        ):
+            sinks = [asyncio.Queue(), asyncio.Queue(), asyncio.Queue()]
+            kept = await second.proxy_live_stream("demo", "eeg", {}, sinks[0])
+            await first.proxy_live_stream("demo", "eeg", {}, sinks[1])
+            # The first connection's last will, as the broker would send it.
+            will = {"state": "offline", "client": "alice", "session": first.session}
+            peer.publish(TOPICS.client_state("alice"), cbor2.dumps(will))
+            ended = await asyncio.wait_for(drain(sinks[1]), 10)
+            async with remote_api(config, mosquitto, client_id="alice") as third:
+                await third.proxy_live_stream("demo", "eeg", {}, sinks[2])
+            # third closed cleanly: its tasks stop, second's go on.
+            await asyncio.sleep(1.5)
+            running = [t.id for t in agent.api.tasks()]
+            await second.stop_task(kept.randseq)
+            return ended, running, kept.randseq
+
+    try:
+        ended, running, kept = run(body())
+    finally:
+        peer.close()
+    errors = [i for i in ended if isinstance(i, dm.StreamError)]
+    assert errors and "went offline" in errors[0].reason
+    assert running == [kept]
