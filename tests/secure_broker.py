@@ -192,7 +192,7 @@ class Peer:
     acked: threading.Condition = field(default_factory=threading.Condition)
 
     @classmethod
-    def connect(cls, settings: BrokerSettings, client_id: str) -> Peer:
+    def connect(cls, settings: BrokerSettings, client_id: str, wait_s: float = WAIT_S) -> Peer:
         client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=client_id, protocol=mqtt.MQTTv5)
         if settings.username:
             client.username_pw_set(settings.username, settings.password)
@@ -214,7 +214,7 @@ class Peer:
         client.on_connect = on_connect
         client.connect(settings.host, settings.port, keepalive=10)
         client.loop_start()
-        if not connected.wait(WAIT_S) or codes[0].is_failure:
+        if not connected.wait(wait_s) or codes[0].is_failure:
             client.loop_stop()
             raise AssertionError(f"{client_id} could not connect: {codes}")
         return peer

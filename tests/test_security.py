@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import json
+import ssl
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -243,3 +245,22 @@ def test_private_profile_differs_from_lab_by_one_line():
     assert [r for r in rules if r not in private] == [
         "pattern read streaminghub/v2/agents/+/tasks/#"
     ]
+
+
+@pytest.mark.parametrize("secure_broker", ["private"], indirect=True)
+def test_outsiders_cannot_connect(tmp_path, secure_broker):
+    broker: SecureBroker = secure_broker
+    anonymous = BrokerSettings(host=broker.host, port=broker.port)
+    wrong = dataclasses.replace(broker.settings("bob", "password"), password="guess")
+    stranger_ca = Certificates(tmp_path / "stranger")
+    cert, key = stranger_ca.issue("alice")
+    forged_cert = dataclasses.replace(
+        broker.settings("alice", "certificate"), cert_file=str(cert), key_file=str(key)
+    )
+    no_cert = dataclasses.replace(forged_cert, cert_file=None, key_file=None)
+    for what, settings in (("anonymous", anonymous), ("wrong password", wrong),
+                           ("certificate of another CA", forged_cert),
+                           ("TLS without a certificate", no_cert)):  # fmt: skip
+        with pytest.raises((AssertionError, OSError, ssl.SSLError)):
+            Peer.connect(settings, f"outsider-{what.replace(' ', '-')}", wait_s=2.0).close()
+    Peer.connect(broker.settings("bob", "certificate"), "insider").close()  # the control
