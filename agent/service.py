@@ -165,6 +165,8 @@ class Agent:
         )
         self._tasks: dict[str, RemoteTask] = {}
         self._v1_rpc: list[str] = []
+        # A flood of bad requests must not flood the journal (an SD card) too.
+        self._bad_log = RateLimitedLog(log, per_window=20, window_s=10.0)
         self.leases = LeaseBook(
             self._owns_tasks,
             lambda: self.link.connected,
@@ -360,7 +362,9 @@ class Agent:
             # No identity we could answer to: log and count, never reply elsewhere.
             self.counters.bad_requests += 1
             self.counters.unidentified_requests += 1
-            log.warning("ignored a request on %r: no valid client id in the topic", message.topic)
+            self._bad_log.warning(
+                "ignored a request on %r: no valid client id in the topic", message.topic[:200]
+            )
             return
         if len(self._requests) >= MAX_CONCURRENT_REQUESTS or self._stopping.is_set():
             why = "agent is stopping" if self._stopping.is_set() else "too many requests at once"
@@ -376,14 +380,14 @@ class Agent:
         if size > self.max_request_bytes:
             self.counters.bad_requests += 1
             text = f"request of {size} bytes exceeds the limit of {self.max_request_bytes}"
-            log.warning("refused a request of client %s: %s", client, text)
+            self._bad_log.warning("refused a request of client %s: %s", client, text)
             self._reply_error(client, message, "invalid_request", text)
             return
         try:
             decoded = decode(message.payload)
         except InvalidRequest as exc:
             self.counters.bad_requests += 1
-            log.warning("refused a malformed request of client %s: %s", client, exc)
+            self._bad_log.warning("refused a malformed request of client %s: %s", client, exc)
             self._reply_error(client, message, exc.code, str(exc), decodable=False)
             return
         request_id = request_id_of(decoded)
@@ -454,7 +458,9 @@ class Agent:
             with contextlib.suppress(InvalidRequest):
                 decoded = decode(message.payload)
         client = decoded.get("client") if isinstance(decoded, Mapping) else None
-        log.warning("a protocol v1 request on %s (client %s)", message.topic, _short_id(client))
+        self._bad_log.warning(
+            "a protocol v1 request on %s (client %s)", message.topic, _short_id(client)
+        )
         if not is_id(client) or decoded.get("reply_to") != f"{prefix}/clients/{client}/rpc":
             return
         text = (
@@ -798,6 +804,7 @@ class Agent:
         while True:
             if watchdog:
                 sdnotify.watchdog_ping()
+            self._bad_log.flush()
             # The spool syncs on its own calls only; this bounds what a power cut can take.
             self.spool.sync()
             if time.monotonic() >= next_health:
@@ -837,6 +844,35 @@ def _parse(message: Any, client: str) -> Request:
         return parse_request(message, client)
     except (RecursionError, OverflowError) as exc:
         raise InvalidRequest(f"malformed request: {type(exc).__name__}") from None
+
+
+class RateLimitedLog:
+    """Warnings, at most ``per_window`` every ``window_s``; then one line says how many
+    were left out (they are still counted in health)."""
+
+    def __init__(self, logger: logging.Logger, per_window: int, window_s: float) -> None:
+        self.logger = logger
+        self.per_window = per_window
+        self.window_s = window_s
+        self._window_start = 0.0
+        self._logged = 0
+        self._skipped = 0
+
+    def warning(self, text: str, *args: Any) -> None:
+        self.flush()
+        if self._logged < self.per_window:
+            self._logged += 1
+            self.logger.warning(text, *args)
+        else:
+            self._skipped += 1
+
+    def flush(self) -> None:
+        """Start a new window once the last is over, saying how many were left out."""
+        now = time.monotonic()
+        if now - self._window_start >= self.window_s:
+            if self._skipped:
+                self.logger.warning("%d more bad requests were not logged", self._skipped)
+            self._window_start, self._logged, self._skipped = now, 0, 0
 
 
 def lease_key(client: str, session: str) -> str:
