@@ -38,7 +38,7 @@ def decode_frame(payload: bytes) -> dict:
 
 
 def main(host: str, port: int, agent: str, node: str, stream: str, wanted: int) -> None:
-    me = "raw-" + secrets.token_hex(4)
+    me = "raw-" + secrets.token_hex(4)  # with an ACL profile: your broker user name
     task = secrets.token_hex(8)  # the client picks the task id...
     inbox: queue.Queue = queue.Queue()
     client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=me)
