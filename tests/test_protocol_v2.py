@@ -39,8 +39,12 @@ SCALARS = (
     | st.text(max_size=300)
     | st.binary(max_size=40)
 )
+# CBOR tags the decoder turns into other types (dates, decimals, sets, regular
+# expressions, typed arrays, ...) or keeps as tags.
+TAGS = [0, 1, 2, 3, 4, 5, 25, 28, 29, 30, 32, 35, 36, 37, 40, 64, 85, 86, 258, 260, 55799, 999]
+TAGGED = st.builds(cbor2.CBORTag, st.sampled_from(TAGS), SCALARS | st.lists(SCALARS, max_size=3))
 VALUES = st.recursive(
-    SCALARS,
+    SCALARS | TAGGED,
     lambda inner: (
         st.lists(inner, max_size=5)
         | st.dictionaries(st.text(max_size=10) | st.integers(), inner, max_size=5)
