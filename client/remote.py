@@ -46,6 +46,7 @@ from ..protocol import (
     Topics,
     check_id,
     collection_from_wire,
+    is_id,
     node_from_wire,
     stream_from_wire,
 )
@@ -141,9 +142,17 @@ class RemoteAPI:
         self.topics = Topics(settings.prefix)
         if self._chosen_id is None:
             configured = config.get("client.id") or settings.username
-            if configured and check_id_ok(configured):
+            if is_id(configured):
                 # The broker's identity of us: what the ACL profiles pin topics to (%u).
                 self.client_id = configured
+            elif configured:
+                log.warning(
+                    "broker user name %r cannot be a client id (letters, digits, '_', '.', "
+                    "'-'); using %s. With an ACL profile the broker will refuse it: set "
+                    "client.id",
+                    configured[:64],
+                    self.client_id,
+                )
         self.link = MqttLink(
             # Unique per connection: one user may run several clients at once.
             f"{self.client_id}-{secrets.token_hex(4)}",
@@ -703,14 +712,6 @@ def _framing_wire(framing: Framing | str | Mapping[str, Any]) -> str | dict[str,
     if isinstance(framing, str):
         return framing
     return dict(framing)
-
-
-def check_id_ok(value: str) -> bool:
-    try:
-        check_id(value, "user name")
-    except InvalidRequest:
-        return False
-    return True
 
 
 async def _quietly(awaitable: Awaitable[Any]) -> None:

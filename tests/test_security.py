@@ -128,6 +128,7 @@ def test_every_attack_fails_and_alice_is_untouched(workspace, tmp_path, secure_b
                 verdicts["stop, v1 fields"] = bob.publish(me_rpc, v1_stop)
                 stop_own = _request("b-stop2", "stop_task", task_id=task)
                 verdicts["stop own topic"] = bob.publish(me_rpc, stop_own)
+                verdicts["list tasks"] = bob.publish(me_rpc, _request("b-tasks", "list_tasks"))
                 # 2. replies elsewhere: an MQTT 5 Response Topic and a payload reply_to
                 #    naming alice.
                 props = Properties(PacketTypes.PUBLISH)
@@ -195,7 +196,7 @@ def test_every_attack_fails_and_alice_is_untouched(workspace, tmp_path, secure_b
     assert verdicts["frame, agent account"] == "ok"  # the agent's account: trusted
 
     # What the agent answered bob, and only on bob's own reply topic.
-    bob_ids = {"b-stop", "b-stop-v1", "b-stop2", "b-redirect", "b-list", "b-map"}
+    bob_ids = {"b-stop", "b-stop-v1", "b-stop2", "b-tasks", "b-redirect", "b-list", "b-map"}
     answered: dict[str, list[tuple[str, Any]]] = {}
     for message in ops.received:
         decoded = _decoded(message.payload)
@@ -207,6 +208,7 @@ def test_every_attack_fails_and_alice_is_untouched(workspace, tmp_path, secure_b
     code = {rid: replies[0][1].get("error", {}).get("code") for rid, replies in answered.items()}
     assert code["b-stop-v1"] == "invalid_request"  # v2 takes no client from the payload
     assert code["b-stop2"] == "forbidden"
+    assert answered["b-tasks"][0][1]["result"] == []  # alice's task is not listed for bob
     assert answered["b-redirect"][0][1]["ok"] is True
     assert code["b-list"] == code["b-map"] == "invalid_request"
 
