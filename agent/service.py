@@ -281,15 +281,15 @@ class Agent:
         await asyncio.gather(*self._background, return_exceptions=True)
         self.leases.close()
         # `since`: when it went offline (the will, made at start, cannot know).
-        offline = (
-            self.topics.agent_state(self.id),
-            self._state("offline", since=time.time()),
-            1,
-            True,
-        )
+        offline = self._state("offline", since=time.time())
+        final = [
+            (topic, offline, 1, True)
+            for topic in (self.topics.agent_state(self.id), self.topics.v1_state(self.id))
+            if topic
+        ]
         # An empty retained message deletes the retained health: no stale readings.
-        cleared = (self.topics.agent_health(self.id), b"", 1, True)
-        await self.link.close(final=[offline, cleared])
+        final.append((self.topics.agent_health(self.id), b"", 1, True))
+        await self.link.close(final=final)
         self.spool.close()
         log.info("agent %s stopped", self.id)
 
@@ -319,11 +319,15 @@ class Agent:
     def _driver_states(self) -> list[dict[str, Any]]:
         return [status.to_dict() for status in self.api.driver_states()]
 
+    def _announce(self, birth: bytes) -> None:
+        self.link.publish_nowait(self.topics.agent_state(self.id), birth, qos=1, retain=True)
+        v1_state = self.topics.v1_state(self.id)
+        if v1_state:  # a v1 client then asks, and learns that it must upgrade
+            self.link.publish_nowait(v1_state, birth, qos=1, retain=True)
+
     def _on_connect(self, session_present: bool) -> None:
         # After every (re)connect: the will may have said "offline" meanwhile.
-        self.link.publish_nowait(
-            self.topics.agent_state(self.id), self._birth(*self._summary), qos=1, retain=True
-        )
+        self._announce(self._birth(*self._summary))
         if len(self.spool):
             self._spool_ready.set()
         # Leases: whoever owns a task must show up again (or still be there).
@@ -339,9 +343,7 @@ class Agent:
             log.warning("listing nodes for the birth message failed: %s", exc)
             return
         self._summary = (nodes, collections)
-        self.link.publish_nowait(
-            self.topics.agent_state(self.id), self._birth(nodes, collections), qos=1, retain=True
-        )
+        self._announce(self._birth(nodes, collections))
 
     # -- incoming messages ---------------------------------------------------------------
 

@@ -620,8 +620,15 @@ class RemoteAPI:
             root, agent, kind, owner, task, channel = self.topics.levels(message.topic, 6)
             if root == "agents" and kind == "tasks" and owner == me:
                 self._on_task_message(agent, task, channel, message)
-            elif message.topic.startswith(f"{V1_PREFIX}/agents/") and message.payload:
-                self._v1_agents.add(message.topic.split("/")[-2])
+            elif message.topic.startswith(f"{V1_PREFIX}/agents/"):
+                self._on_v1_agent_state(message.topic.split("/")[-2], message.payload)
+
+    def _on_v1_agent_state(self, agent: str, payload: bytes) -> None:
+        """An agent under the v1 prefix: v1 itself, or a v2 agent that also shows there."""
+        with contextlib.suppress(InvalidRequest):
+            state = decode(payload) if payload else None
+            if isinstance(state, Mapping) and state.get("protocol") != PROTOCOL_VERSION:
+                self._v1_agents.add(agent)
 
     def _on_own_presence(self, payload: bytes) -> None:
         if self._sync_marker is None or self._synced is None:

@@ -124,6 +124,12 @@ class Topics:
     def every_client_state(self) -> str:
         return f"{self.prefix}/clients/+/state"
 
+    def v1_state(self, agent: str) -> str | None:
+        """Where protocol v1 clients look for ``agent`` (with the default prefix only):
+        a v2 agent announces itself there too, so that their requests reach it and get
+        a clear error instead of no agent at all."""
+        return f"{V1_PREFIX}/agents/{agent}/state" if self.prefix == DEFAULT_PREFIX else None
+
     def v1_rpc(self, agent: str) -> list[str]:
         """Where protocol v1 clients send requests to ``agent`` (answered with an error)."""
         topics = [f"{self.prefix}/agents/{agent}/rpc"]

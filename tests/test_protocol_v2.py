@@ -273,7 +273,7 @@ async def _wait_for(condition, timeout: float) -> None:
 
 def test_a_v1_request_gets_a_clear_error_on_its_v1_reply_topic(workspace, mosquitto, tmp_path):
     peer = RawPeer(mosquitto, "old")
-    peer.subscribe(f"{V1_PREFIX}/clients/old/rpc")
+    peer.subscribe(f"{V1_PREFIX}/#")
     peer.subscribe(f"{TOPICS.prefix}/#")
 
     async def body():
@@ -291,7 +291,12 @@ def test_a_v1_request_gets_a_clear_error_on_its_v1_reply_topic(workspace, mosqui
         v1_requests = run(body())
     finally:
         peer.close()
-    answers = [(m.topic, cbor2.loads(m.payload)) for m in peer.messages if "/rpc" in m.topic]
+    v1_states = [cbor2.loads(m.payload) for m in peer.messages
+                 if m.topic == f"{V1_PREFIX}/agents/{AGENT_ID}/state"]  # fmt: skip
+    # The agent shows itself to v1 clients too, so that they ask and get the error.
+    assert v1_states[0]["state"] == "online" and v1_states[0]["protocol"] == 2
+    assert v1_states[-1]["state"] == "offline"
+    answers = [(m.topic, cbor2.loads(m.payload)) for m in peer.messages if "/clients/" in m.topic]
     assert v1_requests == 2
     assert [t for t, _ in answers] == [f"{V1_PREFIX}/clients/old/rpc"]
     error = answers[0][1]["error"]
