@@ -225,7 +225,7 @@ def test_every_attack_fails_and_alice_is_untouched(workspace, tmp_path, secure_b
     assert any("seq went back" in s for s in statuses), statuses
     assert not [i for i in items if isinstance(i, dm.StreamError)]
 
-    # What bob could read: agents' state and health; alice's streams in "lab" only; never
+    # What bob could read: agents' state; their health and alice's streams in "lab" only; never
     # her requests, replies or presence.
     bob_topics = {m.topic for m in bob.received}
     alice_task = f"{TOPICS.prefix}/agents/{AGENT}/tasks/alice/{task}/"
@@ -234,19 +234,26 @@ def test_every_attack_fails_and_alice_is_untouched(workspace, tmp_path, secure_b
     assert not [t for t in bob_topics if "/rpc/" in t or t.endswith("/reply/alice")]
     assert TOPICS.client_state("alice") not in bob_topics
     assert TOPICS.agent_state(AGENT) in bob_topics
+    # Health lists every task with its owner: readable in "lab" only (and by ops).
+    assert (TOPICS.agent_health(AGENT) in bob_topics) is (profile == "lab")
+    assert TOPICS.agent_health(AGENT) in {m.topic for m in ops.received}
     health = outcome["health"]
     assert health["bad_requests"] >= 3
 
 
-def test_private_profile_differs_from_lab_by_one_line():
+def test_private_profile_differs_from_lab_by_two_lines():
     from secure_broker import ACL_PROFILES
 
-    lab = ACL_PROFILES["lab"].read_text().splitlines()
-    private = ACL_PROFILES["private"].read_text().splitlines()
-    rules = [line for line in lab if line and not line.startswith("#")]
-    assert [r for r in rules if r not in private] == [
-        "pattern read streaminghub/v2/agents/+/tasks/#"
+    def rules(profile: str) -> list[str]:
+        text = ACL_PROFILES[profile].read_text().splitlines()
+        return [line for line in text if line and not line.startswith("#")]
+
+    lab, private = rules("lab"), rules("private")
+    assert [r for r in lab if r not in private] == [
+        "pattern read streaminghub/v2/agents/+/health",
+        "pattern read streaminghub/v2/agents/+/tasks/#",
     ]
+    assert [r for r in private if r not in lab] == []
 
 
 @pytest.mark.parametrize("secure_broker", ["private"], indirect=True)
