@@ -29,7 +29,7 @@ import streaminghub_datamux as dm
 from streaminghub_datamux.config import load_config
 from streaminghub_datamux.errors import Unavailable
 
-PREFIX = "streaminghub/v1"
+PREFIX = "streaminghub/v2"
 AGENT = "pi-1"
 WAIT_S = 30.0
 
