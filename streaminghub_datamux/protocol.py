@@ -121,6 +121,10 @@ class Topics:
         return f"{self.prefix}/agents/+/state"
 
     @property
+    def every_agent_health(self) -> str:
+        return f"{self.prefix}/agents/+/health"
+
+    @property
     def every_client_state(self) -> str:
         return f"{self.prefix}/clients/+/state"
 

@@ -276,8 +276,8 @@ async def _status(args: argparse.Namespace) -> int:
     )
     await link.connect(timeout=float(config.get("client.timeout_s")))
     try:
-        await link.subscribe(f"{topics.prefix}/agents/+/state", qos=1)
-        await link.subscribe(f"{topics.prefix}/agents/+/health", qos=1)
+        await link.subscribe(topics.every_agent_state, qos=1)
+        await link.subscribe(topics.every_agent_health, qos=1)
         await _settle(fleet)
         if args.watch:
             await _watch(fleet, settings.address, args)
