@@ -497,6 +497,8 @@ class Agent:
                 return [
                     self._describe(t) for t in self._tasks.values() if t.owner == request.client
                 ]
+            case "control_task":
+                return await self._control_task(request)
         raise InvalidRequest(f"unknown method {request.method!r}")  # the schema prevents this
 
     async def _start_task(self, request: Request, codec: str) -> dict[str, Any]:
@@ -590,6 +592,17 @@ class Agent:
             # The end message is published before the reply, so it reaches the client first.
             await asyncio.wait({remote.publisher}, timeout=PUBLISHER_STOP_S)
         return {"randseq": task_id, "status": True}
+
+    async def _control_task(self, request: Request) -> dict[str, Any]:
+        """Steer a replay this client started (docs/replay-control.md)."""
+        params = dict(request.params)
+        task_id, action = params.pop("task_id"), params.pop("action")
+        remote = self._tasks.get(task_id)
+        if remote is None:
+            raise NotFound(f"no running task {task_id!r} on agent {self.id}")
+        if remote.owner != request.client:
+            raise Forbidden(f"task {task_id!r} belongs to another client")
+        return await self.api.control_task(task_id, action, **params)
 
     def _describe(self, remote: RemoteTask) -> dict[str, Any]:
         return {

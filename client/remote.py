@@ -36,6 +36,7 @@ from ..errors import (
     error_from_code,
 )
 from ..framing import Framing
+from ..lslout import Publications, publish_collection_stream
 from ..model import Collection, Node, Stream, StreamAck, StreamError, StreamStatus
 from ..mqttio import BrokerSettings, Incoming, MqttLink, Will
 from ..paging import fetch_all_pages
@@ -117,6 +118,7 @@ class RemoteAPI:
         self._streams: dict[tuple[str, str], TaskStream] = {}
         self._since = time.time()
         self._heartbeat_stop = threading.Event()
+        self._lsl_out = Publications()
 
     # -- connection ----------------------------------------------------------------------
 
@@ -270,6 +272,7 @@ class RemoteAPI:
             await asyncio.gather(*stops)
         for stream in list(self._streams.values()):
             stream.end(StreamError(stream.stream_id, "unavailable", "the client closed"))
+        await self._lsl_out.wait_closed()
         self._fail_replies(lambda agent: True, "the client closed")
         self.link = None
         self._heartbeat_stop.set()
@@ -492,6 +495,9 @@ class RemoteAPI:
         use_relative_ts: bool | None = None,
         framing: Framing | str | dict[str, Any] | None = None,
         qos: int | None = None,
+        start: float | None = None,
+        end: float | None = None,
+        loop: bool | int = False,
     ) -> StreamAck:
         """As :meth:`API.replay_collection_stream`; ``qos`` overrides the client's.
 
@@ -505,8 +511,12 @@ class RemoteAPI:
             "rate_limit": rate_limit,
             "strict_time": strict_time,
             "use_relative_ts": use_relative_ts,
+            "start": start,
+            "end": end,
         }
         params.update({k: v for k, v in optional.items() if v is not None})
+        if loop is not False:
+            params["loop"] = loop
         return await self._start(
             agent, "replay_collection_stream", params, attrs, sink, framing, qos
         )
@@ -564,6 +574,17 @@ class RemoteAPI:
         status = bool(result.get("status", True)) if isinstance(result, Mapping) else True
         return StreamAck(status=status, randseq=self._qualify(agent, task_id))
 
+    async def publish_collection_stream(
+        self, collection_id: str, stream_id: str, attrs: Mapping[str, Any], **options: Any
+    ) -> StreamAck:
+        """As :meth:`API.publish_collection_stream`: an agent replays, the LSL outlet is
+        on this machine (docs/lsl-out.md)."""
+        publication = await publish_collection_stream(
+            self, collection_id, stream_id, attrs, **options
+        )
+        self._lsl_out.add(publication)
+        return StreamAck(status=True, randseq=publication.task_id)
+
     async def stop_task(self, randseq: str) -> StreamAck:
         """Stop a task; its sink gets END_OF_STREAM. Stopping an ended task is a no-op.
 
@@ -574,6 +595,16 @@ class RemoteAPI:
         agent, local = self._route(randseq, "randseq")
         await self._stop(agent, local)
         return StreamAck(status=True, randseq=randseq)
+
+    async def control_task(self, randseq: str, action: str, **params: Any) -> dict[str, Any]:
+        """As :meth:`API.control_task`: steer a running replay; returns its state."""
+        agent, local = self._route(randseq, "randseq")
+        result = await self._call(
+            agent, "control_task", {"task_id": local, "action": action, **params}
+        )
+        if not isinstance(result, Mapping):
+            raise DatamuxError(f"control_task: malformed reply from agent {agent!r}")
+        return dict(result)
 
     async def _stop(self, agent: str, task_id: str) -> None:
         # Look the task up first: its end message comes before the reply, and may already

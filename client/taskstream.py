@@ -16,6 +16,7 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 from ..model import Frame, StreamError, StreamStatus
+from ..protocol import status_data
 from ..util import END_OF_STREAM
 
 __all__ = ["INBOX_FRAMES", "SEQ_WINDOW", "TaskStream"]
@@ -95,8 +96,8 @@ class TaskStream:
         kind = message.get("kind")
         stream_id = str(message.get("stream_id", self.stream_id))
         if kind == "status":
-            status = str(message.get("status", ""))
-            self.put(StreamStatus(stream_id, status, str(message.get("reason", ""))))
+            status, reason = str(message.get("status", "")), str(message.get("reason", ""))
+            self.put(StreamStatus(stream_id, status, reason, status_data(message.get("data"))))
         elif kind == "error":
             code, reason = str(message.get("code", "internal")), str(message.get("reason", ""))
             self.put(StreamError(stream_id, code, reason))

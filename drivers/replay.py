@@ -13,15 +13,17 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import AsyncIterator, Callable, Iterator
+from typing import Any
 
 import numpy as np
 
-from ..errors import DatamuxError, InvalidRequest, NotFound
+from ..errors import DatamuxError, NotFound
 from ..framing import Framing
-from ..model import Stream
+from ..model import Stream, StreamStatus
 from .base import Chunk, Source
 from .formats import format_for_path
 from .recordings import SELF_DESCRIBING_EXTENSIONS, Recording, select_recording
+from .replaycontrol import ReplayControl
 
 __all__ = [
     "SELF_DESCRIBING_EXTENSIONS",
@@ -177,21 +179,27 @@ class FrameCutter:
 
 
 class ReplaySource(Source):
-    """Frames of a recording, released on an absolute schedule.
+    """Frames of a recording, released on an absolute schedule, steerable.
 
     Args:
         stream: the stream's metadata.
         make_blocks: returns a fresh iterator of blocks (called once per pass).
         speed: 1.0 is real time, 2.0 twice as fast, 0 as fast as possible.
         framing: frame size and latency limits.
-        loop: start again at the end (guided simulation); timestamps then move on
-            by the length of the recording each pass.
+        loop: start again at the end, forever (guided simulation); timestamps then move
+            on by the length of the recording each pass, so the timeline never jumps.
         relative_ts: shift timestamps so that the first sample is at 0 (upstream's
             ``use_relative_ts``); otherwise they are the recording's own.
         strict_time: release each frame when its timestamp is due (an absolute
             schedule); ``False`` paces by sample count at the nominal ``frequency``
             instead, ignoring gaps in the timestamps (upstream's ``strict_time``;
             irregular streams have no nominal rate and keep the timestamp schedule).
+        control: pause, seek, speed, loop and window of a replay task
+            (drivers/replaycontrol.py); its loops replay the recorded timestamps and
+            mark each jump with a status item.
+
+    Besides frames, :meth:`chunks` yields the control's :class:`StreamStatus` items, in
+    order with the frames.
     """
 
     paced = True
@@ -206,50 +214,72 @@ class ReplaySource(Source):
         loop: bool = False,
         relative_ts: bool = False,
         strict_time: bool = True,
+        control: ReplayControl | None = None,
     ) -> None:
         super().__init__(stream)
-        if not isinstance(speed, int | float) or isinstance(speed, bool) or speed < 0:
-            raise InvalidRequest(f"speed must be a number >= 0, not {speed!r}")
+        if control is None:
+            control = ReplayControl(speed)
+        self.control = control
         self.make_blocks = make_blocks
-        self.speed = float(speed)
         self.framing = framing
         self.loop = loop
         self.relative_ts = relative_ts
         self.strict_time = strict_time
-        self._released = 0  # samples released so far (pacing by count)
         #: The loop time at which the first sample was due (set on the first frame).
         self.started_at: float | None = None
+        self._anchor: tuple[float, float] | None = None  # (loop time, position) pacing
+        self._released: float | None = None  # the pacing position of the last release
+        self._count = 0  # samples released so far (pacing by count)
+        self._first_ts: float | None = None  # the recording's first timestamp
+        self._origin = 0.0  # subtracted from every timestamp (relative_ts)
+        self._offset = 0.0  # added to timestamps on each guided loop pass
 
-    async def _sleep_until(self, due: float) -> None:
-        """Sleep until loop time ``due``, on time.
+    @property
+    def speed(self) -> float:
+        return self.control.speed
+
+    def _span(self) -> float:
+        """A frame's span in recording time: max latency of wall time at this speed."""
+        return self.framing.max_latency_s * self.control.speed
+
+    async def _sleep_until(self, due: float, version: int) -> bool:
+        """Sleep until loop time ``due``, on time; False if the control changed first.
 
         asyncio wakes up to 1 ms late (epoll rounds timeouts up to whole milliseconds),
         so sleep until just before ``due``, then yield to the loop until it is reached:
         other tasks keep running, at the cost of up to ``margin`` of busy time per frame.
         """
+        control = self.control
         clock = asyncio.get_running_loop().time
         margin = min(PACING_MARGIN_S, 0.1 * self.framing.max_latency_s)
         delay = due - clock() - margin
         if delay > 0:
-            await asyncio.sleep(delay)
+            control.changed.clear()
+            if control.version != version:
+                return False
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(delay):
+                    await control.changed.wait()
+                    return False
         while clock() < due:
+            if control.version != version:
+                return False
             await asyncio.sleep(0)
+        return control.version == version
 
-    async def chunks(self) -> AsyncIterator[Chunk]:
-        clock = asyncio.get_running_loop().time
-        span = self.framing.max_latency_s * self.speed
+    async def chunks(self) -> AsyncIterator[Any]:
+        control = self.control
         tolerance = 0.5 / self.stream.frequency if self.stream.frequency > 0 else 0.0
-        first_ts: float | None = None
-        origin = 0.0  # subtracted from every timestamp (relative_ts)
-        offset = 0.0  # added to timestamps on each loop pass
+        target = control.start  # where this pass starts, seconds into the recording
         while True:
-            cutter = FrameCutter(self.framing.max_samples, span, tolerance)
+            cutter = FrameCutter(self.framing.max_samples, self._span(), tolerance)
             pass_first: float | None = None
             last_ts: float | None = None
             pass_samples = 0
+            at_end = False
             blocks = _blocks_in_thread(self.make_blocks)
             async with contextlib.aclosing(blocks):
-                while True:
+                while not at_end and control.seek_to is None:
                     try:
                         timestamps, values = await anext(blocks)
                     except StopAsyncIteration:
@@ -260,50 +290,120 @@ class ReplaySource(Source):
                         raise
                     if len(timestamps) == 0:
                         continue
-                    if offset:
-                        timestamps = timestamps + offset
-                    if first_ts is None:
-                        first_ts = float(timestamps[0])
-                        self.started_at = clock()
-                        if self.relative_ts:
-                            origin, first_ts = first_ts, 0.0
-                    if origin:
-                        timestamps = timestamps - origin
+                    if self._first_ts is None:
+                        self._first_ts = float(timestamps[0])
+                        self._origin = self._first_ts if self.relative_ts else 0.0
+                    timestamps, values, at_end = self._window(timestamps, values, target)
+                    if len(timestamps) == 0:
+                        continue
+                    if self._offset or self._origin:
+                        timestamps = timestamps + (self._offset - self._origin)
                     if pass_first is None:
                         pass_first = float(timestamps[0])
                     last_ts = float(timestamps[-1])
                     pass_samples += len(timestamps)
+                    cutter.max_span = self._span()
                     for frame in cutter.feed(timestamps, values):
-                        await self._release(frame, first_ts)
-                        yield frame
-            if (tail := cutter.flush()) is not None and first_ts is not None:
-                await self._release(tail, first_ts)
-                yield tail
-            if not self.loop or last_ts is None or pass_first is None:
+                        async for item in self._paced(frame):
+                            yield item
+                        if control.seek_to is not None:
+                            break
+                if control.seek_to is None and (tail := cutter.flush()) is not None:
+                    async for item in self._paced(tail):
+                        yield item
+            if control.seek_to is not None:
+                target, control.seek_to = control.seek_to, None
+                yield self._jump("seek", f"to {target:.3f} s", {"position": target})
+                continue
+            if self.loop and last_ts is not None and pass_first is not None:
+                self._offset += _pass_length(self.stream, pass_first, last_ts, pass_samples)
+                continue
+            if last_ts is None or not control.another_pass():
                 return
-            # The next pass continues the timeline one sample period after this one. An
-            # irregular stream has no period: use its mean spacing, and never less than
-            # _MIN_LOOP_GAP_S, so timestamps never repeat and a one-sample file cannot spin.
-            length = last_ts - pass_first
-            if self.stream.frequency > 0:
-                period = 1.0 / self.stream.frequency
-            else:
-                period = length / max(pass_samples - 1, 1) if pass_samples > 1 else 1.0
-            offset += length + max(period, _MIN_LOOP_GAP_S)
+            target = control.start
+            data = {"pass": control.pass_number, "position": target}
+            yield self._jump("loop", f"pass {control.pass_number} from {target:.3f} s", data)
 
-    async def _release(self, frame: Chunk, first_ts: float) -> None:
-        """Wait until the frame's last sample is due; at speed 0, just let others run.
+    def _window(
+        self, timestamps: np.ndarray, values: np.ndarray, target: float
+    ) -> tuple[np.ndarray, np.ndarray, bool]:
+        """The part of a block inside [target, end); True once the end is reached."""
+        assert self._first_ts is not None
+        if target > 0:
+            cut = int(np.searchsorted(timestamps, self._first_ts + target, side="left"))
+            timestamps, values = timestamps[cut:], values[cut:]
+        end = self.control.end
+        if end is None:
+            return timestamps, values, False
+        cut = int(np.searchsorted(timestamps, self._first_ts + end, side="left"))
+        return timestamps[:cut], values[:cut], cut < len(timestamps)
 
-        At speed 0 nothing else would suspend between frames of a batch of blocks (an
-        unbounded sink never blocks), so one full-speed replay could hold the loop for
-        a whole batch and make paced tasks late.
-        """
+    def _jump(self, status: str, reason: str, data: dict[str, Any]) -> StreamStatus:
+        """The status item of a jump; pacing starts afresh at the next frame."""
+        self._anchor = None
+        self._released = None
+        self.control.position = float(data["position"])
+        return StreamStatus(self.stream.id, status, reason, data)
+
+    async def _paced(self, frame: Chunk) -> AsyncIterator[Any]:
+        """Wait until the frame's last sample is due, then yield it; meanwhile yield the
+        control's notices and hold still while paused. Returns without the frame when a
+        seek comes first."""
+        control = self.control
+        clock = asyncio.get_running_loop().time
+        first, last = self._positions(frame)
+        while True:
+            while control.notices:
+                status, reason, data = control.notices.pop(0)
+                if status in ("resumed", "speed"):
+                    self._anchor = None  # pace from here, at the (new) speed
+                yield StreamStatus(self.stream.id, status, reason, data)
+            if control.seek_to is not None:
+                return
+            version = control.version
+            if control.paused:
+                control.changed.clear()
+                if control.version == version:
+                    await control.changed.wait()
+                continue
+            if control.speed == 0:
+                # Nothing else suspends between the frames of a batch of blocks (an
+                # unbounded sink never blocks): let paced tasks run.
+                await asyncio.sleep(0)
+                break
+            if self._anchor is None:
+                start = self._released if self._released is not None else first
+                self._anchor = (clock(), start)
+                if self.started_at is None:
+                    self.started_at = self._anchor[0]
+            loop_time, stamp = self._anchor
+            if await self._sleep_until(loop_time + (last - stamp) / control.speed, version):
+                break
+        self._released = last
+        self._count += len(frame[0])
+        if self._first_ts is not None:
+            stamp = float(frame[0][-1])
+            control.position = stamp - self._offset + self._origin - self._first_ts
+        yield frame
+
+    def _positions(self, frame: Chunk) -> tuple[float, float]:
+        """Where a frame's first and last samples are on the pacing schedule: their
+        timestamps, or with ``strict_time=False`` their sample count at the nominal rate."""
         if not self.strict_time and self.stream.frequency > 0:
-            position = (self._released + len(frame[0]) - 1) / self.stream.frequency
-        else:
-            position = float(frame[0][-1]) - first_ts
-        self._released += len(frame[0])
-        if self.speed > 0 and self.started_at is not None:
-            await self._sleep_until(self.started_at + position / self.speed)
-        else:
-            await asyncio.sleep(0)
+            rate = self.stream.frequency
+            return self._count / rate, (self._count + len(frame[0]) - 1) / rate
+        return float(frame[0][0]), float(frame[0][-1])
+
+
+def _pass_length(stream: Stream, first: float, last: float, samples: int) -> float:
+    """How far a guided loop moves the timeline on: the pass plus one sample period.
+
+    An irregular stream has no period: use its mean spacing, and never less than
+    _MIN_LOOP_GAP_S, so timestamps never repeat and a one-sample file cannot spin.
+    """
+    length = last - first
+    if stream.frequency > 0:
+        period = 1.0 / stream.frequency
+    else:
+        period = length / max(samples - 1, 1) if samples > 1 else 1.0
+    return length + max(period, _MIN_LOOP_GAP_S)

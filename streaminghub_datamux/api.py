@@ -20,8 +20,10 @@ from .config import Config, load_config
 from .drivers.base import Driver, DriverStatus, Source
 from .drivers.registry import create_drivers
 from .drivers.replay import ReplaySource, open_reader
+from .drivers.replaycontrol import ReplayControl
 from .errors import InvalidRequest, NotFound
 from .framing import Framing
+from .lslout import Publications, publish_collection_stream
 from .model import Collection, Frame, Node, Stream, StreamAck
 from .tasks import Task
 
@@ -74,6 +76,7 @@ class API:
         self._tasks: dict[str, Task] = {}
         # Ids of tasks that ended, so stopping one after its END_OF_STREAM is not an error.
         self._ended: deque[str] = deque(maxlen=_REMEMBER_ENDED)
+        self._lsl_out = Publications()
 
     def _default_drivers(self) -> list[Driver]:
         options = {
@@ -99,6 +102,7 @@ class API:
     async def aclose(self) -> None:
         """Stop every task (each sink gets END_OF_STREAM), then release the drivers."""
         await asyncio.gather(*(task.stop() for task in list(self._tasks.values())))
+        await self._lsl_out.wait_closed()
         await asyncio.gather(*(driver.aclose() for driver in self._drivers))
 
     # -- collections -------------------------------------------------------------------
@@ -162,6 +166,7 @@ class API:
         loop: bool = False,
         relative_ts: bool = False,
         strict_time: bool = True,
+        control: ReplayControl | None = None,
     ) -> ReplaySource:
         """A replay source for one stream of one recording (not yet opened)."""
         stream, recording = self.catalog.resolve(
@@ -176,6 +181,7 @@ class API:
             loop=loop,
             relative_ts=relative_ts,
             strict_time=strict_time,
+            control=control,
         )
 
     async def replay_collection_stream(
@@ -193,6 +199,9 @@ class API:
         framing: Framing | str | dict[str, Any] | None = None,
         owner: str = "",
         task_id: str | None = None,
+        start: float | None = None,
+        end: float | None = None,
+        loop: bool | int = False,
     ) -> StreamAck:
         """Replay one stream of one recording into ``sink``.
 
@@ -216,6 +225,11 @@ class API:
             owner: who asked (the agent passes the client id; see docs/protocol.md).
             task_id: the task's id; chosen here when omitted (the agent passes the
                 client's choice, so the client can subscribe before frames flow).
+            start, end: play only this window, in seconds after the first sample.
+            loop: ``True`` repeats the window until stopped, an integer N plays it N
+                times; each new pass is marked by a ``StreamStatus("loop")``.
+
+        The running replay can be steered with :meth:`control_task`.
 
         Raises:
             NotFound: unknown collection, stream, or no matching recording.
@@ -232,6 +246,7 @@ class API:
         if transform is not None and not callable(transform):
             raise InvalidRequest(f"transform must be callable, not {type(transform).__name__}")
         chosen = Framing.coerce(framing) if framing is not None else self.framing
+        control = ReplayControl(speed, start=start, end=end, loop=loop)
         source = await asyncio.to_thread(
             self.open_replay,
             collection_id,
@@ -244,8 +259,31 @@ class API:
         )
         frame_attrs = {**source.stream.attrs, **attrs}
         return self._start(
-            source.stream, lambda: source, sink, frame_attrs, chosen, owner, task_id, transform
+            source.stream,
+            lambda: source,
+            sink,
+            frame_attrs,
+            chosen,
+            owner,
+            task_id,
+            transform,
+            control,
         )
+
+    async def publish_collection_stream(
+        self, collection_id: str, stream_id: str, attrs: Mapping[str, Any], **options: Any
+    ) -> StreamAck:
+        """Replay one stream of one recording as an LSL outlet on this machine.
+
+        Upstream's method, with every replay option (``speed``, ``framing``, ...) and the
+        outlet's ``name``, ``stream_type`` and ``source_id`` (docs/lsl-out.md).
+        :meth:`stop_task` with the returned ``randseq`` ends the replay and the outlet.
+        """
+        publication = await publish_collection_stream(
+            self, collection_id, stream_id, attrs, **options
+        )
+        self._lsl_out.add(publication)
+        return StreamAck(status=True, randseq=publication.task_id)
 
     # -- live nodes --------------------------------------------------------------------
 
@@ -321,6 +359,7 @@ class API:
         owner: str,
         task_id: str,
         transform: Callable[[Frame], Any] | None = None,
+        control: ReplayControl | None = None,
     ) -> StreamAck:
         if task_id in self._tasks:  # checked before, but an await came in between
             raise InvalidRequest(f"task id {task_id!r} is in use")
@@ -334,6 +373,7 @@ class API:
             framing=framing,
             owner=owner,
             transform=transform,
+            control=control,
         )
         self._tasks[task_id] = task
         task.start(on_done=self._forget)
@@ -368,3 +408,23 @@ class API:
             raise NotFound(f"no task {randseq!r}")
         await task.stop()
         return StreamAck(status=True, randseq=randseq)
+
+    async def control_task(self, randseq: str, action: str, **params: Any) -> dict[str, Any]:
+        """Steer a running replay (docs/replay-control.md); returns its state.
+
+        Actions: ``pause``, ``resume``, ``seek`` (``position=`` seconds into the
+        recording), ``speed`` (``speed=``), ``loop`` (``loop=`` True, False or N) and
+        ``state`` (changes nothing). The state is ``{paused, speed, position, start,
+        end, loop, pass}``.
+
+        Raises:
+            NotFound: no running task with this id.
+            InvalidRequest: a live task, an unknown action or a bad parameter.
+        """
+        task = self._tasks.get(randseq) if isinstance(randseq, str) else None
+        if task is None:
+            ended = " (it has ended)" if randseq in self._ended else ""
+            raise NotFound(f"no running task {randseq!r}{ended}")
+        if task.control is None:
+            raise InvalidRequest(f"task {randseq!r} is a live stream; only replays can be steered")
+        return task.control.apply(_check_id(action, "action"), params)

@@ -314,12 +314,16 @@ class StreamStatus:
     """Put on a sink when a live source changes state (device lost, back again).
 
     The task stays alive through these; ``status`` is ``"disconnected"`` or
-    ``"reconnected"``, ``reason`` says why.
+    ``"reconnected"`` (live sources), ``"dropped"`` (data lost), or for a steered replay
+    ``"paused"``, ``"resumed"``, ``"seek"``, ``"loop"`` or ``"speed"``
+    (docs/replay-control.md); ``reason`` says why, ``data`` holds the numbers
+    (``position``, ``pass``, ``speed``) for code that reacts to them.
     """
 
     stream_id: str
     status: str
     reason: str = ""
+    data: Mapping[str, Any] = field(default_factory=dict)
 
 
 def seconds_index() -> dict[str, Field]:

@@ -31,6 +31,7 @@ __all__ = [
     "ok_reply",
     "parse_request",
     "request_id_of",
+    "status_data",
     "stream_from_wire",
     "stream_to_wire",
 ]
@@ -274,6 +275,31 @@ def _task_id(value: Any, name: str) -> str:
     return check_id(value, name)
 
 
+def _position(value: Any, name: str) -> float:
+    position = _number(value, name)
+    if position < 0:
+        raise InvalidRequest(f"{name} must be >= 0 seconds into the recording")
+    return position
+
+
+def _loop(value: Any, name: str) -> bool | int:
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, int) and (value >= 1 or value == -1) and value < 2**31:
+        return value
+    raise InvalidRequest(f"{name} must be true (forever), false (once) or a count >= 1")
+
+
+def _action(value: Any, name: str) -> str:
+    if value not in CONTROL_ACTIONS:
+        raise InvalidRequest(f"{name} must be one of {list(CONTROL_ACTIONS)}, not {value!r:.40}")
+    return str(value)
+
+
+#: What control_task can do to a running replay (docs/replay-control.md).
+CONTROL_ACTIONS = ("pause", "resume", "seek", "speed", "loop", "state")
+
+
 # The client checks what it sends with the same rules.
 check_attrs = _attrs
 check_framing = _framing
@@ -299,6 +325,9 @@ METHODS: dict[str, dict[str, tuple[Check, bool]]] = {
         "use_relative_ts": (_flag, False),
         "framing": (_framing, False),
         "qos": (_qos, False),
+        "start": (_position, False),
+        "end": (_position, False),
+        "loop": (_loop, False),
     },
     "list_live_nodes": {},
     "list_live_streams": {"node_id": (_ID, True)},
@@ -312,6 +341,13 @@ METHODS: dict[str, dict[str, tuple[Check, bool]]] = {
     },
     "stop_task": {"task_id": (_task_id, True)},
     "list_tasks": {},
+    "control_task": {
+        "task_id": (_task_id, True),
+        "action": (_action, True),
+        "position": (_position, False),
+        "speed": (_speed, False),
+        "loop": (_loop, False),
+    },
 }
 for _method in PAGED_METHODS:  # listings may be asked for in pages (paging.py)
     METHODS[_method].update(PAGE_PARAMS)
@@ -437,4 +473,20 @@ def ctrl_status(task_id: str, status: StreamStatus) -> dict[str, Any]:
         "stream_id": status.stream_id,
         "status": status.status,
         "reason": status.reason,
+        "data": dict(status.data),
     }
+
+
+def status_data(value: Any) -> dict[str, Any]:
+    """The ``data`` of a status message from the network: short scalars only."""
+    if not isinstance(value, Mapping) or len(value) > MAX_ATTRS:
+        return {}
+    out: dict[str, Any] = {}
+    for key, item in value.items():
+        if not isinstance(key, str) or len(key) > MAX_TEXT:
+            continue
+        if isinstance(item, bool | int | float) or (
+            isinstance(item, str) and len(item) <= MAX_TEXT
+        ):
+            out[key] = item
+    return out

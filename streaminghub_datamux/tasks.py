@@ -122,6 +122,7 @@ class Task:
         framing: frame limits for live sources.
         owner: who started the task (a client id for remote tasks).
         transform: applied to each frame; its result goes on the sink instead.
+        control: a replay's :class:`ReplayControl`, for :meth:`API.control_task`.
     """
 
     def __init__(
@@ -136,8 +137,11 @@ class Task:
         framing: Framing,
         owner: str = "",
         transform: Callable[[Frame], Any] | None = None,
+        control: Any = None,
     ) -> None:
         self.id = task_id
+        #: The replay's ReplayControl (None for live tasks): what control_task steers.
+        self.control = control
         self.open_source = open_source
         self.sink = sink
         self.stream_id = stream_id
@@ -226,8 +230,11 @@ class Task:
     async def _pass_through(self, source: Any) -> None:
         # aclosing: a stop or a failure closes the generator (and its file) at once.
         async with contextlib.aclosing(source.chunks()) as chunks:
-            async for timestamps, values in chunks:
-                await self._emit(timestamps, values)
+            async for item in chunks:
+                if isinstance(item, StreamStatus):  # a steered replay's jump or pause
+                    await self._deliver(item)
+                else:
+                    await self._emit(*item)
 
     async def _frame_live(self, source: Any) -> None:
         clock = asyncio.get_running_loop().time

@@ -15,7 +15,7 @@ from typing import Any
 from .. import __version__
 from ..config import load_config
 from ..errors import ConfigError, DatamuxError
-from . import doctor_cmd, serve_cmd, setup_cmds, simulate_cmd, status_cmd, stream_cmds
+from . import doctor_cmd, lslout_cmd, serve_cmd, setup_cmds, simulate_cmd, status_cmd, stream_cmds
 from .logs import configure_logging
 
 __all__ = ["build_parser", "main"]
@@ -78,6 +78,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve_cmd.register(subparsers)
     status_cmd.register(subparsers)
     doctor_cmd.register(subparsers)
+    lslout_cmd.register(subparsers)
     return parser
 
 

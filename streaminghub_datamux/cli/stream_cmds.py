@@ -25,7 +25,7 @@ from ..recording import record
 from ..util import END_OF_STREAM
 from .text import count
 
-__all__ = ["register"]
+__all__ = ["register", "replay_control_flags", "replay_control_options"]
 
 
 def _remote_flags() -> argparse.ArgumentParser:
@@ -43,6 +43,41 @@ def _remote_flags() -> argparse.ArgumentParser:
         "--codec", choices=["cbor", "json"], default="cbor", help="with --broker: the codec"
     )
     return remote
+
+
+def replay_control_flags() -> argparse.ArgumentParser:
+    """``--start``, ``--end`` and ``--loop`` of a replay (docs/replay-control.md)."""
+    flags = argparse.ArgumentParser(add_help=False)
+    group = flags.add_argument_group("replay window and looping")
+    group.add_argument(
+        "--start", type=float, metavar="S", help="start S seconds into the recording"
+    )
+    group.add_argument("--end", type=float, metavar="S", help="stop S seconds into the recording")
+    group.add_argument(
+        "--loop",
+        nargs="?",
+        const="forever",
+        metavar="N",
+        help="play the window N times (no N: until interrupted)",
+    )
+    return flags
+
+
+def replay_control_options(args: argparse.Namespace) -> dict[str, Any]:
+    """The replay-control flags as keyword arguments of replay_collection_stream."""
+    options: dict[str, Any] = {}
+    if args.start is not None:
+        options["start"] = args.start
+    if args.end is not None:
+        options["end"] = args.end
+    if args.loop is not None:
+        if args.loop == "forever":
+            options["loop"] = True
+        elif args.loop.isdigit() and int(args.loop) >= 1:
+            options["loop"] = int(args.loop)
+        else:
+            raise InvalidRequest(f"--loop takes a number of passes >= 1, not {args.loop!r}")
+    return options
 
 
 def register(subparsers: argparse._SubParsersAction[Any]) -> None:
@@ -87,7 +122,7 @@ def register(subparsers: argparse._SubParsersAction[Any]) -> None:
 
     replay = subparsers.add_parser(
         "replay",
-        parents=[output, remote],
+        parents=[output, remote, replay_control_flags()],
         help="replay a recorded stream",
         description="Replay one stream of one recording and print its frames.",
     )
@@ -458,7 +493,13 @@ async def _replay_with(api: Any, args: argparse.Namespace) -> int:
     attrs = _attrs(args.attr)
     sink: asyncio.Queue[Any] = asyncio.Queue(maxsize=64)
     ack = await api.replay_collection_stream(
-        args.collection, args.stream, attrs, sink, speed=args.speed, framing=args.framing
+        args.collection,
+        args.stream,
+        attrs,
+        sink,
+        speed=args.speed,
+        framing=args.framing,
+        **replay_control_options(args),
     )
     enabled = args.progress == "on" or (args.progress == "auto" and sys.stderr.isatty())
     progress = Progress(None, enabled) if enabled else None
