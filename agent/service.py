@@ -95,6 +95,7 @@ class RemoteTask:
     stop_requested: bool = False  # a stop that came while the task was starting
     frames: int = 0
     samples: int = 0
+    next_seq: int = 0  # of the next frame: status messages carry it to keep their place
     started: float = field(default_factory=time.time)
 
 
@@ -624,6 +625,7 @@ class Agent:
             while True:
                 item = await sink.get()
                 if isinstance(item, Frame):
+                    remote.next_seq = item.seq + 1
                     payload = encode_frame(item, remote.id, remote.codec)
                     if self._too_big(payload):
                         await self._send(
@@ -636,7 +638,8 @@ class Agent:
                     self.counters.frames += 1
                     self.counters.samples += len(item)
                 elif isinstance(item, StreamStatus):
-                    await self._send(ctrl, encode(ctrl_status(remote.id, item), remote.codec))
+                    status = ctrl_status(remote.id, item, remote.next_seq)
+                    await self._send(ctrl, encode(status, remote.codec))
                 elif isinstance(item, StreamError):
                     await self._send(ctrl, encode(ctrl_error(remote.id, item), remote.codec))
                 elif item is END_OF_STREAM:

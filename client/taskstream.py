@@ -49,6 +49,7 @@ class TaskStream:
         self.stream_id = ""
         self.next_seq = 0
         self.inbox: deque[Any] = deque()
+        self.held: deque[tuple[int, StreamStatus]] = deque()  # (seq of the frame after it, item)
         self.inbox_frames = 0
         self.overflow_samples = 0  # dropped for a slow consumer, not yet reported
         self.wakeup = asyncio.Event()
@@ -75,6 +76,7 @@ class TaskStream:
         if 0 < behind <= SEQ_WINDOW:
             return  # a QoS 1 resend after a reconnect
         self.stream_id = frame.stream_id
+        self._release_held(frame.seq)
         if behind > 0:
             reason = (
                 f"seq went back from {self.next_seq - 1} to {frame.seq}: the frame(s) "
@@ -97,7 +99,14 @@ class TaskStream:
         stream_id = str(message.get("stream_id", self.stream_id))
         if kind == "status":
             status, reason = str(message.get("status", "")), str(message.get("reason", ""))
-            self.put(StreamStatus(stream_id, status, reason, status_data(message.get("data"))))
+            item = StreamStatus(stream_id, status, reason, status_data(message.get("data")))
+            seq = message.get("seq")
+            waiting = isinstance(seq, int) and not isinstance(seq, bool) and seq > self.next_seq
+            if waiting and len(self.held) < INBOX_FRAMES:
+                # Frames before it are still on their way (another topic): wait for them.
+                self.held.append((seq, item))
+            else:
+                self.put(item)
         elif kind == "error":
             code, reason = str(message.get("code", "internal")), str(message.get("reason", ""))
             self.put(StreamError(stream_id, code, reason))
@@ -105,6 +114,11 @@ class TaskStream:
             frames = message.get("frames")
             total = frames if isinstance(frames, int) else self.next_seq
             self.finishing = asyncio.get_running_loop().create_task(self._finish(total))
+
+    def _release_held(self, seq: int) -> None:
+        """Put the status items that belong before frame ``seq``."""
+        while self.held and self.held[0][0] <= seq:
+            self.put(self.held.popleft()[1])
 
     async def _finish(self, total: int) -> None:
         # Data and control travel on two topics: let late frames land before the end.
@@ -125,6 +139,7 @@ class TaskStream:
             self.agent_lost.cancel()
         if self.closing:
             return
+        self._release_held(1 << 62)
         if error is not None:
             self.put(error)
         self.put(END_OF_STREAM)

@@ -12,6 +12,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from .drivers.replaycontrol import ACTIONS as CONTROL_ACTIONS
 from .errors import InvalidRequest
 from .model import Collection, Node, Stream, StreamError, StreamStatus
 from .paging import PAGE_PARAMS, PAGED_METHODS
@@ -292,12 +293,8 @@ def _loop(value: Any, name: str) -> bool | int:
 
 def _action(value: Any, name: str) -> str:
     if value not in CONTROL_ACTIONS:
-        raise InvalidRequest(f"{name} must be one of {list(CONTROL_ACTIONS)}, not {value!r:.40}")
+        raise InvalidRequest(f"unknown {name} {value!r:.40}; actions: {list(CONTROL_ACTIONS)}")
     return str(value)
-
-
-#: What control_task can do to a running replay (docs/replay-control.md).
-CONTROL_ACTIONS = ("pause", "resume", "seek", "speed", "loop", "state")
 
 
 # The client checks what it sends with the same rules.
@@ -466,8 +463,10 @@ def ctrl_error(task_id: str, error: StreamError) -> dict[str, Any]:
     }
 
 
-def ctrl_status(task_id: str, status: StreamStatus) -> dict[str, Any]:
-    return {
+def ctrl_status(task_id: str, status: StreamStatus, seq: int | None = None) -> dict[str, Any]:
+    """A status item; ``seq`` (the next frame's) lets the client put it back in its place
+    among the frames, which travel on another topic."""
+    message = {
         "task": task_id,
         "kind": "status",
         "stream_id": status.stream_id,
@@ -475,6 +474,9 @@ def ctrl_status(task_id: str, status: StreamStatus) -> dict[str, Any]:
         "reason": status.reason,
         "data": dict(status.data),
     }
+    if seq is not None:
+        message["seq"] = seq
+    return message
 
 
 def status_data(value: Any) -> dict[str, Any]:
