@@ -70,6 +70,7 @@ __all__ = ["Agent", "default_agent_id", "default_state_dir"]
 log = logging.getLogger(__name__)
 
 MAX_CONCURRENT_REQUESTS = 32
+DISCOVER_COALESCE_S = 0.05
 # Requests up to this many times the limit are still decoded, to address the error reply.
 OVERSIZE_DECODE_FACTOR = 4
 PUBLISHER_STOP_S = 5.0
@@ -182,6 +183,7 @@ class Agent:
         self._shutdown_job: asyncio.Task[None] | None = None
         self._cpu_mark = (time.monotonic(), time.process_time())
         self._summary: tuple[list[str], list[str]] = ([], [])  # node and collection ids
+        self._discover_answer: asyncio.TimerHandle | None = None
 
     # -- lifecycle -----------------------------------------------------------------------
 
@@ -211,6 +213,7 @@ class Agent:
         for topic in self._v1_rpc:
             await self.link.subscribe(topic, qos=1)
         await self.link.subscribe(self.topics.every_client_state, qos=1)
+        await self.link.subscribe(self.topics.every_discover, qos=1)
         self._spawn(self._health_loop(), "health")
         self._spawn(self._drain_spool(), "spool")
         self._spawn(self._announce_nodes(), "announce")
@@ -281,6 +284,8 @@ class Agent:
             job.cancel()
         await asyncio.gather(*self._background, return_exceptions=True)
         self.leases.close()
+        if self._discover_answer is not None:
+            self._discover_answer.cancel()
         # `since`: when it went offline (the will, made at start, cannot know).
         offline = self._state("offline", since=time.time())
         final = [
@@ -357,6 +362,24 @@ class Agent:
             self._on_request(client, message)
         elif root == "clients" and kind == "state" and client == "":
             self._on_client_state(agent, message)  # levels: clients/{client}/state
+        elif root == "clients" and kind == "discover" and client == "":
+            self._on_discover()
+
+    def _on_discover(self) -> None:
+        """A client looks for agents: announce again, for brokers that do not deliver
+        the retained birth (docs/protocol.md, "Discovery"). Requests within
+        DISCOVER_COALESCE_S share one answer, so a flood of them costs one message."""
+        if self._discover_answer is not None or self._stopping.is_set():
+            return
+
+        def answer() -> None:
+            self._discover_answer = None
+            self.link.publish_nowait(
+                self.topics.agent_state(self.id), self._birth(*self._summary), qos=1
+            )
+
+        loop = asyncio.get_running_loop()
+        self._discover_answer = loop.call_later(DISCOVER_COALESCE_S, answer)
 
     def _on_request(self, client: str, message: Incoming) -> None:
         """A request from ``client``: the topic level the broker let that client write."""

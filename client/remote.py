@@ -60,6 +60,10 @@ log = logging.getLogger(__name__)
 # How long a task's consumer waits for its agent to come back before the task ends.
 AGENT_RETURN_S = 30.0
 STOP_WAIT_S = 5.0
+# Without retained births, a fleet client waits this long for the first agent to answer
+# its discovery request, then this long for the others.
+DISCOVERY_WAIT_S = 1.0
+DISCOVERY_SETTLE_S = 0.2
 
 
 class RemoteAPI:
@@ -119,6 +123,7 @@ class RemoteAPI:
         self._since = time.time()
         self._heartbeat_stop = threading.Event()
         self._lsl_out = Publications()
+        self._agent_seen = asyncio.Event()
 
     # -- connection ----------------------------------------------------------------------
 
@@ -180,7 +185,7 @@ class RemoteAPI:
             if self.topics.prefix == DEFAULT_PREFIX:
                 # Old agents, only to say why they are not used.
                 await self.link.subscribe(f"{V1_PREFIX}/agents/+/state", qos=1)
-            await self._sync()
+            await self._discover()
         except BaseException:
             link, self.link = self.link, None
             await link.close()
@@ -193,6 +198,29 @@ class RemoteAPI:
                 f"under {self.topics.prefix}{self._v1_hint(self.agent_id)}"
             )
         return self
+
+    async def _discover(self) -> None:
+        """Learn which agents are online: their retained births, and their answers to a
+        discovery request for brokers that do not deliver retained messages to wildcard
+        subscriptions (RabbitMQ) or keep none (docs/protocol.md, "Discovery")."""
+        assert self.link is not None
+        self._agent_seen.clear()
+        request = encode({"client": self.client_id}, self.codec)
+        self.link.publish_nowait(self.topics.discover(self.client_id), request, qos=1)
+        await self._sync()
+        if self.agent_id is not None:
+            wanted, wait = self.agent_id in self._agents, float(self.timeout or 10.0)
+        else:
+            wanted, wait = bool(self._agents), DISCOVERY_WAIT_S
+        if wanted:
+            return
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(wait):
+                while not (self.agent_id in self._agents if self.agent_id else self._agents):
+                    self._agent_seen.clear()
+                    await self._agent_seen.wait()
+        if self._agents and self.agent_id is None:
+            await asyncio.sleep(DISCOVERY_SETTLE_S)  # the others answer about as fast
 
     async def _sync(self) -> None:
         """Wait until the broker has sent every retained agent state.
@@ -717,6 +745,7 @@ class RemoteAPI:
         previous = self._agents.get(agent)
         if payload:
             self._agents[agent] = state
+            self._agent_seen.set()
         if state.get("state") != "online":
             self._fail_replies(lambda target: target == agent, f"agent {agent!r} went offline")
         for stream in [s for s in self._streams.values() if s.agent == agent]:

@@ -63,6 +63,8 @@ REPORT_STEPS_S = (5.0, 10.0, 20.0, 40.0, 60.0)
 DIAGNOSE_TIMEOUT_S = 3.0
 # Causes that waiting does not cure; a client with a timeout fails on them at once.
 DEFINITE_CAUSES = ("unknown host", "connection refused", "TLS", "not authorised")
+RETAIN_UNSUPPORTED = "retain not supported"  # MQTT 5 reason code 0x9A
+_RETAIN_NOT_SUPPORTED = 154
 
 
 @dataclass(frozen=True)
@@ -268,6 +270,10 @@ class MqttLink:
         self.disconnects = 0
         # The largest packet the broker accepts, when it says (MQTT 5 CONNACK).
         self.max_packet_size: int | None = None
+        # False once the broker says it keeps no retained messages (MQTT 5): then the
+        # retain flag is dropped everywhere, since such a broker disconnects a client
+        # that sets it (docs/protocol.md, "What a broker must offer").
+        self.retain_available = True
 
     # -- connection ----------------------------------------------------------------------
 
@@ -312,6 +318,14 @@ class MqttLink:
                 problem = await self._attempt(version, remaining) or ""
                 if not problem:
                     return
+                if problem == RETAIN_UNSUPPORTED and self.retain_available:
+                    log.warning(
+                        "broker %s keeps no retained messages; going on without: agents "
+                        "are found by discovery requests only",
+                        self.settings.address,
+                    )
+                    self.retain_available = False
+                    return await self._connect_loop(versions[index:], deadline)
                 silent = problem.startswith(TIMED_OUT)
                 if problem == "protocol" or (probing and silent and await self._tcp_open()):
                     continue  # the broker is there but not for this version: the next one
@@ -449,9 +463,8 @@ class MqttLink:
                     fix="point broker.tls.* at readable PEM files",
                 ) from None
         if self.will is not None:
-            client.will_set(
-                self.will.topic, self.will.payload, qos=self.will.qos, retain=self.will.retain
-            )
+            retain = self.will.retain and self.retain_available
+            client.will_set(self.will.topic, self.will.payload, qos=self.will.qos, retain=retain)
         client.reconnect_delay_set(RECONNECT_MIN_S, RECONNECT_MAX_S)
         client.max_inflight_messages_set(MAX_OUTSTANDING)
         client.max_queued_messages_set(0)
@@ -589,6 +602,7 @@ class MqttLink:
                 properties.ResponseTopic = response_topic
             if correlation is not None:
                 properties.CorrelationData = correlation
+        retain = retain and self.retain_available
         info = client.publish(topic, payload, qos=qos, retain=retain, properties=properties)
         if info.rc != mqtt.MQTT_ERR_SUCCESS and info.rc != mqtt.MQTT_ERR_NO_CONN:
             log.warning("publish to %s failed: %s", topic, mqtt.error_string(info.rc))
@@ -627,7 +641,10 @@ class MqttLink:
 
     def _paho_connect(self, client, userdata, flags, reason_code, properties) -> None:
         limit = getattr(properties, "MaximumPacketSize", None) if properties else None
-        self._to_loop(self._connected_on_loop, client, reason_code, flags.session_present, limit)
+        retain = getattr(properties, "RetainAvailable", 1) != 0 if properties else True
+        self._to_loop(
+            self._connected_on_loop, client, reason_code, flags.session_present, limit, retain
+        )
 
     def _paho_disconnect(self, client, userdata, flags, reason_code, properties) -> None:
         self._to_loop(self._disconnected_on_loop, client, str(reason_code))
@@ -658,15 +675,24 @@ class MqttLink:
     # -- on the loop ---------------------------------------------------------------------
 
     def _connected_on_loop(
-        self, client: mqtt.Client, code: ReasonCode, session: bool, limit: int | None
+        self,
+        client: mqtt.Client,
+        code: ReasonCode,
+        session: bool,
+        limit: int | None,
+        retain: bool = True,
     ) -> None:
         if client is not self._client:
             return
         self.max_packet_size = int(limit) if limit else None
+        if not retain:
+            self.retain_available = False
         first = self._first
         if code.is_failure:
             problem = "protocol" if code.value in _UNSUPPORTED_PROTOCOL else describe_refusal(code)
-            if problem != "protocol":
+            if code.value == _RETAIN_NOT_SUPPORTED:
+                problem = RETAIN_UNSUPPORTED  # connect_loop tries again without retain
+            elif problem != "protocol":
                 self.problem = problem
             if first is not None and not first.done():
                 first.set_result(problem)

@@ -109,6 +109,10 @@ class Topics:
     def client_state(self, client: str) -> str:
         return f"{self.prefix}/clients/{client}/state"
 
+    def discover(self, client: str) -> str:
+        """Where ``client`` asks every agent to announce itself again (not retained)."""
+        return f"{self.prefix}/clients/{client}/discover"
+
     # -- subscriptions
     def rpc_of(self, agent: str) -> str:
         """Every client's requests to ``agent``."""
@@ -125,6 +129,11 @@ class Topics:
     @property
     def every_agent_health(self) -> str:
         return f"{self.prefix}/agents/+/health"
+
+    @property
+    def every_discover(self) -> str:
+        """Every client's discovery requests (docs/protocol.md, "Discovery")."""
+        return f"{self.prefix}/clients/+/discover"
 
     @property
     def every_client_state(self) -> str:

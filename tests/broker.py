@@ -41,7 +41,9 @@ class Mosquitto:
     messages survive :meth:`restart`.
     """
 
-    def __init__(self, workdir: Path, port: int | None = None) -> None:
+    def __init__(
+        self, workdir: Path, port: int | None = None, extra_config: list[str] | None = None
+    ) -> None:
         binary = mosquitto_binary()
         if binary is None:
             raise RuntimeError("mosquitto is not installed (apt-get install -y mosquitto)")
@@ -66,6 +68,7 @@ class Mosquitto:
                     "log_type error",
                     "log_type warning",
                     "max_queued_messages 100000",
+                    *(extra_config or []),
                     "",
                 ]
             )
