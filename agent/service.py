@@ -28,6 +28,7 @@ from typing import Any
 
 from .. import __version__
 from ..api import API
+from ..clocks import CLOCKS, injected_offset, read_clocks
 from ..codec import CODECS, codec_of, decode, encode, encode_frame
 from ..config import Config
 from ..dirs import state_dir as default_state_dir
@@ -97,6 +98,7 @@ class RemoteTask:
     frames: int = 0
     samples: int = 0
     next_seq: int = 0  # of the next frame: status messages carry it to keep their place
+    live: bool = False  # timestamps on this host's clocks (a replay's are the recording's)
     started: float = field(default_factory=time.time)
 
 
@@ -145,6 +147,8 @@ class Agent:
             )
         self.topics = Topics(self.settings.prefix)
         self.boot = secrets.token_hex(8)
+        # The test hook DATAMUX_TEST_CLOCK_OFFSET: act as if this host's clock were off.
+        self.clock_shift = injected_offset()
         self.started = time.time()
         self.max_request_bytes = int(config.get("agent.max_request_bytes"))
         self.max_tasks = int(config.get("agent.max_tasks"))
@@ -320,6 +324,10 @@ class Agent:
             nodes=nodes or [],
             collections=collections or [],
             drivers=self._driver_states(),
+            # Live timestamps are on this clock ("lsl" for streams proxied from LSL);
+            # the `clock` method reads every clock in `clocks` (docs/remote-api.md).
+            clock="unix",
+            clocks=list(CLOCKS),
         )
 
     def _driver_states(self) -> list[dict[str, Any]]:
@@ -523,6 +531,8 @@ class Agent:
                 ]
             case "control_task":
                 return await self._control_task(request)
+            case "clock":
+                return read_clocks(self.clock_shift)
         raise InvalidRequest(f"unknown method {request.method!r}")  # the schema prevents this
 
     async def _start_task(self, request: Request, codec: str) -> dict[str, Any]:
@@ -538,6 +548,7 @@ class Agent:
         remote = RemoteTask(
             task_id, request.client, request.session, qos, codec, params["stream_id"]
         )
+        remote.live = request.method == "proxy_live_stream"
         self._tasks[task_id] = remote
         try:
             stream = await self._stream_of(request.method, params)
@@ -649,6 +660,8 @@ class Agent:
                 item = await sink.get()
                 if isinstance(item, Frame):
                     remote.next_seq = item.seq + 1
+                    if self.clock_shift and remote.live:
+                        item.timestamps = item.timestamps + self.clock_shift  # test hook
                     payload = encode_frame(item, remote.id, remote.codec)
                     if self._too_big(payload):
                         await self._send(

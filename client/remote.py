@@ -37,7 +37,7 @@ from ..errors import (
 )
 from ..framing import Framing
 from ..lslout import Publications, publish_collection_stream
-from ..model import Collection, Node, Stream, StreamAck, StreamError, StreamStatus
+from ..model import Collection, Frame, Node, Stream, StreamAck, StreamError, StreamStatus
 from ..mqttio import BrokerSettings, Incoming, MqttLink, Will
 from ..paging import fetch_all_pages
 from ..protocol import (
@@ -51,6 +51,7 @@ from ..protocol import (
     node_from_wire,
     stream_from_wire,
 )
+from .clocksync import EXCHANGES, ClockEstimate, ClockTracker
 from .taskstream import TaskStream
 
 __all__ = ["RemoteAPI"]
@@ -60,6 +61,7 @@ log = logging.getLogger(__name__)
 # How long a task's consumer waits for its agent to come back before the task ends.
 AGENT_RETURN_S = 30.0
 STOP_WAIT_S = 5.0
+CLOCK_REFRESH_S = 30.0
 # Without retained births, a fleet client waits this long for the first agent to answer
 # its discovery request, then this long for the others.
 DISCOVERY_WAIT_S = 1.0
@@ -80,6 +82,8 @@ class RemoteAPI:
             with one of the shipped ACL profiles it must be the broker user name (with
             certificates: the certificate's CN). Default: ``client.id``, else the user
             name if one is set, else a random id.
+        clock_refresh_s: how often the clock offsets of the agents measured so far are
+            measured again (docs/remote-api.md, "Clocks").
     """
 
     def __init__(
@@ -92,6 +96,7 @@ class RemoteAPI:
         timeout: float | None = None,
         qos: int = 1,
         client_id: str | None = None,
+        clock_refresh_s: float = CLOCK_REFRESH_S,
     ) -> None:
         if rpc_name != "mqtt":
             raise InvalidRequest(f"unknown rpc {rpc_name!r}; the transport is 'mqtt'")
@@ -124,6 +129,9 @@ class RemoteAPI:
         self._heartbeat_stop = threading.Event()
         self._lsl_out = Publications()
         self._agent_seen = asyncio.Event()
+        self.clock_refresh_s = float(clock_refresh_s)
+        self._clocks: dict[str, ClockTracker] = {}
+        self._clock_refresher: asyncio.Task[None] | None = None
 
     # -- connection ----------------------------------------------------------------------
 
@@ -303,6 +311,9 @@ class RemoteAPI:
         await self._lsl_out.wait_closed()
         self._fail_replies(lambda agent: True, "the client closed")
         self.link = None
+        if self._clock_refresher is not None:
+            self._clock_refresher.cancel()
+            self._clock_refresher = None
         self._heartbeat_stop.set()
         # "offline" for this connection's lease, then clear the retained presence.
         state = self.topics.client_state(self.client_id)
@@ -558,11 +569,21 @@ class RemoteAPI:
         *,
         framing: Framing | str | dict[str, Any] | None = None,
         qos: int | None = None,
+        clock: str = "agent",
     ) -> StreamAck:
-        """As :meth:`API.proxy_live_stream`; ``qos`` overrides the client's."""
+        """As :meth:`API.proxy_live_stream`; ``qos`` overrides the client's.
+
+        ``clock="client"`` delivers timestamps on this machine's clocks: each frame is
+        corrected by the agent's current clock offset (:meth:`clock_offset`).
+        """
         agent, local = self._route(node_id, "node_id")
+        if clock not in ("agent", "client"):
+            raise InvalidRequest(f"clock must be 'agent' or 'client', not {clock!r}")
         params = {"node_id": local, "stream_id": stream_id}
-        return await self._start(agent, "proxy_live_stream", params, attrs, sink, framing, qos)
+        restamp = await self._restamper(agent) if clock == "client" else None
+        return await self._start(
+            agent, "proxy_live_stream", params, attrs, sink, framing, qos, restamp
+        )
 
     async def _start(
         self,
@@ -573,6 +594,7 @@ class RemoteAPI:
         sink: asyncio.Queue[Any],
         framing: Framing | str | dict[str, Any] | None,
         qos: int | None,
+        restamp: Callable[[Frame], None] | None = None,
     ) -> StreamAck:
         if not isinstance(sink, asyncio.Queue):
             raise InvalidRequest(f"sink must be an asyncio.Queue, not {type(sink).__name__}")
@@ -585,6 +607,7 @@ class RemoteAPI:
         if framing is not None:
             params["framing"] = protocol.check_framing(_framing_wire(framing), "framing")
         stream = TaskStream(agent, task_id, sink, self._forget)
+        stream.restamp = restamp
         self._streams[(agent, task_id)] = stream
         topic = self.topics.task_any(agent, self.client_id, task_id)
         try:
@@ -633,6 +656,76 @@ class RemoteAPI:
         if not isinstance(result, Mapping):
             raise DatamuxError(f"control_task: malformed reply from agent {agent!r}")
         return dict(result)
+
+    # -- clocks (client/clocksync.py) ------------------------------------------------------
+
+    async def clock_offset(
+        self, agent_id: str | None = None, *, exchanges: int = EXCHANGES
+    ) -> ClockEstimate:
+        """Measure an agent's clock offset now (``exchanges`` more exchanges); the
+        estimate from the best recent one. Refreshed every ``clock_refresh_s`` after.
+
+        Raises:
+            InvalidRequest: no agent given in a fleet of several.
+        """
+        agent = self._agent_for_clock(agent_id)
+        return await self._tracker(agent).measure(exchanges)
+
+    def clock_estimates(self) -> dict[str, ClockEstimate]:
+        """The latest estimate of every agent measured so far, by agent id."""
+        estimates = {}
+        for agent, tracker in self._clocks.items():
+            with contextlib.suppress(DatamuxError):
+                estimates[agent] = tracker.estimate()
+        return estimates
+
+    def _agent_for_clock(self, agent_id: str | None) -> str:
+        if agent_id is not None:
+            return check_id(agent_id, "agent_id")
+        if self.agent_id is not None:
+            return self.agent_id
+        online = self._online()
+        if len(online) == 1:
+            return online[0]
+        raise InvalidRequest(f"which agent? online agents: {online or 'none'}")
+
+    def _tracker(self, agent: str) -> ClockTracker:
+        tracker = self._clocks.get(agent)
+        if tracker is None:
+            tracker = self._clocks[agent] = ClockTracker(
+                agent, lambda: self._call(agent, "clock", {})
+            )
+        if self._clock_refresher is None and self.clock_refresh_s > 0:
+            self._clock_refresher = asyncio.get_running_loop().create_task(
+                self._refresh_clocks(), name=f"clocks-{self.client_id}"
+            )
+        return tracker
+
+    async def _refresh_clocks(self) -> None:
+        while True:
+            await asyncio.sleep(self.clock_refresh_s)
+            for agent, tracker in list(self._clocks.items()):
+                if self._agents.get(agent, {}).get("state") != "online":
+                    continue
+                try:
+                    await tracker.measure(EXCHANGES // 2)
+                except DatamuxError as exc:
+                    log.info("clock refresh of agent %s failed: %s", agent, exc)
+
+    async def _restamper(self, agent: str) -> Callable[[Frame], None]:
+        """A function moving a frame's timestamps onto this client's clocks."""
+        tracker = self._tracker(agent)
+        try:
+            tracker.estimate()
+        except DatamuxError:
+            await tracker.measure()
+
+        def restamp(frame: Frame) -> None:
+            estimate = tracker.estimate()
+            clock = "lsl" if frame.attrs.get("mode") == "lsl" else "unix"
+            frame.timestamps = frame.timestamps - estimate.offsets.get(clock, estimate.offset)
+
+        return restamp
 
     async def _stop(self, agent: str, task_id: str) -> None:
         # Look the task up first: its end message comes before the reply, and may already

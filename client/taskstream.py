@@ -49,6 +49,7 @@ class TaskStream:
         self.stream_id = ""
         self.next_seq = 0
         self.inbox: deque[Any] = deque()
+        self.restamp: Callable[[Frame], None] | None = None
         self.held: deque[tuple[int, StreamStatus]] = deque()  # (seq of the frame after it, item)
         self.inbox_frames = 0
         self.overflow_samples = 0  # dropped for a slow consumer, not yet reported
@@ -76,6 +77,8 @@ class TaskStream:
         if 0 < behind <= SEQ_WINDOW:
             return  # a QoS 1 resend after a reconnect
         self.stream_id = frame.stream_id
+        if self.restamp is not None:
+            self.restamp(frame)  # onto the client's clock (clock="client")
         self._release_held(frame.seq)
         if behind > 0:
             reason = (

@@ -347,6 +347,7 @@ METHODS: dict[str, dict[str, tuple[Check, bool]]] = {
     },
     "stop_task": {"task_id": (_task_id, True)},
     "list_tasks": {},
+    "clock": {},
     "control_task": {
         "task_id": (_task_id, True),
         "action": (_action, True),
