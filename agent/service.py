@@ -188,6 +188,7 @@ class Agent:
         self._cpu_mark = (time.monotonic(), time.process_time())
         self._summary: tuple[list[str], list[str]] = ([], [])  # node and collection ids
         self._discover_answer: asyncio.TimerHandle | None = None
+        self._subscribed = False  # the birth waits for the subscriptions
 
     # -- lifecycle -----------------------------------------------------------------------
 
@@ -218,6 +219,8 @@ class Agent:
             await self.link.subscribe(topic, qos=1)
         await self.link.subscribe(self.topics.every_client_state, qos=1)
         await self.link.subscribe(self.topics.every_discover, qos=1)
+        self._subscribed = True
+        self._announce(self._birth(*self._summary))
         self._spawn(self._health_loop(), "health")
         self._spawn(self._drain_spool(), "spool")
         self._spawn(self._announce_nodes(), "announce")
@@ -340,8 +343,11 @@ class Agent:
             self.link.publish_nowait(v1_state, birth, qos=1, retain=True)
 
     def _on_connect(self, session_present: bool) -> None:
-        # After every (re)connect: the will may have said "offline" meanwhile.
-        self._announce(self._birth(*self._summary))
+        # After every (re)connect: the will may have said "offline" meanwhile. Not before
+        # the first subscriptions (see _start): a client that sees the birth may send a
+        # request at once, and a request to a topic nobody subscribes to is lost.
+        if self._subscribed:
+            self._announce(self._birth(*self._summary))
         if len(self.spool):
             self._spool_ready.set()
         # Leases: whoever owns a task must show up again (or still be there).
