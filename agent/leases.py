@@ -42,6 +42,8 @@ class LeaseBook:
         connected: whether the agent is connected to the broker now.
         release: ends a client's tasks, saying why.
         default_keepalive_s: for a client that never said its keepalive.
+        will_grace_s: how long a last will waits for the client to come back (a broker
+            restart behind a bridge sends every client's will; ``agent.will_grace_s``).
     """
 
     def __init__(
@@ -50,8 +52,10 @@ class LeaseBook:
         connected: Callable[[], bool],
         release: Callable[[str, str], None],
         default_keepalive_s: float,
+        will_grace_s: float = OFFLINE_CONFIRM_S,
     ) -> None:
         self._owns_tasks = owns_tasks
+        self.will_grace_s = will_grace_s
         self._connected = connected
         self._release = release
         self.default_keepalive_s = default_keepalive_s
@@ -79,7 +83,7 @@ class LeaseBook:
             # lease period to show up before its tasks end.
             self.renew(client)
         else:
-            self.renew(client, OFFLINE_CONFIRM_S)  # a last will, to be confirmed
+            self.renew(client, self.will_grace_s)  # a last will, to be confirmed
 
     def renew(self, client: str, delay: float | None = None) -> None:
         """(Re)start the countdown after which a silent client loses its tasks."""

@@ -178,6 +178,7 @@ class Agent:
             lambda: self.link.connected,
             self._release,
             default_keepalive_s=self.settings.keepalive_s,
+            will_grace_s=float(config.get("agent.will_grace_s")),
         )
         self._requests: set[asyncio.Task[None]] = set()
         self._background: set[asyncio.Task[None]] = set()

@@ -271,6 +271,14 @@ _KEYS = (
     ),
     Key("agent.max_tasks", "int", 64, "Tasks an agent runs at once.", check=_positive),
     Key(
+        "agent.will_grace_s",
+        "float",
+        0.5,
+        "A client's last will ends its tasks after this long unless it comes back; behind "
+        "a bridge, longer than a central broker restart (docs/operations.md).",
+        check=_positive,
+    ),
+    Key(
         "agent.max_frame_bytes",
         "int",
         1 << 20,
