@@ -50,6 +50,8 @@ def test_public_names_match_all():
         "host",
         "sample",
         "paging",
+        "clocks",
+        "lslout",
     }
     assert set(dm.__all__) - {"__version__"} == public - modules
     assert dm.util.END_OF_STREAM is dm.END_OF_STREAM
