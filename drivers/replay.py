@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from ..errors import DatamuxError, NotFound
+from ..errors import DatamuxError, InvalidRequest, NotFound
 from ..framing import Framing
 from ..model import Stream, StreamStatus
 from .base import Chunk, Source
@@ -232,6 +232,7 @@ class ReplaySource(Source):
         self._count = 0  # samples released so far (pacing by count)
         self._first_ts: float | None = None  # the recording's first timestamp
         self._origin = 0.0  # subtracted from every timestamp (relative_ts)
+        self._last_raw: float | None = None  # the last timestamp read, as recorded
         self._offset = 0.0  # added to timestamps on each guided loop pass
 
     @property
@@ -293,6 +294,7 @@ class ReplaySource(Source):
                     if self._first_ts is None:
                         self._first_ts = float(timestamps[0])
                         self._origin = self._first_ts if self.relative_ts else 0.0
+                    self._last_raw = float(timestamps[-1])
                     timestamps, values, at_end = self._window(timestamps, values, target)
                     if len(timestamps) == 0:
                         continue
@@ -318,6 +320,12 @@ class ReplaySource(Source):
             if self.loop and last_ts is not None and pass_first is not None:
                 self._offset += _pass_length(self.stream, pass_first, last_ts, pass_samples)
                 continue
+            if last_ts is None and self._first_ts is not None and self._last_raw is not None:
+                length = self._last_raw - self._first_ts
+                raise InvalidRequest(
+                    f"nothing to replay: the window starts {target:g} s into the recording, "
+                    f"which is {length:.3f} s long; choose start (or seek) below that"
+                )
             if last_ts is None or not control.another_pass():
                 return
             target = control.start

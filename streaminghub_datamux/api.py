@@ -256,6 +256,7 @@ class API:
             framing=chosen,
             relative_ts=use_relative_ts,
             strict_time=strict_time,
+            control=control,
         )
         frame_attrs = {**source.stream.attrs, **attrs}
         return self._start(

@@ -183,6 +183,24 @@ def test_control_errors_are_clear(workspace, serve):
     run(body())
 
 
+def test_a_window_after_the_end_is_an_error_saying_the_length(workspace):
+    setup(workspace, n=100)  # 0.99 s
+
+    async def body() -> list[Any]:
+        async with dm.API(workspace.config()) as api:
+            sink: asyncio.Queue[Any] = asyncio.Queue()
+            await api.replay_collection_stream(
+                "study", "gaze", {"subject": "A"}, sink, speed=0, start=5.0
+            )
+            return await drain(sink)
+
+    items = run(body())
+    errors = [i for i in items if isinstance(i, dm.StreamError)]
+    assert len(errors) == 1 and errors[0].code == "invalid_request"
+    assert "0.990 s long" in errors[0].reason
+    assert not frames_of(items)
+
+
 def test_cli_replay_window_and_loop(workspace):
     timestamps, _ = setup(workspace, n=500)
     env = {**os.environ, "HOME": str(workspace.root)}
