@@ -360,6 +360,9 @@ async def publish_stream(
     if (collection_id is None) == (node_id is None):
         raise InvalidRequest("give exactly one of collection_id (replay) or node_id (live)")
     _pylsl()  # fail before starting a task
+    if node_id is not None and hasattr(api, "clock_offset"):
+        # A remote live stream is stamped on the agent's clocks: move it onto ours first.
+        task_options.setdefault("clock", "client")
     stream = await _find_stream(api, collection_id, node_id, stream_id)
     attrs = dict(attrs or {})
     speed = task_options.get("speed")

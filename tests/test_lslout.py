@@ -11,10 +11,13 @@ from typing import Any
 
 import numpy as np
 import pytest
+from broker import Mosquitto
 from helpers import gaze_collection, run
+from remote import remote_api, running_agent
 
 import streaminghub_datamux as dm
 from streaminghub_datamux.cli import main as cli_main
+from streaminghub_datamux.clocks import TEST_OFFSET_ENV
 from streaminghub_datamux.model import Field, Frame, Stream
 
 pylsl = pytest.importorskip("pylsl")
@@ -250,3 +253,37 @@ def test_cli_lsl_out_replays_into_an_outlet(workspace):
         cli.join(30)
     assert result.get("rc") == 0
     np.testing.assert_array_equal(np.asarray(got, dtype=np.float32), values[:, :2])
+
+
+def test_remote_live_stream_of_a_shifted_agent_lands_on_this_lsl_clock(
+    workspace, tmp_path, monkeypatch
+):
+    """Through the RemoteAPI, live timestamps are corrected by the agent's clock offset
+    (clock="client") before they are mapped onto the local LSL clock."""
+    monkeypatch.setenv(TEST_OFFSET_ENV, "2.5")
+    broker = Mosquitto(tmp_path / "mq", extra_config=["set_tcp_nodelay true"])
+    broker.start()
+    config = workspace.config()
+    source_id = unique()
+
+    async def body() -> tuple[np.ndarray, float]:
+        async with (
+            running_agent(config, broker, tmp_path / "s"),
+            remote_api(config, broker) as api,
+        ):
+            publication = await lslout.publish_stream(
+                api, "eeg", {}, node_id="demo", source_id=source_id
+            )
+            inlet = await asyncio.to_thread(connect_inlet, source_id)
+            _, stamps = await asyncio.to_thread(pull, inlet, 200)
+            now = pylsl.local_clock()
+            await publication.stop()
+            return stamps, now
+
+    try:
+        stamps, now = run(body())
+    finally:
+        broker.stop()
+    assert len(stamps) >= 200
+    # Without the correction the stamps would be 2.5 s in the future.
+    assert 0 <= now - stamps[-1] < 0.5
