@@ -50,7 +50,7 @@ log = logging.getLogger(__name__)
 #: How long an ended stream's outlet stays up for connected inlets to take the rest.
 LINGER_S = 1.0
 #: Status items after which a replayed stream's timestamps jump (replay control).
-JUMP_STATUSES = frozenset({"seek", "loop", "resume"})
+JUMP_STATUSES = frozenset({"seek", "loop", "resumed", "speed"})
 
 # numpy dtype kind+size -> (LSL channel format, the dtype pushed). Every value converts
 # exactly: unsigned types go to the next wider signed type; u64 has none and is refused.
@@ -185,6 +185,12 @@ class ClockMap:
         else:
             self.scale = 1.0 / self.speed if self.speed > 0 else 1.0
 
+    def set_speed(self, speed: float) -> None:
+        """A steered replay's new speed (recordings only; the next frame re-anchors)."""
+        if self.source == "recording":
+            self.speed = speed
+            self.scale = 1.0 / speed if speed > 0 else 1.0
+
     def reanchor(self) -> None:
         """Anchor afresh at the next frame (after a jump in a recording's timeline)."""
         if self.source == "recording":
@@ -267,8 +273,13 @@ class LslOutlet:
         return True
 
     def on_status(self, status: StreamStatus) -> None:
-        if status.status in JUMP_STATUSES:
-            self.clock.reanchor()
+        """Follow a steered replay: a jump, a resume or a new speed re-anchors the clock."""
+        if status.status not in JUMP_STATUSES:
+            return
+        speed = status.data.get("speed")
+        if status.status == "speed" and isinstance(speed, int | float) and speed >= 0:
+            self.clock.set_speed(float(speed))
+        self.clock.reanchor()
 
     async def run(self, sink: asyncio.Queue[Any]) -> int:
         """Push every frame on ``sink`` until END_OF_STREAM; then close. Samples pushed.

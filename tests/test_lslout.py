@@ -287,3 +287,38 @@ def test_remote_live_stream_of_a_shifted_agent_lands_on_this_lsl_clock(
     assert len(stamps) >= 200
     # Without the correction the stamps would be 2.5 s in the future.
     assert 0 <= now - stamps[-1] < 0.5
+
+
+def test_a_steered_replay_stays_monotonic_on_the_lsl_clock():
+    """After a seek back and a new speed, LSL time goes on from now, at the new pace."""
+    stream = Stream(
+        id="gaze", fields={"x": Field("x", dtype="f32")}, frequency=100.0, collection_id="c"
+    )
+    source_id = unique()
+    first = np.arange(50) / 100.0 + 10.0  # 10.00 .. 10.49
+    again = np.arange(50) / 100.0 + 10.0  # a seek back to the start
+
+    async def body() -> Any:
+        outlet = lslout.LslOutlet(stream, source_id=source_id)
+        inlet = await asyncio.to_thread(connect_inlet, source_id)
+        await outlet.wait_for_consumer(RESOLVE_S)
+        sink: asyncio.Queue[Any] = asyncio.Queue()
+        reading = asyncio.create_task(asyncio.to_thread(pull, inlet, 100))
+        runner = asyncio.create_task(outlet.run(sink))
+        sink.put_nowait(Frame("gaze", 0, first, np.zeros((50, 1), np.float32), ["x"]))
+        await asyncio.sleep(0.3)
+        sink.put_nowait(dm.StreamStatus("gaze", "seek", "to 0", {"position": 0.0}))
+        sink.put_nowait(dm.StreamStatus("gaze", "speed", "speed 2", {"speed": 2.0}))
+        sink.put_nowait(Frame("gaze", 1, again, np.ones((50, 1), np.float32), ["x"]))
+        sink.put_nowait(dm.END_OF_STREAM)
+        await runner
+        return await reading, outlet.clock
+
+    (got, stamps), clock = run(body())
+    assert len(stamps) == 100
+    np.testing.assert_array_equal(np.asarray(got)[:, 0], [0.0] * 50 + [1.0] * 50)
+    assert np.all(np.diff(stamps) > 0), "LSL time ran backwards at the jump"
+    assert clock.scale == 0.5
+    np.testing.assert_allclose(np.diff(stamps[50:]), 0.005, atol=1e-9)
+    # Re-anchored when the frame after the jump was pushed, 0.3 s after the first.
+    assert stamps[99] - stamps[49] > 0.25
