@@ -96,7 +96,7 @@ def test_a_flood_of_discovery_requests_costs_few_answers(workspace, tmp_path):
             await link.connect(timeout=10)
             await link.subscribe(topics.agent_state("pi-1"))
             for _ in range(200):
-                await link.publish(topics.discover, b"\xa0", qos=0)
+                await link.publish(topics.discover("watcher"), b"\xa0", qos=0)
             await asyncio.sleep(1.0)
             await link.close()
         return len([a for a in answers if a.get("state") == "online"])
