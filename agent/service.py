@@ -44,10 +44,11 @@ from ..framing import Framing
 from ..host import default_agent_id
 from ..model import Frame, Stream, StreamError, StreamStatus
 from ..mqttio import BrokerSettings, Incoming, MqttLink, Will
-from ..paging import PAGED_METHODS, Pager
+from ..paging import Pager
 from ..protocol import (
     ID_PATTERN,
     PROTOCOL_VERSION,
+    TABLE,
     Request,
     Topics,
     ctrl_end,
@@ -58,7 +59,6 @@ from ..protocol import (
     ok_reply,
     parse_request,
     request_id_of,
-    stream_to_wire,
 )
 from ..util import END_OF_STREAM, describe_error
 from . import sdnotify
@@ -438,7 +438,7 @@ class Agent:
             if self._owns_tasks(lease):
                 self.leases.renew(lease)  # a request is a sign of life too
             result = await self._call(request, codec)
-            if request.method in PAGED_METHODS:
+            if TABLE[request.method].paged:
                 budget = self.pager.budget(self.link.max_packet_size)
                 result = self.pager.reply(request.client, request.params, result, codec, budget)
             reply = ok_reply(request.id, result)
@@ -515,32 +515,36 @@ class Agent:
     # -- methods -------------------------------------------------------------------------
 
     async def _call(self, request: Request, codec: str) -> Any:
-        params, api = request.params, self.api
-        match request.method:
-            case "list_collections":
-                return [c.to_dict() for c in await api.list_collections()]
-            case "list_collection_streams":
-                streams = await api.list_collection_streams(params["collection_id"])
-                return [stream_to_wire(s) for s in streams]
-            case "list_collection_recordings":
-                return await api.list_collection_recordings(params["collection_id"])
-            case "list_live_nodes":
-                return [n.to_dict() for n in await api.list_live_nodes()]
-            case "list_live_streams":
-                return [stream_to_wire(s) for s in await api.list_live_streams(params["node_id"])]
-            case "replay_collection_stream" | "proxy_live_stream":
-                return await self._start_task(request, codec)
-            case "stop_task":
-                return await self._stop_task(params["task_id"], request.client)
-            case "list_tasks":
-                return [
-                    self._describe(t) for t in self._tasks.values() if t.owner == request.client
-                ]
-            case "control_task":
-                return await self._control_task(request)
-            case "clock":
-                return read_clocks(self.clock_shift)
-        raise InvalidRequest(f"unknown method {request.method!r}")  # the schema prevents this
+        """Serve a request as protocol.TABLE declares its method."""
+        method = TABLE[request.method]  # parse_request allows declared methods only
+        if method.served_by == "agent":
+            return await getattr(self, f"_serve_{method.name}")(request, codec)
+        # The API's method of the same name; the paging parameters are the agent's.
+        params = {k: v for k, v in request.params.items() if k in method.params}
+        result = await getattr(self.api, method.name)(**params)
+        assert method.result is not None
+        return method.result.to_wire(result)
+
+    # The methods the agent serves itself (served_by="agent" in protocol.TABLE): they
+    # involve the asking client (ownership) or the agent's own state.
+
+    async def _serve_replay_collection_stream(self, request: Request, codec: str) -> Any:
+        return await self._start_task(request, codec)
+
+    async def _serve_proxy_live_stream(self, request: Request, codec: str) -> Any:
+        return await self._start_task(request, codec)
+
+    async def _serve_stop_task(self, request: Request, codec: str) -> Any:
+        return await self._stop_task(request.params["task_id"], request.client)
+
+    async def _serve_list_tasks(self, request: Request, codec: str) -> Any:
+        return [self._describe(t) for t in self._tasks.values() if t.owner == request.client]
+
+    async def _serve_control_task(self, request: Request, codec: str) -> Any:
+        return await self._control_task(request)
+
+    async def _serve_clock(self, request: Request, codec: str) -> Any:
+        return read_clocks(self.clock_shift)
 
     async def _start_task(self, request: Request, codec: str) -> dict[str, Any]:
         params = dict(request.params)

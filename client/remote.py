@@ -43,13 +43,11 @@ from ..paging import fetch_all_pages
 from ..protocol import (
     DEFAULT_PREFIX,
     PROTOCOL_VERSION,
+    TABLE,
     V1_PREFIX,
     Topics,
     check_id,
-    collection_from_wire,
     is_id,
-    node_from_wire,
-    stream_from_wire,
 )
 from .clocksync import EXCHANGES, ClockEstimate, ClockTracker
 from .taskstream import TaskStream
@@ -388,7 +386,7 @@ class RemoteAPI:
         self._require_link()
         targets = self._targets()
         results = await asyncio.gather(
-            *(fetch_all_pages(self._call, agent, method, {}) for agent in targets),
+            *(self._rpc(agent, method) for agent in targets),
             return_exceptions=True,
         )
         merged: list[Any] = []
@@ -456,6 +454,22 @@ class RemoteAPI:
             raise DatamuxError(f"{method}: malformed error reply from agent {agent!r}")
         raise error_from_code(str(error.get("code", "internal")), str(error.get("message", "")))
 
+    async def _rpc(self, agent: str, method: str, **params: Any) -> Any:
+        """Call ``method`` as protocol.TABLE declares it: its parameters (``None``: not
+        given), every page of a listing, its result read back into model objects."""
+        declared = TABLE[method]
+        wire = declared.build(params)
+        if declared.paged:
+            result = await fetch_all_pages(self._call, agent, method, wire)
+        else:
+            result = await self._call(agent, method, wire)
+        if declared.result is None:
+            return result
+        try:
+            return declared.result.from_wire(result)
+        except (KeyError, TypeError, ValueError) as exc:
+            raise DatamuxError(f"{method}: malformed reply from agent {agent!r}") from exc
+
     def _require_link(self) -> MqttLink:
         if self.link is None:
             raise Unavailable("not connected: call `await api.connect(...)` first")
@@ -466,8 +480,8 @@ class RemoteAPI:
     async def list_collections(self) -> list[Collection]:
         """Every collection of the agent (or of every agent, ids qualified)."""
 
-        def convert(agent: str, result: Any) -> list[Collection]:
-            return [self._collection(agent, collection_from_wire(c)) for c in result]
+        def convert(agent: str, result: list[Collection]) -> list[Collection]:
+            return [self._collection(agent, c) for c in result]
 
         return await self._each_agent("list_collections", convert)
 
@@ -491,24 +505,21 @@ class RemoteAPI:
     async def list_collection_streams(self, collection_id: str) -> list[Stream]:
         """The streams of one collection."""
         agent, local = self._route(collection_id, "collection_id")
-        result = await fetch_all_pages(
-            self._call, agent, "list_collection_streams", {"collection_id": local}
-        )
-        return [self._stream(agent, stream_from_wire(s)) for s in result]
+        result = await self._rpc(agent, "list_collection_streams", collection_id=local)
+        return [self._stream(agent, s) for s in result]
 
     async def list_collection_recordings(self, collection_id: str) -> list[dict[str, str]]:
         """The attrs of every recording of a collection."""
         agent, local = self._route(collection_id, "collection_id")
-        result = await fetch_all_pages(
-            self._call, agent, "list_collection_recordings", {"collection_id": local}
+        result: list[dict[str, str]] = await self._rpc(
+            agent, "list_collection_recordings", collection_id=local
         )
-        return [dict(r) for r in result]
+        return result
 
     async def list_live_nodes(self) -> list[Node]:
         """Every live node of the agent (or of every agent, ids qualified)."""
 
-        def convert(agent: str, result: Any) -> list[Node]:
-            nodes = [node_from_wire(n) for n in result]
+        def convert(agent: str, nodes: list[Node]) -> list[Node]:
             if self.agent_id is not None:
                 return nodes
             return [dataclasses.replace(n, id=self._qualify(agent, n.id)) for n in nodes]
@@ -518,8 +529,8 @@ class RemoteAPI:
     async def list_live_streams(self, node_id: str) -> list[Stream]:
         """The streams of one live node."""
         agent, local = self._route(node_id, "node_id")
-        result = await fetch_all_pages(self._call, agent, "list_live_streams", {"node_id": local})
-        return [self._stream(agent, stream_from_wire(s)) for s in result]
+        result = await self._rpc(agent, "list_live_streams", node_id=local)
+        return [self._stream(agent, s) for s in result]
 
     async def replay_collection_stream(
         self,
@@ -544,18 +555,17 @@ class RemoteAPI:
         taken from ``sink``.
         """
         agent, local = self._route(collection_id, "collection_id")
-        params: dict[str, Any] = {"collection_id": local, "stream_id": stream_id}
-        optional = {
+        params = {
+            "collection_id": local,
+            "stream_id": stream_id,
             "speed": speed,
             "rate_limit": rate_limit,
             "strict_time": strict_time,
             "use_relative_ts": use_relative_ts,
             "start": start,
             "end": end,
+            "loop": None if loop is False else loop,  # the agent's default
         }
-        params.update({k: v for k, v in optional.items() if v is not None})
-        if loop is not False:
-            params["loop"] = loop
         return await self._start(
             agent, "replay_collection_stream", params, attrs, sink, framing, qos
         )
@@ -579,7 +589,7 @@ class RemoteAPI:
         agent, local = self._route(node_id, "node_id")
         if clock not in ("agent", "client"):
             raise InvalidRequest(f"clock must be 'agent' or 'client', not {clock!r}")
-        params = {"node_id": local, "stream_id": stream_id}
+        params: dict[str, Any] = {"node_id": local, "stream_id": stream_id}
         restamp = await self._restamper(agent) if clock == "client" else None
         return await self._start(
             agent, "proxy_live_stream", params, attrs, sink, framing, qos, restamp
@@ -613,13 +623,13 @@ class RemoteAPI:
         try:
             # Subscribe first: frames may flow before the reply arrives.
             await link.subscribe(topic, qos=task_qos, timeout=self.timeout or 10.0)
-            result = await self._call(agent, method, params)
+            result = await self._rpc(agent, method, **params)
         except BaseException as exc:
             self._streams.pop((agent, task_id), None)
             stream.delivery.cancel()
             if isinstance(exc, Timeout | asyncio.CancelledError):
                 # The agent may have started it after all: it must not stream to nobody.
-                self._spawn(_quietly(self._call(agent, "stop_task", {"task_id": task_id})))
+                self._spawn(_quietly(self._rpc(agent, "stop_task", task_id=task_id)))
             self._spawn(_quietly(link.unsubscribe(topic)))
             raise
         status = bool(result.get("status", True)) if isinstance(result, Mapping) else True
@@ -650,12 +660,10 @@ class RemoteAPI:
     async def control_task(self, randseq: str, action: str, **params: Any) -> dict[str, Any]:
         """As :meth:`API.control_task`: steer a running replay; returns its state."""
         agent, local = self._route(randseq, "randseq")
-        result = await self._call(
-            agent, "control_task", {"task_id": local, "action": action, **params}
+        state: dict[str, Any] = await self._rpc(
+            agent, "control_task", task_id=local, action=action, **params
         )
-        if not isinstance(result, Mapping):
-            raise DatamuxError(f"control_task: malformed reply from agent {agent!r}")
-        return dict(result)
+        return state
 
     # -- clocks (client/clocksync.py) ------------------------------------------------------
 
@@ -692,9 +700,7 @@ class RemoteAPI:
     def _tracker(self, agent: str) -> ClockTracker:
         tracker = self._clocks.get(agent)
         if tracker is None:
-            tracker = self._clocks[agent] = ClockTracker(
-                agent, lambda: self._call(agent, "clock", {})
-            )
+            tracker = self._clocks[agent] = ClockTracker(agent, lambda: self._rpc(agent, "clock"))
         if self._clock_refresher is None and self.clock_refresh_s > 0:
             self._clock_refresher = asyncio.get_running_loop().create_task(
                 self._refresh_clocks(), name=f"clocks-{self.client_id}"
@@ -731,7 +737,7 @@ class RemoteAPI:
         # Look the task up first: its end message comes before the reply, and may already
         # have been handled (and the task forgotten) when the reply is.
         stream = self._streams.get((agent, task_id))
-        await self._call(agent, "stop_task", {"task_id": task_id})
+        await self._rpc(agent, "stop_task", task_id=task_id)
         if stream is None:
             return
         # Wait until END_OF_STREAM is on the sink, as with the local API. Should the end

@@ -40,6 +40,7 @@ from . import errors, util  # noqa: E402
 from .api import API  # noqa: E402
 from .client import RemoteAPI  # noqa: E402
 from .framing import Framing  # noqa: E402
+from .interface import DatamuxAPI  # noqa: E402
 from .model import (  # noqa: E402
     Collection,
     Field,
@@ -60,6 +61,7 @@ __all__ = [
     "API",
     "END_OF_STREAM",
     "Collection",
+    "DatamuxAPI",
     "Field",
     "Frame",
     "Framing",

@@ -1,8 +1,9 @@
 """Paged listings: a listing larger than one MQTT message travels as several replies.
 
-A listing request (``list_*``) may carry ``page``: 0 asks for the first page. The agent
-lists once, cuts the items into pages of at most :data:`PAGE_BYTES` encoded bytes (less
-if the broker's packets are smaller), keeps them for :data:`KEEP_S` seconds and replies
+A listing request (a method declared ``paged`` in protocol.TABLE) may carry ``page``: 0
+asks for the first page. The agent lists once, cuts the items into pages of at most
+:data:`PAGE_BYTES` encoded bytes (less if the broker's packets are smaller), keeps them
+for :data:`KEEP_S` seconds and replies
 ``{"items": [...], "page": 0, "pages": n, "token": t}``; ``page`` k with that ``token``
 gets page k of the same listing, so a folder that changes between pages never yields a
 torn listing. A request without ``page`` gets the plain list as before, or, when it
@@ -20,17 +21,8 @@ from typing import Any
 from .codec import encode
 from .errors import DatamuxError, InvalidRequest
 
-__all__ = ["PAGED_METHODS", "PAGE_PARAMS", "Pager", "fetch_all_pages"]
+__all__ = ["PAGE_PARAMS", "Pager", "fetch_all_pages"]
 
-#: The methods whose replies are lists, and so may be paged.
-PAGED_METHODS = (
-    "list_collections",
-    "list_collection_streams",
-    "list_collection_recordings",
-    "list_live_nodes",
-    "list_live_streams",
-    "list_tasks",
-)
 PAGE_BYTES = 256 << 10
 KEEP_S = 60.0
 MAX_LISTINGS = 16  # listings kept at once (per agent), oldest dropped first

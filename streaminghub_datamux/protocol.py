@@ -14,13 +14,15 @@ from typing import Any
 
 from .drivers.replaycontrol import ACTIONS as CONTROL_ACTIONS
 from .errors import InvalidRequest
+from .methods import Check, Method, MethodTable, Param, Result
 from .model import Collection, Node, Stream, StreamError, StreamStatus
-from .paging import PAGE_PARAMS, PAGED_METHODS
+from .paging import PAGE_PARAMS
 
 __all__ = [
     "DEFAULT_PREFIX",
     "METHODS",
     "PROTOCOL_VERSION",
+    "TABLE",
     "Request",
     "Topics",
     "check_id",
@@ -311,53 +313,143 @@ check_attrs = _attrs
 check_framing = _framing
 check_qos = _qos
 
-Check = Callable[[Any, str], Any]
 _ID: Check = _text
 
-# Each method's parameters: name -> (check, required). Unknown parameters are refused,
-# so a typo never silently falls back to a default.
+
+# -- model objects on the wire ---------------------------------------------------------
+
+
+def stream_to_wire(stream: Stream) -> dict[str, Any]:
+    return {"id": stream.id, **stream.to_dict()}
+
+
+def stream_from_wire(data: Mapping[str, Any]) -> Stream:
+    return Stream.from_dict(str(data["id"]), data)
+
+
+def collection_from_wire(data: Mapping[str, Any]) -> Collection:
+    return Collection.from_dict(data)
+
+
+def node_from_wire(data: Mapping[str, Any]) -> Node:
+    return Node.from_dict(data)
+
+
+# -- the method table ------------------------------------------------------------------
+# Each RPC method, declared once (docs/design.md, "The method table"): the agent checks
+# and dispatches requests with it, the RemoteAPI builds its calls and reads the replies
+# with it, and tests hold docs/protocol.md's table and the API's interface to it.
+
+
+def _list_of(convert: Callable[[Any], Any]) -> Callable[[Any], list[Any]]:
+    def read(value: Any) -> list[Any]:
+        if not isinstance(value, list):
+            raise TypeError(f"a list, not {_type(value)}")
+        return [convert(item) for item in value]
+
+    return read
+
+
+def _map(value: Any) -> dict[str, Any]:
+    if not isinstance(value, Mapping):
+        raise TypeError(f"a map, not {_type(value)}")
+    return dict(value)
+
+
+def _same(value: Any) -> Any:
+    return value
+
+
+COLLECTIONS = Result(
+    "list of collections", _list_of(Collection.to_dict), _list_of(collection_from_wire)
+)
+STREAMS = Result("list of streams", _list_of(stream_to_wire), _list_of(stream_from_wire))
+RECORDINGS = Result("list of maps of attrs", _same, _list_of(_map))
+NODES = Result("list of nodes", _list_of(Node.to_dict), _list_of(node_from_wire))
+TASKS = Result("list of task descriptions", _same, _list_of(_map))
+ACK = Result("task acknowledgement", _same, _same)  # the client reads it leniently
+STATE = Result("map", _same, _map)
+
+TABLE = MethodTable(
+    [
+        Method("list_collections", result=COLLECTIONS, paged=True, fleet=True),
+        Method(
+            "list_collection_streams",
+            {"collection_id": Param(_ID, True)},
+            STREAMS,
+            paged=True,
+        ),
+        Method(
+            "list_collection_recordings",
+            {"collection_id": Param(_ID, True)},
+            RECORDINGS,
+            paged=True,
+        ),
+        Method(
+            "replay_collection_stream",
+            {
+                "collection_id": Param(_ID, True),
+                "stream_id": Param(_ID, True),
+                "attrs": Param(_attrs),
+                "task_id": Param(_task_id, True),
+                "speed": Param(_speed),
+                "rate_limit": Param(_flag),
+                "strict_time": Param(_flag),
+                "use_relative_ts": Param(_flag),
+                "framing": Param(_framing),
+                "qos": Param(_qos),
+                "start": Param(_position),
+                "end": Param(_position),
+                "loop": Param(_loop),
+            },
+            ACK,
+            served_by="agent",
+        ),
+        Method("list_live_nodes", result=NODES, paged=True, fleet=True),
+        Method("list_live_streams", {"node_id": Param(_ID, True)}, STREAMS, paged=True),
+        Method(
+            "proxy_live_stream",
+            {
+                "node_id": Param(_ID, True),
+                "stream_id": Param(_ID, True),
+                "attrs": Param(_attrs),
+                "task_id": Param(_task_id, True),
+                "framing": Param(_framing),
+                "qos": Param(_qos),
+            },
+            ACK,
+            served_by="agent",
+        ),
+        Method("stop_task", {"task_id": Param(_task_id, True)}, ACK, served_by="agent"),
+        Method("list_tasks", result=TASKS, served_by="agent", paged=True),
+        Method("clock", result=STATE, served_by="agent"),
+        Method(
+            "control_task",
+            {
+                "task_id": Param(_task_id, True),
+                "action": Param(_action, True),
+                "position": Param(_position),
+                "speed": Param(_speed),
+                "loop": Param(_loop),
+            },
+            STATE,
+            served_by="agent",
+        ),
+    ]
+)
+
+# Each method's parameters as the request parser reads them: name -> (check, required),
+# the paging parameters included. Unknown parameters are refused, so a typo never
+# silently falls back to a default.
 METHODS: dict[str, dict[str, tuple[Check, bool]]] = {
-    "list_collections": {},
-    "list_collection_streams": {"collection_id": (_ID, True)},
-    "list_collection_recordings": {"collection_id": (_ID, True)},
-    "replay_collection_stream": {
-        "collection_id": (_ID, True),
-        "stream_id": (_ID, True),
-        "attrs": (_attrs, False),
-        "task_id": (_task_id, True),
-        "speed": (_speed, False),
-        "rate_limit": (_flag, False),
-        "strict_time": (_flag, False),
-        "use_relative_ts": (_flag, False),
-        "framing": (_framing, False),
-        "qos": (_qos, False),
-        "start": (_position, False),
-        "end": (_position, False),
-        "loop": (_loop, False),
-    },
-    "list_live_nodes": {},
-    "list_live_streams": {"node_id": (_ID, True)},
-    "proxy_live_stream": {
-        "node_id": (_ID, True),
-        "stream_id": (_ID, True),
-        "attrs": (_attrs, False),
-        "task_id": (_task_id, True),
-        "framing": (_framing, False),
-        "qos": (_qos, False),
-    },
-    "stop_task": {"task_id": (_task_id, True)},
-    "list_tasks": {},
-    "clock": {},
-    "control_task": {
-        "task_id": (_task_id, True),
-        "action": (_action, True),
-        "position": (_position, False),
-        "speed": (_speed, False),
-        "loop": (_loop, False),
-    },
+    method.name: {
+        **{name: (param.check, param.required) for name, param in method.params.items()},
+        **(PAGE_PARAMS if method.paged else {}),
+    }
+    for method in TABLE.values()
 }
-for _method in PAGED_METHODS:  # listings may be asked for in pages (paging.py)
-    METHODS[_method].update(PAGE_PARAMS)
+#: The methods whose replies are lists, and so may be paged (paging.py).
+PAGED_METHODS = tuple(method.name for method in TABLE.values() if method.paged)
 
 
 # A request's fields; anything else is refused, so that a v1 request (with "client" and
@@ -434,25 +526,6 @@ def ok_reply(request_id: Any, result: Any) -> dict[str, Any]:
 
 def error_reply(request_id: Any, code: str, message: str) -> dict[str, Any]:
     return {"id": request_id, "ok": False, "error": {"code": code, "message": message}}
-
-
-# -- model objects on the wire ---------------------------------------------------------
-
-
-def stream_to_wire(stream: Stream) -> dict[str, Any]:
-    return {"id": stream.id, **stream.to_dict()}
-
-
-def stream_from_wire(data: Mapping[str, Any]) -> Stream:
-    return Stream.from_dict(str(data["id"]), data)
-
-
-def collection_from_wire(data: Mapping[str, Any]) -> Collection:
-    return Collection.from_dict(data)
-
-
-def node_from_wire(data: Mapping[str, Any]) -> Node:
-    return Node.from_dict(data)
 
 
 # -- task control messages -------------------------------------------------------------

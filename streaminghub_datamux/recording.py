@@ -27,12 +27,13 @@ import time
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal, Protocol
+from typing import Any, Literal
 
 import numpy as np
 
 from .config import Config, load_config
 from .errors import DataError, InvalidRequest, NotFound
+from .interface import DatamuxAPI
 from .model import Frame, Stream, StreamError, dtype_name
 from .util import END_OF_STREAM
 
@@ -40,16 +41,6 @@ __all__ = ["CsvFrameWriter", "ParquetFrameWriter", "RecordingSummary", "record"]
 
 _SAFE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,63}")
 _FSYNC_EVERY_S = 1.0
-
-
-class _StreamingAPI(Protocol):
-    """The part of the API (local or remote) that recording uses."""
-
-    async def list_live_streams(self, node_id: str) -> list[Stream]: ...
-    async def list_collection_streams(self, collection_id: str) -> list[Stream]: ...
-    async def proxy_live_stream(self, *args: Any, **kwargs: Any) -> Any: ...
-    async def replay_collection_stream(self, *args: Any, **kwargs: Any) -> Any: ...
-    async def stop_task(self, randseq: str) -> Any: ...
 
 
 @dataclass(frozen=True)
@@ -300,7 +291,7 @@ def _add_group_values(meta_dir: Path, collection_id: str, attrs: Mapping[str, st
         _replace_json(path, meta)
 
 
-async def _find_stream(api: _StreamingAPI, mode: str, source_id: str, stream_id: str) -> Stream:
+async def _find_stream(api: DatamuxAPI, mode: str, source_id: str, stream_id: str) -> Stream:
     streams = (
         await api.list_live_streams(source_id)
         if mode == "proxy"
@@ -370,7 +361,7 @@ async def _reschedule_on(
 
 
 async def record(
-    api: _StreamingAPI,
+    api: DatamuxAPI,
     *,
     mode: Literal["proxy", "replay"],
     source_id: str,
