@@ -5,6 +5,9 @@ mosquitto in both codecs. Every test here runs against each, so they cannot drif
 from __future__ import annotations
 
 import asyncio
+import inspect
+import re
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -12,7 +15,10 @@ from helpers import drain, frames_of, gaze_collection, run, write_csv
 from remote import api_factory
 
 import streaminghub_datamux as dm
+from streaminghub_datamux.agent.service import Agent
 from streaminghub_datamux.errors import InvalidRequest, NotFound
+from streaminghub_datamux.interface import DatamuxAPI
+from streaminghub_datamux.protocol import METHODS, TABLE
 
 KINDS = ["local", "remote-cbor", "remote-json"]
 
@@ -238,3 +244,67 @@ def test_marker_streams_carry_strings(workspace, make_api):
     frame = run(body())
     assert frame.values.dtype.kind == "U" and frame.values.shape == (len(frame), 1)
     assert all(isinstance(v, str) and v for v in frame.values[:, 0].tolist())
+
+
+# -- one interface, one method table -----------------------------------------------------
+
+DOCS = Path(__file__).resolve().parent.parent / "docs"
+INTERFACE = [
+    name
+    for name, member in vars(DatamuxAPI).items()
+    if inspect.iscoroutinefunction(member) and not name.startswith("_")
+]
+
+
+@pytest.mark.parametrize("implementation", [dm.API, dm.RemoteAPI], ids=["local", "remote"])
+def test_api_and_remote_api_take_every_parameter_of_the_interface(implementation):
+    """Each parameter of DatamuxAPI, of the same kind, with a default where it has one."""
+    assert len(INTERFACE) >= 10
+    for name in INTERFACE:
+        wanted = inspect.signature(getattr(DatamuxAPI, name)).parameters
+        offered = inspect.signature(getattr(implementation, name)).parameters
+        assert inspect.iscoroutinefunction(getattr(implementation, name)), name
+        for param in wanted.values():
+            if param.kind is param.VAR_KEYWORD:
+                assert any(p.kind is p.VAR_KEYWORD for p in offered.values()), name
+                continue
+            assert param.name in offered, f"{implementation.__name__}.{name} lacks {param.name}"
+            got = offered[param.name]
+            assert got.kind == param.kind, f"{implementation.__name__}.{name}({param.name})"
+            if param.default is not param.empty:
+                assert got.default is not got.empty, f"{name}({param.name}) needs a default"
+        # Anything more that an implementation takes must be optional.
+        for extra in set(offered) - set(wanted):
+            got = offered[extra]
+            assert got.default is not got.empty or got.kind is got.VAR_KEYWORD, (name, extra)
+
+
+def test_every_declared_method_is_served():
+    """The agent serves each method of the table: through the API (which the interface
+    then offers remotely too) or with its own handler."""
+    for method in TABLE.values():
+        if method.served_by == "api":
+            assert inspect.iscoroutinefunction(getattr(dm.API, method.name)), method.name
+            assert method.name in INTERFACE, f"{method.name} is missing from DatamuxAPI"
+        else:
+            assert inspect.iscoroutinefunction(getattr(Agent, f"_serve_{method.name}"))
+        assert method.result is not None, method.name
+    # The request parser reads the same table (plus paging's parameters).
+    assert set(METHODS) == set(TABLE)
+    for name, schema in METHODS.items():
+        assert set(TABLE[name].params) <= set(schema)
+
+
+def test_docs_method_table_matches_the_declarations():
+    """docs/protocol.md's table lists each declared method with its parameters in order:
+    required ones, then "optional" and the rest."""
+    text = (DOCS / "protocol.md").read_text()
+    table = text[text.index("| method | params | result |") :].split("\n\n")[0]
+    documented = {}
+    for name, params in re.findall(r"^\| `(\w+)` \| ([^|]*) \|", table, flags=re.M):
+        required, _, optional = params.partition("optional")
+        documented[name] = (re.findall(r"`(\w+)`", required), re.findall(r"`(\w+)`", optional))
+    assert set(documented) == set(TABLE)
+    for name, method in TABLE.items():
+        assert documented[name][0] == method.required(), name
+        assert sorted(documented[name][1]) == sorted(method.optional()), name
