@@ -21,7 +21,7 @@ import os
 import resource
 import secrets
 import time
-from collections.abc import Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -42,7 +42,7 @@ from ..errors import (
 )
 from ..framing import Framing
 from ..host import default_agent_id
-from ..model import Frame, Stream, StreamError, StreamStatus
+from ..model import Frame, Stream, StreamAck, StreamError, StreamStatus
 from ..mqttio import BrokerSettings, Incoming, MqttLink, Will
 from ..paging import Pager
 from ..protocol import (
@@ -564,6 +564,7 @@ class Agent:
         try:
             stream = await self._stream_of(request.method, params)
             params["framing"] = self._fit_framing(stream, params.get("framing"), attrs)
+            start: Callable[..., Awaitable[StreamAck]]
             if request.method == "replay_collection_stream":
                 start, source = self.api.replay_collection_stream, params.pop("collection_id")
             else:

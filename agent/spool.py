@@ -455,12 +455,14 @@ class Spool:
             tail = None
         if tail is None or self._fd is None:
             tail = self._new_segment()
+        fd = self._fd
+        assert fd is not None  # _new_segment opened it
         try:
-            _write_all(self._fd, record)
+            _write_all(fd, record)
         except OSError:
             # Leave no partial record behind, or appends after it would be unreadable.
             try:
-                os.ftruncate(self._fd, tail.size)
+                os.ftruncate(fd, tail.size)
             except OSError:
                 self._close_tail(sync=False)
             raise

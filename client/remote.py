@@ -267,7 +267,11 @@ class RemoteAPI:
 
     def _presence(self, **extra: Any) -> bytes:
         assert self.link is not None
-        presence = {"state": "online", "client": self.client_id, "session": self.session}
+        presence: dict[str, Any] = {
+            "state": "online",
+            "client": self.client_id,
+            "session": self.session,
+        }
         presence["since"] = self._since
         presence["keepalive"] = self.link.settings.keepalive_s
         return encode({**presence, **extra}, self.codec)

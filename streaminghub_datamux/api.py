@@ -109,6 +109,7 @@ class API:
 
     @property
     def data_dir(self) -> Path:
+        """The folder recordings are read from (``data_dir`` of the configuration)."""
         return Path(self.config.data_dir)
 
     def get_collection(self, collection_id: str) -> Collection:
@@ -116,6 +117,7 @@ class API:
         return self.catalog.get(_check_id(collection_id, "collection_id"))
 
     def get_collection_stream(self, collection_id: str, stream_id: str) -> Stream:
+        """One declared stream of a collection, by ids (NotFound names the known ones)."""
         stream_id = _check_id(stream_id, "stream_id")
         return self.catalog.stream(self.get_collection(collection_id), stream_id)
 

@@ -18,6 +18,7 @@ import re
 import threading
 import time
 from collections import OrderedDict
+from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -103,7 +104,8 @@ class ScanCache:
         with self._lock:
             self.misses += 1
         started = time.time_ns()
-        dirs, files = [self.data_dir], []
+        dirs: list[Path] = [self.data_dir]
+        files: list[Path] = []
         search = Search(collection.id, target_of(collection))
         recordings: list[Recording] = []
         for folder in recording_folders(collection, self.data_dir):
@@ -313,7 +315,7 @@ class Catalog:
         return collection.streams[stream_id]
 
     def resolve(
-        self, collection_id: str, stream_id: str, attrs: dict[str, object]
+        self, collection_id: str, stream_id: str, attrs: Mapping[str, object]
     ) -> tuple[Stream, Recording]:
         """The stream's metadata as found in the one recording that ``attrs`` selects.
 

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import struct
-from collections.abc import Mapping
 from typing import Any
 
 import cbor2
@@ -87,7 +86,7 @@ def codec_of(payload: bytes) -> Codec:
     return "json" if head in (b"{", b" ", b"\n", b"\r", b"\t") else "cbor"
 
 
-def encode(message: Mapping[str, Any], codec: Codec) -> bytes:
+def encode(message: Any, codec: Codec) -> bytes:
     """Encode a message of plain values (dicts, lists, str, numbers, bool, None)."""
     if codec == "json":
         return json.dumps(message, separators=(",", ":"), allow_nan=False).encode()
@@ -204,7 +203,8 @@ def encode_frame(frame: Frame, task_id: str, codec: Codec) -> bytes:
 def _json_list(array: np.ndarray) -> list[Any]:
     if array.dtype.kind == "f" and not np.isfinite(array).all():
         # JSON has no NaN or infinity: send null (the decoder turns it back into NaN).
-        return np.where(np.isfinite(array), array, None).tolist()
+        # numpy's stubs lack a None operand (an object array is what is wanted here).
+        return np.where(np.isfinite(array), array, None).tolist()  # type: ignore[call-overload]
     return array.tolist()
 
 

@@ -443,15 +443,15 @@ def load_config(
             sources[name] = origin.label
 
     for var, text in sorted(env.items()):
-        name = _env_key(var)
-        if name is None:
+        env_key = _env_key(var)
+        if env_key is None:
             continue
         if not text.strip():
             log.debug("ignoring empty %s", var)
             continue
         origin = _Origin(f"env {var}", "env", cwd, home)
-        values[name] = _coerce(SCHEMA[name], text, origin, text=True)
-        sources[name] = origin.label
+        values[env_key] = _coerce(SCHEMA[env_key], text, origin, text=True)
+        sources[env_key] = origin.label
 
     for name, value in (flags or {}).items():
         if value is None:

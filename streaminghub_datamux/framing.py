@@ -36,6 +36,7 @@ class Framing:
 
     @property
     def max_latency_s(self) -> float:
+        """``max_latency_ms`` in seconds."""
         return self.max_latency_ms / 1000.0
 
     @classmethod

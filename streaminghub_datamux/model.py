@@ -82,6 +82,7 @@ class Field:
 
     @classmethod
     def from_dict(cls, id: str, data: Mapping[str, Any]) -> Field:
+        """A field from its metadata entry (the inverse of :meth:`to_dict`)."""
         return cls(
             id=id,
             name=str(data.get("name", id)),
@@ -91,6 +92,7 @@ class Field:
         )
 
     def to_dict(self) -> dict[str, Any]:
+        """The field as a metadata entry (JSON-safe)."""
         out: dict[str, Any] = {"name": self.name, "description": self.description}
         out["dtype"] = self.dtype
         if self.unit:
@@ -134,6 +136,7 @@ class Stream:
 
     @classmethod
     def from_dict(cls, id: str, data: Mapping[str, Any], **overrides: Any) -> Stream:
+        """A stream from its metadata entry; ``overrides`` replace fields."""
         fields = data.get("fields") or {}
         index = data.get("index") or {}
         values: dict[str, Any] = dict(
@@ -152,6 +155,7 @@ class Stream:
         return cls(**values)
 
     def to_dict(self) -> dict[str, Any]:
+        """The stream as a metadata entry (JSON-safe; the id is the entry's key)."""
         out: dict[str, Any] = {
             "name": self.name,
             "description": self.description,
@@ -214,6 +218,7 @@ class Collection:
         )
 
     def to_dict(self) -> dict[str, Any]:
+        """The collection as its metadata file holds it (JSON-safe)."""
         return {
             "id": self.id,
             "name": self.name,
@@ -251,6 +256,7 @@ class Node:
         )
 
     def to_dict(self) -> dict[str, Any]:
+        """The node as it travels on the wire (JSON-safe)."""
         return {
             "id": self.id,
             "name": self.name,

@@ -304,7 +304,7 @@ class MqttLink:
         finally:
             self._stop_reporting()
 
-    async def _connect_loop(self, versions: list[int], deadline: float | None) -> None:
+    async def _connect_loop(self, versions: Sequence[int], deadline: float | None) -> None:
         loop = asyncio.get_running_loop()
         problem = ""
         while True:

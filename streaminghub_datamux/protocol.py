@@ -10,7 +10,7 @@ import math
 import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeGuard
 
 from .drivers.replaycontrol import ACTIONS as CONTROL_ACTIONS
 from .errors import InvalidRequest
@@ -67,7 +67,8 @@ def check_id(value: Any, what: str) -> str:
     return value
 
 
-def is_id(value: Any) -> bool:
+def is_id(value: Any) -> TypeGuard[str]:
+    """Whether ``value`` is an id (check_id's rule) without raising."""
     return isinstance(value, str) and ID_PATTERN.fullmatch(value) is not None
 
 
@@ -85,9 +86,11 @@ class Topics:
 
     # -- published by an agent
     def agent_state(self, agent: str) -> str:
+        """Where ``agent`` announces itself: birth, and its will (retained)."""
         return f"{self.prefix}/agents/{agent}/state"
 
     def agent_health(self, agent: str) -> str:
+        """Where ``agent`` publishes its health (retained)."""
         return f"{self.prefix}/agents/{agent}/health"
 
     def reply(self, agent: str, client: str) -> str:
@@ -95,12 +98,15 @@ class Topics:
         return f"{self.prefix}/agents/{agent}/reply/{client}"
 
     def task_data(self, agent: str, owner: str, task: str) -> str:
+        """Where a task's frames go."""
         return f"{self.prefix}/agents/{agent}/tasks/{owner}/{task}/data"
 
     def task_ctrl(self, agent: str, owner: str, task: str) -> str:
+        """Where a task's end, error and status messages go."""
         return f"{self.prefix}/agents/{agent}/tasks/{owner}/{task}/ctrl"
 
     def task_any(self, agent: str, owner: str, task: str) -> str:
+        """Both of a task's topics, for a subscription."""
         return f"{self.prefix}/agents/{agent}/tasks/{owner}/{task}/+"
 
     # -- published by a client
@@ -109,6 +115,7 @@ class Topics:
         return f"{self.prefix}/agents/{agent}/rpc/{client}"
 
     def client_state(self, client: str) -> str:
+        """Where ``client`` announces its presence (the agents' lease)."""
         return f"{self.prefix}/clients/{client}/state"
 
     def discover(self, client: str) -> str:
@@ -126,10 +133,12 @@ class Topics:
 
     @property
     def every_agent_state(self) -> str:
+        """Every agent's birth and will."""
         return f"{self.prefix}/agents/+/state"
 
     @property
     def every_agent_health(self) -> str:
+        """Every agent's health."""
         return f"{self.prefix}/agents/+/health"
 
     @property
@@ -139,6 +148,7 @@ class Topics:
 
     @property
     def every_client_state(self) -> str:
+        """Every client's presence."""
         return f"{self.prefix}/clients/+/state"
 
     def v1_state(self, agent: str) -> str | None:
@@ -320,10 +330,12 @@ _ID: Check = _text
 
 
 def stream_to_wire(stream: Stream) -> dict[str, Any]:
+    """A stream as a listing carries it: its metadata entry with its id."""
     return {"id": stream.id, **stream.to_dict()}
 
 
 def stream_from_wire(data: Mapping[str, Any]) -> Stream:
+    """A stream from a listing (the inverse of :func:`stream_to_wire`)."""
     return Stream.from_dict(str(data["id"]), data)
 
 
@@ -521,10 +533,12 @@ def parse_request(message: Any, client: str) -> Request:
 
 
 def ok_reply(request_id: Any, result: Any) -> dict[str, Any]:
+    """A successful reply to the request ``request_id``."""
     return {"id": request_id, "ok": True, "result": result}
 
 
 def error_reply(request_id: Any, code: str, message: str) -> dict[str, Any]:
+    """A failed reply: an error code (docs/protocol.md, "Errors") and what went wrong."""
     return {"id": request_id, "ok": False, "error": {"code": code, "message": message}}
 
 
@@ -537,6 +551,7 @@ def ctrl_end(task_id: str, frames: int, samples: int) -> dict[str, Any]:
 
 
 def ctrl_error(task_id: str, error: StreamError) -> dict[str, Any]:
+    """A task's error message; an end message follows it."""
     return {
         "task": task_id,
         "kind": "error",
@@ -549,7 +564,7 @@ def ctrl_error(task_id: str, error: StreamError) -> dict[str, Any]:
 def ctrl_status(task_id: str, status: StreamStatus, seq: int | None = None) -> dict[str, Any]:
     """A status item; ``seq`` (the next frame's) lets the client put it back in its place
     among the frames, which travel on another topic."""
-    message = {
+    message: dict[str, Any] = {
         "task": task_id,
         "kind": "status",
         "stream_id": status.stream_id,

@@ -95,6 +95,7 @@ class CsvFrameWriter:
         self._synced_at = 0.0
 
     def open(self, overwrite: bool = False) -> None:
+        """Create the file (refusing an existing one unless ``overwrite``) and write the header."""
         self.path.parent.mkdir(parents=True, exist_ok=True)
         flags = os.O_WRONLY | os.O_CREAT | (os.O_TRUNC if overwrite else os.O_EXCL)
         try:
@@ -113,6 +114,7 @@ class CsvFrameWriter:
             view = view[os.write(self._fd, view) :]
 
     def write(self, timestamps: np.ndarray, values: np.ndarray) -> None:
+        """Append one frame's samples as whole lines."""
         if len(timestamps) == 0:
             return
         row = timestamps.astype(np.float64).astype(str)
@@ -126,6 +128,7 @@ class CsvFrameWriter:
             self._synced_at = now
 
     def close(self) -> None:
+        """Flush to disk and close the file."""
         if self._fd is not None:
             os.fsync(self._fd)
             os.close(self._fd)
@@ -149,6 +152,7 @@ class ParquetFrameWriter:
         self._rows = 0
 
     def open(self, overwrite: bool = False) -> None:
+        """Create the file (refusing an existing one unless ``overwrite``)."""
         try:
             import pyarrow as pa
             import pyarrow.parquet as pq
@@ -169,6 +173,7 @@ class ParquetFrameWriter:
         self._writer = pq.ParquetWriter(self._file, schema)
 
     def write(self, timestamps: np.ndarray, values: np.ndarray) -> None:
+        """Append one frame's samples."""
         if len(timestamps):
             self._pending.append((timestamps, values))
             self._rows += len(timestamps)
@@ -188,6 +193,7 @@ class ParquetFrameWriter:
         self._writer.write_table(pa.table(arrays, names=["t", *self.columns]))
 
     def close(self) -> None:
+        """Finish the file and close it."""
         if self._writer is not None:
             try:
                 self._flush()
@@ -215,7 +221,9 @@ def _stream_metadata(stream: Stream, columns: list[str]) -> dict[str, Any]:
 
 
 @contextlib.contextmanager
-def _metadata_for_update(meta_dir: Path, collection_id: str) -> Iterator[tuple[Path, dict | None]]:
+def _metadata_for_update(
+    meta_dir: Path, collection_id: str
+) -> Iterator[tuple[Path, dict[str, Any] | None]]:
     """Hold an exclusive lock on a collection's metadata while it is read and rewritten.
 
     Two recordings into one collection (two shells, two streams) would otherwise both read
@@ -312,7 +320,8 @@ class _Limit:
     """
 
     def __init__(self, duration: float | None, frequency: float) -> None:
-        self.duration, self.first = duration, None
+        self.duration = duration
+        self.first: float | None = None
         self.count = round(duration * frequency) if duration and frequency > 0 else None
         # Half a period of slack, so rounding in t0 + k / f never drops sample k.
         self.span = (
@@ -494,7 +503,8 @@ async def record(
             if pending and writing.exception() is None:
                 frames, samples = frames + 1, samples + pending
         await asyncio.to_thread(writer.close)
-        await api.stop_task(ack.randseq)
-        values = {k: str(v) for k, v in recording.items()}
-        await asyncio.to_thread(_add_group_values, meta_dir, into, values)
+        if ack.randseq is not None:  # both APIs always name the task
+            await api.stop_task(ack.randseq)
+        group_values = {k: str(v) for k, v in recording.items()}
+        await asyncio.to_thread(_add_group_values, meta_dir, into, group_values)
     return RecordingSummary(path, frames, samples, loop.time() - started, error)

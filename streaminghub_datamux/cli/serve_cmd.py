@@ -235,7 +235,9 @@ class _Interrupts:
             self.task.cancel()
 
 
-async def _wait_for_broker(host: str, port: int, agent: subprocess.Popen, reachable: Any) -> None:
+async def _wait_for_broker(
+    host: str, port: int, agent: subprocess.Popen[bytes], reachable: Any
+) -> None:
     deadline = time.monotonic() + 20
     while not await asyncio.to_thread(reachable, host, port):
         if agent.poll() is not None:
@@ -261,7 +263,7 @@ async def _connect_when_announced(api: Any, host: str, port: int, agent: Any) ->
             await asyncio.sleep(0.2)
 
 
-def _stop_process(process: subprocess.Popen) -> None:
+def _stop_process(process: subprocess.Popen[bytes]) -> None:
     if process.poll() is not None:
         return
     process.send_signal(signal.SIGTERM)

@@ -183,9 +183,10 @@ async def publish_lsl(
         for publisher in publishers
     ]
     stopping = asyncio.create_task(stop_event.wait())
+    waiting: set[asyncio.Future[Any]] = {stopping, asyncio.gather(*runs)}
     try:
         # Until stopped, or until every stream has ended (each failed, say).
-        await asyncio.wait({stopping, asyncio.gather(*runs)}, return_when=asyncio.FIRST_COMPLETED)
+        await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
     finally:
         stop_event.set()
         await asyncio.gather(*runs, return_exceptions=True)
@@ -410,8 +411,9 @@ async def publish_serial(
     runs = [asyncio.create_task(serve(s, r)) for s, r in zip(streams, results, strict=True)]
     all_runs = asyncio.gather(*runs, return_exceptions=True)
     stopping = asyncio.create_task(stop_event.wait())
+    either: set[asyncio.Future[Any]] = {stopping, all_runs}
     try:
-        await asyncio.wait({stopping, all_runs}, return_when=asyncio.FIRST_COMPLETED)
+        await asyncio.wait(either, return_when=asyncio.FIRST_COMPLETED)
     finally:
         stop_event.set()
         for run in runs:
