@@ -308,3 +308,19 @@ def test_docs_method_table_matches_the_declarations():
     for name, method in TABLE.items():
         assert documented[name][0] == method.required(), name
         assert sorted(documented[name][1]) == sorted(method.optional()), name
+
+
+def test_a_remote_call_is_built_from_the_declaration():
+    """Unknown and missing parameters are refused in the agent's words; None is left out."""
+    replay = TABLE["replay_collection_stream"]
+    built = replay.build(
+        {"collection_id": "study", "stream_id": "gaze", "task_id": "t1", "speed": None}
+    )
+    assert built == {"collection_id": "study", "stream_id": "gaze", "task_id": "t1"}
+    with pytest.raises(
+        InvalidRequest, match=r"replay_collection_stream: unknown parameters 'sped'"
+    ):
+        replay.build({"collection_id": "study", "stream_id": "gaze", "task_id": "t1", "sped": 1})
+    with pytest.raises(InvalidRequest, match="missing parameter 'task_id'"):
+        replay.build({"collection_id": "study", "stream_id": "gaze"})
+    assert replay.required() == ["collection_id", "stream_id", "task_id"]
