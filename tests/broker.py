@@ -34,6 +34,33 @@ def port_open(host: str, port: int) -> bool:
         return False
 
 
+def start_mosquitto(
+    binary: str, conf: Path, log: Path, ports: list[int]
+) -> subprocess.Popen[bytes]:
+    """Start mosquitto on ``conf`` and wait (bounded) until every port in ``ports`` answers."""
+    with log.open("ab") as log_file:
+        process = subprocess.Popen([binary, "-c", str(conf)], stdout=log_file, stderr=log_file)
+    deadline = time.monotonic() + START_TIMEOUT_S
+    while not all(port_open(LOOPBACK, port) for port in ports):
+        if process.poll() is not None or time.monotonic() > deadline:
+            stop_process(process)
+            raise RuntimeError(f"mosquitto did not start: {log.read_text()[-3000:]}")
+        time.sleep(0.02)
+    return process
+
+
+def stop_process(process: subprocess.Popen[bytes] | None) -> None:
+    """Stop one process by its own pid: SIGTERM (mosquitto saves its persistence), then SIGKILL."""
+    if process is None or process.poll() is not None:
+        return
+    process.terminate()
+    try:
+        process.wait(timeout=5)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait(timeout=5)
+
+
 class Mosquitto:
     """One mosquitto process with persistence in ``workdir``; restartable on the same port.
 
@@ -78,29 +105,12 @@ class Mosquitto:
     def start(self) -> None:
         if self.process is not None:
             raise RuntimeError("mosquitto is already running")
-        log = self.log_path.open("ab")
-        self.process = subprocess.Popen(
-            [self.binary, "-c", str(self.conf_path)], stdout=log, stderr=log
-        )
-        log.close()
-        deadline = time.monotonic() + START_TIMEOUT_S
-        while not port_open(self.host, self.port):
-            if self.process.poll() is not None or time.monotonic() > deadline:
-                self.stop()
-                raise RuntimeError(f"mosquitto did not start: {self.log_path.read_text()[-2000:]}")
-            time.sleep(0.02)
+        self.process = start_mosquitto(self.binary, self.conf_path, self.log_path, [self.port])
 
     def stop(self) -> None:
         """Stop this broker (SIGTERM, then SIGKILL), by its own pid."""
         process, self.process = self.process, None
-        if process is None or process.poll() is not None:
-            return
-        process.terminate()
-        try:
-            process.wait(timeout=5)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait(timeout=5)
+        stop_process(process)
 
     def restart(self, down_s: float = 0.0) -> None:
         self.stop()

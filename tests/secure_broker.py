@@ -13,14 +13,13 @@ import shutil
 import ssl
 import subprocess
 import threading
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import paho.mqtt.client as mqtt
 import pytest
-from broker import LOOPBACK, free_port, mosquitto_binary, port_open
+from broker import LOOPBACK, free_port, mosquitto_binary, start_mosquitto, stop_process
 from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.properties import Properties
 
@@ -144,27 +143,11 @@ class SecureBroker:
         )
 
     def start(self) -> None:
-        with self.log.open("ab") as log:
-            self.process = subprocess.Popen(
-                [self.binary, "-c", str(self.conf)], stdout=log, stderr=log
-            )
-        deadline = time.monotonic() + WAIT_S
-        while not (port_open(self.host, self.port) and port_open(self.host, self.tls_port)):
-            if self.process.poll() is not None or time.monotonic() > deadline:
-                self.stop()
-                raise RuntimeError(f"mosquitto did not start: {self.log.read_text()[-3000:]}")
-            time.sleep(0.02)
+        self.process = start_mosquitto(self.binary, self.conf, self.log, [self.port, self.tls_port])
 
     def stop(self) -> None:
         process, self.process = self.process, None
-        if process is None or process.poll() is not None:
-            return
-        process.terminate()
-        try:
-            process.wait(timeout=5)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait(timeout=5)
+        stop_process(process)
 
     def settings(self, user: str, auth: str) -> BrokerSettings:
         """How ``user`` logs in: ``auth`` is "password" or "certificate"."""
@@ -188,15 +171,25 @@ class Peer:
 
     client: mqtt.Client
     received: list[mqtt.MQTTMessage] = field(default_factory=list)
+    arrived: threading.Condition = field(default_factory=threading.Condition)
     acks: dict[int, str] = field(default_factory=dict)
     acked: threading.Condition = field(default_factory=threading.Condition)
 
     @classmethod
-    def connect(cls, settings: BrokerSettings, client_id: str, wait_s: float = WAIT_S) -> Peer:
+    def connect(
+        cls,
+        settings: BrokerSettings,
+        client_id: str,
+        wait_s: float = WAIT_S,
+        will: tuple[str, bytes] | None = None,
+    ) -> Peer:
+        """Connect as ``settings`` say (password, server-only TLS or a client certificate)."""
         client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=client_id, protocol=mqtt.MQTTv5)
         if settings.username:
             client.username_pw_set(settings.username, settings.password)
-        if settings.cert_file:
+        if will is not None:
+            client.will_set(will[0], will[1], qos=1, retain=True)
+        if settings.ca_file:
             client.tls_set(
                 ca_certs=settings.ca_file,
                 certfile=settings.cert_file,
@@ -221,7 +214,9 @@ class Peer:
 
     def __post_init__(self) -> None:
         def on_message(_c: Any, _u: Any, message: mqtt.MQTTMessage) -> None:
-            self.received.append(message)
+            with self.arrived:
+                self.received.append(message)
+                self.arrived.notify_all()
 
         def on_publish(_c: Any, _u: Any, mid: int, reason: Any, _p: Any) -> None:
             with self.acked:
@@ -251,6 +246,16 @@ class Peer:
         self.client.on_subscribe = lambda *_: done.set()
         self.client.subscribe(topic, qos=1)
         assert done.wait(WAIT_S), f"no SUBACK for {topic}"
+
+    def wait_for(self, payload: bytes) -> list[tuple[str, bytes, bool]]:
+        """(topic, payload, retained) of everything received up to ``payload`` (bounded)."""
+        with self.arrived:
+            ok = self.arrived.wait_for(
+                lambda: any(m.payload == payload for m in self.received), timeout=WAIT_S
+            )
+            seen = [(m.topic, m.payload, bool(m.retain)) for m in self.received]
+        assert ok, f"{payload!r} never arrived; got {seen}"
+        return seen
 
     def close(self) -> None:
         self.client.disconnect()

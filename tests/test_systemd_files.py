@@ -13,22 +13,20 @@ import os
 import re
 import shutil
 import socket
-import ssl
 import subprocess
-import threading
 import time
 import uuid
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import paho.mqtt.client as mqtt
 import pytest
-from broker import LOOPBACK, free_port, mosquitto_binary, port_open
-from paho.mqtt.enums import CallbackAPIVersion
+from broker import LOOPBACK, free_port, mosquitto_binary, start_mosquitto, stop_process
+from secure_broker import Peer
 
 from streaminghub_datamux.config import SCHEMA, env_name, load_config
+from streaminghub_datamux.mqttio import BrokerSettings
 
 ROOT = Path(__file__).resolve().parent.parent
 SYSTEMD = ROOT / "systemd"
@@ -294,29 +292,12 @@ class Broker:
     process: subprocess.Popen[bytes] | None = None
 
     def start(self) -> None:
-        with self.log.open("ab") as log:
-            self.process = subprocess.Popen(
-                [self.binary, "-c", str(self.conf)], stdout=log, stderr=log
-            )
-        deadline = time.monotonic() + WAIT_S
         ports = [self.port] + ([self.tls_port] if self.tls_port else [])
-        while not all(port_open(LOOPBACK, p) for p in ports):
-            if self.process.poll() is not None or time.monotonic() > deadline:
-                self.stop()
-                pytest.fail(f"mosquitto did not start:\n{self.log.read_text()[-3000:]}")
-            time.sleep(0.02)
+        self.process = start_mosquitto(self.binary, self.conf, self.log, ports)
 
     def stop(self) -> None:
-        """SIGTERM by pid (mosquitto saves its persistence file), then SIGKILL."""
         process, self.process = self.process, None
-        if process is None or process.poll() is not None:
-            return
-        process.terminate()
-        try:
-            process.wait(timeout=WAIT_S)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait(timeout=WAIT_S)
+        stop_process(process)
 
 
 def _trimmed_conf(folder: Path, port: int, tls: tuple[int, Path, Path] | None, acl: Path) -> str:
@@ -397,60 +378,6 @@ def broker_factory(tmp_path: Path) -> Iterator[Any]:
             broker.stop()
 
 
-@dataclass
-class Peer:
-    """A paho MQTT 5 client that records what it receives and its PUBACK codes."""
-
-    client: mqtt.Client
-    received: list[tuple[str, bytes, bool]] = field(default_factory=list)
-    arrived: threading.Condition = field(default_factory=threading.Condition)
-    acks: dict[int, str] = field(default_factory=dict)
-    acked: threading.Condition = field(default_factory=threading.Condition)
-
-    def publish(self, topic: str, payload: bytes, retain: bool = False) -> str:
-        """Publish at QoS 1: "ok", or the PUBACK's failure reason ("Not authorized")."""
-        info = self.client.publish(topic, payload, qos=1, retain=retain)
-        with self.acked:
-            ok = self.acked.wait_for(lambda: info.mid in self.acks, timeout=WAIT_S)
-            assert ok, f"no PUBACK for {topic}"
-            return self.acks.pop(info.mid)
-
-    def subscribe(self, topic: str) -> None:
-        done = threading.Event()
-        self.client.on_subscribe = lambda *_: done.set()
-        self.client.subscribe(topic, qos=1)
-        assert done.wait(WAIT_S), f"no SUBACK for {topic}"
-
-    def wait_for(self, payload: bytes) -> list[tuple[str, bytes, bool]]:
-        """Everything received up to and including ``payload`` (bounded wait)."""
-        with self.arrived:
-            ok = self.arrived.wait_for(
-                lambda: any(p == payload for _, p, _ in self.received), timeout=WAIT_S
-            )
-        assert ok, f"{payload!r} never arrived; got {self.received}"
-        return list(self.received)
-
-    def close(self) -> None:
-        self.client.disconnect()
-        self.client.loop_stop()
-
-    def __post_init__(self) -> None:
-        def on_message(_c: Any, _u: Any, msg: mqtt.MQTTMessage) -> None:
-            with self.arrived:
-                self.received.append((msg.topic, msg.payload, bool(msg.retain)))
-                self.arrived.notify_all()
-
-        def on_publish(_c: Any, _u: Any, mid: int, reason: Any, _p: Any) -> None:
-            # Keyed by message id: the PUBACK may come before publish() returns the id.
-            with self.acked:
-                # "No matching subscribers" is a success code too.
-                self.acks[mid] = str(reason) if reason.is_failure else "ok"
-                self.acked.notify_all()
-
-        self.client.on_message = on_message
-        self.client.on_publish = on_publish
-
-
 def _connect(
     broker: Broker,
     user: str,
@@ -460,33 +387,16 @@ def _connect(
     will_payload: bytes = b"offline",
     tls: bool = False,
 ) -> Peer:
-    client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=client_id, protocol=mqtt.MQTTv5)
-    client.username_pw_set(user, _password(user))
-    peer = Peer(client)
-    if will:
-        client.will_set(will, will_payload, qos=1, retain=True)
-    if tls:
-        assert broker.ca_file is not None
-        client.tls_set(ca_certs=str(broker.ca_file), tls_version=ssl.PROTOCOL_TLS_CLIENT)
-    connected = threading.Event()
-    codes: list[Any] = []
-
-    def on_connect(_c: Any, _u: Any, _f: Any, reason: Any, _p: Any) -> None:
-        codes.append(reason)
-        connected.set()
-
-    client.on_connect = on_connect
     port = broker.tls_port if tls else broker.port
     assert port is not None
-    client.connect(LOOPBACK, port, keepalive=10)
-    client.loop_start()
-    if not connected.wait(WAIT_S):
-        client.loop_stop()
-        pytest.fail(f"{user} did not connect")
-    if codes[0].is_failure:
-        client.loop_stop()
-        pytest.fail(f"{user} was refused: {codes[0]}")
-    return peer
+    settings = BrokerSettings(
+        host=LOOPBACK,
+        port=port,
+        username=user,
+        password=_password(user),
+        ca_file=str(broker.ca_file) if tls else None,
+    )
+    return Peer.connect(settings, client_id, will=(will, will_payload) if will else None)
 
 
 def _agent(broker: Broker, agent: str = AGENT, **kwargs: Any) -> Peer:
