@@ -35,6 +35,7 @@ from .util import END_OF_STREAM
 __all__ = [
     "JUMP_STATUSES",
     "LINGER_S",
+    "LSL_FORMATS",
     "ClockMap",
     "LslOutlet",
     "Publication",
@@ -54,7 +55,7 @@ JUMP_STATUSES = frozenset({"seek", "loop", "resumed", "speed"})
 
 # numpy dtype kind+size -> (LSL channel format, the dtype pushed). Every value converts
 # exactly: unsigned types go to the next wider signed type; u64 has none and is refused.
-_FORMATS: dict[str, tuple[str, str]] = {
+LSL_FORMATS: dict[str, tuple[str, str]] = {
     "float32": ("float32", "float32"),
     "float16": ("float32", "float32"),
     "float64": ("double64", "float64"),
@@ -89,11 +90,11 @@ def lsl_format(dtype: np.dtype) -> tuple[str, np.dtype | None]:
     if dtype.kind == "U":
         return "string", None
     try:
-        fmt, pushed = _FORMATS[dtype.name]
+        fmt, pushed = LSL_FORMATS[dtype.name]
     except KeyError:
         raise InvalidRequest(
             f"LSL has no channel format that holds {dtype.name} exactly; "
-            f"supported: {sorted(_FORMATS)} and strings"
+            f"supported: {sorted(LSL_FORMATS)} and strings"
         ) from None
     return fmt, np.dtype(pushed)
 

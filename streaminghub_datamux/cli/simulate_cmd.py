@@ -29,6 +29,7 @@ import numpy as np
 from ..api import API
 from ..config import load_config
 from ..errors import ConfigError, InvalidRequest, NotFound
+from ..lslout import LSL_FORMATS
 from ..model import Frame, Stream, StreamError, StreamStatus, dtype_name
 from ..util import END_OF_STREAM
 from .text import count
@@ -194,30 +195,13 @@ async def publish_lsl(
     return [publisher.result for publisher in publishers]
 
 
-# LSL has no unsigned, bool or half formats: those go out in the next wider signed one.
-_LSL_FORMATS: dict[str, tuple[str, str]] = {
-    # numpy dtype name -> (LSL channel format, numpy dtype pushed)
-    "float32": ("float32", "float32"),
-    "float64": ("double64", "float64"),
-    "float16": ("float32", "float32"),
-    "int8": ("int8", "int8"),
-    "int16": ("int16", "int16"),
-    "int32": ("int32", "int32"),
-    "int64": ("int64", "int64"),
-    "uint8": ("int16", "int16"),
-    "uint16": ("int32", "int32"),
-    "uint32": ("int64", "int64"),
-    "uint64": ("double64", "float64"),
-    "bool": ("int8", "int8"),
-}
-
-
 def lsl_format(stream: Stream) -> tuple[str, np.dtype | None]:
     """The LSL channel format for a stream, and the dtype its values are pushed in."""
     dtype = stream.dtype
     if dtype.kind == "U":
         return "string", None
-    channel_format, pushed = _LSL_FORMATS.get(dtype.name, ("double64", "float64"))
+    # lslout's exact mapping; what it refuses (uint64) a simulation may send as double64.
+    channel_format, pushed = LSL_FORMATS.get(dtype.name, ("double64", "float64"))
     return channel_format, np.dtype(pushed)
 
 
