@@ -44,6 +44,7 @@ from bleak.backends.scanner import AdvertisementData
 from bleak.exc import BleakCharacteristicNotFoundError, BleakError
 from bleak.uuids import normalize_uuid_str
 
+from ..channel import Channel, ChannelClosed
 from ..errors import ConfigError, DeviceError, DeviceLost, NotFound
 from ..framing import Framing
 from ..model import Field, Node, Stream, numpy_dtype, seconds_index
@@ -857,12 +858,8 @@ class _Link:
 # -- sources -------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class _Lost:
-    reason: str
-
-
-_CLOSED = object()
+def _samples(chunk: Chunk) -> int:
+    return len(chunk[0])
 
 
 class BleSource(Source):
@@ -884,10 +881,9 @@ class BleSource(Source):
         self.device = device
         self.spec = spec
         self.malformed = 0  # notifications that did not decode
-        self.dropped = 0  # samples dropped because the loop fell behind
         self._driver = driver
         self._link: _Link | None = None
-        self._queue: asyncio.Queue[Any] = asyncio.Queue()
+        self._channel: Channel[Chunk] = Channel(MAX_PENDING_CHUNKS, size=_samples)
         self._last_t = -math.inf
         self._generation: int | None = None  # the link's, when subscribed
         self._closed = False
@@ -913,7 +909,7 @@ class BleSource(Source):
         if self._closed:
             return
         self._closed = True
-        self._queue.put_nowait(_CLOSED)
+        self._channel.close()
         link, self._link = self._link, None
         if link is None:
             return
@@ -939,11 +935,7 @@ class BleSource(Source):
         # Arrival times jitter; a later notification must not stamp before an earlier one.
         timestamps = np.maximum.accumulate(np.maximum(timestamps, self._last_t))
         self._last_t = float(timestamps[-1])
-        if self._queue.qsize() >= MAX_PENDING_CHUNKS:
-            old = self._queue.get_nowait()
-            if isinstance(old, tuple):
-                self.dropped += len(old[0])
-        self._queue.put_nowait((timestamps, values))
+        self._channel.send((timestamps, values))
 
     def _clocked(self, count: int, arrival: float, rate: float) -> np.ndarray:
         """Timestamps of ``count`` samples at ``rate`` that arrived at ``arrival``.
@@ -970,8 +962,13 @@ class BleSource(Source):
         room = max(arrival + slack - previous, 0.0)
         return previous + steps * min(period, room / count)
 
+    @property
+    def dropped(self) -> int:
+        """Samples dropped because the loop fell behind."""
+        return self._channel.dropped
+
     def lost(self, reason: str) -> None:
-        self._queue.put_nowait(_Lost(reason))
+        self._channel.close(DeviceLost(reason))
 
     async def chunks(self) -> AsyncIterator[Chunk]:
         """Yield decoded notifications; raise DeviceLost when the device drops."""
@@ -980,23 +977,21 @@ class BleSource(Source):
         while not self._closed:
             try:
                 async with asyncio.timeout(LIVENESS_CHECK_S):
-                    item = await self._queue.get()
+                    item = await self._channel.receive()
+            except ChannelClosed:
+                return
             except TimeoutError:
                 link = self._link
                 if (
                     link is not None
                     and self._generation is not None
                     and not link.alive(self._generation)
-                    and self._queue.empty()  # else the _Lost item check() just queued
+                    and not self._channel.closed  # else check() just reported the loss
                 ):
                     # A loss this source was not told about (a client gone without a
-                    # disconnect event is told through check(), as a _Lost item).
+                    # disconnect event is told through check(), which closes the channel).
                     raise DeviceLost(f"BLE device {self.device.address}: connection lost") from None
                 continue
-            if item is _CLOSED:
-                return
-            if isinstance(item, _Lost):
-                raise DeviceLost(item.reason)
             yield item
 
 

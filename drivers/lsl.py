@@ -41,6 +41,7 @@ except RuntimeError as exc:  # pylsl is installed but cannot find liblsl
     # The registry skips drivers whose import fails with ImportError ("auto" mode).
     raise ImportError(f"pylsl cannot load liblsl: {exc}", name="liblsl") from exc
 
+from ..channel import Channel
 from ..errors import DatamuxError, DeviceError, DeviceLost, NotFound
 from ..framing import Framing
 from ..model import Field, Node, Stream, numpy_dtype, seconds_index
@@ -589,6 +590,10 @@ class _Stopped(Exception):
     """The reader was stopped (by its source or the driver): not the outlet's fault."""
 
 
+def _stopped() -> DeviceError:
+    return DeviceError("LSL driver closed")
+
+
 class _InletReader(threading.Thread):
     """Owns one inlet: connects, pulls chunks, hands them to the event loop.
 
@@ -598,9 +603,11 @@ class _InletReader(threading.Thread):
     per inlet also keeps every liblsl call on one inlet in one thread, so the inlet is
     destroyed by the thread that uses it, never while a pull is running.
 
-    Items put on ``queue``: ``("ready", outlet)``, ``("chunk", (timestamps, values))``,
-    ``("lost", reason)``, ``("error", exception)`` or ``("stopped", None)``; the thread
-    always posts one of the last three, then ends.
+    Sends on ``channel`` the outlet it connected to, then chunks; it always closes the
+    channel as it ends: with DeviceLost (the outlet is gone) or DeviceError (failed,
+    or stopped: only the driver stops a reader under a running source). A chunk is sent only
+    with a credit, given back as the loop takes it: the thread waits, and liblsl keeps
+    buffering, rather than the channel dropping samples.
     """
 
     def __init__(
@@ -608,16 +615,14 @@ class _InletReader(threading.Thread):
         known: _Known,
         candidates: Sequence[_Outlet],
         driver: LslDriver,
-        loop: asyncio.AbstractEventLoop,
-        queue: asyncio.Queue[tuple[str, Any]],
+        channel: Channel[Any],
         rows: int,
     ) -> None:
         super().__init__(name=f"lsl-{known.stream.id}", daemon=True)
         self.known = known
         self.candidates = list(candidates)
         self.driver = driver
-        self.loop = loop
-        self.queue = queue
+        self.channel = channel
         self.rows = rows
         self.credits = threading.Semaphore(MAX_PENDING_CHUNKS)
         self._stopping = threading.Event()
@@ -629,31 +634,26 @@ class _InletReader(threading.Thread):
         inlet = None
         try:
             inlet, outlet = self._connect()
-            self._emit(("ready", outlet))
+            self.channel.send(outlet)
             self._pump(inlet, outlet)
-            self._emit(("stopped", None))  # the pump returns only when stopped
+            self.channel.close(_stopped())  # the pump returns only when stopped
         except _Stopped:
-            self._emit(("stopped", None))
+            self.channel.close(_stopped())
         except _Lost as exc:
-            self._emit(("lost", str(exc)))
+            self.channel.close(DeviceLost(str(exc)))
         except Exception as exc:
             if not isinstance(exc, DatamuxError):
                 reason = f"{type(exc).__name__}: {exc}"
                 wrapped = DeviceError(f"{self.known.label()} failed: {reason}")
                 wrapped.__cause__ = exc
                 exc = wrapped
-            self._emit(("error", exc))
+            self.channel.close(exc)
         finally:
             if inlet is not None:
                 with contextlib.suppress(Exception):
                     inlet.close_stream()
             del inlet  # destroyed here, in the only thread that ever used it
             self.driver._unregister(self)
-
-    def _emit(self, item: tuple[str, Any]) -> None:
-        # call_soon_threadsafe also wakes the loop; a closed loop means nobody listens.
-        with contextlib.suppress(RuntimeError):
-            self.loop.call_soon_threadsafe(self.queue.put_nowait, item)
 
     def _connect(self) -> tuple[Any, _Outlet]:
         expected = self.known.outlet.layout
@@ -725,7 +725,7 @@ class _InletReader(threading.Thread):
             checked = now
             if not self._take_credit():
                 return
-            self._emit(("chunk", chunk))
+            self.channel.send(chunk)
 
     def _take_credit(self) -> bool:
         """Wait until the loop has room; meanwhile liblsl keeps buffering. False: stop."""
@@ -799,7 +799,7 @@ class LslSource(Source):
         # Pull as much as a frame holds (at least MIN_PULL_ROWS): fewer, larger pulls.
         self._rows = min(max(framing.max_samples, MIN_PULL_ROWS), MAX_PULL_ROWS)
         self._reader: _InletReader | None = None
-        self._queue: asyncio.Queue[tuple[str, Any]] | None = None
+        self._channel: Channel[Any] | None = None
         self.outlet: _Outlet | None = None  # the outlet this source is connected to
 
     async def open(self) -> None:
@@ -811,28 +811,19 @@ class LslSource(Source):
         if not candidates:
             raise DeviceLost(f"{self._known.label()} is not on the network")
         # Made here, not in __init__: the API builds sources in a worker thread.
-        self._queue = queue = asyncio.Queue()
-        reader = _InletReader(
-            self._known, candidates, self._driver, asyncio.get_running_loop(), queue, self._rows
-        )
+        # Chunks never overflow it: the reader sends only with a credit.
+        self._channel = channel = Channel(MAX_PENDING_CHUNKS + 1)
+        reader = _InletReader(self._known, candidates, self._driver, channel, self._rows)
         self._driver._register(reader)  # raises DeviceError once the driver is closed
         self._reader = reader
         reader.start()
         try:
-            kind, payload = await queue.get()
+            self.outlet = await channel.receive()
         except BaseException:
-            # Cancelled while connecting: the thread notices within one connect step.
+            # Lost, failed, stopped by the driver, or cancelled while connecting (the
+            # thread notices a stop within one connect step).
             await self.aclose()
             raise
-        if kind == "ready":
-            self.outlet = payload
-            return
-        await self.aclose()
-        if kind == "lost":
-            raise DeviceLost(payload)
-        if kind == "stopped":
-            raise DeviceError("LSL driver closed")
-        raise payload
 
     async def aclose(self) -> None:
         """Stop the reader thread (it closes the inlet) and wait for it. Idempotent."""
@@ -846,16 +837,8 @@ class LslSource(Source):
         """Yield chunks as the inlet delivers them; raise DeviceLost when the outlet goes."""
         if self._reader is None:
             await self.open()
-        reader, queue = self._reader, self._queue
-        assert reader is not None and queue is not None
-        while True:
-            kind, payload = await queue.get()
-            if kind == "chunk":
-                reader.credits.release()
-                yield payload
-            elif kind == "lost":
-                raise DeviceLost(payload)
-            elif kind == "error":
-                raise payload
-            elif kind == "stopped":  # only the driver stops a reader under a running source
-                raise DeviceError("LSL driver closed")
+        reader, channel = self._reader, self._channel
+        assert reader is not None and channel is not None
+        async for chunk in channel:
+            reader.credits.release()
+            yield chunk

@@ -41,6 +41,7 @@ import numpy as np
 import serial
 from serial.tools import list_ports
 
+from ..channel import Channel
 from ..errors import ConfigError, DeviceError, DeviceLost, NotFound
 from ..framing import Framing
 from ..model import Field, Node, Stream, dtype_name, numpy_dtype, seconds_index
@@ -328,13 +329,6 @@ def parse_options(options: Mapping[str, Any] | None) -> tuple[dict[str, DeviceSp
 # -- the reader ----------------------------------------------------------------------
 
 
-class _Closed:
-    """End of chunks: the source or the driver was closed."""
-
-
-_CLOSED = _Closed()
-
-
 @dataclass(frozen=True)
 class _Ended:
     """End of chunks with a reason; each source raises its own exception from it."""
@@ -506,7 +500,7 @@ class _PortReader:
     def _run(self, port: serial.SerialBase, stop: threading.Event) -> None:
         """The reader thread: read, parse, stamp, publish, until stopped or lost."""
         spec = self.spec
-        ending: _Closed | _Ended = _CLOSED
+        ending: _Ended | None = None
         warner = _Warner(spec.id, self.stats)
         try:
             parser = make_parser(spec.format, spec.channel_names, spec.dtype, self.stats)
@@ -538,9 +532,9 @@ class _PortReader:
             warner.check()
 
     def _finish(
-        self, port: serial.SerialBase, stop: threading.Event, ending: _Closed | _Ended
+        self, port: serial.SerialBase, stop: threading.Event, ending: _Ended | None
     ) -> None:
-        if self.spec.stop and ending is _CLOSED:
+        if self.spec.stop and ending is None:
             with contextlib.suppress(Exception):  # best effort: the device may be gone
                 port.write(self.spec.stop)
                 port.flush()
@@ -553,7 +547,7 @@ class _PortReader:
             with contextlib.suppress(Exception):
                 port.close()
         for source in subscribers:
-            source.post(ending)
+            source.end(ending)
 
 
 # -- sources and the driver ----------------------------------------------------------
@@ -571,10 +565,16 @@ class SerialSource(Source):
     def __init__(self, stream: Stream, reader: _PortReader) -> None:
         super().__init__(stream)
         self._reader = reader
-        self._queue: asyncio.Queue[Any] = asyncio.Queue()
-        self._loop: asyncio.AbstractEventLoop | None = None
+        self._channel = self._new_channel()
         self._attached = False
         self._dropped = 0
+
+    def _new_channel(self) -> Channel[Chunk]:
+        return Channel(MAX_QUEUED_CHUNKS, size=lambda chunk: len(chunk[0]), on_drop=self._count)
+
+    def _count(self, samples: int) -> None:
+        self.stats.dropped += samples
+        self._dropped += samples
 
     @property
     def stats(self) -> ParseStats:
@@ -604,8 +604,7 @@ class SerialSource(Source):
         """Attach to the device's reader, opening the port. DeviceLost if it is absent."""
         if self._attached:
             return
-        self._loop = asyncio.get_running_loop()
-        self._queue = asyncio.Queue()
+        self._channel = self._new_channel()  # bound to this loop
         await self._reader.attach(self)
         self._attached = True
 
@@ -615,35 +614,26 @@ class SerialSource(Source):
             return
         self._attached = False
         await self._reader.detach(self)
-        self._queue.put_nowait(_CLOSED)
+        self._channel.close()
 
-    def post(self, item: Any) -> None:
-        """From the reader thread: hand an item to this source's loop."""
-        loop = self._loop
-        if loop is None:
+    def post(self, chunk: Chunk) -> None:
+        """From the reader thread: hand a chunk to this source's loop."""
+        self._channel.send(chunk)
+
+    def end(self, ending: _Ended | None) -> None:
+        """From the reader thread: no more chunks; with a reason, the source raises."""
+        if ending is None:
+            self._channel.close()
             return
-        with contextlib.suppress(RuntimeError):  # the loop is closed: no one is listening
-            loop.call_soon_threadsafe(self._put, item)
-
-    def _put(self, item: Any) -> None:
-        if isinstance(item, tuple) and self._queue.qsize() >= MAX_QUEUED_CHUNKS:
-            old = self._queue.get_nowait()  # only chunks queue up: endings come last
-            if isinstance(old, tuple):
-                self.stats.dropped += len(old[0])
-                self._dropped += len(old[0])
-        self._queue.put_nowait(item)
+        error = DeviceLost if ending.lost else DeviceError
+        self._channel.close(error(ending.reason))
 
     async def chunks(self) -> AsyncIterator[Chunk]:
         """Yield chunks as the device sends them; DeviceLost when it vanishes."""
         if not self._attached:
             await self.open()
-        while True:
-            item = await self._queue.get()
-            if isinstance(item, _Closed):
-                return
-            if isinstance(item, _Ended):
-                raise DeviceLost(item.reason) if item.lost else DeviceError(item.reason)
-            yield item
+        async for chunk in self._channel:
+            yield chunk
 
 
 def _port_node_id(info: Any, taken: set[str]) -> str:

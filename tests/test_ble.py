@@ -877,8 +877,8 @@ def delivered(source: ble.BleSource, packets: list[tuple[int, float]]) -> np.nda
     for count, arrival in packets:
         source.deliver(bytes(2 * count), arrival)
     stamps = []
-    while not source._queue.empty():
-        stamps.append(source._queue.get_nowait()[0])
+    while len(source._channel):
+        stamps.append(source._channel.get_nowait()[0])
     return np.concatenate(stamps)
 
 

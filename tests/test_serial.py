@@ -714,7 +714,7 @@ def test_finish_of_an_old_reader_leaves_the_current_one_alone():
     old, current = StuckPort(), StuckPort()
     source = driver.open_stream("dev", "data", {}, dm.Framing())
     reader._port, reader._subscribers = current, [source]
-    reader._finish(old, threading.Event(), serialport._CLOSED)
+    reader._finish(old, threading.Event(), None)
     assert old.closed and not current.closed
     assert reader._port is current and reader._subscribers == [source]
 
@@ -737,9 +737,9 @@ def test_chunks_a_slow_consumer_loses_are_counted_on_the_source_and_leave_a_gap(
     source = driver.open_stream("dev", "data", {}, dm.Framing())
     values = np.zeros((2, len(CHANNELS)))
     for i in range(serialport.MAX_QUEUED_CHUNKS + 3):
-        source._put((np.array([2.0 * i, 2.0 * i + 1]), values))
+        source.post((np.array([2.0 * i, 2.0 * i + 1]), values))
     assert source.dropped == 6 and driver.stats("dev").dropped == 6
-    first = source._queue.get_nowait()
+    first = source._channel.get_nowait()
     assert first[0][0] == 6.0  # the timestamps show where the samples went missing
 
 
