@@ -15,6 +15,7 @@ from collections import deque
 from collections.abc import Callable, Mapping
 from typing import Any
 
+from ..channel import Channel, put_when_room
 from ..model import Frame, StreamError, StreamStatus
 from ..protocol import status_data
 from ..util import END_OF_STREAM
@@ -30,6 +31,10 @@ INBOX_FRAMES = 1024
 # How far behind the newest frame a frame still counts as a QoS 1 resend. Resends are
 # at most the unacknowledged window (mqttio.MAX_OUTSTANDING, 64) behind.
 SEQ_WINDOW = 256
+
+
+def _frame_samples(item: Any) -> int | None:
+    return len(item) if isinstance(item, Frame) else None
 
 
 class TaskStream:
@@ -48,12 +53,10 @@ class TaskStream:
         self.on_end = on_end
         self.stream_id = ""
         self.next_seq = 0
-        self.inbox: deque[Any] = deque()
+        # Frames give way past INBOX_FRAMES (counted in samples); other items never do.
+        self.inbox: Channel[Any] = Channel(INBOX_FRAMES, size=_frame_samples)
         self.restamp: Callable[[Frame], None] | None = None
         self.held: deque[tuple[int, StreamStatus]] = deque()  # (seq of the frame after it, item)
-        self.inbox_frames = 0
-        self.overflow_samples = 0  # dropped for a slow consumer, not yet reported
-        self.wakeup = asyncio.Event()
         self.frame_arrived = asyncio.Event()
         self.ended = asyncio.Event()  # END_OF_STREAM is on the sink
         self.finishing: asyncio.Task[None] | None = None
@@ -153,48 +156,25 @@ class TaskStream:
         """Queue an item for the sink (the oldest frame gives way past INBOX_FRAMES)."""
         if self.closing:
             return
-        if isinstance(item, Frame):
-            if self.inbox_frames >= INBOX_FRAMES:
-                self._drop_oldest_frame()
-            self.inbox_frames += 1
-        self.inbox.append(item)
-        self.wakeup.set()
-
-    def _drop_oldest_frame(self) -> None:
-        # The consumer is not keeping up: drop the oldest frame; one status says how much
-        # was dropped since the consumer last took an item.
-        for index, old in enumerate(self.inbox):
-            if isinstance(old, Frame):
-                del self.inbox[index]
-                self.inbox_frames -= 1
-                self.overflow_samples += len(old)
-                return
+        self.inbox.send(item)
 
     async def _deliver(self) -> None:
+        reported = 0  # inbox drops already told to the consumer
         while True:
-            while self.inbox:
-                if self.overflow_samples:
-                    reason = f"{self.overflow_samples} samples dropped (consumer too slow)"
-                    log.warning("task %s: %s", self.task_id, reason)
-                    self.overflow_samples = 0
-                    await self._to_sink(StreamStatus(self.stream_id, "dropped", reason))
-                    continue
-                item = self.inbox.popleft()
-                if isinstance(item, Frame):
-                    self.inbox_frames -= 1
-                await self._to_sink(item)
-                if item is END_OF_STREAM:
-                    self.ended.set()
-                    return
-            self.wakeup.clear()
-            await self.wakeup.wait()
+            item = await self.inbox.receive()
+            if (newly := self.inbox.dropped - reported) > 0:
+                # The consumer is not keeping up: one status says how much was dropped
+                # since it last took an item.
+                reported += newly
+                reason = f"{newly} samples dropped (consumer too slow)"
+                log.warning("task %s: %s", self.task_id, reason)
+                await self._to_sink(StreamStatus(self.stream_id, "dropped", reason))
+            await self._to_sink(item)
+            if item is END_OF_STREAM:
+                self.ended.set()
+                return
 
     async def _to_sink(self, item: Any) -> None:
-        if self.sink.maxsize > 0:
-            await self.sink.put(item)
-            return
         # An unbounded sink still holds at most INBOX_FRAMES items; past that they wait
         # in the inbox, where the oldest frames give way.
-        while self.sink.qsize() >= INBOX_FRAMES:
-            await asyncio.sleep(0.002)
-        self.sink.put_nowait(item)
+        await put_when_room(self.sink, item, INBOX_FRAMES)

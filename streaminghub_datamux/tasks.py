@@ -19,6 +19,7 @@ from typing import Any
 
 import numpy as np
 
+from .channel import put_when_room
 from .errors import DeviceLost
 from .framing import Framing
 from .model import Frame, StreamError, StreamStatus
@@ -305,12 +306,7 @@ class Task:
         self.samples_sent += len(timestamps)
 
     async def _deliver(self, item: Any) -> None:
-        if self.sink.maxsize > 0:
-            await self.sink.put(item)
-            return
-        while self.sink.qsize() >= SINK_HIGH_WATER:
-            await asyncio.sleep(0.002)
-        self.sink.put_nowait(item)
+        await put_when_room(self.sink, item, SINK_HIGH_WATER)
 
     def _put_last(self, item: Any) -> None:
         """Put an item without waiting; a full sink gets it as soon as there is room."""
