@@ -45,11 +45,11 @@ from bleak.exc import BleakCharacteristicNotFoundError, BleakError
 from bleak.uuids import normalize_uuid_str
 
 from ..channel import Channel, ChannelClosed
+from ..checks import check_keys, config_id, config_number, config_text
 from ..errors import ConfigError, DeviceError, DeviceLost, NotFound
 from ..framing import Framing
 from ..model import Field, Node, Stream, numpy_dtype, seconds_index
 from .base import Chunk, Driver, DriverStatus, Source
-from .signals import check_keys, config_number, config_text
 
 try:  # bleak >= 3.0
     from bleak.exc import BleakGATTProtocolError
@@ -112,7 +112,6 @@ _OPTION_KEYS = {"scan", "scan_s", "connect_timeout_s", "devices"}
 _DEVICE_KEYS = {"address", "profile", "name", "description"}
 _CUSTOM_KEYS = {"characteristic", "layout", "channels", "dtype", "rate", "scale", "stream", "unit"}
 # Node and stream ids end up in MQTT topics and file names.
-_ID = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,63}")
 _MAC = re.compile(r"[0-9A-Fa-f]{2}(:[0-9A-Fa-f]{2}){5}")
 _SHORT_UUID = re.compile(r"[0-9A-Fa-f]{4}([0-9A-Fa-f]{4})?")
 _BYTE_ORDERS = "<>!="
@@ -346,16 +345,6 @@ def scanned_node_id(address: str) -> str:
     return "ble-" + address.replace(":", "").lower()
 
 
-def _check_id(value: Any, path: str, what: str) -> str:
-    if not isinstance(value, str) or not _ID.fullmatch(value):
-        raise ConfigError(
-            f"invalid {what} id {value!r}",
-            key=path,
-            fix="use 1-64 letters, digits, '_', '.' or '-', starting with a letter or digit",
-        )
-    return value
-
-
 def _parse_address(data: Mapping[str, Any], path: str) -> str:
     address = data.get("address")
     if isinstance(address, str) and _MAC.fullmatch(address):
@@ -477,7 +466,7 @@ def _parse_custom(data: Mapping[str, Any], path: str) -> StreamSpec:
         )
     rate = config_number(data, "rate", path, 0.0, low=0)
     stream_id = data.get("stream", "data")
-    _check_id(stream_id, f"{path}.stream", "stream")
+    config_id(stream_id, f"{path}.stream", "stream")
     return StreamSpec(
         id=stream_id,
         characteristic=characteristic,
@@ -496,7 +485,7 @@ def parse_device(node_id: str, data: Any, path: str) -> DeviceSpec:
     Raises:
         ConfigError: naming the offending key path and how to fix it.
     """
-    _check_id(node_id, path, "node")
+    config_id(node_id, path, "node")
     data = check_keys(data, path, _DEVICE_KEYS | _CUSTOM_KEYS, "BLE device")
     profile = data.get("profile", "heart_rate")
     if profile not in PROFILES:

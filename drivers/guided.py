@@ -16,11 +16,11 @@ from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+from ..checks import check_keys, config_number
 from ..errors import ConfigError
 from ..framing import Framing
 from ..model import Stream
 from .base import Chunk, Source
-from .signals import check_keys, config_number
 
 __all__ = ["GuidedSource", "GuidedSpec", "RecordingProvider", "parse_guided"]
 

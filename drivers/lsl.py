@@ -42,11 +42,11 @@ except RuntimeError as exc:  # pylsl is installed but cannot find liblsl
     raise ImportError(f"pylsl cannot load liblsl: {exc}", name="liblsl") from exc
 
 from ..channel import Channel
+from ..checks import ID_PATTERN, check_keys, config_number
 from ..errors import DatamuxError, DeviceError, DeviceLost, NotFound
 from ..framing import Framing
 from ..model import Field, Node, Stream, numpy_dtype, seconds_index
 from .base import Chunk, Driver, DriverStatus, Source
-from .signals import check_keys, config_number
 
 __all__ = [
     "LSL_DTYPES",
@@ -107,7 +107,6 @@ LSL_DTYPES: dict[int, str] = {
 PROCESSING_FLAGS = pylsl.proc_clocksync | pylsl.proc_monotonize
 
 # Node and stream ids end up in MQTT topics and file names.
-_ID = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,63}")
 _UNSAFE = re.compile(r"[^A-Za-z0-9_.-]")
 
 PULL_TIMEOUT_S = 0.1  # how long one pull waits: also how fast a reader notices a stop
@@ -133,7 +132,7 @@ def safe_id(text: str, prefix: str = "", default: str = "stream") -> str:
     """
     body = _UNSAFE.sub("_", text.strip()) or default
     candidate = prefix + body
-    if not _ID.match(candidate[:1]):
+    if not ID_PATTERN.match(candidate[:1]):
         candidate = "_" + candidate
     return candidate[:64]
 

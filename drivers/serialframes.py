@@ -44,10 +44,11 @@ from typing import Any
 import numpy as np
 from numpy.lib.stride_tricks import sliding_window_view
 
+from ..checks import check_keys
 from ..errors import ConfigError
 from ..model import Frame, StreamError
 from ..util import END_OF_STREAM
-from .signals import cast_values, check_keys
+from .signals import cast_values
 
 __all__ = [
     "CHECKSUMS",

@@ -42,6 +42,7 @@ import serial
 from serial.tools import list_ports
 
 from ..channel import Channel
+from ..checks import check_keys, config_id, config_number, config_text
 from ..errors import ConfigError, DeviceError, DeviceLost, NotFound
 from ..framing import Framing
 from ..model import Field, Node, Stream, dtype_name, numpy_dtype, seconds_index
@@ -55,7 +56,6 @@ from .serialframes import (
     parse_format,
     serve_stream_on_pty,
 )
-from .signals import check_keys, config_number, config_text
 
 __all__ = [
     "CONFIG_PATH",
@@ -90,7 +90,6 @@ _DEVICE_KEYS = {
 }  # fmt: skip
 _CHANNEL_KEYS = {"unit", "name", "description"}
 # Node and stream ids end up in MQTT topics and file names: no '/', '+', '#', spaces.
-_ID = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,63}")
 _URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
 
 
@@ -162,16 +161,6 @@ class DeviceSpec:
             node_id=self.id,
             attrs={"mode": "live"},
         )
-
-
-def _check_id(value: Any, path: str, what: str) -> str:
-    if not isinstance(value, str) or not _ID.fullmatch(value):
-        raise ConfigError(
-            f"invalid {what} id {value!r}",
-            key=path,
-            fix="use 1-64 letters, digits, '_', '.' or '-', starting with a letter or digit",
-        )
-    return value
 
 
 def _parse_channels(data: Any, path: str) -> dict[str, ChannelInfo]:
@@ -252,7 +241,7 @@ def parse_device(node_id: str, data: Any, path: str | None = None) -> DeviceSpec
         ConfigError: naming the offending key path and how to fix it.
     """
     path = path or f"{CONFIG_PATH}.devices.{node_id}"
-    _check_id(node_id, path, "node")
+    config_id(node_id, path, "node")
     data = check_keys(data, path, _DEVICE_KEYS, "serial device")
     port = _parse_port(data, path)
     channels = _parse_channels(data.get("channels"), f"{path}.channels")
@@ -277,7 +266,7 @@ def parse_device(node_id: str, data: Any, path: str | None = None) -> DeviceSpec
         channels=channels,
         format=fmt,
         baudrate=_parse_baudrate(data, path),
-        stream=_check_id(data.get("stream", "data"), f"{path}.stream", "stream"),
+        stream=config_id(data.get("stream", "data"), f"{path}.stream", "stream"),
         dtype=dtype,
         rate=rate,
         name=config_text(data, "name", path),

@@ -18,6 +18,7 @@ from typing import Any
 
 import numpy as np
 
+from ..checks import check_keys, config_number, config_text
 from ..errors import ConfigError
 
 __all__ = [
@@ -27,9 +28,6 @@ __all__ = [
     "EventClock",
     "StreamSynth",
     "cast_values",
-    "check_keys",
-    "config_number",
-    "config_text",
     "parse_channel",
 ]
 
@@ -75,71 +73,6 @@ class ChannelSpec:
     @property
     def is_marker(self) -> bool:
         return self.signal == "marker"
-
-
-def config_number(
-    data: Mapping[str, Any],
-    key: str,
-    path: str,
-    default: float,
-    *,
-    low: float | None = None,
-    high: float | None = None,
-    positive: bool = False,
-) -> float:
-    """Read a finite number in ``[low, high]`` (``> 0`` if ``positive``), else ConfigError."""
-    if key not in data:
-        return default
-    value = data[key]
-    wanted = " and ".join(
-        part
-        for part in (
-            "> 0" if positive else "",
-            f">= {low:g}" if low is not None and not positive else "",
-            f"<= {high:g}" if high is not None else "",
-        )
-        if part
-    )
-    fix = f"use a number {wanted}" if wanted else "use a number"
-    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
-        raise ConfigError(f"expected a number, got {value!r}", key=f"{path}.{key}", fix=fix)
-    if (
-        (positive and value <= 0)
-        or (low is not None and value < low)
-        or (high is not None and value > high)
-    ):
-        raise ConfigError(f"{value!r} is out of range", key=f"{path}.{key}", fix=fix)
-    return float(value)
-
-
-def config_text(data: Mapping[str, Any], key: str, path: str, default: str = "") -> str:
-    """Read an optional string, or raise ConfigError naming ``path.key``."""
-    value = data.get(key, default)
-    if not isinstance(value, str):
-        raise ConfigError(f"expected a string, got {value!r}", key=f"{path}.{key}", fix="quote it")
-    return value
-
-
-def check_keys(data: Any, path: str, allowed: set[str], what: str) -> Mapping[str, Any]:
-    """Require a JSON object with only ``allowed`` keys; return it.
-
-    Raises:
-        ConfigError: ``data`` is not an object, or has an unknown key (likely a typo).
-    """
-    if not isinstance(data, Mapping):
-        raise ConfigError(
-            f"{what} must be a JSON object, got {type(data).__name__}",
-            key=path,
-            fix=f"write it as {{...}} with keys {sorted(allowed)}",
-        )
-    for key in data:
-        if key not in allowed:
-            raise ConfigError(
-                f"unknown {what} key {key!r}",
-                key=f"{path}.{key}",
-                fix=f"remove it or use one of {sorted(allowed)}",
-            )
-    return data
 
 
 def parse_channel(data: Any, path: str) -> ChannelSpec:

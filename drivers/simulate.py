@@ -14,7 +14,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
-import re
 import time
 import zlib
 from collections.abc import AsyncIterator, Mapping
@@ -23,19 +22,13 @@ from typing import Any
 
 import numpy as np
 
+from ..checks import check_keys, config_id, config_number, config_text
 from ..errors import ConfigError, DeviceLost, NotFound
 from ..framing import Framing
 from ..model import Field, Node, Stream, numpy_dtype, seconds_index
 from .base import Chunk, Driver, Source
 from .guided import GuidedSource, GuidedSpec, RecordingProvider, device_framing, parse_guided
-from .signals import (
-    ChannelSpec,
-    StreamSynth,
-    check_keys,
-    config_number,
-    config_text,
-    parse_channel,
-)
+from .signals import ChannelSpec, StreamSynth, parse_channel
 
 __all__ = [
     "DEMO_NODE",
@@ -61,7 +54,6 @@ _STREAM_KEYS = {
 }  # fmt: skip
 _FAULT_KEYS = {"jitter_ms", "drop_rate", "disconnect_every_s", "disconnect_for_s"}
 # Node and stream ids end up in MQTT topics and file names: no '/', '+', '#', spaces.
-_ID = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,63}")
 
 _EEG_CHANNELS = ("Fp1", "Fp2", "C3", "C4", "P3", "P4", "O1", "O2")
 
@@ -205,16 +197,6 @@ class NodeSpec:
         )
 
 
-def _check_id(value: Any, path: str, what: str) -> str:
-    if not isinstance(value, str) or not _ID.fullmatch(value):
-        raise ConfigError(
-            f"invalid {what} id {value!r}",
-            key=path,
-            fix="use 1-64 letters, digits, '_', '.' or '-', starting with a letter or digit",
-        )
-    return value
-
-
 def _parse_faults(data: Any, path: str) -> FaultSpec:
     data = check_keys(data, path, _FAULT_KEYS, "faults")
     drop_rate = config_number(data, "drop_rate", path, 0.0, low=0)
@@ -329,7 +311,7 @@ def parse_node(node_id: str, data: Any, path: str | None = None) -> NodeSpec:
         ConfigError: naming the offending key path and how to fix it.
     """
     path = path or f"{CONFIG_PATH}.{node_id}"
-    _check_id(node_id, path, "node")
+    config_id(node_id, path, "node")
     data = check_keys(data, path, _NODE_KEYS, "node")
     raw_streams = data.get("streams")
     if not isinstance(raw_streams, Mapping) or not raw_streams:
@@ -341,7 +323,7 @@ def parse_node(node_id: str, data: Any, path: str | None = None) -> NodeSpec:
     streams: dict[str, StreamSpec | GuidedSpec] = {}
     for sid, spec in raw_streams.items():
         stream_path = f"{path}.streams.{sid}"
-        _check_id(sid, stream_path, "stream")
+        config_id(sid, stream_path, "stream")
         if isinstance(spec, Mapping) and "guided" in spec:
             streams[sid] = parse_guided(sid, spec, stream_path)
         else:

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import logging
 import os
-import re
 import threading
 import time
 from collections import OrderedDict
@@ -23,6 +22,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
+from .checks import ID_PATTERN
 from .dfds import COLLECTION_SUFFIX, load_collection, scan_collections
 from .drivers.formats import SELF_DESCRIBING, format_for_path
 from .drivers.recordings import (
@@ -41,7 +41,6 @@ __all__ = ["Catalog", "ScanCache"]
 
 log = logging.getLogger(__name__)
 
-_FOLDER_ID = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,63}")
 _DESCRIBE_CACHE_SIZE = 512
 _SCAN_CACHE_SIZE = 64
 # A folder changed this recently may change again within the same mtime tick (coarse
@@ -142,7 +141,7 @@ class Catalog:
         found: dict[str, Collection] = {}
         errors: dict[str, DatamuxError] = dict(problems)
         for collection_id, collection in collections.items():
-            if not _FOLDER_ID.fullmatch(collection_id):
+            if not ID_PATTERN.fullmatch(collection_id):
                 # Ids travel in requests and topics: a file name that is no plain id is
                 # reported, not listed as something that cannot then be opened.
                 errors[collection_id] = MetadataError(
@@ -165,7 +164,7 @@ class Catalog:
         folders = [self.data_dir / only] if only else sorted(self.data_dir.iterdir())
         ids = []
         for folder in folders:
-            if not folder.is_dir() or folder.name in taken or not _FOLDER_ID.fullmatch(folder.name):
+            if not folder.is_dir() or folder.name in taken or not ID_PATTERN.fullmatch(folder.name):
                 continue
             if any(p.suffix.lower() in SELF_DESCRIBING_EXTENSIONS for p in folder.rglob("*")):
                 ids.append(folder.name)
@@ -179,7 +178,7 @@ class Catalog:
             MetadataError: its metadata file is broken.
         """
         # Ids come from requests: check them before they get near a file name.
-        if isinstance(collection_id, str) and _FOLDER_ID.fullmatch(collection_id):
+        if isinstance(collection_id, str) and ID_PATTERN.fullmatch(collection_id):
             path = self.meta_dir / f"{collection_id}{COLLECTION_SUFFIX}"
             if path.is_file():
                 return self._with_streams(load_collection(path))
@@ -188,7 +187,7 @@ class Catalog:
         known = sorted(
             name
             for name in (p.name[: -len(COLLECTION_SUFFIX)] for p in self._metadata_files())
-            if _FOLDER_ID.fullmatch(name)
+            if ID_PATTERN.fullmatch(name)
         )
         known += self._folder_ids(set(known))
         raise NotFound(

@@ -7,11 +7,11 @@ agent and the RemoteAPI so the two cannot disagree. Nothing here touches the net
 from __future__ import annotations
 
 import math
-import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any, TypeGuard
+from typing import Any
 
+from .checks import ID_PATTERN, is_id
 from .drivers.replaycontrol import ACTIONS as CONTROL_ACTIONS
 from .errors import InvalidRequest
 from .methods import Check, Method, MethodTable, Param, Result
@@ -20,6 +20,7 @@ from .paging import PAGE_PARAMS
 
 __all__ = [
     "DEFAULT_PREFIX",
+    "ID_PATTERN",
     "METHODS",
     "PROTOCOL_VERSION",
     "TABLE",
@@ -44,9 +45,8 @@ DEFAULT_PREFIX = "streaminghub/v2"
 # Where protocol v1 peers are found when the prefix is the default one (for clear errors).
 V1_PREFIX = "streaminghub/v1"
 
-# Agent, client and task ids appear in topics (and the spool's folder): no "/", "+",
-# "#" or spaces, and a bounded length.
-ID_PATTERN = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,63}")
+# Agent, client and task ids appear in topics (and the spool's folder): ID_PATTERN has
+# no "/", "+", "#" or spaces, and a bounded length.
 MAX_TEXT = 256  # longest id, name or topic accepted in a request
 MAX_ATTRS = 32
 MAX_FRAME_SAMPLES = 1_000_000
@@ -59,17 +59,12 @@ def check_id(value: Any, what: str) -> str:
     Raises:
         InvalidRequest: anything else.
     """
-    if not isinstance(value, str) or not ID_PATTERN.fullmatch(value):
+    if not is_id(value):
         raise InvalidRequest(
             f"{what} must be 1 to 64 letters, digits, '_', '.' or '-' (not starting with "
             f"'.' or '-'), not {_short(value)}"
         )
     return value
-
-
-def is_id(value: Any) -> TypeGuard[str]:
-    """Whether ``value`` is an id (check_id's rule) without raising."""
-    return isinstance(value, str) and ID_PATTERN.fullmatch(value) is not None
 
 
 class Topics:

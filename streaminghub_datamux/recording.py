@@ -31,6 +31,7 @@ from typing import Any, Literal
 
 import numpy as np
 
+from .checks import is_id
 from .config import Config, load_config
 from .errors import DataError, InvalidRequest, NotFound
 from .interface import DatamuxAPI
@@ -39,7 +40,6 @@ from .util import END_OF_STREAM
 
 __all__ = ["CsvFrameWriter", "ParquetFrameWriter", "RecordingSummary", "record"]
 
-_SAFE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,63}")
 _FSYNC_EVERY_S = 1.0
 
 
@@ -56,7 +56,7 @@ class RecordingSummary:
 
 def _check_segment(value: str, what: str) -> str:
     """Ids and attr values become path segments: no separators, no '..'."""
-    if not isinstance(value, str) or not _SAFE.fullmatch(value) or value in (".", ".."):
+    if not is_id(value) or value in (".", ".."):
         raise InvalidRequest(
             f"{what} {value!r} cannot name a file: use letters, digits, '_', '-' and '.' "
             "(at most 64, not starting with '.' or '-')"

@@ -1,0 +1,98 @@
+"""Checks of untrusted values: ids, numbers, texts and option keys; errors name the key.
+
+One place for what the config loader, the drivers and the protocol accept, so that an id
+valid in one is valid in all, and every rejection says which key failed and how to fix it.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Mapping
+from typing import Any, TypeGuard
+
+from .errors import ConfigError
+
+__all__ = ["ID_PATTERN", "check_keys", "config_id", "config_number", "config_text", "is_id"]
+
+# Ids appear in topics, folder names and file names: no "/", "+", "#" or spaces, not
+# starting with "." or "-", and a bounded length.
+ID_PATTERN = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,63}")
+ID_FIX = "use 1-64 letters, digits, '_', '.' or '-', starting with a letter or digit"
+
+
+def is_id(value: Any) -> TypeGuard[str]:
+    """Whether ``value`` is a string :data:`ID_PATTERN` accepts."""
+    return isinstance(value, str) and ID_PATTERN.fullmatch(value) is not None
+
+
+def config_id(value: Any, path: str, what: str) -> str:
+    """An id from a config file, or ConfigError naming ``path``."""
+    if not is_id(value):
+        raise ConfigError(f"invalid {what} id {value!r}", key=path, fix=ID_FIX)
+    return value
+
+
+def config_number(
+    data: Mapping[str, Any],
+    key: str,
+    path: str,
+    default: float,
+    *,
+    low: float | None = None,
+    high: float | None = None,
+    positive: bool = False,
+) -> float:
+    """Read a finite number in ``[low, high]`` (``> 0`` if ``positive``), else ConfigError."""
+    if key not in data:
+        return default
+    value = data[key]
+    wanted = " and ".join(
+        part
+        for part in (
+            "> 0" if positive else "",
+            f">= {low:g}" if low is not None and not positive else "",
+            f"<= {high:g}" if high is not None else "",
+        )
+        if part
+    )
+    fix = f"use a number {wanted}" if wanted else "use a number"
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+        raise ConfigError(f"expected a number, got {value!r}", key=f"{path}.{key}", fix=fix)
+    if (
+        (positive and value <= 0)
+        or (low is not None and value < low)
+        or (high is not None and value > high)
+    ):
+        raise ConfigError(f"{value!r} is out of range", key=f"{path}.{key}", fix=fix)
+    return float(value)
+
+
+def config_text(data: Mapping[str, Any], key: str, path: str, default: str = "") -> str:
+    """Read an optional string, or raise ConfigError naming ``path.key``."""
+    value = data.get(key, default)
+    if not isinstance(value, str):
+        raise ConfigError(f"expected a string, got {value!r}", key=f"{path}.{key}", fix="quote it")
+    return value
+
+
+def check_keys(data: Any, path: str, allowed: set[str], what: str) -> Mapping[str, Any]:
+    """Require a JSON object with only ``allowed`` keys; return it.
+
+    Raises:
+        ConfigError: ``data`` is not an object, or has an unknown key (likely a typo).
+    """
+    if not isinstance(data, Mapping):
+        raise ConfigError(
+            f"{what} must be a JSON object, got {type(data).__name__}",
+            key=path,
+            fix=f"write it as {{...}} with keys {sorted(allowed)}",
+        )
+    for key in data:
+        if key not in allowed:
+            raise ConfigError(
+                f"unknown {what} key {key!r}",
+                key=f"{path}.{key}",
+                fix=f"remove it or use one of {sorted(allowed)}",
+            )
+    return data
