@@ -12,7 +12,7 @@ event loop.
 from __future__ import annotations
 
 import abc
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Iterable, Mapping
 from dataclasses import dataclass
 from types import TracebackType
 from typing import Any, Self
@@ -20,11 +20,53 @@ from typing import Any, Self
 import numpy as np
 
 from ..framing import Framing
-from ..model import Node, Stream
+from ..model import Field, Node, Stream, seconds_index
 
-__all__ = ["Chunk", "Driver", "DriverStatus", "Source"]
+__all__ = ["Chunk", "Driver", "DriverStatus", "Source", "live_stream"]
 
 Chunk = tuple[np.ndarray, np.ndarray]
+
+
+def live_stream(
+    stream_id: str,
+    node_id: str,
+    channels: Mapping[str, Any] | Iterable[str],
+    *,
+    dtype: str,
+    attrs: Mapping[str, Any],
+    name: str = "",
+    description: str = "",
+    unit: str = "",
+    frequency: float = 0.0,
+) -> Stream:
+    """The public metadata of a device's stream, stamped in seconds.
+
+    ``channels`` are channel ids, or ids mapped to specs whose ``name``, ``description``
+    and ``unit`` (each optional; empty: the channel id, nothing, the stream's unit)
+    describe the channel.
+    """
+    pairs = channels.items() if isinstance(channels, Mapping) else ((ch, None) for ch in channels)
+    fields = {
+        ch: Field(
+            id=ch,
+            name=getattr(spec, "name", "") or ch,
+            description=getattr(spec, "description", ""),
+            dtype=dtype,
+            unit=getattr(spec, "unit", "") or unit,
+        )
+        for ch, spec in pairs
+    }
+    return Stream(
+        id=stream_id,
+        name=name or stream_id,
+        description=description,
+        unit=unit,
+        frequency=frequency,
+        fields=fields,
+        index=seconds_index(),
+        node_id=node_id,
+        attrs=dict(attrs),
+    )
 
 
 class Source(abc.ABC):

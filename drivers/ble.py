@@ -48,8 +48,8 @@ from ..channel import Channel, ChannelClosed
 from ..checks import check_keys, config_id, config_number, config_text
 from ..errors import ConfigError, DeviceError, DeviceLost, NotFound
 from ..framing import Framing
-from ..model import Field, Node, Stream, numpy_dtype, seconds_index
-from .base import Chunk, Driver, DriverStatus, Source
+from ..model import Node, Stream, numpy_dtype
+from .base import Chunk, Driver, DriverStatus, Source, live_stream
 
 try:  # bleak >= 3.0
     from bleak.exc import BleakGATTProtocolError
@@ -265,19 +265,16 @@ class StreamSpec:
 
     def to_stream(self, device: DeviceSpec) -> Stream:
         """The public :class:`Stream` metadata of this stream on ``device``."""
-        fields = {
-            ch: Field(id=ch, name=ch, dtype=self.dtype_name, unit=self.unit) for ch in self.channels
-        }
-        return Stream(
-            id=self.id,
-            name=self.name or self.id,
+        return live_stream(
+            self.id,
+            device.id,
+            self.channels,
+            dtype=self.dtype_name,
+            attrs={"mode": "ble", "address": device.address, "profile": device.profile},
+            name=self.name,
             description=self.description,
             unit=self.unit,
             frequency=self.frequency,
-            fields=fields,
-            index=seconds_index(),
-            node_id=device.id,
-            attrs={"mode": "ble", "address": device.address, "profile": device.profile},
         )
 
 

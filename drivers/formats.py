@@ -21,6 +21,7 @@ from collections.abc import Iterator
 from importlib import import_module
 from pathlib import Path
 
+from ..dfds import SELF_DESCRIBING
 from ..errors import InvalidRequest
 from ..model import Stream
 from .base import Chunk
@@ -99,8 +100,6 @@ FORMAT_MODULES: dict[str, str] = {
 EXTRAS = {"h5": "hdf5"}
 #: Container formats: the file, in the recordings folder, that holds every recording.
 CONTAINERS = {"h5": "data.h5"}
-#: Formats whose files carry their own stream metadata (no hand-written streams needed).
-SELF_DESCRIBING = frozenset({"xdf", "edf", "bdf"})
 _EXTENSIONS = {
     ".csv": "csv",
     ".xdf": "xdf",

@@ -45,8 +45,8 @@ from ..channel import Channel
 from ..checks import check_keys, config_id, config_number, config_text
 from ..errors import ConfigError, DeviceError, DeviceLost, NotFound
 from ..framing import Framing
-from ..model import Field, Node, Stream, dtype_name, numpy_dtype, seconds_index
-from .base import Chunk, Driver, DriverStatus, Source
+from ..model import Node, Stream, dtype_name, numpy_dtype
+from .base import Chunk, Driver, DriverStatus, Source, live_stream
 from .serialframes import (
     FormatSpec,
     ParseStats,
@@ -139,27 +139,16 @@ class DeviceSpec:
 
     def to_stream(self) -> Stream:
         """The public :class:`Stream` metadata of the device's one stream."""
-        dtype = dtype_name(self.dtype)
-        fields = {
-            ch: Field(
-                id=ch,
-                name=info.name or ch,
-                description=info.description,
-                dtype=dtype,
-                unit=info.unit or self.unit,
-            )
-            for ch, info in self.channels.items()
-        }
-        return Stream(
-            id=self.stream,
-            name=self.name or self.stream,
+        return live_stream(
+            self.stream,
+            self.id,
+            self.channels,
+            dtype=dtype_name(self.dtype),
+            attrs={"mode": "live"},
+            name=self.name,
             description=self.description,
             unit=self.unit,
             frequency=self.rate,
-            fields=fields,
-            index=seconds_index(),
-            node_id=self.id,
-            attrs={"mode": "live"},
         )
 
 

@@ -25,8 +25,8 @@ import numpy as np
 from ..checks import check_keys, config_id, config_number, config_text
 from ..errors import ConfigError, DeviceLost, NotFound
 from ..framing import Framing
-from ..model import Field, Node, Stream, numpy_dtype, seconds_index
-from .base import Chunk, Driver, Source
+from ..model import Node, Stream, numpy_dtype
+from .base import Chunk, Driver, Source, live_stream
 from .guided import GuidedSource, GuidedSpec, RecordingProvider, device_framing, parse_guided
 from .signals import ChannelSpec, StreamSynth, parse_channel
 
@@ -154,26 +154,16 @@ class StreamSpec:
 
     def to_stream(self, node_id: str) -> Stream:
         """The public :class:`Stream` metadata of this simulated stream."""
-        fields = {
-            ch: Field(
-                id=ch,
-                name=spec.name or ch,
-                description=spec.description,
-                dtype=self.dtype_name,
-                unit=spec.unit or self.unit,
-            )
-            for ch, spec in self.channels.items()
-        }
-        return Stream(
-            id=self.id,
-            name=self.name or self.id,
+        return live_stream(
+            self.id,
+            node_id,
+            self.channels,
+            dtype=self.dtype_name,
+            attrs={"mode": "simulate"},
+            name=self.name,
             description=self.description,
             unit=self.unit,
             frequency=self.frequency,
-            fields=fields,
-            index=seconds_index(),
-            node_id=node_id,
-            attrs={"mode": "simulate"},
         )
 
 

@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from . import dirs
+from .codec import CODECS
 from .errors import ConfigError
 from .framing import PRESETS
 from .host import default_agent_id
@@ -110,8 +111,6 @@ def _topic_prefix(value: str) -> str | None:
         return "must not contain the MQTT wildcards + or #"
     return None
 
-
-CODECS = ("cbor", "json")
 
 _KEYS = (
     Key("data_dir", "path", "~/streaminghub/data", "Folder holding recordings (DFDS data)."),

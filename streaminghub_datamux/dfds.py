@@ -15,7 +15,6 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from .drivers.formats import SELF_DESCRIBING
 from .errors import MetadataError
 from .model import Collection, Field, Group, Stream, numpy_dtype
 
@@ -24,6 +23,9 @@ __all__ = ["COLLECTION_SUFFIX", "load_collection", "scan_collections"]
 log = logging.getLogger(__name__)
 
 COLLECTION_SUFFIX = ".collection.json"
+#: Formats whose files carry their own stream metadata (no hand-written streams needed).
+#: Here, not in drivers/formats.py, so that the core never imports the drivers.
+SELF_DESCRIBING = frozenset({"xdf", "edf", "bdf"})
 _MAX_REF_DEPTH = 16
 _URL = re.compile(r"^[a-zA-Z][a-zA-Z0-9+.-]*://")
 _PATTERN = re.compile(r"^(?P<scheme>[a-z0-9]+)://(?P<template>.+)$")

@@ -54,6 +54,8 @@ def test_public_names_match_all():
         "lslout",
         "interface",
         "methods",
+        "channel",
+        "checks",
     }
     assert set(dm.__all__) - {"__version__"} == public - modules
     assert dm.util.END_OF_STREAM is dm.END_OF_STREAM
