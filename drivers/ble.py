@@ -46,6 +46,7 @@ from bleak.uuids import normalize_uuid_str
 
 from ..channel import Channel, ChannelClosed
 from ..checks import check_keys, config_id, config_number, config_text
+from ..clock import CLOCK_MAX_LAG_S, SampleClock
 from ..errors import ConfigError, DeviceError, DeviceLost, NotFound
 from ..framing import Framing
 from ..model import Node, Stream, numpy_dtype
@@ -99,8 +100,8 @@ BACKSTOP_S = 2.0
 # covers a backend that misses the disconnect event.
 LIVENESS_CHECK_S = 1.0
 # A stream with a rate continues its sample clock while the newest sample stays within
-# max(CLOCK_SLACK_S, 2 / rate) of the notification's arrival (see BleSource._clocked).
-CLOCK_SLACK_S = 0.1
+# max(CLOCK_SLACK_S, 2 / rate) of the notification's arrival (a steady SampleClock).
+CLOCK_SLACK_S = CLOCK_MAX_LAG_S
 # Chunks held between the notify callback and the task; past that the oldest are dropped
 # (the task's own buffer is bounded too, so this only fills if the loop starves).
 MAX_PENDING_CHUNKS = 1024
@@ -855,7 +856,7 @@ class BleSource(Source):
     spread backwards for several samples per notification (see :func:`rr_timestamps`
     and :class:`StructDecoder`), then clamped so they never go backwards.
 
-    A stream with a rate keeps a sample clock instead (see :meth:`_clocked`): BLE
+    A stream with a rate keeps a steady :class:`SampleClock` instead: BLE
     delivers several notifications per connection event, so arrival times bunch up,
     and stamping each notification's last sample on arrival would give equal stamps.
     """
@@ -871,6 +872,7 @@ class BleSource(Source):
         self._link: _Link | None = None
         self._channel: Channel[Chunk] = Channel(MAX_PENDING_CHUNKS, size=_samples)
         self._last_t = -math.inf
+        self._clock = SampleClock(spec.frequency, steady=True)
         self._generation: int | None = None  # the link's, when subscribed
         self._closed = False
 
@@ -917,36 +919,11 @@ class BleSource(Source):
         if len(timestamps) == 0:
             return
         if self.spec.frequency > 0:
-            timestamps = self._clocked(len(timestamps), arrival, self.spec.frequency)
+            timestamps = self._clock.stamp(len(timestamps), arrival)
         # Arrival times jitter; a later notification must not stamp before an earlier one.
         timestamps = np.maximum.accumulate(np.maximum(timestamps, self._last_t))
         self._last_t = float(timestamps[-1])
         self._channel.send((timestamps, values))
-
-    def _clocked(self, count: int, arrival: float, rate: float) -> np.ndarray:
-        """Timestamps of ``count`` samples at ``rate`` that arrived at ``arrival``.
-
-        The clock continues from the previous sample (``1 / rate`` later each) while
-        that keeps the newest sample within ``max(CLOCK_SLACK_S, 2 / rate)`` of arrival.
-        Further behind (a gap, a dropped notification, a device slower than its rate)
-        it re-anchors the newest sample to arrival. Further ahead (a device faster than
-        its rate) the samples are squeezed between the previous one and that bound, so
-        stamps never go backwards nor run ahead of arrival by more than the bound.
-        """
-        period = 1.0 / rate
-        slack = max(CLOCK_SLACK_S, 2.0 * period)
-        steps = np.arange(1, count + 1, dtype=np.float64)
-        anchored = arrival - (count - steps) * period
-        previous = self._last_t
-        if not math.isfinite(previous):
-            return anchored
-        lag = arrival - (previous + count * period)
-        if lag > slack:
-            return anchored
-        if lag >= -slack:
-            return previous + steps * period
-        room = max(arrival + slack - previous, 0.0)
-        return previous + steps * min(period, room / count)
 
     @property
     def dropped(self) -> int:
