@@ -49,7 +49,7 @@ ENTRY_POINT_GROUP = "streaminghub_datamux.drivers"
 BUILTIN: dict[str, tuple[str, str]] = {
     "sim": ("streaminghub_datamux.drivers.simulate:SimDriver", ""),
     "lsl": ("streaminghub_datamux.drivers.lsl:LslDriver", "lsl"),
-    "serial": ("streaminghub_datamux.drivers.serialport:SerialDriver", "serial"),
+    "serial": ("streaminghub_datamux.drivers.serial:SerialDriver", "serial"),
     "ble": ("streaminghub_datamux.drivers.ble:BleDriver", "ble"),
 }
 

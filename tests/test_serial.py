@@ -25,6 +25,7 @@ from helpers import drain, run
 
 import streaminghub_datamux as dm
 from streaminghub_datamux.drivers import serialport
+from streaminghub_datamux.drivers.serial import reader as serial_reader
 from streaminghub_datamux.drivers.serialframes import (
     ParseStats,
     PtySerialWriter,
@@ -674,14 +675,14 @@ class StuckPort:
 
 
 def test_a_reader_that_does_not_stop_is_not_doubled_and_cannot_end_the_next(monkeypatch):
-    monkeypatch.setattr(serialport, "JOIN_TIMEOUT_S", 0.1)
+    monkeypatch.setattr(serial_reader, "JOIN_TIMEOUT_S", 0.1)
     ports: list[StuckPort] = []
 
     def open_port(spec: Any) -> StuckPort:
         ports.append(StuckPort())
         return ports[-1]
 
-    monkeypatch.setattr(serialport, "_open_port", open_port)
+    monkeypatch.setattr(serial_reader, "_open_port", open_port)
     driver = SerialDriver.from_config({"devices": {"dev": device_entry("/dev/null")}})
 
     async def body():
