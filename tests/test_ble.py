@@ -1,7 +1,7 @@
 """The BLE driver against fakes of bleak's BleakScanner and BleakClient.
 
-Only the two classes the driver looks up (``drivers.ble.BleakScanner`` and
-``drivers.ble.BleakClient``) are replaced; everything else is bleak's own: the fakes
+Only the two classes the driver looks up (``drivers.ble.driver.BleakScanner`` and
+``drivers.ble.link.BleakClient``) are replaced; everything else is bleak's own: the fakes
 hand out real ``BLEDevice``, ``AdvertisementData`` and ``BleakGATTCharacteristic``
 objects and raise bleak's exceptions. The fakes follow bleak 3.x: ``discover(timeout,
 return_adv=True)`` scans for ``timeout`` seconds, ``find_device_by_address`` returns None
@@ -44,6 +44,10 @@ from bleak.exc import (  # noqa: E402
     BleakGATTProtocolError,
 )
 from bleak.uuids import normalize_uuid_str  # noqa: E402
+
+from streaminghub_datamux.drivers.ble import driver as ble_driver  # noqa: E402
+from streaminghub_datamux.drivers.ble import link as ble_link  # noqa: E402
+from streaminghub_datamux.drivers.ble import source as ble_source  # noqa: E402
 
 HRS = ble.HEART_RATE_SERVICE
 HRM = ble.HEART_RATE_MEASUREMENT
@@ -282,10 +286,11 @@ class FakeClient:
 def air(mocker) -> FakeAir:
     """Replace bleak's scanner and client where the driver looks them up."""
     world = FakeAir()
-    mocker.patch.object(ble, "BleakScanner", type("BleakScanner", (FakeScanner,), {"air": world}))
-    mocker.patch.object(ble, "BleakClient", type("BleakClient", (FakeClient,), {"air": world}))
+    scanner = type("BleakScanner", (FakeScanner,), {"air": world})
+    mocker.patch.object(ble_driver, "BleakScanner", scanner)
+    mocker.patch.object(ble_link, "BleakClient", type("BleakClient", (FakeClient,), {"air": world}))
     # Notice silent losses fast (the real check runs every second).
-    mocker.patch.object(ble, "LIVENESS_CHECK_S", 0.05)
+    mocker.patch.object(ble_source, "LIVENESS_CHECK_S", 0.05)
     world.add(STRAP, "Polar H10 1", {HRM: HRS})
     return world
 
