@@ -43,7 +43,13 @@ from typing import Any
 
 import numpy as np
 import pylsl
-from replay import code_version, fill_markers, load_average, machine_facts  # bench/replay.py
+from common import (  # bench/common.py
+    code_version,
+    log,
+    median_range,
+    replace_section,
+)
+from replay import load_average, machine_facts
 
 import streaminghub_datamux as dm
 from streaminghub_datamux.config import load_config
@@ -295,10 +301,6 @@ def bench(root: Path, runs: int, window: float) -> Result:
 # -- report ---------------------------------------------------------------------------
 
 
-def _median_range(values: Sequence[float], fmt: str = ",.0f") -> str:
-    return f"{statistics.median(values):{fmt}} ({min(values):{fmt}}-{max(values):{fmt}})"
-
-
 def results_table(result: Result) -> list[str]:
     bytes_per_sample = CHANNELS * 4
     lines = [
@@ -312,10 +314,10 @@ def results_table(result: Result) -> list[str]:
     ):
         rates = [r.rate for r in readings]
         mbps = statistics.median(rates) * bytes_per_sample / 1e6
-        lost = _median_range([r.lost * 100 for r in readings], ".0f")
+        lost = median_range([r.lost * 100 for r in readings], ".0f")
         pushed = statistics.median(r.pushed_per_s for r in readings)
         lines.append(
-            f"| {label} | {_median_range(rates)} | {mbps:,.0f} | {lost} % | {pushed:,.0f} |"
+            f"| {label} | {median_range(rates)} | {mbps:,.0f} | {lost} % | {pushed:,.0f} |"
         )
     return lines
 
@@ -362,28 +364,7 @@ def render_section(
     )
 
 
-def replace_section(document: str, generated: str) -> str:
-    """Put ``generated`` between this script's markers, appending the section if new.
-
-    Only the text between the markers changes; other sections, and text after the end
-    marker, keep their bytes.
-    """
-    block = f"{BEGIN_MARK}\n{generated.strip()}\n{END_MARK}"
-    if (filled := fill_markers(document, block, BEGIN_MARK, END_MARK)) is not None:
-        return filled
-    # Appended after the existing bytes, which stay exactly as they were.
-    separator = "\n" if document.endswith("\n") else "\n\n" if document else ""
-    return document + separator + f"{SECTION}\n\n{block}\n"
-
-
 # -- main -----------------------------------------------------------------------------
-
-_BEGAN = time.perf_counter()
-
-
-def log(message: str) -> None:
-    """Progress on stderr, so stdout holds only the markdown."""
-    print(f"[{time.perf_counter() - _BEGAN:6.1f}s] {message}", file=sys.stderr, flush=True)
 
 
 def parse_args(argv: Sequence[str]) -> argparse.Namespace:
@@ -419,7 +400,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.write_doc:
         # Read right before writing: other scripts regenerate their own sections.
         document = args.doc.read_text() if args.doc.exists() else ""
-        args.doc.write_text(replace_section(document, generated))
+        args.doc.write_text(
+            replace_section(document, generated, section=SECTION, begin=BEGIN_MARK, end=END_MARK)
+        )
         log(f"updated {args.doc}")
     log("done")
     return 0

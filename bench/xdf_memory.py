@@ -37,6 +37,11 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from common import (  # bench/common.py
+    code_version,
+    log,
+    replace_section,
+)
 from datasets import (
     BOUNDARY_UUID,
     EEG_LABELS,
@@ -51,7 +56,7 @@ from datasets import (
     string_samples,
     xml_document,
 )
-from replay import code_version, load_average, log, machine_facts, make_api
+from replay import load_average, machine_facts, make_api
 
 DEFAULT_DOC = Path(__file__).resolve().parents[1] / "docs" / "performance.md"
 SECTION = "## XDF memory"
@@ -207,19 +212,6 @@ def render(
     return "\n".join(lines)
 
 
-def replace_section(document: str, generated: str) -> str:
-    block = f"{BEGIN_MARK}\n{generated}\n{END_MARK}"
-    if BEGIN_MARK in document and END_MARK in document:
-        head, rest = document.split(BEGIN_MARK, 1)
-        return head + block + rest.split(END_MARK, 1)[1]
-    section = f"{SECTION}\n\n{block}\n\n"
-    at = document.find(AFTER_SECTION)
-    nxt = document.find("\n## ", at + 1) if at >= 0 else -1
-    if nxt < 0:
-        return document.rstrip("\n") + "\n\n" + section
-    return document[: nxt + 1] + section + document[nxt + 1 :]
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -265,7 +257,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(f"{SECTION}\n\n{generated}")
     if args.write_doc:
         document = args.doc.read_text() if args.doc.exists() else ""
-        args.doc.write_text(replace_section(document, generated))
+        args.doc.write_text(
+            replace_section(
+                document,
+                generated,
+                section=SECTION,
+                begin=BEGIN_MARK,
+                end=END_MARK,
+                after=AFTER_SECTION,
+            )
+        )
         log(f"updated {args.doc}")
     return 0
 
