@@ -15,10 +15,11 @@ their connection, make connects fail and send notifications.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import numpy as np
@@ -346,6 +347,19 @@ def stamps_of(items: list[Any]) -> np.ndarray:
 
 def statuses(items: list[Any]) -> list[str]:
     return [i.status for i in items if isinstance(i, StreamStatus)]
+
+
+def reconnected(items: list[Any]) -> bool:
+    return "reconnected" in statuses(items)
+
+
+@contextlib.asynccontextmanager
+async def strap_hr(workspace, **options: Any) -> AsyncIterator[tuple[dm.API, asyncio.Queue[Any]]]:
+    """A local API proxying the strap's heart rate at low latency, and the task's sink."""
+    async with make_api(workspace, **options, **strap_config()) as api:
+        sink: asyncio.Queue[Any] = asyncio.Queue()
+        await api.proxy_live_stream("chest", "hr", {}, sink, framing="low-latency")
+        yield api, sink
 
 
 def listening(api: dm.API, address: str, characteristic: str) -> int:
@@ -704,7 +718,7 @@ def test_a_dropped_connection_is_reported_and_resumed(workspace, air, serve):
             await send(air, STRAP, HRM, [hr_only(80)])
             items = await take(sink, samples(1))
             air.drop(STRAP)
-            items += await take(sink, lambda got: "reconnected" in statuses(got))
+            items += await take(sink, reconnected)
             lost = next(i for i in items if isinstance(i, StreamStatus))
             assert lost.status == "disconnected" and "disconnected" in lost.reason
             await until(lambda: air.subscribed(STRAP, HRM))
@@ -720,12 +734,10 @@ def test_a_dropped_connection_is_reported_and_resumed(workspace, air, serve):
 
 def test_a_silent_loss_is_noticed_too(workspace, air):
     async def body():
-        async with make_api(workspace, **strap_config()) as api:
-            sink: asyncio.Queue[Any] = asyncio.Queue()
-            await api.proxy_live_stream("chest", "hr", {}, sink, framing="low-latency")
+        async with strap_hr(workspace) as (_api, sink):
             await until(lambda: air.subscribed(STRAP, HRM))
             air.clients[0]._connected = False  # gone, and no disconnected callback
-            items = await take(sink, lambda got: "reconnected" in statuses(got))
+            items = await take(sink, reconnected)
             assert statuses(items) == ["disconnected", "reconnected"]
 
     run(body())
@@ -735,10 +747,8 @@ def test_connect_failures_are_retried(workspace, air):
     air.peripherals[STRAP].fail_connects = 2
 
     async def body():
-        async with make_api(workspace, **strap_config()) as api:
-            sink: asyncio.Queue[Any] = asyncio.Queue()
-            await api.proxy_live_stream("chest", "hr", {}, sink, framing="low-latency")
-            items = await take(sink, lambda got: "reconnected" in statuses(got))
+        async with strap_hr(workspace) as (_api, sink):
+            items = await take(sink, reconnected)
             [lost] = [
                 i for i in items if isinstance(i, StreamStatus) and i.status == "disconnected"
             ]
@@ -755,14 +765,12 @@ def test_a_device_out_of_range_is_retried_until_it_is_back(workspace, air):
     air.peripherals[STRAP].powered = False
 
     async def body():
-        async with make_api(workspace, scan_s=0.1, **strap_config()) as api:
-            sink: asyncio.Queue[Any] = asyncio.Queue()
-            await api.proxy_live_stream("chest", "hr", {}, sink, framing="low-latency")
+        async with strap_hr(workspace, scan_s=0.1) as (_api, sink):
             items = await take(sink, lambda got: "disconnected" in statuses(got))
             assert "not found" in items[-1].reason
             assert air.clients == []  # nothing to connect to
             air.peripherals[STRAP].powered = True
-            items = await take(sink, lambda got: "reconnected" in statuses(got))
+            items = await take(sink, reconnected)
             assert air.finds >= 2
 
     run(body())
@@ -845,10 +853,8 @@ def test_a_disconnect_during_start_notify_is_reported_and_resumed(workspace, air
     air.peripherals[STRAP].drop_on_subscribe = 1
 
     async def body():
-        async with make_api(workspace, **strap_config()) as api:
-            sink: asyncio.Queue[Any] = asyncio.Queue()
-            await api.proxy_live_stream("chest", "hr", {}, sink, framing="low-latency")
-            items = await take(sink, lambda got: "reconnected" in statuses(got))
+        async with strap_hr(workspace) as (api, sink):
+            items = await take(sink, reconnected)
             assert statuses(items) == ["disconnected", "reconnected"]
             assert len(air.clients) == 2
             await until(lambda: air.subscribed(STRAP, HRM))
@@ -935,14 +941,12 @@ def test_a_characteristic_that_cannot_notify_ends_the_task(workspace, air, probl
 
 def test_a_source_whose_link_forgot_it_notices_at_the_liveness_check(workspace, air):
     async def body():
-        async with make_api(workspace, **strap_config()) as api:
-            sink: asyncio.Queue[Any] = asyncio.Queue()
-            await api.proxy_live_stream("chest", "hr", {}, sink, framing="low-latency")
+        async with strap_hr(workspace) as (api, sink):
             await until(lambda: air.subscribed(STRAP, HRM))
             [driver] = api._drivers
             client = driver._links[STRAP]._forget_client()  # gone, and no listener told
             client._connected = False  # the strap is free to reconnect
-            items = await take(sink, lambda got: "reconnected" in statuses(got))
+            items = await take(sink, reconnected)
             assert statuses(items) == ["disconnected", "reconnected"]
 
     run(body())

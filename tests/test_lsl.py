@@ -18,7 +18,7 @@ import textwrap
 import threading
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
 import numpy as np
@@ -111,6 +111,29 @@ async def collect(sink: asyncio.Queue[Any], samples: int, timeout: float = 10.0)
 
 def reader_threads() -> list[str]:
     return [t.name for t in threading.enumerate() if t.name.startswith("lsl-")]
+
+
+@contextlib.asynccontextmanager
+async def one_outlet(
+    workspace, name: str, rate: float = 50.0, **options: Any
+) -> AsyncIterator[tuple[dm.API, Any, dm.Stream]]:
+    """A 1-channel float32 outlet called ``name``, a local API, and the outlet's stream."""
+    outlet = make_outlet(name, 1, rate, "float32", unique("src"))
+    with outlets(outlet):
+        api = make_api(workspace, **options)
+        try:
+            yield api, outlet, await find_stream(api, node_of(outlet), name)
+        finally:
+            await api.aclose()
+
+
+async def until_end(sink: asyncio.Queue[Any], timeout: float) -> list[Any]:
+    """The items before END_OF_STREAM, which must come within ``timeout``."""
+    items = []
+    async with asyncio.timeout(timeout):
+        while (item := await sink.get()) is not dm.END_OF_STREAM:
+            items.append(item)
+    return items
 
 
 # -- through either API: the ``serve`` fixture (tests/conftest.py) runs a test against
@@ -437,20 +460,14 @@ def test_unknown_ids_are_not_found(workspace):
     name = unique("known")
 
     async def body():
-        outlet = make_outlet(name, 1, 10, "float32", unique("src"))
-        with outlets(outlet):
-            api = make_api(workspace)
-            try:
-                stream = await find_stream(api, node_of(outlet), name)
-                sink: asyncio.Queue[Any] = asyncio.Queue()
-                with pytest.raises(NotFound, match="no live node"):
-                    await api.proxy_live_stream("lsl-no-such-host", "x", {}, sink)
-                with pytest.raises(NotFound):
-                    await api.list_live_streams("lsl-no-such-host")
-                with pytest.raises(NotFound, match="no stream 'nope'"):
-                    await api.proxy_live_stream(stream.node_id, "nope", {}, sink)
-            finally:
-                await api.aclose()
+        async with one_outlet(workspace, name, rate=10) as (api, _, stream):
+            sink: asyncio.Queue[Any] = asyncio.Queue()
+            with pytest.raises(NotFound, match="no live node"):
+                await api.proxy_live_stream("lsl-no-such-host", "x", {}, sink)
+            with pytest.raises(NotFound):
+                await api.list_live_streams("lsl-no-such-host")
+            with pytest.raises(NotFound, match="no stream 'nope'"):
+                await api.proxy_live_stream(stream.node_id, "nope", {}, sink)
         driver = lsl.LslDriver(lsl.LslOptions(wait_s=0.2))
         try:
             with pytest.raises(NotFound, match="no LSL node"):
@@ -492,29 +509,23 @@ def test_a_stop_while_connecting_keeps_the_outlet_listed_and_leaves_no_thread(wo
     name = unique("stopconn")
 
     async def body():
-        outlet = make_outlet(name, 1, 50, "float32", unique("src"))
-        with outlets(outlet):
-            api = make_api(workspace)
-            try:
-                stream = await find_stream(api, node_of(outlet), name)
-                sink: asyncio.Queue[Any] = asyncio.Queue()
-                ack = await api.proxy_live_stream(stream.node_id, stream.id, {}, sink)
-                async with asyncio.timeout(5):
-                    while not reader_threads():  # the reader is connecting now
-                        await asyncio.sleep(0.005)
-                await asyncio.sleep(0.1)  # the first time correction takes ~0.65 s
-                await api.stop_task(ack.randseq)
-                threads_after_stop = reader_threads()
-                assert await next_item(sink, 2) is dm.END_OF_STREAM
-                listed = [s.name for s in await api.list_live_streams(stream.node_id)]
-                again: asyncio.Queue[Any] = asyncio.Queue()
-                async with pushing(outlet):
-                    await api.proxy_live_stream(
-                        stream.node_id, stream.id, {}, again, framing="low-latency"
-                    )
-                    first = await next_item(again, 5)
-            finally:
-                await api.aclose()
+        async with one_outlet(workspace, name) as (api, outlet, stream):
+            sink: asyncio.Queue[Any] = asyncio.Queue()
+            ack = await api.proxy_live_stream(stream.node_id, stream.id, {}, sink)
+            async with asyncio.timeout(5):
+                while not reader_threads():  # the reader is connecting now
+                    await asyncio.sleep(0.005)
+            await asyncio.sleep(0.1)  # the first time correction takes ~0.65 s
+            await api.stop_task(ack.randseq)
+            threads_after_stop = reader_threads()
+            assert await next_item(sink, 2) is dm.END_OF_STREAM
+            listed = [s.name for s in await api.list_live_streams(stream.node_id)]
+            again: asyncio.Queue[Any] = asyncio.Queue()
+            async with pushing(outlet):
+                await api.proxy_live_stream(
+                    stream.node_id, stream.id, {}, again, framing="low-latency"
+                )
+                first = await next_item(again, 5)
         return threads_after_stop, listed, first
 
     threads_after_stop, listed, first = run(body())
@@ -528,29 +539,20 @@ def test_closing_the_driver_ends_open_sources_and_discovery(workspace):
     name = unique("closed")
 
     async def body():
-        outlet = make_outlet(name, 1, 50, "float32", unique("src"))
-        with outlets(outlet):
-            api = make_api(workspace)
-            try:
-                stream = await find_stream(api, node_of(outlet), name)
-                sink: asyncio.Queue[Any] = asyncio.Queue()
-                async with pushing(outlet):
-                    await api.proxy_live_stream(
-                        stream.node_id, stream.id, {}, sink, framing="low-latency"
-                    )
-                    await collect(sink, 5)
-                    driver = lsl_driver(api)
-                    await driver.aclose()  # under a running task
-                    items = []
-                    async with asyncio.timeout(2):
-                        while (item := await sink.get()) is not dm.END_OF_STREAM:
-                            items.append(item)
-                nodes = await driver.list_nodes()
-                resolver = driver._resolver
-                with pytest.raises(DeviceError, match="LSL driver closed"):
-                    await driver.open_stream(stream.node_id, stream.id, {}, dm.Framing()).open()
-            finally:
-                await api.aclose()
+        async with one_outlet(workspace, name) as (api, outlet, stream):
+            sink: asyncio.Queue[Any] = asyncio.Queue()
+            async with pushing(outlet):
+                await api.proxy_live_stream(
+                    stream.node_id, stream.id, {}, sink, framing="low-latency"
+                )
+                await collect(sink, 5)
+                driver = lsl_driver(api)
+                await driver.aclose()  # under a running task
+                items = await until_end(sink, 2)
+            nodes = await driver.list_nodes()
+            resolver = driver._resolver
+            with pytest.raises(DeviceError, match="LSL driver closed"):
+                await driver.open_stream(stream.node_id, stream.id, {}, dm.Framing()).open()
         return items, nodes, resolver
 
     items, nodes, resolver = run(body())
@@ -584,20 +586,14 @@ def test_a_raw_pylsl_error_while_connecting_is_a_device_loss(workspace, monkeypa
     monkeypatch.setattr(pylsl, "StreamInlet", _failing_inlet("open_stream", [1]))
 
     async def body():
-        outlet = make_outlet(name, 1, 50, "float32", unique("src"))
-        with outlets(outlet):
-            # forget_after_s=1 lets the resolver's list flicker; the retry must not hit a gap.
-            api = make_api(workspace, forget_after_s=2.0)
-            try:
-                stream = await find_stream(api, node_of(outlet), name)
-                sink: asyncio.Queue[Any] = asyncio.Queue()
-                async with pushing(outlet):
-                    await api.proxy_live_stream(
-                        stream.node_id, stream.id, {}, sink, framing="low-latency"
-                    )
-                    return await collect(sink, 5, timeout=10)
-            finally:
-                await api.aclose()
+        # forget_after_s=1 lets the resolver's list flicker; the retry must not hit a gap.
+        async with one_outlet(workspace, name, forget_after_s=2.0) as (api, outlet, stream):
+            sink: asyncio.Queue[Any] = asyncio.Queue()
+            async with pushing(outlet):
+                await api.proxy_live_stream(
+                    stream.node_id, stream.id, {}, sink, framing="low-latency"
+                )
+                return await collect(sink, 5, timeout=10)
 
     items = run(body())
     lost, back = [i for i in items if isinstance(i, dm.StreamStatus)]
@@ -610,20 +606,10 @@ def test_a_raw_pylsl_error_while_pulling_is_a_typed_device_error(workspace, monk
     monkeypatch.setattr(pylsl, "StreamInlet", _failing_inlet("pull_chunk", [1]))
 
     async def body():
-        outlet = make_outlet(name, 1, 50, "float32", unique("src"))
-        with outlets(outlet):
-            api = make_api(workspace)
-            try:
-                stream = await find_stream(api, node_of(outlet), name)
-                sink: asyncio.Queue[Any] = asyncio.Queue()
-                await api.proxy_live_stream(stream.node_id, stream.id, {}, sink)
-                items = []
-                async with asyncio.timeout(5):
-                    while (item := await sink.get()) is not dm.END_OF_STREAM:
-                        items.append(item)
-                return items
-            finally:
-                await api.aclose()
+        async with one_outlet(workspace, name) as (api, _, stream):
+            sink: asyncio.Queue[Any] = asyncio.Queue()
+            await api.proxy_live_stream(stream.node_id, stream.id, {}, sink)
+            return await until_end(sink, 5)
 
     (error,) = run(body())
     assert isinstance(error, dm.StreamError) and error.code == "device"
