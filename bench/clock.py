@@ -33,7 +33,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from replay import code_version, fill_markers, load_average, machine_facts  # bench/replay.py
+from common import code_version, fill_markers  # bench/common.py
+from replay import load_average, machine_facts  # bench/replay.py
 from transport import LATENCY_NODE, LOOPBACK, Broker, make_config, stop_process, write_rc
 
 import streaminghub_datamux as dm

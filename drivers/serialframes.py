@@ -3,7 +3,7 @@
 Kept so that ``streaminghub_datamux.drivers.serialframes`` imports keep working.
 """
 
-from ..clock import SampleClock
+from ..sampleclock import SampleClock
 from .serial import (
     CHECKSUMS,
     FORMAT_TYPES,

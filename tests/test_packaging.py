@@ -56,7 +56,7 @@ def test_public_names_match_all():
         "methods",
         "channel",
         "checks",
-        "clock",
+        "sampleclock",
     }
     assert set(dm.__all__) - {"__version__"} == public - modules
     assert dm.util.END_OF_STREAM is dm.END_OF_STREAM

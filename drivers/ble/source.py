@@ -12,8 +12,8 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from ...channel import Channel, ChannelClosed
-from ...clock import CLOCK_MAX_LAG_S, SampleClock
 from ...errors import DeviceLost
+from ...sampleclock import CLOCK_MAX_LAG_S, SampleClock
 from ..base import Chunk, Source
 from .link import _Link
 from .options import DeviceSpec, StreamSpec

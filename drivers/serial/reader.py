@@ -15,8 +15,8 @@ from typing import TYPE_CHECKING
 
 import serial
 
-from ...clock import SampleClock
 from ...errors import DeviceError, DeviceLost
+from ...sampleclock import SampleClock
 from ..base import Chunk
 from .options import DeviceSpec
 from .parsers import ParseStats, make_parser
