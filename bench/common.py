@@ -13,6 +13,7 @@ import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
 # The folders whose uncommitted changes a figure's code version names.
@@ -24,6 +25,15 @@ _BEGAN = time.perf_counter()
 def log(message: str) -> None:
     """Progress on stderr, so stdout holds only the markdown."""
     print(f"[{time.perf_counter() - _BEGAN:6.1f}s] {message}", file=sys.stderr, flush=True)
+
+
+def write_doc(path: Path, generated: str, **where: Any) -> None:
+    """Put ``generated`` into its section of the document at ``path`` (see
+    :func:`replace_section` for ``where``). Read right before writing: other benches
+    regenerate their own sections."""
+    document = path.read_text() if path.exists() else ""
+    path.write_text(replace_section(document, generated, **where))
+    log(f"updated {path}")
 
 
 def git(*args: str) -> str:

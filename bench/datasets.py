@@ -46,8 +46,8 @@ import pyxdf
 from common import (  # bench/common.py
     code_version,
     log,
-    replace_section,
     verdict,
+    write_doc,
 )
 
 # bench/replay.py sits next to this file (sys.path[0] when run as a script).
@@ -685,19 +685,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         generated = render_section(results, argv, args.runs, loads, code)
     print(f"{SECTION}\n\n{generated}")
     if args.write_doc:
-        document = args.doc.read_text() if args.doc.exists() else ""
-        args.doc.write_text(
-            replace_section(
-                document,
-                generated,
-                section=SECTION,
-                begin=BEGIN_MARK,
-                end=END_MARK,
-                after=AFTER_SECTION,
-                replace_unmarked=True,
-            )
+        write_doc(
+            args.doc,
+            generated,
+            section=SECTION,
+            begin=BEGIN_MARK,
+            end=END_MARK,
+            after=AFTER_SECTION,
+            replace_unmarked=True,
         )
-        log(f"updated {args.doc}")
     log("done")
     return 0
 

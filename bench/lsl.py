@@ -47,7 +47,7 @@ from common import (  # bench/common.py
     code_version,
     log,
     median_range,
-    replace_section,
+    write_doc,
 )
 from replay import load_average, machine_facts
 
@@ -398,12 +398,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     print(f"{SECTION}\n\n{generated}")
     if args.write_doc:
-        # Read right before writing: other scripts regenerate their own sections.
-        document = args.doc.read_text() if args.doc.exists() else ""
-        args.doc.write_text(
-            replace_section(document, generated, section=SECTION, begin=BEGIN_MARK, end=END_MARK)
-        )
-        log(f"updated {args.doc}")
+        write_doc(args.doc, generated, section=SECTION, begin=BEGIN_MARK, end=END_MARK)
     log("done")
     return 0
 

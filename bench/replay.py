@@ -43,9 +43,9 @@ import numpy as np
 from common import (  # bench/common.py
     code_version,
     log,
-    replace_section,
     runs,
     verdict,
+    write_doc,
 )
 
 import streaminghub_datamux as dm
@@ -577,18 +577,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     generated = render_section(throughput, pacing, argv, args.runs, loads, code)
     print(f"{SECTION}\n\n{generated}")
     if args.write_doc:
-        document = args.doc.read_text() if args.doc.exists() else ""
-        args.doc.write_text(
-            replace_section(
-                document,
-                generated,
-                section=SECTION,
-                begin=BEGIN_MARK,
-                end=END_MARK,
-                replace_unmarked=True,
-            )
+        write_doc(
+            args.doc,
+            generated,
+            section=SECTION,
+            begin=BEGIN_MARK,
+            end=END_MARK,
+            replace_unmarked=True,
         )
-        log(f"updated {args.doc}")
     log("done")
     return 0
 

@@ -40,7 +40,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import (  # bench/common.py
     code_version,
     log,
-    replace_section,
+    write_doc,
 )
 from datasets import (
     BOUNDARY_UUID,
@@ -256,18 +256,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     generated = render(results, argv, args, info)
     print(f"{SECTION}\n\n{generated}")
     if args.write_doc:
-        document = args.doc.read_text() if args.doc.exists() else ""
-        args.doc.write_text(
-            replace_section(
-                document,
-                generated,
-                section=SECTION,
-                begin=BEGIN_MARK,
-                end=END_MARK,
-                after=AFTER_SECTION,
-            )
+        write_doc(
+            args.doc,
+            generated,
+            section=SECTION,
+            begin=BEGIN_MARK,
+            end=END_MARK,
+            after=AFTER_SECTION,
         )
-        log(f"updated {args.doc}")
     return 0
 
 

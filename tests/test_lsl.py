@@ -127,6 +127,23 @@ async def one_outlet(
             await api.aclose()
 
 
+@contextlib.asynccontextmanager
+async def proxied(
+    serve: Any, workspace, outlet: Any, name: str, framing: str | None = "low-latency"
+) -> AsyncIterator[tuple[Any, dm.Stream, asyncio.Queue[Any], Any]]:
+    """``outlet`` proxied through ``serve``'s API, once the outlet sees its consumer.
+
+    Yields the API, the listed stream, the task's sink and its ack.
+    """
+    async with serve(make_api(workspace)) as api:
+        stream = await find_stream(api, node_of(outlet), name)
+        sink: asyncio.Queue[Any] = asyncio.Queue()
+        options = {} if framing is None else {"framing": framing}
+        ack = await api.proxy_live_stream(stream.node_id, stream.id, {}, sink, **options)
+        assert await asyncio.to_thread(outlet.wait_for_consumers, 5.0)
+        yield api, stream, sink, ack
+
+
 async def until_end(sink: asyncio.Queue[Any], timeout: float) -> list[Any]:
     """The items before END_OF_STREAM, which must come within ``timeout``."""
     items = []
@@ -273,13 +290,7 @@ def test_proxy_float32_at_1khz_delivers_the_pushed_values_in_order(workspace, se
     async def body():
         outlet = make_outlet(name, 8, 1000, "float32", source_id, [f"c{i}" for i in range(8)])
         with outlets(outlet):
-            async with serve(make_api(workspace)) as api:
-                stream = await find_stream(api, node_of(outlet), name)
-                sink: asyncio.Queue[Any] = asyncio.Queue()
-                ack = await api.proxy_live_stream(
-                    stream.node_id, stream.id, {}, sink, framing="low-latency"
-                )
-                assert await asyncio.to_thread(outlet.wait_for_consumers, 5.0)
+            async with proxied(serve, workspace, outlet, name) as (api, _, sink, ack):
                 ends = []
                 for chunk in chunks:  # 1 kHz in chunks of 100 samples
                     ends.append(pylsl.local_clock())
@@ -312,13 +323,7 @@ def test_proxy_string_markers_arrive_as_str_arrays(workspace, serve):
     async def body():
         outlet = make_outlet(name, 1, 0, "string", source_id, ["marker"], stream_type="Markers")
         with outlets(outlet):
-            async with serve(make_api(workspace)) as api:
-                stream = await find_stream(api, node_of(outlet), name)
-                sink: asyncio.Queue[Any] = asyncio.Queue()
-                ack = await api.proxy_live_stream(
-                    stream.node_id, stream.id, {}, sink, framing="low-latency"
-                )
-                assert await asyncio.to_thread(outlet.wait_for_consumers, 5.0)
+            async with proxied(serve, workspace, outlet, name) as (api, stream, sink, ack):
                 stamps = []
                 for marker in markers:
                     stamps.append(pylsl.local_clock())
@@ -344,11 +349,8 @@ def test_stop_ends_the_stream_and_its_reader_thread(workspace, api_kind, serve):
     async def body():
         outlet = make_outlet(name, 2, 100, "float32", unique("src"))
         with outlets(outlet):
-            async with serve(make_api(workspace)) as api:
-                stream = await find_stream(api, node_of(outlet), name)
-                sink: asyncio.Queue[Any] = asyncio.Queue()
-                ack = await api.proxy_live_stream(stream.node_id, stream.id, {}, sink)
-                assert await asyncio.to_thread(outlet.wait_for_consumers, 5.0)
+            proxy = proxied(serve, workspace, outlet, name, framing=None)
+            async with proxy as (api, stream, sink, ack):
                 outlet.push_chunk(np.ones((10, 2), np.float32))
                 await collect(sink, 10)
                 running = reader_threads()
