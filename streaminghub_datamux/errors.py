@@ -30,6 +30,7 @@ __all__ = [
     "NotFound",
     "Timeout",
     "Unavailable",
+    "device_failure",
     "error_from_code",
 ]
 
@@ -132,6 +133,18 @@ _BY_CODE: dict[str, type[DatamuxError]] = {
         DeviceLost,
     )
 }
+
+
+def device_failure(message: str, cause: BaseException | None, *, lost: bool) -> DeviceError:
+    """A foreign library's error (pylsl, pyserial, bleak) as ours, with it as the cause.
+
+    ``lost``: the device went away (DeviceLost: the task retries); else DeviceError
+    (the task ends). A new exception each call, so several consumers of one device
+    never share (and re-raise) one exception object.
+    """
+    error = DeviceLost(message) if lost else DeviceError(message)
+    error.__cause__ = cause
+    return error
 
 
 def error_from_code(code: str, message: str) -> DatamuxError:

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from ...channel import Channel
-from ...errors import DatamuxError, DeviceError, DeviceLost
+from ...errors import DatamuxError, DeviceError, DeviceLost, device_failure
 from ...model import numpy_dtype
 from ..base import Chunk
 from .liblsl import LSL_DTYPES, PROCESSING_FLAGS, LostError, LslTimeout, pylsl
@@ -94,9 +94,7 @@ class _InletReader(threading.Thread):
         except Exception as exc:
             if not isinstance(exc, DatamuxError):
                 reason = f"{type(exc).__name__}: {exc}"
-                wrapped = DeviceError(f"{self.known.label()} failed: {reason}")
-                wrapped.__cause__ = exc
-                exc = wrapped
+                exc = device_failure(f"{self.known.label()} failed: {reason}", exc, lost=False)
             self.channel.close(exc)
         finally:
             if inlet is not None:

@@ -43,6 +43,7 @@ class _Ended:
 
     reason: str
     lost: bool  # DeviceLost (retried by the task) or DeviceError (ends the task)
+    cause: BaseException | None = None  # pyserial's error, kept as each one's cause
 
 
 class _Warner:
@@ -231,10 +232,10 @@ class _PortReader:
                 warner.check()
         except (serial.SerialException, OSError) as exc:
             if not stop.is_set():
-                ending = _Ended(f"port {spec.port} lost: {exc}", lost=True)
+                ending = _Ended(f"port {spec.port} lost: {exc}", lost=True, cause=exc)
         except Exception as exc:  # a bug here, not the device: end the tasks, loudly
             log.exception("serial reader of %s failed", spec.id)
-            ending = _Ended(f"serial reader of {spec.id} failed: {exc!r}", lost=False)
+            ending = _Ended(f"serial reader of {spec.id} failed: {exc!r}", lost=False, cause=exc)
         finally:
             self._finish(port, stop, ending)
             warner.check()

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 
 from ...channel import Channel
-from ...errors import DeviceError, DeviceLost
+from ...errors import device_failure
 from ...model import Stream
 from ..base import Chunk, Source
 from .parsers import ParseStats
@@ -88,8 +88,7 @@ class SerialSource(Source):
         if ending is None:
             self._channel.close()
             return
-        error = DeviceLost if ending.lost else DeviceError
-        self._channel.close(error(ending.reason))
+        self._channel.close(device_failure(ending.reason, ending.cause, lost=ending.lost))
 
     async def chunks(self) -> AsyncIterator[Chunk]:
         """Yield chunks as the device sends them; DeviceLost when it vanishes."""
