@@ -67,7 +67,7 @@ def verdict(ok: bool) -> str:
     return "met" if ok else "**NOT met**"
 
 
-def runs(n: int) -> str:
+def n_runs(n: int) -> str:
     return f"{n} run" if n == 1 else f"{n} runs"
 
 

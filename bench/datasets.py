@@ -43,7 +43,7 @@ from xml.sax.saxutils import escape
 import numpy as np
 import pyedflib
 import pyxdf
-from common import code_version, log, verdict, write_doc  # bench/common.py
+from common import code_version, log, n_runs, verdict, write_doc  # bench/common.py
 
 # bench/replay.py sits next to this file (sys.path[0] when run as a script).
 from replay import load_average, machine_facts, make_api
@@ -586,7 +586,7 @@ def render_section(
     xdf = next((r.dataset for r in results if r.dataset.format == "XDF"), None)
     lines = [
         f"Measured {dt.datetime.now().astimezone():%Y-%m-%d %H:%M %Z} with `{command}` "
-        f"({runs(runs)}).",
+        f"({n_runs(runs)}).",
         "",
         "Machine: " + "; ".join(f"{k}: {v}" for k, v in facts.items()) + ".",
         "",

@@ -40,7 +40,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from common import code_version, log, runs, verdict, write_doc  # bench/common.py
+from common import code_version, log, n_runs, verdict, write_doc  # bench/common.py
 
 import streaminghub_datamux as dm
 from streaminghub_datamux.config import load_config
@@ -408,7 +408,7 @@ def pacing_table(results: Sequence[PacingResult]) -> list[str]:
         judged = verdict(p99 <= AIM_PACING_P99_MS)
         per_run = ", ".join(f"{v:.2f}" for v in r.replay_p99_per_run)
         lines.append(
-            f"| {label} | {sum(r.frames_per_run)} ({runs(len(r.frames_per_run))}) "
+            f"| {label} | {sum(r.frames_per_run)} ({n_runs(len(r.frames_per_run))}) "
             f"| {_fmt_stats(r.replay_ms)} | {per_run} | {_fmt_stats(r.baseline_ms)} | {judged} |"
         )
     return lines
@@ -463,7 +463,7 @@ def render_section(
     command = shlex.join(["python", "bench/replay.py", *argv])
     lines = [
         f"Measured {dt.datetime.now().astimezone():%Y-%m-%d %H:%M %Z} with `{command}` "
-        f"({runs(runs)}; the stress case {runs(stress_runs(runs))}).",
+        f"({n_runs(runs)}; the stress case {n_runs(stress_runs(runs))}).",
         "",
         "Machine: " + "; ".join(f"{k}: {v}" for k, v in facts.items()) + ".",
         "",
