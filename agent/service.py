@@ -228,6 +228,9 @@ class Agent:
         if len(self.spool):
             log.info("%d spooled messages from before; sending them", len(self.spool))
             self._spool_ready.set()
+        # Serving means findable: the broker holds the retained birth before READY=1.
+        if not await self.link.flush(timeout=10.0):
+            log.warning("the broker has not acknowledged the birth message; serving anyway")
         sdnotify.ready(f"serving as {self.id} on {self.settings.address}")
         log.info(
             "agent %s serving on %s (prefix %s)", self.id, self.settings.address, self.topics.prefix

@@ -252,6 +252,7 @@ class MqttLink:
         self._subscriptions: dict[str, int] = {}
         self._unsubscribed: set[str] = set()  # to unsubscribe on the next connect
         self._acks: dict[int, asyncio.Future[Any]] = {}  # SUBACK / UNSUBACK by mid
+        self._acked_some = asyncio.Event()  # a PUBACK arrived (for flush)
         self._pending: dict[int, tuple[int, int]] = {}  # mid -> (qos, size), not yet sent/acked
         self._pending_bytes = 0
         # PUBACKed mids from paho's thread, handed to the loop in batches.
@@ -615,6 +616,23 @@ class MqttLink:
         self._pending_bytes += len(payload)
         return True
 
+    async def flush(self, timeout: float = 10.0) -> bool:
+        """Wait until the broker has acknowledged every QoS 1 message published so far.
+
+        True when it has; False after ``timeout`` (not connected, or a slow broker).
+        """
+        waiting = set(self._pending)
+        deadline = asyncio.get_running_loop().time() + timeout
+        while waiting & self._pending.keys():
+            remaining = deadline - asyncio.get_running_loop().time()
+            if remaining <= 0:
+                return False
+            self._acked_some.clear()
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(remaining):
+                    await self._acked_some.wait()
+        return True
+
     def publish_from_thread(self, topic: str, payload: bytes) -> None:
         """QoS 0, from any thread, no flow control: for small periodic messages."""
         client = self._client
@@ -753,6 +771,7 @@ class MqttLink:
         entry = self._pending.pop(mid, None)
         if entry is None:
             return
+        self._acked_some.set()
         self._pending_bytes -= entry[1]
         if self._has_room():
             self._room.set()
