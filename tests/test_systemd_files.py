@@ -23,7 +23,7 @@ from typing import Any
 
 import pytest
 from broker import LOOPBACK, free_port, mosquitto_binary, start_mosquitto, stop_process
-from secure_broker import Peer
+from secure_broker import Peer, password, tool
 
 from streaminghub_datamux.config import SCHEMA, env_name, load_config
 from streaminghub_datamux.mqttio import BrokerSettings
@@ -251,15 +251,6 @@ AGENT, OTHER_AGENT, ANALYST, OPS = "pi-lab1", "pi-lab2", "alice", "ops"
 TLS_KEYS = {"certfile", "keyfile", "cafile", "tls_version", "require_certificate"}
 
 
-def _tool(name: str) -> str:
-    path = shutil.which(name) or next(
-        (p for p in (f"/usr/bin/{name}", f"/usr/sbin/{name}") if Path(p).exists()), None
-    )
-    if path is None:
-        pytest.skip(f"{name} is not installed")
-    return path
-
-
 def _make_certificate(folder: Path) -> tuple[Path, Path] | None:
     """A self-signed certificate for 127.0.0.1 (its own CA), or None without openssl."""
     openssl = shutil.which("openssl")
@@ -332,16 +323,12 @@ def _trimmed_conf(folder: Path, port: int, tls: tuple[int, Path, Path] | None, a
     return "\n".join(lines) + "\n"
 
 
-def _password(user: str) -> str:
-    return f"pw-{user}"
-
-
 @pytest.fixture
 def broker_factory(tmp_path: Path) -> Iterator[Any]:
     binary = mosquitto_binary()
     if binary is None:
         pytest.skip("mosquitto is not installed")
-    passwd_tool = _tool("mosquitto_passwd")
+    passwd_tool = tool("mosquitto_passwd")
     started: list[Broker] = []
 
     def make(acl_text: str | None = None, tls: bool = True) -> Broker:
@@ -351,7 +338,7 @@ def broker_factory(tmp_path: Path) -> Iterator[Any]:
         for i, user in enumerate((AGENT, OTHER_AGENT, ANALYST, "bob", OPS)):
             create = ["-c"] if i == 0 else []
             subprocess.run(
-                [passwd_tool, *create, "-b", str(passwd), user, _password(user)],
+                [passwd_tool, *create, "-b", str(passwd), user, password(user)],
                 check=True,
                 capture_output=True,
                 timeout=30,
@@ -393,7 +380,7 @@ def _connect(
         host=LOOPBACK,
         port=port,
         username=user,
-        password=_password(user),
+        password=password(user),
         ca_file=str(broker.ca_file) if tls else None,
     )
     return Peer.connect(settings, client_id, will=(will, will_payload) if will else None)
