@@ -122,7 +122,8 @@ def test_published_outlets_carry_the_metadata_and_the_faulty_timestamps(workspac
     steps = np.diff(timestamps) * 200
     # Dropped samples stay gaps on the grid: LSL got each sample's own stamp.
     np.testing.assert_allclose(steps, np.round(steps), atol=0.01)
-    assert steps.max() >= 2 and steps.min() >= 0.99
+    # Stamps are float64 seconds near the LSL clock's value, so a whole step is 1 +- 1e-4.
+    assert np.round(steps).max() >= 2 and np.round(steps).min() >= 1
     assert abs(timestamps[-1] - now) < 2  # moved from the wall clock to the LSL clock
     assert {p.stream_id for p in published} == {"sig", "events"}
     assert all(p.samples > 0 and not p.error for p in published)
