@@ -108,7 +108,7 @@ class TaskStream:
             item = StreamStatus(stream_id, status, reason, status_data(message.get("data")))
             seq = message.get("seq")
             waiting = isinstance(seq, int) and not isinstance(seq, bool) and seq > self.next_seq
-            if waiting and len(self.held) < INBOX_FRAMES:
+            if waiting and isinstance(seq, int) and len(self.held) < INBOX_FRAMES:
                 # Frames before it are still on their way (another topic): wait for them.
                 self.held.append((seq, item))
             else:

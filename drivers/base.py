@@ -12,7 +12,7 @@ event loop.
 from __future__ import annotations
 
 import abc
-from collections.abc import AsyncIterator, Iterable, Mapping
+from collections.abc import AsyncGenerator, Iterable, Mapping
 from dataclasses import dataclass
 from types import TracebackType
 from typing import Any, Self
@@ -93,7 +93,7 @@ class Source(abc.ABC):
         """Release everything :meth:`open` acquired. Safe to call twice."""
 
     @abc.abstractmethod
-    def chunks(self) -> AsyncIterator[Chunk]:
+    def chunks(self) -> AsyncGenerator[Chunk, None]:
         """Yield chunks until the stream ends; raise DeviceLost when the device vanishes."""
 
     async def __aenter__(self) -> Self:

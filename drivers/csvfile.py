@@ -156,7 +156,7 @@ class CsvStreamReader:
         if self.dtype.kind in "iub":
             # One typed column each, so int64 values above 2**53 are read exactly.
             n_values = len(usecols) - has_index
-            columns = [("t", "f8")] if has_index else []
+            columns: list[tuple[str, Any]] = [("t", "f8")] if has_index else []
             columns += [(f"v{i}", self.dtype) for i in range(n_values)]
             return np.dtype(columns)
         return np.dtype(np.float64)

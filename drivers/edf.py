@@ -65,12 +65,13 @@ def _text(raw: bytes | str) -> str:
     """A header string: UTF-8, else Latin-1 (old files), trailing padding removed."""
     # Decoded here, not by pyedflib's getters: they warnings.warn() on non-UTF-8 text, and
     # silencing warnings is process-global, so not safe in replay's worker threads.
-    if isinstance(raw, bytes):
-        try:
-            raw = raw.decode("utf-8")
-        except UnicodeDecodeError:
-            raw = raw.decode("latin-1")
-    return raw.strip()
+    if isinstance(raw, str):
+        return raw.strip()
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        text = raw.decode("latin-1")
+    return text.strip()
 
 
 def _open(path: Path) -> pyedflib.EdfReader:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncGenerator, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -120,7 +120,7 @@ class GuidedSource(Source):
     async def aclose(self) -> None:
         await self._replay.aclose()
 
-    async def chunks(self) -> AsyncIterator[Chunk]:
+    async def chunks(self) -> AsyncGenerator[Chunk, None]:
         loop = asyncio.get_running_loop()
         first: float | None = None
         async with contextlib.aclosing(self._replay.chunks()) as chunks:

@@ -12,6 +12,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from pathlib import Path
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
@@ -37,7 +38,7 @@ def _open(path: Path) -> pq.ParquetFile:
         raise DataError(f"not a readable Parquet file: {exc}", file=str(path)) from exc
 
 
-def _column(batch: pa.RecordBatch, name: str, path: Path) -> object:
+def _column(batch: pa.RecordBatch, name: str, path: Path) -> np.ndarray:
     column = batch.column(name)
     if column.null_count:
         raise DataError(f"column {name!r} has empty (null) values", file=str(path))

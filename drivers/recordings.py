@@ -124,7 +124,7 @@ def _template_regex(template: str, extensions: tuple[str, ...]) -> re.Pattern[st
 
 def _files_under(root: Path, extensions: tuple[str, ...], dirs: list[Path]) -> list[Path]:
     """Files below ``root`` with one of ``extensions``; every folder walked goes to ``dirs``."""
-    found = []
+    found: list[Path] = []
     for folder, _, names in os.walk(root):
         dirs.append(Path(folder))
         found.extend(Path(folder, n) for n in names if os.path.splitext(n)[1].lower() in extensions)

@@ -19,6 +19,7 @@ other driver serves. Only an unknown name or a bad option is a config error.
 
 from __future__ import annotations
 
+import functools
 import importlib
 import logging
 import platform
@@ -171,7 +172,7 @@ def create_drivers(
             drivers.append(
                 PendingDriver(
                     name,
-                    lambda n=name, o=driver_options: _build(n, o, recordings),
+                    functools.partial(_build, name, driver_options, recordings),
                     exc.reason,
                     exc.fix,
                 )

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterator
 from typing import Any
 
 import numpy as np
@@ -67,10 +67,18 @@ def _fill_batch(blocks: Iterator[Chunk], batch: list[Chunk]) -> None:
         size += block[0].nbytes + block[1].nbytes
         if size >= _BATCH_BYTES or len(batch) >= _BATCH_BLOCKS:
             break
-    return batch
 
 
-async def _blocks_in_thread(make_blocks: Callable[[], Iterator[Chunk]]) -> AsyncIterator[Chunk]:
+def _close(blocks: Iterator[Chunk]) -> None:
+    """Close a generator reader (and its file) now; other iterators hold nothing to close."""
+    close = getattr(blocks, "close", None)
+    if close is not None:
+        close()
+
+
+async def _blocks_in_thread(
+    make_blocks: Callable[[], Iterator[Chunk]],
+) -> AsyncGenerator[Chunk, None]:
     """Read blocks in a worker thread, one batch of blocks ahead of the consumer.
 
     A reader error ends the batch it happens in: the blocks read before it are yielded
@@ -103,9 +111,9 @@ async def _blocks_in_thread(make_blocks: Callable[[], Iterator[Chunk]]) -> Async
         # The read in flight cannot be interrupted; close the reader (its file) as soon
         # as that read is over, instead of whenever the garbage collector gets to it.
         if pending.done():
-            blocks.close()
+            _close(blocks)
         else:
-            pending.add_done_callback(lambda _: blocks.close())
+            pending.add_done_callback(lambda _: _close(blocks))
 
 
 def frame_bounds(
@@ -268,7 +276,7 @@ class ReplaySource(Source):
             await asyncio.sleep(0)
         return control.version == version
 
-    async def chunks(self) -> AsyncIterator[Any]:
+    async def chunks(self) -> AsyncGenerator[Any, None]:
         control = self.control
         tolerance = 0.5 / self.stream.frequency if self.stream.frequency > 0 else 0.0
         target = control.start  # where this pass starts, seconds into the recording

@@ -16,7 +16,7 @@ import logging
 import math
 import time
 import zlib
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncGenerator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -483,7 +483,7 @@ class SimSource(Source):
         self._closed = True
         self._opened = False
 
-    async def chunks(self) -> AsyncIterator[Chunk]:
+    async def chunks(self) -> AsyncGenerator[Chunk, None]:
         """Yield due samples every wake; raise DeviceLost at a simulated disconnect."""
         if not self._opened:
             await self.open()

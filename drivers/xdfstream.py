@@ -37,7 +37,7 @@ from .base import Chunk
 try:
     from pyxdf import pyxdf as _pyxdf
 
-    _SYNC = (
+    _SYNC: tuple[Any, Any, Any, Any, Any] | None = (
         _pyxdf.StreamData,
         _pyxdf._xml2dict,
         _pyxdf._truncate_corrupted_offsets,
@@ -135,7 +135,7 @@ class StreamIndex:
 
 
 def _layout(stamped: bool, value_dtype: np.dtype, channels: int) -> np.dtype:
-    fields: list[tuple[str, Any]] = [("flag", "u1")]
+    fields: list[tuple[Any, ...]] = [("flag", "u1")]
     if stamped:
         fields.append(("t", "<f8"))
     fields.append(("v", value_dtype, (channels,)))

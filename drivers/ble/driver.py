@@ -140,9 +140,9 @@ class BleDriver(Driver):
                 visible[spec.id] = spec
         # A connected sensor stops advertising: keep it listed while we hold it.
         for key, link in self._links.items():
-            spec = next((d for d in self._known.values() if _address_key(d.address) == key), None)
-            if spec is not None and link.connected:
-                visible[spec.id] = spec
+            held = next((d for d in self._known.values() if _address_key(d.address) == key), None)
+            if held is not None and link.connected:
+                visible[held.id] = held
         return [visible[k] for k in sorted(visible)]
 
     def _remember(self, seen: _Seen) -> DeviceSpec:

@@ -123,8 +123,8 @@ class _Link:
     def release(self) -> None:
         """Count one user less; the last one disconnects (in the background)."""
         self.users = max(self.users - 1, 0)
-        if self.users == 0 and self.client is not None:
-            client = self._forget_client()
+        if self.users == 0 and (client := self.client) is not None:
+            self._forget_client()
             self._closing = self.driver.spawn(_disconnect_quietly(client))
 
     async def _ensure_connected(self) -> None:

@@ -6,7 +6,7 @@ import asyncio
 import logging
 import math
 import struct
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -60,7 +60,9 @@ class BleSource(Source):
         self.malformed = 0  # notifications that did not decode
         self._driver = driver
         self._link: _Link | None = None
-        self._channel: Channel[Chunk] = Channel(MAX_PENDING_CHUNKS, size=_samples)
+        self._channel: Channel[Chunk] = Channel(
+            MAX_PENDING_CHUNKS, size=_samples, on_drop=self._count_dropped
+        )
         self._last_t = -math.inf
         self._clock = SampleClock(spec.frequency, steady=True)
         self._generation: int | None = None  # the link's, when subscribed
@@ -115,15 +117,13 @@ class BleSource(Source):
         self._last_t = float(timestamps[-1])
         self._channel.send((timestamps, values))
 
-    @property
-    def dropped(self) -> int:
-        """Samples dropped because the loop fell behind."""
-        return self._channel.dropped
+    def _count_dropped(self, samples: int) -> None:
+        self.dropped += samples  # the loop fell behind: oldest chunks went first
 
     def lost(self, reason: str) -> None:
         self._channel.close(DeviceLost(reason))
 
-    async def chunks(self) -> AsyncIterator[Chunk]:
+    async def chunks(self) -> AsyncGenerator[Chunk, None]:
         """Yield decoded notifications; raise DeviceLost when the device drops."""
         if self._link is None and not self._closed:
             await self.open()

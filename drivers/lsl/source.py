@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from typing import TYPE_CHECKING, Any
 
 from ...channel import Channel
@@ -42,7 +42,7 @@ class LslSource(Source):
             raise DeviceLost(f"{self._known.label()} is not on the network")
         # Made here, not in __init__: the API builds sources in a worker thread.
         # Chunks never overflow it: the reader sends only with a credit.
-        self._channel = channel = Channel(MAX_PENDING_CHUNKS + 1)
+        self._channel = channel = Channel[Any](MAX_PENDING_CHUNKS + 1)
         reader = _InletReader(self._known, candidates, self._driver, channel, self._rows)
         self._driver.register_reader(reader)  # raises DeviceError once the driver is closed
         self._reader = reader
@@ -63,7 +63,7 @@ class LslSource(Source):
         reader.stop()
         await _join(reader)
 
-    async def chunks(self) -> AsyncIterator[Chunk]:
+    async def chunks(self) -> AsyncGenerator[Chunk, None]:
         """Yield chunks as the inlet delivers them; raise DeviceLost when the outlet goes."""
         if self._reader is None:
             await self.open()

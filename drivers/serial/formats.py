@@ -181,7 +181,7 @@ def _text_counter(data: Mapping[str, Any], path: str, channels: Sequence[str]) -
                 fix='add "timestamp": "counter", or remove counter_channel',
             )
         return None
-    if name not in channels:
+    if not isinstance(name, str) or name not in channels:
         raise ConfigError(
             f"counter_channel {name!r} is not one of the channels {list(channels)}",
             key=f"{path}.counter_channel",

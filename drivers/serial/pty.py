@@ -51,8 +51,9 @@ def encode_samples(spec: FormatSpec, channels: Sequence[str], values: np.ndarray
 def _encode_binary(spec: FormatSpec, values: np.ndarray) -> bytes:
     dtype = spec.payload_dtype
     records = np.zeros(len(values), dtype=dtype)
+    fields: Mapping[str, Any] = dtype.fields or {}
     for i, name in enumerate(dtype.names or ()):
-        records[name] = cast_values(values[:, i].astype(np.float64), dtype.fields[name][0])
+        records[name] = cast_values(values[:, i].astype(np.float64), fields[name][0])
     payload = records.view(np.uint8).reshape(len(values), dtype.itemsize)
     parts = [np.broadcast_to(np.frombuffer(spec.sync, np.uint8), (len(values), len(spec.sync)))]
     parts.append(payload)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 
 from ...channel import Channel
 from ...errors import device_failure
@@ -30,14 +30,14 @@ class SerialSource(Source):
         self._reader = reader
         self._channel = self._new_channel()
         self._attached = False
-        self._dropped = 0
 
     def _new_channel(self) -> Channel[Chunk]:
         return Channel(MAX_QUEUED_CHUNKS, size=lambda chunk: len(chunk[0]), on_drop=self._count)
 
     def _count(self, samples: int) -> None:
+        # Source.dropped: this source's consumer fell behind (oldest chunks went first).
         self.stats.dropped += samples
-        self._dropped += samples
+        self.dropped += samples
 
     @property
     def stats(self) -> ParseStats:
@@ -52,11 +52,6 @@ class SerialSource(Source):
     def missing(self) -> int:
         """key=value: channel values missing from good lines so far (NaN)."""
         return self.stats.missing
-
-    @property
-    def dropped(self) -> int:
-        """Samples this source's consumer lost by falling behind (oldest chunks first)."""
-        return self._dropped
 
     @property
     def resyncs(self) -> int:
@@ -90,7 +85,7 @@ class SerialSource(Source):
             return
         self._channel.close(device_failure(ending.reason, ending.cause, lost=ending.lost))
 
-    async def chunks(self) -> AsyncIterator[Chunk]:
+    async def chunks(self) -> AsyncGenerator[Chunk, None]:
         """Yield chunks as the device sends them; DeviceLost when it vanishes."""
         if not self._attached:
             await self.open()
