@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import errno
 import logging
 import socket
 import ssl
@@ -20,10 +19,17 @@ from dataclasses import dataclass
 from typing import Any
 
 import paho.mqtt.client as mqtt
+from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 
+from .brokerprobe import (
+    classify_connection_error,
+    describe_refusal,
+    diagnose_broker,
+    is_definite,
+)
 from .config import Config
 from .errors import ConfigError, InvalidRequest, Unavailable
 
@@ -53,16 +59,12 @@ SESSION_EXPIRY_S = 120
 PROTOCOL_PROBE_S = 2.0
 TIMED_OUT = "timed out"
 _UNSUPPORTED_PROTOCOL = (1, 132)  # MQTT 3.1.1 and MQTT 5 reason codes
-_NOT_AUTHORISED = (134, 135, 138)  # bad user name or password, not authorized, banned
 # While the broker cannot be reached: a first look after FIRST_LOOK_S (a definite cause
 # is reported then), the first WARNING about silence after FIRST_REPORT_S (longer than
 # the MQTT 5 probe, which a 3.1.1-only broker lets run out), then one at each step.
 FIRST_LOOK_S = 0.5
 FIRST_REPORT_S = 2.5
 REPORT_STEPS_S = (5.0, 10.0, 20.0, 40.0, 60.0)
-DIAGNOSE_TIMEOUT_S = 3.0
-# Causes that waiting does not cure; a client with a timeout fails on them at once.
-DEFINITE_CAUSES = ("unknown host", "connection refused", "TLS", "not authorised")
 RETAIN_UNSUPPORTED = "retain not supported"  # MQTT 5 reason code 0x9A
 _RETAIN_NOT_SUPPORTED = 154
 
@@ -116,85 +118,6 @@ class BrokerSettings:
     @property
     def address(self) -> str:
         return f"{self.host}:{self.port}"
-
-
-def classify_connection_error(exc: BaseException, settings: BrokerSettings) -> str:
-    """Why a connection to the broker failed, in words an operator can act on.
-
-    The text starts with the cause (``unknown host``, ``connection refused``,
-    ``no answer``, ``network unreachable``, ``TLS``), then says what to check.
-    """
-    address = settings.address
-    if isinstance(exc, socket.gaierror):
-        return (
-            f"unknown host {settings.host!r} ({exc.strerror or exc}): check broker.host "
-            "and the box's DNS"
-        )
-    if isinstance(exc, ssl.SSLCertVerificationError):
-        return (
-            f"TLS certificate not trusted ({exc.verify_message or exc}): broker.tls.ca_file "
-            f"must hold the CA that signed {address}'s certificate, for that host name"
-        )
-    if isinstance(exc, ssl.SSLError | ConnectionResetError) and (
-        settings.ca_file or settings.cert_file
-    ):
-        return (
-            f"TLS handshake with {address} failed ({exc}): is that port a TLS listener, "
-            "and do broker.tls.* match it?"
-        )
-    if isinstance(exc, ConnectionRefusedError):
-        return (
-            f"connection refused by {address}: no broker listens there (is it running, "
-            "and is broker.port right?)"
-        )
-    if isinstance(exc, TimeoutError | socket.timeout):
-        return (
-            f"no answer from {address}: a firewall, a wrong address, or the network or "
-            "the broker's host is down"
-        )
-    if isinstance(exc, OSError) and exc.errno in (errno.ENETUNREACH, errno.EHOSTUNREACH):
-        return f"network unreachable for {address} ({exc.strerror}): is the network up?"
-    return f"cannot connect to {address}: {exc}"
-
-
-def describe_refusal(code: ReasonCode) -> str:
-    """The broker answered and said no: the reason code in words, with the fix."""
-    if code.value in _NOT_AUTHORISED:
-        return (
-            f"not authorised ({code}): check broker.username and broker.password, and "
-            "the broker's ACL for this client id"
-        )
-    return f"refused ({code})"
-
-
-def diagnose_broker(settings: BrokerSettings, timeout: float = DIAGNOSE_TIMEOUT_S) -> str | None:
-    """Try what paho does (resolve, TCP, TLS handshake) and say what fails; None if none.
-
-    Blocking; run it in a thread. Only called while a connect is overdue, so it costs a
-    healthy broker nothing.
-    """
-    try:
-        infos = socket.getaddrinfo(settings.host, settings.port, type=socket.SOCK_STREAM)
-        family, kind, proto, _, address = infos[0]
-        with socket.socket(family, kind, proto) as sock:
-            sock.settimeout(timeout)
-            sock.connect(address)
-            if settings.ca_file or settings.cert_file:
-                context = ssl.create_default_context(cafile=settings.ca_file)
-                if settings.cert_file:
-                    context.load_cert_chain(settings.cert_file, settings.key_file)
-                tls = context.wrap_socket(
-                    sock, server_hostname=settings.host, do_handshake_on_connect=False
-                )
-                with tls:  # closed on a failed handshake too
-                    tls.do_handshake()
-    except (OSError, ValueError) as exc:
-        return classify_connection_error(exc, settings)
-    return None
-
-
-def _is_definite(problem: str) -> bool:
-    return problem.startswith(DEFINITE_CAUSES)
 
 
 @dataclass(frozen=True)
@@ -413,11 +336,11 @@ class MqttLink:
                 "MQTT broker, and the right protocol? broker.protocol)"
             )
             elapsed = loop.time() - began
-            if not _is_definite(problem) and elapsed < FIRST_REPORT_S:
+            if not is_definite(problem) and elapsed < FIRST_REPORT_S:
                 wait = FIRST_REPORT_S - elapsed  # maybe just slow: look again before saying
                 continue
             self.problem = problem
-            if fail_fast and _is_definite(problem):
+            if fail_fast and is_definite(problem):
                 self._definite = problem
                 if self._first is not None and not self._first.done():
                     self._first.set_result(problem)
@@ -434,15 +357,15 @@ class MqttLink:
     def _connect_kwargs(self, version: int) -> dict[str, Any]:
         if version != mqtt.MQTTv5:
             return {}
-        properties = Properties(PacketTypes.CONNECT)
+        properties = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]  # paho
         properties.SessionExpiryInterval = SESSION_EXPIRY_S
         return {"clean_start": mqtt.MQTT_CLEAN_START_FIRST_ONLY, "properties": properties}
 
     def _make_client(self, version: int) -> mqtt.Client:
         client = mqtt.Client(
-            mqtt.CallbackAPIVersion.VERSION2,
+            CallbackAPIVersion.VERSION2,
             client_id=self.client_id,
-            protocol=version,
+            protocol=MQTTProtocolVersion(version),
             # 3.1.1 has no session expiry: start clean and resubscribe on reconnect.
             clean_session=True if version != mqtt.MQTTv5 else None,
         )
@@ -466,7 +389,8 @@ class MqttLink:
         if self.will is not None:
             retain = self.will.retain and self.retain_available
             client.will_set(self.will.topic, self.will.payload, qos=self.will.qos, retain=retain)
-        client.reconnect_delay_set(RECONNECT_MIN_S, RECONNECT_MAX_S)
+        # paho's stubs say int; its backoff takes any number of seconds.
+        client.reconnect_delay_set(RECONNECT_MIN_S, RECONNECT_MAX_S)  # type: ignore[arg-type]
         client.max_inflight_messages_set(MAX_OUTSTANDING)
         client.max_queued_messages_set(0)
         client.on_socket_open = _no_delay
@@ -598,7 +522,7 @@ class MqttLink:
             return False
         properties = None
         if self.protocol == mqtt.MQTTv5 and (response_topic or correlation is not None):
-            properties = Properties(PacketTypes.PUBLISH)
+            properties = Properties(PacketTypes.PUBLISH)  # type: ignore[no-untyped-call]  # paho
             if response_topic:
                 properties.ResponseTopic = response_topic
             if correlation is not None:
@@ -657,28 +581,49 @@ class MqttLink:
         loop.call_soon_threadsafe(callback, *args)
         return True
 
-    def _paho_connect(self, client, userdata, flags, reason_code, properties) -> None:
+    def _paho_connect(
+        self,
+        client: mqtt.Client,
+        userdata: Any,
+        flags: mqtt.ConnectFlags,
+        reason_code: ReasonCode,
+        properties: Properties | None,
+    ) -> None:
         limit = getattr(properties, "MaximumPacketSize", None) if properties else None
         retain = getattr(properties, "RetainAvailable", 1) != 0 if properties else True
         self._to_loop(
             self._connected_on_loop, client, reason_code, flags.session_present, limit, retain
         )
 
-    def _paho_disconnect(self, client, userdata, flags, reason_code, properties) -> None:
+    def _paho_disconnect(
+        self,
+        client: mqtt.Client,
+        userdata: Any,
+        flags: mqtt.DisconnectFlags,
+        reason_code: ReasonCode,
+        properties: Properties | None,
+    ) -> None:
         self._to_loop(self._disconnected_on_loop, client, str(reason_code))
 
-    def _paho_message(self, client, userdata, message: mqtt.MQTTMessage) -> None:
+    def _paho_message(self, client: mqtt.Client, userdata: Any, message: mqtt.MQTTMessage) -> None:
         response_topic = correlation = None
         props = message.properties
         if props is not None:
             response_topic = getattr(props, "ResponseTopic", None)
             correlation = getattr(props, "CorrelationData", None)
         incoming = Incoming(
-            message.topic, message.payload, bool(message.retain), response_topic, correlation
+            message.topic, bytes(message.payload), bool(message.retain), response_topic, correlation
         )
         self._to_loop(self._on_message, incoming)
 
-    def _paho_publish(self, client, userdata, mid, reason_code, properties) -> None:
+    def _paho_publish(
+        self,
+        client: mqtt.Client,
+        userdata: Any,
+        mid: int,
+        reason_code: ReasonCode,
+        properties: Properties | None,
+    ) -> None:
         # PUBACKs come in bursts: queue them and wake the loop once per burst, not once
         # per message (each call_soon_threadsafe is a write to the loop's wake-up pipe).
         self._acked_publishes.append(mid)
@@ -687,7 +632,7 @@ class MqttLink:
             if not self._to_loop(self._published_batch_on_loop):
                 self._drain_scheduled = False  # no loop to drain them: allow a later try
 
-    def _paho_subscribe(self, client, userdata, mid, *rest: Any) -> None:
+    def _paho_subscribe(self, client: mqtt.Client, userdata: Any, mid: int, *rest: Any) -> None:
         self._to_loop(self._acked_on_loop, mid)
 
     # -- on the loop ---------------------------------------------------------------------

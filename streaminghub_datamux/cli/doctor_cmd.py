@@ -20,11 +20,12 @@ from pathlib import Path
 from typing import Any
 
 from ..agent.health import clock_sync, disk_space
+from ..brokerprobe import diagnose_broker
 from ..config import Config, load_config
 from ..dirs import state_dir
 from ..drivers.registry import BUILTIN, DriverLoadError, load_driver
 from ..errors import ConfigError, DatamuxError
-from ..mqttio import BrokerSettings, MqttLink, diagnose_broker
+from ..mqttio import BrokerSettings, MqttLink
 
 __all__ = ["Check", "register", "run_checks"]
 
