@@ -12,8 +12,8 @@ import sys
 import numpy as np
 import pyedflib
 import pytest
+from edf_files import SIGNALS, reference, write_file
 from helpers import SHARED_DATA, drain, frames_of, needs_shared, run
-from test_edf import SIGNALS, reference, write_file
 
 import streaminghub_datamux as dm
 from streaminghub_datamux.errors import DataError, NotFound

@@ -14,7 +14,7 @@ import streaminghub_datamux as dm
 from streaminghub_datamux.drivers.registry import available, create_drivers, load_driver
 from streaminghub_datamux.errors import ConfigError
 
-EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
+EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 
 
 @pytest.fixture

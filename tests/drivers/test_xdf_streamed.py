@@ -8,14 +8,15 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from helpers import SHARED_DATA
+from xdf_files import _chunk, _header, _varlen, _write
 
 pyxdf = pytest.importorskip("pyxdf")
-
-from test_xdf import DATA, _chunk, _header, _varlen, _write  # noqa: E402
 
 from streaminghub_datamux.drivers.xdf import LOAD_OPTIONS, XdfFormat  # noqa: E402
 from streaminghub_datamux.drivers.xdfstream import index_stream  # noqa: E402
 
+DATA = SHARED_DATA / "xdf"
 FORMATS = {"float32": "<f4", "double64": "<f8", "int16": "<i2", "int32": "<i4"}
 
 
