@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import os
 import signal
@@ -71,6 +72,85 @@ async def remote_api(
         yield api
     finally:
         await api.close()
+
+
+@contextlib.asynccontextmanager
+async def agent_and_client(
+    config: Config, broker: Mosquitto, workdir: Path
+) -> AsyncIterator[tuple[Agent, RemoteAPI]]:
+    """An agent (state in ``workdir/state``) and a RemoteAPI client of it, on one broker."""
+    async with (
+        running_agent(config, broker, workdir / "state") as agent,
+        remote_api(config, broker) as api,
+    ):
+        yield agent, api
+
+
+async def until_announced(api: RemoteAPI, agent_id: str = AGENT_ID) -> None:
+    """Wait (up to 10 s) until an agent process has announced itself to ``api``."""
+    for _ in range(200):
+        if agent_id in api.agents():
+            return
+        await asyncio.sleep(0.05)
+
+
+async def streaming_demo(api: Any, node_id: str = "demo") -> asyncio.Queue[Any]:
+    """Proxy the simulated ``demo`` node's eeg stream to a new sink; return once it delivers."""
+    sink: asyncio.Queue[Any] = asyncio.Queue()
+    await api.proxy_live_stream(node_id, "eeg", {}, sink)
+    await asyncio.wait_for(sink.get(), 10)
+    return sink
+
+
+# A RemoteAPI client in its own process holding one live task. Its lease (keepalive 2 s,
+# then the broker's last will) is what ends the task when the process dies.
+CLIENT_SCRIPT = """
+import asyncio, sys
+import streaminghub_datamux as dm
+from streaminghub_datamux.config import load_config
+
+async def main():
+    config = load_config(flags={"broker.keepalive_s": 2}, env={})
+    api = dm.RemoteAPI("mqtt", "cbor", agent_id=sys.argv[3], config=config, timeout=10)
+    await api.connect(sys.argv[1], int(sys.argv[2]))
+    sink = asyncio.Queue()
+    ack = await api.proxy_live_stream("demo", "eeg", {}, sink)
+    print("started", ack.randseq, flush=True)
+    while True:
+        await sink.get()
+
+asyncio.run(main())
+"""
+
+
+@contextlib.asynccontextmanager
+async def leasing_client(
+    broker: Mosquitto, cwd: Path, *, agent_id: str = AGENT_ID, timeout: float = 20
+) -> AsyncIterator[asyncio.subprocess.Process]:
+    """Start that client, wait until its task runs; killed by its own pid on exit."""
+    client = await asyncio.create_subprocess_exec(
+        sys.executable, "-c", CLIENT_SCRIPT, broker.host, str(broker.port), agent_id,
+        stdout=asyncio.subprocess.PIPE, cwd=cwd,
+    )  # fmt: skip
+    try:
+        assert client.stdout is not None
+        line = await asyncio.wait_for(client.stdout.readline(), timeout)
+        assert line.startswith(b"started"), line
+        yield client
+    finally:
+        if client.returncode is None:
+            client.kill()
+            with contextlib.suppress(ProcessLookupError):
+                client.send_signal(signal.SIGCONT)  # a stopped process dies once resumed
+        await client.wait()
+
+
+async def tasks_released(agent: Agent, limit: float) -> tuple[float, list[Any]]:
+    """Seconds until ``agent`` runs no task (waiting at most ``limit``), and those left."""
+    since = time.monotonic()
+    while agent.api.tasks() and time.monotonic() - since < limit:
+        await asyncio.sleep(0.05)
+    return time.monotonic() - since, agent.api.tasks()
 
 
 def api_factory(kind: str, broker: Mosquitto | None, state_dir: Path) -> Callable[..., Any]:

@@ -4,8 +4,6 @@
 from __future__ import annotations
 
 import asyncio
-import sys
-import time
 from pathlib import Path
 from typing import Any
 
@@ -13,8 +11,7 @@ import numpy as np
 import pytest
 from broker import LOOPBACK, Mosquitto, free_port
 from helpers import drain, frames_of, gaze_collection, run
-from remote import remote_api, running_agent
-from test_transport import CLIENT_SCRIPT
+from remote import leasing_client, remote_api, running_agent, tasks_released
 
 import streaminghub_datamux as dm
 from streaminghub_datamux.protocol import DEFAULT_PREFIX
@@ -135,27 +132,15 @@ def test_a_client_that_dies_on_the_central_broker_loses_its_tasks_on_the_edge(
     """Leases across the bridge: the client's will crosses it, the agent ends the task."""
     edge, central = brokers
     config = workspace.config()
-    script = CLIENT_SCRIPT.replace('agent_id="a1"', 'agent_id="pi-1"')
 
     async def body() -> tuple[float, list[Any]]:
-        async with running_agent(config, edge, tmp_path / "s", agent_id="pi-1") as agent:
-            client = await asyncio.create_subprocess_exec(
-                sys.executable, "-c", script, central.host, str(central.port),
-                stdout=asyncio.subprocess.PIPE, cwd=tmp_path,
-            )  # fmt: skip
-            try:
-                line = await asyncio.wait_for(client.stdout.readline(), 30)
-                assert line.startswith(b"started"), line
-                assert len(agent.api.tasks()) == 1
-                client.kill()  # by its own pid
-                died = time.monotonic()
-                while agent.api.tasks() and time.monotonic() - died < 10:
-                    await asyncio.sleep(0.05)
-                return time.monotonic() - died, agent.api.tasks()
-            finally:
-                if client.returncode is None:
-                    client.kill()
-                await client.wait()
+        async with (
+            running_agent(config, edge, tmp_path / "s", agent_id="pi-1") as agent,
+            leasing_client(central, tmp_path, agent_id="pi-1", timeout=30) as client,
+        ):
+            assert len(agent.api.tasks()) == 1
+            client.kill()  # by its own pid
+            return await tasks_released(agent, 10)
 
     released_after, left = run(body(), timeout=60)
     assert left == []

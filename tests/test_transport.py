@@ -8,7 +8,6 @@ from __future__ import annotations
 import asyncio
 import json
 import signal
-import sys
 import time
 
 import cbor2
@@ -17,7 +16,19 @@ import pytest
 from helpers import drain, frames_of, gaze_collection, run
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
-from remote import AGENT_ID, AgentProcess, RawPeer, remote_api, running_agent, wait_until
+from remote import (
+    AGENT_ID,
+    AgentProcess,
+    RawPeer,
+    agent_and_client,
+    leasing_client,
+    remote_api,
+    running_agent,
+    streaming_demo,
+    tasks_released,
+    until_announced,
+    wait_until,
+)
 
 import streaminghub_datamux as dm
 from streaminghub_datamux.errors import Forbidden, InvalidRequest, Timeout, Unavailable
@@ -134,10 +145,8 @@ def test_another_client_cannot_stop_my_task(workspace, mosquitto, tmp_path):
 def test_closing_a_client_ends_its_tasks(workspace, mosquitto, tmp_path):
     async def body():
         async with running_agent(workspace.config(), mosquitto, tmp_path / "state") as agent:
-            sink = asyncio.Queue()
             async with remote_api(workspace.config(), mosquitto) as api:
-                await api.proxy_live_stream("demo", "eeg", {}, sink)
-                await asyncio.wait_for(sink.get(), 10)
+                sink = await streaming_demo(api)
                 assert len(agent.api.tasks()) == 1
             items = await drain(sink)
             for _ in range(100):
@@ -150,49 +159,18 @@ def test_closing_a_client_ends_its_tasks(workspace, mosquitto, tmp_path):
     assert items[-1] is dm.END_OF_STREAM and left == []
 
 
-CLIENT_SCRIPT = """
-import asyncio, sys
-import streaminghub_datamux as dm
-from streaminghub_datamux.config import load_config
-
-async def main():
-    config = load_config(flags={"broker.keepalive_s": 2}, env={})
-    api = dm.RemoteAPI("mqtt", "cbor", agent_id="a1", config=config, timeout=10)
-    await api.connect(sys.argv[1], int(sys.argv[2]))
-    sink = asyncio.Queue()
-    ack = await api.proxy_live_stream("demo", "eeg", {}, sink)
-    print("started", ack.randseq, flush=True)
-    while True:
-        await sink.get()
-
-asyncio.run(main())
-"""
-
-
 @pytest.mark.parametrize("how", ["SIGKILL", "SIGSTOP"])
 def test_a_client_that_dies_loses_its_tasks_within_its_lease(how, workspace, mosquitto, tmp_path):
     keepalive = 2
 
     async def body():
-        async with running_agent(workspace.config(), mosquitto, tmp_path / "state") as agent:
-            client = await asyncio.create_subprocess_exec(
-                sys.executable, "-c", CLIENT_SCRIPT, mosquitto.host, str(mosquitto.port),
-                stdout=asyncio.subprocess.PIPE, cwd=tmp_path,
-            )  # fmt: skip
-            try:
-                line = await asyncio.wait_for(client.stdout.readline(), 20)
-                assert line.startswith(b"started"), line
-                assert len(agent.api.tasks()) == 1
-                client.send_signal(getattr(signal, how))  # by its own pid
-                died = time.monotonic()
-                while agent.api.tasks() and time.monotonic() - died < 4 * keepalive:
-                    await asyncio.sleep(0.05)
-                return time.monotonic() - died, agent.api.tasks()
-            finally:
-                if client.returncode is None:
-                    client.kill()
-                    client.send_signal(signal.SIGCONT)
-                await client.wait()
+        async with (
+            running_agent(workspace.config(), mosquitto, tmp_path / "state") as agent,
+            leasing_client(mosquitto, tmp_path) as client,
+        ):
+            assert len(agent.api.tasks()) == 1
+            client.send_signal(getattr(signal, how))  # by its own pid
+            return await tasks_released(agent, 4 * keepalive)
 
     released_after, left = run(body())
     assert left == []
@@ -206,11 +184,7 @@ def test_a_broker_restart_mid_stream_loses_nothing(workspace, mosquitto, tmp_pat
     timestamps, values = workspace.add_gaze_recording("A", "1", n=600, frequency=100)  # 6 s
 
     async def body():
-        config = workspace.config()
-        async with (
-            running_agent(config, mosquitto, tmp_path / "state") as agent,
-            remote_api(config, mosquitto) as api,
-        ):
+        async with agent_and_client(workspace.config(), mosquitto, tmp_path) as (agent, api):
             sink = asyncio.Queue()
             await api.replay_collection_stream(
                 "study", "gaze", {"subject": "A"}, sink, speed=1.0, framing={"max_samples": 20}
@@ -280,13 +254,8 @@ def test_sigterm_ends_every_consumer_and_leaves_the_agent_offline(workspace, mos
 
     async def body():
         async with remote_api(workspace.config(), mosquitto, agent_id=None, timeout=20) as api:
-            for _ in range(200):  # the agent process announces itself
-                if AGENT_ID in api.agents():
-                    break
-                await asyncio.sleep(0.05)
-            sink = asyncio.Queue()
-            await api.proxy_live_stream(f"{AGENT_ID}/demo", "eeg", {}, sink)
-            await asyncio.wait_for(sink.get(), 10)
+            await until_announced(api)
+            sink = await streaming_demo(api, f"{AGENT_ID}/demo")
             code = await asyncio.to_thread(agent.terminate)
             items = await asyncio.wait_for(drain(sink), 10)
             return code, items
@@ -312,13 +281,8 @@ def test_a_restarted_agent_ends_the_old_tasks_with_an_error(workspace, mosquitto
     async def body():
         nonlocal second
         async with remote_api(workspace.config(), mosquitto, agent_id=None, timeout=20) as api:
-            for _ in range(200):
-                if AGENT_ID in api.agents():
-                    break
-                await asyncio.sleep(0.05)
-            sink = asyncio.Queue()
-            await api.proxy_live_stream(f"{AGENT_ID}/demo", "eeg", {}, sink)
-            await asyncio.wait_for(sink.get(), 10)
+            await until_announced(api)
+            sink = await streaming_demo(api, f"{AGENT_ID}/demo")
             first.kill()  # no goodbye: the broker's last will says offline
             second = AgentProcess(mosquitto, tmp_path)
             return await asyncio.wait_for(drain(sink), 20)
@@ -342,10 +306,7 @@ def test_requests_to_a_frozen_agent_time_out(workspace, mosquitto, tmp_path):
 
     async def body():
         async with remote_api(workspace.config(), mosquitto, agent_id=None, timeout=20) as api:
-            for _ in range(200):
-                if AGENT_ID in api.agents():
-                    break
-                await asyncio.sleep(0.05)
+            await until_announced(api)
             agent.process.send_signal(signal.SIGSTOP)
             api.timeout = 1.0
             began = time.monotonic()

@@ -19,7 +19,15 @@ import cbor2
 import pytest
 from broker import free_port
 from helpers import drain, gaze_collection, run
-from remote import AGENT_ID, AgentProcess, RawPeer, remote_api, running_agent
+from remote import (
+    AGENT_ID,
+    AgentProcess,
+    RawPeer,
+    agent_and_client,
+    remote_api,
+    running_agent,
+    streaming_demo,
+)
 
 import streaminghub_datamux as dm
 from streaminghub_datamux.agent import Agent
@@ -194,14 +202,8 @@ def test_reply_to_cannot_target_another_clients_state(workspace, mosquitto, tmp_
     the requester's own reply topic."""
 
     async def body():
-        config = workspace.config()
-        async with (
-            running_agent(config, mosquitto, tmp_path / "state") as agent,
-            remote_api(config, mosquitto) as victim,
-        ):
-            sink = asyncio.Queue()
-            await victim.proxy_live_stream("demo", "eeg", {}, sink)
-            await asyncio.wait_for(sink.get(), 10)
+        async with agent_and_client(workspace.config(), mosquitto, tmp_path) as (agent, victim):
+            await streaming_demo(victim)  # the victim holds a live task
             attacker = RawPeer(mosquitto, "attacker")
             attacker.subscribe(f"{TOPICS.prefix}/#")
             try:
@@ -277,11 +279,7 @@ def test_framing_without_bounds_is_refused_or_capped(workspace, mosquitto, tmp_p
     Agent._fit_framing in the working tree caps max_samples and makes it pass.)"""
 
     async def body():
-        config = workspace.config()
-        async with (
-            running_agent(config, mosquitto, tmp_path / "state") as agent,
-            remote_api(config, mosquitto) as api,
-        ):
+        async with agent_and_client(workspace.config(), mosquitto, tmp_path) as (agent, api):
             sink = asyncio.Queue()
             framing = {"max_samples": 2**40, "max_latency_ms": 1e9}
             try:
@@ -311,11 +309,7 @@ def test_a_slow_consumer_with_an_unbounded_sink_stays_bounded(workspace, mosquit
     _many_frames(workspace, 4000)
 
     async def body():
-        config = workspace.config()
-        async with (
-            running_agent(config, mosquitto, tmp_path / "state"),
-            remote_api(config, mosquitto) as api,
-        ):
+        async with agent_and_client(workspace.config(), mosquitto, tmp_path) as (_, api):
             sink = asyncio.Queue()
             await api.replay_collection_stream(
                 "study", "gaze", {"subject": "A"}, sink, speed=0, framing={"max_samples": 1}
@@ -335,11 +329,7 @@ def test_the_inbox_of_a_stalled_bounded_sink_stays_bounded(workspace, mosquitto,
     _many_frames(workspace, 4000)
 
     async def body():
-        config = workspace.config()
-        async with (
-            running_agent(config, mosquitto, tmp_path / "state"),
-            remote_api(config, mosquitto) as api,
-        ):
+        async with agent_and_client(workspace.config(), mosquitto, tmp_path) as (_, api):
             sink = asyncio.Queue(maxsize=8)
             ack = await api.replay_collection_stream(
                 "study", "gaze", {"subject": "A"}, sink, speed=0, framing={"max_samples": 1}

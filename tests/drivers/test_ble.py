@@ -375,6 +375,24 @@ async def send(air: FakeAir, address: str, characteristic: str, payloads: list[b
         await asyncio.sleep(0.005)
 
 
+@contextlib.asynccontextmanager
+async def strap_recovered(
+    workspace: Any,
+) -> AsyncIterator[tuple[dm.API, asyncio.Queue[Any], list[Any]]]:
+    """The strap's hr task once it has lost its connection and is back: (api, sink, the
+    items up to "reconnected")."""
+    async with strap_hr(workspace) as (api, sink):
+        yield api, sink, await take(sink, reconnected)
+
+
+async def strap_reading(air: FakeAir, sink: asyncio.Queue[Any], bpm: int) -> list[Any]:
+    """Once the strap's heart rate is subscribed (again), send one reading; the items up
+    to its sample."""
+    await until(lambda: air.subscribed(STRAP, HRM))
+    await send(air, STRAP, HRM, [hr_only(bpm)])
+    return await take(sink, samples(1))
+
+
 # -- through either API: the ``serve`` fixture (tests/conftest.py) runs a test against
 # the local API and against a RemoteAPI served by an agent on the test's own loop.
 
@@ -714,16 +732,12 @@ def test_a_dropped_connection_is_reported_and_resumed(workspace, air, serve):
         async with serve(make_api(workspace, **strap_config())) as api:
             sink: asyncio.Queue[Any] = asyncio.Queue()
             await api.proxy_live_stream("chest", "hr", {}, sink, framing="low-latency")
-            await until(lambda: air.subscribed(STRAP, HRM))
-            await send(air, STRAP, HRM, [hr_only(80)])
-            items = await take(sink, samples(1))
+            items = await strap_reading(air, sink, 80)
             air.drop(STRAP)
             items += await take(sink, reconnected)
             lost = next(i for i in items if isinstance(i, StreamStatus))
             assert lost.status == "disconnected" and "disconnected" in lost.reason
-            await until(lambda: air.subscribed(STRAP, HRM))
-            await send(air, STRAP, HRM, [hr_only(81)])
-            items += await take(sink, samples(1))
+            items += await strap_reading(air, sink, 81)
             assert statuses(items) == ["disconnected", "reconnected"]
             np.testing.assert_array_equal(values_of(items), [[80], [81]])
             assert [f.seq for f in frames_of(items)] == [0, 1]
@@ -747,16 +761,13 @@ def test_connect_failures_are_retried(workspace, air):
     air.peripherals[STRAP].fail_connects = 2
 
     async def body():
-        async with strap_hr(workspace) as (_api, sink):
-            items = await take(sink, reconnected)
+        async with strap_recovered(workspace) as (_api, sink, items):
             [lost] = [
                 i for i in items if isinstance(i, StreamStatus) and i.status == "disconnected"
             ]
             assert "cannot connect" in lost.reason and "le-connection-abort" in lost.reason
             assert len(air.clients) == 3
-            await until(lambda: air.subscribed(STRAP, HRM))
-            await send(air, STRAP, HRM, [hr_only(90)])
-            np.testing.assert_array_equal(values_of(await take(sink, samples(1))), [[90]])
+            np.testing.assert_array_equal(values_of(await strap_reading(air, sink, 90)), [[90]])
 
     run(body())
 
@@ -853,13 +864,10 @@ def test_a_disconnect_during_start_notify_is_reported_and_resumed(workspace, air
     air.peripherals[STRAP].drop_on_subscribe = 1
 
     async def body():
-        async with strap_hr(workspace) as (api, sink):
-            items = await take(sink, reconnected)
+        async with strap_recovered(workspace) as (api, sink, items):
             assert statuses(items) == ["disconnected", "reconnected"]
             assert len(air.clients) == 2
-            await until(lambda: air.subscribed(STRAP, HRM))
-            await send(air, STRAP, HRM, [hr_only(66)])
-            items += await take(sink, samples(1))
+            items += await strap_reading(air, sink, 66)
             np.testing.assert_array_equal(values_of(items), [[66]])
             assert listening(api, STRAP, HRM) == 1
 
