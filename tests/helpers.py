@@ -147,3 +147,12 @@ def frames_of(items: list[Any]) -> list[Any]:
     from streaminghub_datamux import Frame
 
     return [i for i in items if isinstance(i, Frame)]
+
+
+async def collect(sink: asyncio.Queue[Any], samples: int, timeout: float = 10.0) -> list[Any]:
+    """Items until ``samples`` samples have arrived in frames."""
+    items: list[Any] = []
+    async with asyncio.timeout(timeout):
+        while sum(len(f) for f in frames_of(items)) < samples:
+            items.append(await sink.get())
+    return items

@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 import pytest
-from helpers import frames_of, run
+from helpers import collect, frames_of, run
 
 import streaminghub_datamux as dm
 from streaminghub_datamux.errors import InvalidRequest, NotFound
@@ -70,14 +70,6 @@ async def find_lsl_stream(api: dm.API, name: str) -> dm.Stream:
                         return stream
         await asyncio.sleep(0.1)
     raise AssertionError(f"no LSL outlet {name!r}")
-
-
-async def collect(sink: asyncio.Queue[Any], samples: int, timeout: float = 10.0) -> list[Any]:
-    items: list[Any] = []
-    async with asyncio.timeout(timeout):
-        while sum(len(f) for f in frames_of(items)) < samples:
-            items.append(await sink.get())
-    return items
 
 
 def test_lsl_formats_cover_every_dtype():

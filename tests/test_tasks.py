@@ -45,8 +45,8 @@ def chunk(start, n):
 SMALL_FRAMES = Framing(max_samples=10, max_latency_ms=30)
 
 
-def start_task(make_source, framing=SMALL_FRAMES):
-    sink = asyncio.Queue()
+def start_task(make_source, framing=SMALL_FRAMES, sink=None):
+    sink = asyncio.Queue() if sink is None else sink
     task = Task(
         "t1", make_source, sink, stream_id="s", channels=["a"], attrs={"k": "v"}, framing=framing
     )
@@ -144,16 +144,7 @@ def test_end_reaches_a_full_sink_once_there_is_room():
     async def body():
         sink = asyncio.Queue(maxsize=1)
         sink.put_nowait("occupied")
-        task = Task(
-            "t",
-            lambda: ScriptedSource([RuntimeError("boom")]),
-            sink,
-            stream_id="s",
-            channels=["a"],
-            attrs={},
-            framing=Framing(),
-        )
-        task.start()
+        task, _ = start_task(lambda: ScriptedSource([RuntimeError("boom")]), Framing(), sink)
         await task.wait()
         return [await sink.get() for _ in range(3)]
 
@@ -189,16 +180,7 @@ def test_dropped_samples_are_reported_not_silent():
     async def body():
         steps = [chunk(i * 10, 10) for i in range(100)]  # 1000 samples, at once
         sink = asyncio.Queue(maxsize=1)
-        task = Task(
-            "t",
-            lambda: ScriptedSource(steps),
-            sink,
-            stream_id="s",
-            channels=["a"],
-            attrs={},
-            framing=SMALL_FRAMES,
-        )
-        task.start()
+        task, _ = start_task(lambda: ScriptedSource(steps), sink=sink)
         await asyncio.sleep(0.3)  # the consumer is away; the device is not
         return await drain(sink), task.samples_dropped
 
@@ -218,17 +200,7 @@ def test_drops_inside_a_source_are_reported_too():
             yield chunk(17, 10)
 
     async def body():
-        sink = asyncio.Queue()
-        task = Task(
-            "t",
-            lambda: LossySource([]),
-            sink,
-            stream_id="s",
-            channels=["a"],
-            attrs={},
-            framing=SMALL_FRAMES,
-        )
-        task.start()
+        task, sink = start_task(lambda: LossySource([]))
         return await drain(sink), task.samples_dropped
 
     items, dropped = run(body())

@@ -518,14 +518,7 @@ def test_config_errors_name_the_key(options, key):
     ],
 )
 def test_custom_profile_errors_name_the_key(custom, key):
-    device = {
-        "address": IMU,
-        "profile": "custom",
-        "characteristic": IMU_DATA,
-        "layout": "<hhh",
-        "channels": ["x", "y", "z"],
-        **custom,
-    }
+    device = imu_device(**{"layout": "<hhh", "channels": ["x", "y", "z"], **custom})
     with pytest.raises(ConfigError, match=rf"drivers\.ble\.devices\.imu\.{key}"):
         ble.BleDriver.from_config({"devices": {"imu": device}})
 
@@ -669,18 +662,15 @@ def test_heart_rate_and_rr_through_the_api(workspace, air, serve):
 
 def test_custom_characteristic_with_a_struct_layout(workspace, air):
     air.add(IMU, "IMU", {IMU_DATA: IMU_SERVICE})
-    device = {
-        "address": IMU,
-        "profile": "custom",
-        "characteristic": IMU_DATA,
-        "layout": "<hhh",
-        "channels": ["x", "y", "z"],
-        "dtype": "f32",
-        "rate": 100,
-        "scale": [0.5, 1, 2],
-        "stream": "accel",
-        "unit": "g",
-    }
+    device = imu_device(
+        layout="<hhh",
+        channels=["x", "y", "z"],
+        dtype="f32",
+        rate=100,
+        scale=[0.5, 1, 2],
+        stream="accel",
+        unit="g",
+    )
 
     async def body():
         async with make_api(workspace, devices={"imu": device}) as api:
@@ -840,13 +830,7 @@ def test_closing_the_api_disconnects_every_device(workspace, air):
 
 def test_a_missing_characteristic_ends_the_task(workspace, air):
     air.add(IMU, "IMU", {normalize_uuid_str("2a19"): normalize_uuid_str("180f")})
-    device = {
-        "address": IMU,
-        "profile": "custom",
-        "characteristic": IMU_DATA,
-        "layout": "<h",
-        "channels": ["x"],
-    }
+    device = imu_device()
 
     async def body():
         async with make_api(workspace, devices={"imu": device}) as api:

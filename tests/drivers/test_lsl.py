@@ -23,7 +23,7 @@ from typing import Any
 
 import numpy as np
 import pytest
-from helpers import frames_of, run
+from helpers import collect, frames_of, run
 
 import streaminghub_datamux as dm
 from streaminghub_datamux.drivers.simulate import DEMO_NODE
@@ -98,15 +98,6 @@ async def find_stream(api: dm.API | dm.RemoteAPI, node_id: str, name: str) -> dm
 
 async def next_item(sink: asyncio.Queue[Any], timeout: float = 10.0) -> Any:
     return await asyncio.wait_for(sink.get(), timeout)
-
-
-async def collect(sink: asyncio.Queue[Any], samples: int, timeout: float = 10.0) -> list[Any]:
-    """Items until ``samples`` samples have arrived in frames."""
-    items: list[Any] = []
-    async with asyncio.timeout(timeout):
-        while sum(len(f) for f in frames_of(items)) < samples:
-            items.append(await sink.get())
-    return items
 
 
 def reader_threads() -> list[str]:
