@@ -13,6 +13,7 @@ import shutil
 import ssl
 import subprocess
 import threading
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -41,6 +42,20 @@ def tool(name: str) -> str:
 
 def password(user: str) -> str:
     return f"pw-{user}"
+
+
+def write_passwd(path: Path, users: Iterable[str]) -> Path:
+    """A mosquitto password file: each user with :func:`password`, hashed by mosquitto's tool."""
+    passwd_tool = tool("mosquitto_passwd")
+    for i, user in enumerate(users):
+        create = ["-c"] if i == 0 else []
+        subprocess.run(
+            [passwd_tool, *create, "-b", str(path), user, password(user)],
+            check=True,
+            capture_output=True,
+            timeout=30,
+        )
+    return path
 
 
 class Certificates:
@@ -102,16 +117,7 @@ class SecureBroker:
             pytest.skip("mosquitto is not installed")
         self.binary = binary
         self.folder.mkdir(parents=True, exist_ok=True)
-        passwd_tool = tool("mosquitto_passwd")
-        passwd = self.folder / "passwd"
-        for i, user in enumerate(self.users):
-            create = ["-c"] if i == 0 else []
-            subprocess.run(
-                [passwd_tool, *create, "-b", str(passwd), user, password(user)],
-                check=True,
-                capture_output=True,
-                timeout=30,
-            )
+        passwd = write_passwd(self.folder / "passwd", self.users)
         acl = ACL_PROFILES[self.profile]
         server_cert, server_key = self.certificates.server
         self.conf = self.folder / "mosquitto.conf"

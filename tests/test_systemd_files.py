@@ -23,7 +23,7 @@ from typing import Any
 
 import pytest
 from broker import LOOPBACK, free_port, mosquitto_binary, start_mosquitto, stop_process
-from secure_broker import Peer, password, tool
+from secure_broker import Peer, password, tool, write_passwd
 
 from streaminghub_datamux.config import SCHEMA, env_name, load_config
 from streaminghub_datamux.mqttio import BrokerSettings
@@ -328,21 +328,13 @@ def broker_factory(tmp_path: Path) -> Iterator[Any]:
     binary = mosquitto_binary()
     if binary is None:
         pytest.skip("mosquitto is not installed")
-    passwd_tool = tool("mosquitto_passwd")
+    tool("mosquitto_passwd")  # skips the test here when it is missing
     started: list[Broker] = []
 
     def make(acl_text: str | None = None, tls: bool = True) -> Broker:
         folder = tmp_path / f"mosquitto-{len(started)}"
         folder.mkdir()
-        passwd = folder / "passwd"
-        for i, user in enumerate((AGENT, OTHER_AGENT, ANALYST, "bob", OPS)):
-            create = ["-c"] if i == 0 else []
-            subprocess.run(
-                [passwd_tool, *create, "-b", str(passwd), user, password(user)],
-                check=True,
-                capture_output=True,
-                timeout=30,
-            )
+        write_passwd(folder / "passwd", (AGENT, OTHER_AGENT, ANALYST, "bob", OPS))
         acl = folder / "streaminghub.acl"
         acl.write_text(acl_text or MOSQUITTO_ACL.read_text(encoding="utf-8"), encoding="utf-8")
         certificate = _make_certificate(folder) if tls else None

@@ -179,6 +179,19 @@ async def proxy(
     return items
 
 
+def stream_device(workspace: Any, entry: dict[str, Any], samples: int) -> tuple[list[Any], Any]:
+    """Proxy ``samples`` samples of device ``dev`` (``entry``) through the local API: every
+    item, and the device's parse stats after."""
+
+    async def body() -> tuple[list[Any], Any]:
+        driver = SerialDriver.from_config({"devices": {"dev": entry}})
+        async with dm.API(serial_config(workspace, {}), drivers=[driver]) as api:
+            items = await proxy(api, "dev", samples)
+        return items, driver.stats("dev")
+
+    return run(body())
+
+
 def joined(items: list[Any]) -> tuple[np.ndarray, np.ndarray]:
     frames = [i for i in items if isinstance(i, dm.Frame)]
     assert frames, f"no frames in {items[:5]}"
@@ -304,13 +317,7 @@ def test_each_format_streams_exact_values_at_the_declared_rate(workspace, device
     fmt, encode = FORMATS[name]
     device = devices(encode).start()
 
-    async def body():
-        driver = SerialDriver.from_config({"devices": {"dev": device_entry(device.path, fmt)}})
-        async with dm.API(serial_config(workspace, {}), drivers=[driver]) as api:
-            items = await proxy(api, "dev", 400)
-        return items, driver.stats("dev")
-
-    items, stats = run(body())
+    items, stats = stream_device(workspace, device_entry(device.path, fmt), 400)
     ts, values = joined(items)
     assert values.dtype == np.float32 and values.shape[1] == 3
     k = check_signal(values)
@@ -473,14 +480,8 @@ def test_keyvalue_missing_keys_become_nan_and_unknown_keys_are_ignored(workspace
 
     device = devices(encode).start()
 
-    async def body():
-        entry = device_entry(device.path, {"type": "keyvalue"})
-        driver = SerialDriver.from_config({"devices": {"dev": entry}})
-        async with dm.API(serial_config(workspace, {}), drivers=[driver]) as api:
-            items = await proxy(api, "dev", 500)
-        return items, driver.stats("dev")
-
-    items, stats = run(body())
+    entry = device_entry(device.path, {"type": "keyvalue"})
+    items, stats = stream_device(workspace, entry, 500)
     _, values = joined(items)
     k = -values[:, 1].astype(np.int64)
     assert not np.isin(k % 10, [7]).any()
@@ -505,13 +506,7 @@ def test_bad_packets_and_junk_are_counted_and_skipped(workspace, devices):
     device = devices(encode).start()
     fmt = {"type": "binary", "sync": "a0", "layout": "<fif", "checksum": "xor8"}
 
-    async def body():
-        driver = SerialDriver.from_config({"devices": {"dev": device_entry(device.path, fmt)}})
-        async with dm.API(serial_config(workspace, {}), drivers=[driver]) as api:
-            items = await proxy(api, "dev", 700)
-        return items, driver.stats("dev")
-
-    items, stats = run(body())
+    items, stats = stream_device(workspace, device_entry(device.path, fmt), 700)
     _, values = joined(items)
     k = check_signal(values)
     span = np.arange(k[0], k[-1] + 1)
