@@ -1,4 +1,6 @@
-"""Checks of untrusted values: ids, numbers, texts and option keys; errors name the key.
+"""Checks of untrusted values: ids, numbers, texts, flags, dtypes and option keys.
+
+Every error names the key that failed.
 
 One place for what the config loader, the drivers and the protocol accept, so that an id
 valid in one is valid in all, and every rejection says which key failed and how to fix it.
@@ -11,9 +13,22 @@ import re
 from collections.abc import Mapping
 from typing import Any, TypeGuard
 
-from .errors import ConfigError
+import numpy as np
 
-__all__ = ["ID_PATTERN", "check_keys", "config_id", "config_number", "config_text", "is_id"]
+from .errors import ConfigError
+from .model import numpy_dtype
+
+__all__ = [
+    "ID_PATTERN",
+    "check_keys",
+    "config_bool",
+    "config_dtype",
+    "config_entries",
+    "config_id",
+    "config_number",
+    "config_text",
+    "is_id",
+]
 
 # Ids appear in topics, folder names and file names: no "/", "+", "#" or spaces, not
 # starting with "." or "-", and a bounded length.
@@ -73,6 +88,51 @@ def config_text(data: Mapping[str, Any], key: str, path: str, default: str = "")
     value = data.get(key, default)
     if not isinstance(value, str):
         raise ConfigError(f"expected a string, got {value!r}", key=f"{path}.{key}", fix="quote it")
+    return value
+
+
+def config_bool(data: Mapping[str, Any], key: str, path: str, default: bool, fix: str) -> bool:
+    """Read an optional true/false, or raise ConfigError naming ``path.key``."""
+    value = data.get(key, default)
+    if not isinstance(value, bool):
+        raise ConfigError(f"expected true or false, got {value!r}", key=f"{path}.{key}", fix=fix)
+    return value
+
+
+def config_dtype(
+    data: Mapping[str, Any], path: str, fix: str, *, default: str = "f32", numeric: bool = False
+) -> np.dtype:
+    """Read ``dtype`` (``f32``, ``i16``, ``str``...; ``numeric`` refuses ``str``) as a numpy
+    dtype, or raise ConfigError naming ``path.dtype``."""
+    name = data.get("dtype", default)
+    try:
+        if not isinstance(name, str):
+            raise ValueError(f"expected a dtype name, got {name!r}")
+        dtype = numpy_dtype(name)
+    except ValueError as exc:
+        raise ConfigError(str(exc), key=f"{path}.dtype", fix=fix) from None
+    if numeric and dtype.kind not in "biuf":
+        raise ConfigError(f"dtype {name!r} is not numeric", key=f"{path}.dtype", fix=fix)
+    return dtype
+
+
+def config_entries(
+    data: Mapping[str, Any], key: str, path: str, what: str, example: str
+) -> Mapping[str, Any]:
+    """Read an optional JSON object of named entries (devices by node id...); ``{}`` if unset.
+
+    Raises:
+        ConfigError: naming ``path.key``, with ``example`` as the fix.
+    """
+    value = data.get(key)
+    if value is None:
+        return {}
+    if not isinstance(value, Mapping):
+        raise ConfigError(
+            f"expected a JSON object of {what}, got {type(value).__name__}",
+            key=f"{path}.{key}",
+            fix=f"write it as {example}",
+        )
     return value
 
 

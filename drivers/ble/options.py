@@ -11,12 +11,19 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-import numpy as np
 from bleak.uuids import normalize_uuid_str
 
-from ...checks import check_keys, config_id, config_number, config_text
+from ...checks import (
+    check_keys,
+    config_bool,
+    config_dtype,
+    config_entries,
+    config_id,
+    config_number,
+    config_text,
+)
 from ...errors import ConfigError
-from ...model import Node, Stream, numpy_dtype
+from ...model import Node, Stream
 from ..base import Chunk, live_stream
 from .decoders import HEART_RATE_MEASUREMENT, StructDecoder, _decode_hr, _decode_rr
 
@@ -206,20 +213,6 @@ def _parse_channels(data: Mapping[str, Any], path: str, count: int) -> tuple[str
     return tuple(channels)
 
 
-def _parse_dtype(data: Mapping[str, Any], path: str) -> tuple[np.dtype, str]:
-    name = data.get("dtype", "f32")
-    fix = "use a numeric dtype: f32, f64, i16, i32, u8..."
-    try:
-        if not isinstance(name, str):
-            raise ValueError(f"expected a dtype name, got {name!r}")
-        dtype = numpy_dtype(name)
-    except ValueError as exc:
-        raise ConfigError(str(exc), key=f"{path}.dtype", fix=fix) from None
-    if dtype.kind not in "biuf":
-        raise ConfigError(f"dtype {name!r} is not numeric", key=f"{path}.dtype", fix=fix)
-    return dtype, name.lower()
-
-
 def _parse_scale(data: Mapping[str, Any], path: str, count: int) -> tuple[float, ...] | None:
     scale = data.get("scale")
     if scale is None:
@@ -246,7 +239,8 @@ def _parse_custom(data: Mapping[str, Any], path: str) -> StreamSpec:
     characteristic = _parse_characteristic(data, path)
     layout, count = _parse_layout(data, path)
     channels = _parse_channels(data, path, count)
-    dtype, dtype_name = _parse_dtype(data, path)
+    dtype = config_dtype(data, path, "use a numeric dtype: f32, f64, i16, i32, u8...", numeric=True)
+    dtype_name = str(data.get("dtype", "f32")).lower()
     scale = _parse_scale(data, path, count)
     if scale is not None and dtype.kind != "f":
         raise ConfigError(
@@ -328,19 +322,10 @@ class BleOptions:
             ConfigError: naming ``drivers.ble.<key>`` and how to fix it.
         """
         data = check_keys(options or {}, CONFIG_PATH, _OPTION_KEYS, "BLE driver option")
-        scan = data.get("scan", cls.scan)
-        if not isinstance(scan, bool):
-            raise ConfigError(
-                f"expected true or false, got {scan!r}", key=f"{CONFIG_PATH}.scan", fix="use true"
-            )
-        devices = data.get("devices")
-        devices = {} if devices is None else devices
-        if not isinstance(devices, Mapping):
-            raise ConfigError(
-                f"expected a JSON object of devices, got {type(devices).__name__}",
-                key=f"{CONFIG_PATH}.devices",
-                fix='write it as {"strap": {"address": "AA:BB:CC:DD:EE:FF"}}',
-            )
+        scan = config_bool(data, "scan", CONFIG_PATH, cls.scan, "use true")
+        devices = config_entries(
+            data, "devices", CONFIG_PATH, "devices", '{"strap": {"address": "AA:BB:CC:DD:EE:FF"}}'
+        )
         path = f"{CONFIG_PATH}.devices"
         return cls(
             scan=scan,

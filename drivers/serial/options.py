@@ -10,9 +10,17 @@ from typing import Any
 
 import numpy as np
 
-from ...checks import check_keys, config_id, config_number, config_text
+from ...checks import (
+    check_keys,
+    config_bool,
+    config_dtype,
+    config_entries,
+    config_id,
+    config_number,
+    config_text,
+)
 from ...errors import ConfigError
-from ...model import Node, Stream, dtype_name, numpy_dtype
+from ...model import Node, Stream, dtype_name
 from ..base import live_stream
 from .formats import FormatSpec, parse_format
 
@@ -118,18 +126,6 @@ def _parse_channels(data: Any, path: str) -> dict[str, ChannelInfo]:
     return dict(zip(names, infos, strict=True))
 
 
-def _parse_dtype(data: Mapping[str, Any], path: str) -> np.dtype:
-    name = data.get("dtype", "f32")
-    try:
-        if not isinstance(name, str):
-            raise ValueError(f"expected a dtype name, got {name!r}")
-        return numpy_dtype(name)
-    except ValueError as exc:
-        raise ConfigError(
-            str(exc), key=f"{path}.dtype", fix="use f32, f64, i16, i32, u8, bool or str"
-        ) from None
-
-
 def _parse_port(data: Mapping[str, Any], path: str) -> str:
     port = data.get("port")
     if not isinstance(port, str) or not port.strip():
@@ -169,7 +165,7 @@ def parse_device(node_id: str, data: Any, path: str | None = None) -> DeviceSpec
     data = check_keys(data, path, _DEVICE_KEYS, "serial device")
     port = _parse_port(data, path)
     channels = _parse_channels(data.get("channels"), f"{path}.channels")
-    dtype = _parse_dtype(data, path)
+    dtype = config_dtype(data, path, "use f32, f64, i16, i32, u8, bool or str")
     rate = config_number(data, "rate", path, 0.0, low=0)
     fmt = parse_format(data.get("format"), f"{path}.format", list(channels))
     if fmt.counter is not None and rate <= 0:
@@ -208,21 +204,20 @@ def parse_options(options: Mapping[str, Any] | None) -> tuple[dict[str, DeviceSp
         ConfigError: naming the offending key path and how to fix it.
     """
     options = check_keys(options or {}, CONFIG_PATH, _OPTION_KEYS, "serial driver")
-    list_ports_flag = options.get("list_ports", False)
-    if not isinstance(list_ports_flag, bool):
-        raise ConfigError(
-            f"expected true or false, got {list_ports_flag!r}",
-            key=f"{CONFIG_PATH}.list_ports",
-            fix="use true to list unconfigured ports as nodes, false to hide them",
-        )
-    raw = options.get("devices")
-    raw = {} if raw is None else raw
-    if not isinstance(raw, Mapping):
-        raise ConfigError(
-            f"expected a JSON object of devices, got {type(raw).__name__}",
-            key=f"{CONFIG_PATH}.devices",
-            fix='write it as {"my-sensor": {"port": "/dev/ttyUSB0", "channels": [...]}}',
-        )
+    list_ports_flag = config_bool(
+        options,
+        "list_ports",
+        CONFIG_PATH,
+        False,
+        "use true to list unconfigured ports as nodes, false to hide them",
+    )
+    raw = config_entries(
+        options,
+        "devices",
+        CONFIG_PATH,
+        "devices",
+        '{"my-sensor": {"port": "/dev/ttyUSB0", "channels": [...]}}',
+    )
     devices: dict[str, DeviceSpec] = {}
     owners: dict[str, str] = {}
     for node_id, data in raw.items():
