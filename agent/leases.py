@@ -15,7 +15,11 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-__all__ = ["LEASE_FACTOR", "OFFLINE_CONFIRM_S", "LeaseBook"]
+from ..checks import ID_PATTERN, is_id
+from ..codec import decode
+from ..errors import InvalidRequest
+
+__all__ = ["LEASE_FACTOR", "OFFLINE_CONFIRM_S", "LeaseBook", "lease_key"]
 
 log = logging.getLogger(__name__)
 
@@ -25,6 +29,11 @@ LEASE_FACTOR = 1.25
 # a broker that shuts down sends every client's will just before it drops us.
 OFFLINE_CONFIRM_S = 0.5
 MAX_CLIENT_KEEPALIVE_S = 3600.0
+
+
+def lease_key(client: str, session: str) -> str:
+    """A lease is per client connection: ``client#session`` ("#" is never in an id)."""
+    return f"{client}#{session}"
 
 
 @dataclass
@@ -44,6 +53,8 @@ class LeaseBook:
         default_keepalive_s: for a client that never said its keepalive.
         will_grace_s: how long a last will waits for the client to come back (a broker
             restart behind a bridge sends every client's will; ``agent.will_grace_s``).
+        max_state_bytes: presence messages larger than this are ignored
+            (``agent.max_request_bytes``).
     """
 
     def __init__(
@@ -53,7 +64,9 @@ class LeaseBook:
         release: Callable[[str, str], None],
         default_keepalive_s: float,
         will_grace_s: float = OFFLINE_CONFIRM_S,
+        max_state_bytes: int = 1 << 16,
     ) -> None:
+        self.max_state_bytes = max_state_bytes
         self._owns_tasks = owns_tasks
         self.will_grace_s = will_grace_s
         self._connected = connected
@@ -63,6 +76,37 @@ class LeaseBook:
 
     def __len__(self) -> int:
         return len(self._leases)
+
+    def on_state_message(self, client: str, payload: bytes, retained: bool) -> None:
+        """A presence message, on the topic only ``client`` may write (ACL profiles).
+
+        Its ``session`` (one of the client's connections) picks the lease: one user
+        with two notebooks loses only the tasks of the one that went away. An empty
+        message (a cleared presence) concerns the connection without a session.
+        """
+        if not ID_PATTERN.fullmatch(client) or len(payload) > self.max_state_bytes:
+            return
+        state: Mapping[str, Any] = {}
+        if payload:
+            try:
+                decoded = decode(payload)
+            except InvalidRequest:
+                log.warning("unreadable state message of client %s", client)
+                return
+            state = decoded if isinstance(decoded, Mapping) else {}
+            session = state.get("session", "")
+            if (
+                state.get("state") not in ("online", "offline")
+                or state.get("client", client) != client
+                or not (session == "" or is_id(session))
+            ):
+                return  # not a presence message of this client
+        self.on_presence(lease_key(client, state.get("session", "")), state, retained)
+
+    def touch(self, lease: str) -> None:
+        """A request is a sign of life too: renew the lease, if it owns tasks."""
+        if self._owns_tasks(lease):
+            self.renew(lease)
 
     def on_presence(self, client: str, state: Mapping[str, Any], retained: bool) -> None:
         """A presence message: ``state`` is ``{}`` for an empty (cleared) presence."""

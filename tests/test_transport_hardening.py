@@ -237,7 +237,7 @@ def _is_reply_to(payload: bytes, request_id: str) -> bool:
 def test_a_frame_that_cannot_be_encoded_still_ends_the_task(workspace, mosquitto, tmp_path):
     """JSON requests may carry NaN (Python's json accepts it) and protocol._attrs accepts
     non-finite floats. encode_frame(..., "json") then raises on every frame; the
-    publisher (Agent._publish_task) logs, stops the task and returns without the `end`
+    publisher (TaskPublisher.publish) logs, stops the task and returns without the `end`
     message, so the consumer waits forever."""
     peer = RawPeer(mosquitto, "rawjson")
 
@@ -276,7 +276,7 @@ def test_framing_without_bounds_is_refused_or_capped(workspace, mosquitto, tmp_p
     with max_samples=2**40 and max_latency_ms=1e9 never flushes, and the Framer's
     capacity (max_samples * BUFFER_FRAMES) never drops: the agent buffers every sample
     of the stream for as long as the task runs. (Fails at HEAD; the uncommitted
-    Agent._fit_framing in the working tree caps max_samples and makes it pass.)"""
+    TaskPublisher.fit_framing in the working tree caps max_samples and makes it pass.)"""
 
     async def body():
         async with agent_and_client(workspace.config(), mosquitto, tmp_path) as (agent, api):
@@ -443,7 +443,7 @@ def test_connecting_twice_leaks_no_paho_thread(workspace, mosquitto, tmp_path):
 
 
 def test_a_reply_that_cannot_be_encoded_is_still_answered(workspace, mosquitto, tmp_path):
-    """Agent._serve_request encodes the reply outside its try block. A JSON request whose
+    """RequestServer._serve encodes the reply outside its try block. A JSON request whose
     result holds NaN (a DFDS file with "frequency": NaN loads fine) raises in encode();
     the request task dies ("Task exception was never retrieved") and the client waits
     for its timeout instead of getting an error reply."""
