@@ -216,16 +216,16 @@ class PacingResult:
 
 
 def _capture_sources(api: dm.API) -> list[ReplaySource]:
-    """Wrap ``api.open_replay`` to keep each source, so its ``started_at`` can be read."""
+    """Wrap ``api.recordings.open_replay`` to keep each source, to read its ``started_at``."""
     sources: list[ReplaySource] = []
-    original: Callable[..., ReplaySource] = api.open_replay
+    original: Callable[..., ReplaySource] = api.recordings.open_replay
 
     def open_replay(*args: Any, **kwargs: Any) -> ReplaySource:
         source = original(*args, **kwargs)
         sources.append(source)
         return source
 
-    api.open_replay = open_replay  # type: ignore[method-assign]
+    api.recordings.open_replay = open_replay  # type: ignore[method-assign]
     return sources
 
 
@@ -485,7 +485,7 @@ def render_section(
         "",
         "Error = `loop.time()` when the consumer takes a frame from the sink minus the "
         "frame's scheduled time `started_at + (t_last - t_first)`, with `started_at` read "
-        "from the replay source itself (the bench wraps `API.open_replay` to keep the "
+        "from the replay source itself (the bench wraps `API.recordings.open_replay` to keep the "
         "source), so the first frame is measured too. Percentiles over the frames of all "
         "runs pooled. Baseline: a bare `asyncio.sleep`-to-absolute-deadline loop on the "
         "same schedule (no file, no thread, no queue), run right after each replay.",

@@ -150,7 +150,8 @@ class Driver(abc.ABC):
         """Build the driver from its config section, ``drivers.<name>``.
 
         Raise ConfigError naming the key (``drivers.<name>.<key>``) on bad options.
-        ``recordings`` gives access to collections (for drivers that replay them).
+        ``recordings`` opens replays of the collections (a :class:`.replay.ReplayOpener`),
+        for drivers that replay them; drivers get that, never the API.
         """
         return cls()
 

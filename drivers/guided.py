@@ -14,34 +14,23 @@ import contextlib
 import time
 from collections.abc import AsyncGenerator, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any
 
 from ..checks import check_keys, config_number
 from ..errors import ConfigError
 from ..framing import Framing
 from ..model import Stream
 from .base import Chunk, Source
+from .replay import ReplayOpener
 
 __all__ = ["GuidedSource", "GuidedSpec", "RecordingProvider", "parse_guided"]
 
 _GUIDED_KEYS = {"collection", "stream", "attrs", "chunk_ms"}
 
 
-class RecordingProvider(Protocol):
-    """What guided streams need from the collections side (the local API provides it)."""
-
-    def get_collection_stream(self, collection_id: str, stream_id: str) -> Stream: ...
-
-    def open_replay(
-        self,
-        collection_id: str,
-        stream_id: str,
-        attrs: Mapping[str, Any],
-        *,
-        speed: float,
-        framing: Framing,
-        loop: bool = False,
-    ) -> Source: ...
+# Guided streams replay through the opener the API hands every driver (never the API).
+# RecordingProvider was the name of what they need before it was one class.
+RecordingProvider = ReplayOpener
 
 
 @dataclass(frozen=True)

@@ -150,7 +150,8 @@ def create_drivers(
     Args:
         enabled: ``"auto"`` (every driver whose packages are installed) or a comma list.
         options: the ``drivers`` config section: driver name -> its options.
-        recordings: what guided simulation replays from (the local API).
+        recordings: opens replays of the collections (a :class:`.replay.ReplayOpener`),
+            for drivers that replay them (guided simulation).
 
     Raises:
         ConfigError: an unknown driver name, or bad driver options.

@@ -27,7 +27,8 @@ from ..errors import ConfigError, DeviceLost, NotFound
 from ..framing import Framing
 from ..model import Node, Stream, numpy_dtype
 from .base import Chunk, Driver, Source, live_stream
-from .guided import GuidedSource, GuidedSpec, RecordingProvider, device_framing, parse_guided
+from .guided import GuidedSource, GuidedSpec, device_framing, parse_guided
+from .replay import ReplayOpener
 from .signals import ChannelSpec, StreamSynth, parse_channel
 
 __all__ = [
@@ -356,7 +357,7 @@ class SimDriver(Driver):
 
     Args:
         nodes_config: the ``simulate.nodes`` config section (node id -> node spec).
-        recordings: where guided streams find their recordings (the local API).
+        recordings: opens the recordings guided streams replay.
 
     Raises:
         ConfigError: the config is invalid (the message names the key path and the fix).
@@ -367,7 +368,7 @@ class SimDriver(Driver):
     def __init__(
         self,
         nodes_config: Mapping[str, Any] | None = None,
-        recordings: RecordingProvider | None = None,
+        recordings: ReplayOpener | None = None,
     ) -> None:
         self._recordings = recordings
         self._nodes: dict[str, NodeSpec] = {"demo": parse_node("demo", DEMO_NODE)}
@@ -376,7 +377,7 @@ class SimDriver(Driver):
 
     @classmethod
     def from_config(
-        cls, options: Mapping[str, Any], *, recordings: RecordingProvider | None = None
+        cls, options: Mapping[str, Any], *, recordings: ReplayOpener | None = None
     ) -> SimDriver:
         """From the ``simulate`` config section (``{"nodes": {...}}``)."""
         return cls(options.get("nodes") or {}, recordings=recordings)

@@ -19,7 +19,7 @@ from .catalog import Catalog
 from .config import Config, load_config
 from .drivers.base import Driver, DriverStatus, Source
 from .drivers.registry import create_drivers
-from .drivers.replay import ReplaySource, open_reader
+from .drivers.replay import ReplayOpener
 from .drivers.replaycontrol import ReplayControl
 from .errors import InvalidRequest, NotFound
 from .framing import Framing
@@ -31,10 +31,6 @@ __all__ = ["API"]
 
 log = logging.getLogger(__name__)
 
-# Replay parses this much text per block. numpy's parser holds the GIL while it runs,
-# so small blocks keep every other task on the loop responsive (about 1 ms per block);
-# throughput is the same from 64 KiB to 4 MiB (docs/performance.md).
-_BLOCK_BYTES = 256 << 10
 _REMEMBER_ENDED = 4096
 
 
@@ -72,6 +68,8 @@ class API:
         self.config = config if config is not None else load_config()
         self.framing = Framing.coerce(self.config.framing or None)
         self.catalog = Catalog(Path(self.config.data_dir), Path(self.config.meta_dir))
+        #: Opens replays of the catalog's recordings: replay tasks and guided simulation.
+        self.recordings = ReplayOpener(self.catalog)
         self._drivers = list(drivers) if drivers is not None else self._default_drivers()
         self._tasks: dict[str, Task] = {}
         # Ids of tasks that ended, so stopping one after its END_OF_STREAM is not an error.
@@ -86,7 +84,9 @@ class API:
             "ble": self.config.get("drivers.ble"),
             **self.config.get("drivers.extra"),
         }
-        return create_drivers(self.config.get("drivers.enabled"), options, recordings=self)
+        return create_drivers(
+            self.config.get("drivers.enabled"), options, recordings=self.recordings
+        )
 
     async def __aenter__(self) -> Self:
         return self
@@ -119,7 +119,9 @@ class API:
     def get_collection_stream(self, collection_id: str, stream_id: str) -> Stream:
         """One declared stream of a collection, by ids (NotFound names the known ones)."""
         stream_id = _check_id(stream_id, "stream_id")
-        return self.catalog.stream(self.get_collection(collection_id), stream_id)
+        return self.recordings.get_collection_stream(
+            _check_id(collection_id, "collection_id"), stream_id
+        )
 
     async def list_collections(self) -> list[Collection]:
         """Every collection that loads (broken metadata files are logged and skipped)."""
@@ -156,35 +158,6 @@ class API:
             return [dict(r.attrs) for r in recordings]
 
         return await asyncio.to_thread(listing)
-
-    def open_replay(
-        self,
-        collection_id: str,
-        stream_id: str,
-        attrs: Mapping[str, Any],
-        *,
-        speed: float,
-        framing: Framing,
-        loop: bool = False,
-        relative_ts: bool = False,
-        strict_time: bool = True,
-        control: ReplayControl | None = None,
-    ) -> ReplaySource:
-        """A replay source for one stream of one recording (not yet opened)."""
-        stream, recording = self.catalog.resolve(
-            _check_id(collection_id, "collection_id"), _check_id(stream_id, "stream_id"), attrs
-        )
-        reader = open_reader(recording, stream, block_bytes=_BLOCK_BYTES)
-        return ReplaySource(
-            stream,
-            reader,
-            speed=speed,
-            framing=framing,
-            loop=loop,
-            relative_ts=relative_ts,
-            strict_time=strict_time,
-            control=control,
-        )
 
     async def replay_collection_stream(
         self,
@@ -250,9 +223,9 @@ class API:
         chosen = Framing.coerce(framing) if framing is not None else self.framing
         control = ReplayControl(speed, start=start, end=end, loop=loop)
         source = await asyncio.to_thread(
-            self.open_replay,
-            collection_id,
-            stream_id,
+            self.recordings.open_replay,
+            _check_id(collection_id, "collection_id"),
+            _check_id(stream_id, "stream_id"),
             attrs,
             speed=speed,
             framing=chosen,

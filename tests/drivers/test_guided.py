@@ -10,6 +10,9 @@ import pytest
 from helpers import gaze_collection, run
 
 import streaminghub_datamux as dm
+from streaminghub_datamux.catalog import Catalog
+from streaminghub_datamux.drivers.replay import ReplayOpener
+from streaminghub_datamux.drivers.simulate import SimDriver
 from streaminghub_datamux.errors import ConfigError, NotFound
 
 GUIDED_NODE = {
@@ -51,6 +54,32 @@ def test_guided_stream_is_listed_and_streams_like_a_device(workspace):
     ts = np.concatenate([f.timestamps for f in frames])[:50]
     np.testing.assert_allclose(np.diff(ts), 0.01, atol=1e-6)  # native rate, across the loop
     assert abs(ts[0] - started) < 1.0  # on the wall clock, like a device
+
+
+def test_guided_stream_needs_a_replay_opener_not_the_api(workspace):
+    """The simulator is handed what opens recordings, never the API that runs it."""
+    workspace.add_collection("study", gaze_collection(frequency=100))
+    _, values = workspace.add_gaze_recording("A", "1", n=20, frequency=100)
+    opener = ReplayOpener(Catalog(workspace.data_dir, workspace.meta_dir))
+    driver = SimDriver(GUIDED_NODE, recordings=opener)
+
+    async def body():
+        (stream,) = await driver.list_streams("lab")
+        source = driver.open_stream("lab", "gaze", {}, dm.Framing())
+        await source.open()
+        got = []
+        try:
+            async for _, chunk in source.chunks():
+                got.append(chunk)
+                if sum(len(c) for c in got) >= 20:
+                    break
+        finally:
+            await source.aclose()
+        return stream, np.concatenate(got)[:20]
+
+    stream, got = run(body())
+    assert stream.attrs["guided_by"] == "study/gaze" and stream.channels == ["x", "y"]
+    np.testing.assert_array_equal(got, values[:, :2])
 
 
 def test_guided_stream_with_missing_recording_is_not_listed_and_cannot_open(workspace):
