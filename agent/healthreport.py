@@ -13,6 +13,7 @@ import os
 import resource
 import time
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
 from typing import Any
 
 from .. import __version__
@@ -32,6 +33,7 @@ __all__ = ["HEALTH_CODEC", "HealthReporter", "rss_bytes"]
 HEALTH_CODEC = "json"
 
 
+@dataclass(eq=False, kw_only=True)
 class HealthReporter:
     """Builds and publishes the agent's health.
 
@@ -52,39 +54,23 @@ class HealthReporter:
         on_drivers_changed: a driver came up or went down since the last message.
     """
 
-    def __init__(
-        self,
-        agent_id: str,
-        boot: str,
-        started: float,
-        address: str,
-        *,
-        topics: Topics,
-        link: MqttLink,
-        spool: Spool,
-        counters: Counters,
-        api: API,
-        tasks: RemoteTasks,
-        drivers: Callable[[], list[dict[str, Any]]],
-        interval_s: float,
-        on_tick: Callable[[], None],
-        on_drivers_changed: Callable[[], None],
-    ) -> None:
-        self.agent_id = agent_id
-        self.boot = boot
-        self.started = started
-        self.address = address
-        self.topics = topics
-        self.link = link
-        self.spool = spool
-        self.counters = counters
-        self.api = api
-        self.tasks = tasks
-        self.drivers = drivers
-        self.interval_s = interval_s
-        self.on_tick = on_tick
-        self.on_drivers_changed = on_drivers_changed
-        self._cpu_mark = (time.monotonic(), time.process_time())
+    agent_id: str
+    boot: str
+    started: float
+    address: str
+    topics: Topics
+    link: MqttLink
+    spool: Spool
+    counters: Counters
+    api: API
+    tasks: RemoteTasks
+    drivers: Callable[[], list[dict[str, Any]]]
+    interval_s: float
+    on_tick: Callable[[], None]
+    on_drivers_changed: Callable[[], None]
+    _cpu_mark: tuple[float, float] = field(
+        default_factory=lambda: (time.monotonic(), time.process_time()), init=False, repr=False
+    )
 
     def message(self, system: Mapping[str, Any] | None = None) -> dict[str, Any]:
         """The health message; ``system``: the box's readings, read here when omitted."""

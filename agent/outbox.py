@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from dataclasses import dataclass, field
 
 from ..mqttio import MqttLink
 from .counters import Counters
@@ -23,6 +24,7 @@ CTRL_QOS = 1  # end, error and status messages are never dropped
 DRAIN_BATCH = 32
 
 
+@dataclass(eq=False)
 class Outbox:
     """Publishes through the link, or into the spool while QoS 1 cannot go out.
 
@@ -34,14 +36,11 @@ class Outbox:
             (``agent.spool_drain_per_s``).
     """
 
-    def __init__(
-        self, link: MqttLink, spool: Spool, counters: Counters, drain_per_s: float
-    ) -> None:
-        self.link = link
-        self.spool = spool
-        self.counters = counters
-        self.drain_per_s = drain_per_s
-        self._ready = asyncio.Event()
+    link: MqttLink
+    spool: Spool
+    counters: Counters
+    drain_per_s: float
+    _ready: asyncio.Event = field(default_factory=asyncio.Event, init=False, repr=False)
 
     async def send(self, topic: str, payload: bytes, qos: int = CTRL_QOS) -> None:
         """Publish; QoS 1 goes to the spool while the broker is away (or the spool drains)."""

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from dataclasses import dataclass, field
 from typing import Any
 
 from .. import __version__
@@ -32,6 +33,7 @@ def state_message(agent_id: str, boot: str, codec: str, state: str, **extra: Any
     return encode({"state": state, "agent": agent_id, "boot": boot, **extra}, codec)
 
 
+@dataclass(eq=False, kw_only=True)
 class Presence:
     """Announces the agent on its state topic.
 
@@ -45,25 +47,18 @@ class Presence:
         api: what the agent serves (its drivers, nodes and collections).
     """
 
-    def __init__(
-        self,
-        agent_id: str,
-        boot: str,
-        codec: str,
-        started: float,
-        topics: Topics,
-        link: MqttLink,
-        api: API,
-    ) -> None:
-        self.agent_id = agent_id
-        self.boot = boot
-        self.codec = codec
-        self.started = started
-        self.topics = topics
-        self.link = link
-        self.api = api
-        self._summary: tuple[list[str], list[str]] = ([], [])  # node and collection ids
-        self._discover_answer: asyncio.TimerHandle | None = None
+    agent_id: str
+    boot: str
+    codec: str
+    started: float
+    topics: Topics
+    link: MqttLink
+    api: API
+    # The node and collection ids the birth message names.
+    _summary: tuple[list[str], list[str]] = field(
+        default_factory=lambda: ([], []), init=False, repr=False
+    )
+    _discover_answer: asyncio.TimerHandle | None = field(default=None, init=False, repr=False)
 
     def state(self, state: str, **extra: Any) -> bytes:
         """A state message of this agent."""

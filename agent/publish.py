@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from ..codec import encode, encode_frame
@@ -34,6 +35,7 @@ log = logging.getLogger(__name__)
 FRAME_HEADER_BYTES = 512
 
 
+@dataclass(eq=False, kw_only=True)
 class TaskPublisher:
     """Turns what a task puts on its sink into messages on the task's topics.
 
@@ -48,26 +50,14 @@ class TaskPublisher:
         clock_shift: the test hook DATAMUX_TEST_CLOCK_OFFSET, added to live timestamps.
     """
 
-    def __init__(
-        self,
-        agent_id: str,
-        topics: Topics,
-        link: MqttLink,
-        outbox: Outbox,
-        counters: Counters,
-        stop_task: Callable[[str], Awaitable[Any]],
-        *,
-        max_frame_bytes: int,
-        clock_shift: float = 0.0,
-    ) -> None:
-        self.agent_id = agent_id
-        self.topics = topics
-        self.link = link
-        self.outbox = outbox
-        self.counters = counters
-        self.stop_task = stop_task
-        self.max_frame_bytes = max_frame_bytes
-        self.clock_shift = clock_shift
+    agent_id: str
+    topics: Topics
+    link: MqttLink
+    outbox: Outbox
+    counters: Counters
+    stop_task: Callable[[str], Awaitable[Any]]
+    max_frame_bytes: int
+    clock_shift: float = 0.0
 
     def fit_framing(self, stream: Stream, framing: Framing, attrs: Mapping[str, Any]) -> Framing:
         """``framing``, with frames capped to what one MQTT message may carry."""

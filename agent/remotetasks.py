@@ -66,6 +66,7 @@ class RemoteTask:
         }
 
 
+@dataclass(eq=False, kw_only=True)
 class RemoteTasks:
     """The agent's remote tasks, by id.
 
@@ -78,22 +79,13 @@ class RemoteTasks:
         max_tasks: ``agent.max_tasks``.
     """
 
-    def __init__(
-        self,
-        agent_id: str,
-        api: API,
-        publisher: TaskPublisher,
-        renew: Callable[[str], None],
-        spawn: Callable[[Coroutine[Any, Any, Any], str], None],
-        max_tasks: int,
-    ) -> None:
-        self.agent_id = agent_id
-        self.api = api
-        self.publisher = publisher
-        self._renew = renew
-        self._spawn = spawn
-        self.max_tasks = max_tasks
-        self._tasks: dict[str, RemoteTask] = {}
+    agent_id: str
+    api: API
+    publisher: TaskPublisher
+    renew: Callable[[str], None]
+    spawn: Callable[[Coroutine[Any, Any, Any], str], None]
+    max_tasks: int
+    _tasks: dict[str, RemoteTask] = field(default_factory=dict, init=False, repr=False)
 
     def __len__(self) -> int:
         return len(self._tasks)
@@ -127,7 +119,7 @@ class RemoteTasks:
         for remote in owned:
             # Should the client still be there after all, it learns why its task ended.
             remote.ended_by = f"the agent ended the task: client {client} {why}"
-            self._spawn(self.api.stop_task(remote.id), f"release-{remote.id}")
+            self.spawn(self.api.stop_task(remote.id), f"release-{remote.id}")
 
     # -- the methods -------------------------------------------------------------------
 
@@ -174,7 +166,7 @@ class RemoteTasks:
         )
         if remote.stop_requested:
             await self.api.stop_task(task_id)
-        self._renew(remote.lease)
+        self.renew(remote.lease)
         log.info("task %s for %s: %s", task_id, request.client, request.method)
         return {"randseq": ack.randseq, "status": ack.status}
 

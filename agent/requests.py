@@ -14,6 +14,7 @@ import contextlib
 import logging
 import time
 from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass, field
 from typing import Any
 
 from ..checks import is_id
@@ -44,6 +45,7 @@ MAX_CONCURRENT_REQUESTS = 32
 OVERSIZE_DECODE_FACTOR = 4
 
 
+@dataclass(eq=False, kw_only=True)
 class RequestServer:
     """Takes requests off the agent's RPC topic and answers each exactly once.
 
@@ -58,29 +60,19 @@ class RequestServer:
         max_request_bytes: ``agent.max_request_bytes``.
     """
 
-    def __init__(
-        self,
-        agent_id: str,
-        topics: Topics,
-        link: MqttLink,
-        counters: Counters,
-        pager: Pager,
-        call: Callable[[Request, str], Awaitable[Any]],
-        touch: Callable[[str], None],
-        *,
-        max_request_bytes: int,
-    ) -> None:
-        self.agent_id = agent_id
-        self.topics = topics
-        self.link = link
-        self.counters = counters
-        self.pager = pager
-        self.call = call
-        self.touch = touch
-        self.max_request_bytes = max_request_bytes
-        # A flood of bad requests must not flood the journal (an SD card) too.
-        self.bad_log = RateLimitedLog(log, per_window=20, window_s=10.0)
-        self._jobs: set[asyncio.Task[None]] = set()
+    agent_id: str
+    topics: Topics
+    link: MqttLink
+    counters: Counters
+    pager: Pager
+    call: Callable[[Request, str], Awaitable[Any]]
+    touch: Callable[[str], None]
+    max_request_bytes: int
+    # A flood of bad requests must not flood the journal (an SD card) too.
+    bad_log: RateLimitedLog = field(
+        default_factory=lambda: RateLimitedLog(log, per_window=20, window_s=10.0), init=False
+    )
+    _jobs: set[asyncio.Task[None]] = field(default_factory=set, init=False, repr=False)
 
     def cancel_all(self) -> None:
         """The agent is stopping: each request in flight answers "unavailable"."""
@@ -215,17 +207,17 @@ def _short_id(value: Any) -> str:
     return repr(value[:64]) if isinstance(value, str) else type(value).__name__
 
 
+@dataclass(eq=False)
 class RateLimitedLog:
     """Warnings, at most ``per_window`` every ``window_s``; then one line says how many
     were left out (they are still counted in health)."""
 
-    def __init__(self, logger: logging.Logger, per_window: int, window_s: float) -> None:
-        self.logger = logger
-        self.per_window = per_window
-        self.window_s = window_s
-        self._window_start = 0.0
-        self._logged = 0
-        self._skipped = 0
+    logger: logging.Logger
+    per_window: int
+    window_s: float
+    _window_start: float = field(default=0.0, init=False)
+    _logged: int = field(default=0, init=False)
+    _skipped: int = field(default=0, init=False)
 
     def warning(self, text: str, *args: Any) -> None:
         """Log ``text``, unless this window has had its share."""

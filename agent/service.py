@@ -103,25 +103,31 @@ class Agent:
             will=Will(self.topics.agent_state(self.id), offline),
         )
         self.presence = Presence(
-            self.id, self.boot, self.codec, self.started, self.topics, self.link, self.api
+            agent_id=self.id,
+            boot=self.boot,
+            codec=self.codec,
+            started=self.started,
+            topics=self.topics,
+            link=self.link,
+            api=self.api,
         )
         self.outbox = Outbox(
             self.link, self.spool, self.counters, float(config.get("agent.spool_drain_per_s"))
         )
         publisher = TaskPublisher(
-            self.id,
-            self.topics,
-            self.link,
-            self.outbox,
-            self.counters,
-            self.api.stop_task,
+            agent_id=self.id,
+            topics=self.topics,
+            link=self.link,
+            outbox=self.outbox,
+            counters=self.counters,
+            stop_task=self.api.stop_task,
             max_frame_bytes=int(config.get("agent.max_frame_bytes")),
             clock_shift=self.clock_shift,
         )
         self.remote_tasks = RemoteTasks(
-            self.id,
-            self.api,
-            publisher,
+            agent_id=self.id,
+            api=self.api,
+            publisher=publisher,
             renew=lambda lease: self.leases.renew(lease),
             spawn=self._spawn,
             max_tasks=int(config.get("agent.max_tasks")),
@@ -135,20 +141,20 @@ class Agent:
             max_state_bytes=self.max_request_bytes,
         )
         self.requests = RequestServer(
-            self.id,
-            self.topics,
-            self.link,
-            self.counters,
-            self.pager,
-            self._call,
-            self.leases.touch,
+            agent_id=self.id,
+            topics=self.topics,
+            link=self.link,
+            counters=self.counters,
+            pager=self.pager,
+            call=self._call,
+            touch=self.leases.touch,
             max_request_bytes=self.max_request_bytes,
         )
         self.health_reporter = HealthReporter(
-            self.id,
-            self.boot,
-            self.started,
-            self.settings.address,
+            agent_id=self.id,
+            boot=self.boot,
+            started=self.started,
+            address=self.settings.address,
             topics=self.topics,
             link=self.link,
             spool=self.spool,
