@@ -15,7 +15,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from ..checks import ID_PATTERN, is_id
+from ..checks import is_id
 from ..codec import decode
 from ..errors import InvalidRequest
 
@@ -84,7 +84,7 @@ class LeaseBook:
         with two notebooks loses only the tasks of the one that went away. An empty
         message (a cleared presence) concerns the connection without a session.
         """
-        if not ID_PATTERN.fullmatch(client) or len(payload) > self.max_state_bytes:
+        if not is_id(client) or len(payload) > self.max_state_bytes:
             return
         state: Mapping[str, Any] = {}
         if payload:
