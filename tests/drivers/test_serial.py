@@ -408,7 +408,9 @@ def test_marker_lines_are_irregular_labels(workspace, devices):
     k = np.array([int(v.split()[1]) for v in values[:, 0]])
     assert [v.split()[0] for v in values[:, 0]] == [labels[i % 3] for i in k]
     np.testing.assert_array_equal(np.diff(k), 20)
-    assert np.all(np.diff(ts) > 0.01)  # arrival times, each event read on its own
+    # Arrival times: in order, and mostly an event's own read 20 ms apart (a loaded
+    # machine may read a late event together with the next one, at one stamp).
+    assert np.all(np.diff(ts) >= 0) and np.median(np.diff(ts)) > 0.01
 
 
 def test_start_and_stop_commands_reach_the_device(devices):
