@@ -83,7 +83,9 @@ def test_real_time_replay_is_paced(workspace):
     frames = [f for _, f in stamped]
     assert sum(len(f) for f in frames) == 50
     elapsed = stamped[-1][0]
-    assert 0.4 <= elapsed <= 1.5, elapsed  # 0.49 s of data, generous bounds
+    # 0.49 s of data: never faster; the upper bound is generous (a loaded CI machine
+    # adds start-up time), yet far from the seconds an unpaced or stuck replay takes.
+    assert 0.4 <= elapsed <= 3.0, elapsed
     # each frame spans <= 20 ms of recording time: at most 3 samples at 100 Hz
     assert all(f.timestamps[-1] - f.timestamps[0] <= 0.02 + 1e-9 for f in frames)
     assert len(frames) >= 50 // 3
@@ -94,7 +96,7 @@ def test_real_time_replay_is_paced(workspace):
 
 def test_speed_two_is_twice_as_fast(workspace):
     workspace.add_collection("study", gaze_collection(frequency=100))
-    workspace.add_gaze_recording("A", "1", n=81, frequency=100)  # 0.8 s
+    workspace.add_gaze_recording("A", "1", n=301, frequency=100)  # 3 s
 
     async def body():
         api = make_api(workspace)
@@ -106,7 +108,9 @@ def test_speed_two_is_twice_as_fast(workspace):
         return loop.time() - start
 
     elapsed = run(body())
-    assert 0.35 <= elapsed <= 1.2, elapsed
+    # 1.5 s at speed 2, 3 s at speed 1: the bounds leave a loaded machine 1 s of slack
+    # and still tell the two apart (0.8 s of data left a slow run 0.1 s of room).
+    assert 1.45 <= elapsed <= 2.5, elapsed
 
 
 def test_index_in_milliseconds_and_missing_index(workspace):
@@ -242,7 +246,7 @@ def test_missing_column_is_reported(workspace):
     assert "['y']" in items[-2].reason and "header" in items[-2].reason
 
 
-def test_stop_task_ends_within_100ms_and_is_idempotent(workspace):
+def test_stop_task_ends_promptly_and_is_idempotent(workspace):
     workspace.add_collection("study", gaze_collection(frequency=100))
     workspace.add_gaze_recording("A", "1", n=100_000, frequency=100)  # 1000 s of data
 
@@ -264,7 +268,9 @@ def test_stop_task_ends_within_100ms_and_is_idempotent(workspace):
 
     stopped, items, took = run(body())
     assert stopped.status and items[-1] is dm.END_OF_STREAM
-    assert took < 0.1, took
+    # docs/local-api.md: within 100 ms on an idle machine. 1 s here (a loaded CI machine
+    # is slower), still far from the 1000 s of data left to play.
+    assert took < 1.0, took
     assert len(frames_of(items)) >= 1
 
 
