@@ -280,12 +280,15 @@ def test_eeg_timestamps_follow_the_declared_rate() -> None:
     driver = SimDriver()
     before = time.time()
     t, v = run(collect(driver.open_stream("demo", "eeg", {}, Framing()), seconds=1.0))
+    after = time.time()
     assert v.dtype == np.float32 and v.shape[1] == 8
     assert np.all(np.diff(t) > 0)
     assert np.median(np.diff(t)) == pytest.approx(1 / 250, rel=0.01)
     assert t[0] == pytest.approx(before, abs=1.0)  # Unix epoch seconds
-    assert len(t) == pytest.approx(250, rel=0.1)  # about one second of samples
-    assert t[-1] <= time.time()  # nothing from the future
+    # At least one second of samples, and no more than the time the run took (a loaded
+    # machine wakes the source late and gets the samples due meanwhile: not 250 +- 10%).
+    assert 0.9 * 250 <= len(t) <= (after - before) * 250 + 1
+    assert t[-1] <= after  # nothing from the future
 
 
 def test_wake_interval_respects_framing_latency() -> None:
