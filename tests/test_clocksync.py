@@ -79,9 +79,10 @@ def test_frames_on_the_client_clock_when_asked(workspace, mosquitto, tmp_path, m
             return await lag(api, "client"), await lag(api, "agent")
 
     client_lag, agent_lag = run(body())
-    # Latency of a live frame (framing + the broker) is well under half a second.
-    assert 0 <= client_lag < 0.5
-    assert agent_lag == pytest.approx(client_lag - SHIFT_S, abs=0.5)
+    # Latency of a live frame (framing + the broker) is well under half a second on an
+    # idle machine; the bounds leave a loaded one room and stay below the 2.5 s shift.
+    assert 0 <= client_lag < 1.5
+    assert agent_lag == pytest.approx(client_lag - SHIFT_S, abs=1.0)
 
 
 def test_offsets_are_refreshed_periodically(workspace, mosquitto, tmp_path):

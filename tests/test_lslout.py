@@ -285,8 +285,9 @@ def test_remote_live_stream_of_a_shifted_agent_lands_on_this_lsl_clock(
     finally:
         broker.stop()
     assert len(stamps) >= 200
-    # Without the correction the stamps would be 2.5 s in the future.
-    assert 0 <= now - stamps[-1] < 0.5
+    # Without the correction the stamps would be 2.5 s in the future. (The latency is
+    # well under 0.5 s on an idle machine; 1.5 s leaves a loaded one room.)
+    assert 0 <= now - stamps[-1] < 1.5
 
 
 def test_a_steered_replay_stays_monotonic_on_the_lsl_clock():

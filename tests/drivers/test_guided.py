@@ -53,7 +53,7 @@ def test_guided_stream_is_listed_and_streams_like_a_device(workspace):
     np.testing.assert_array_equal(got[20:40], values[:, :2])
     ts = np.concatenate([f.timestamps for f in frames])[:50]
     np.testing.assert_allclose(np.diff(ts), 0.01, atol=1e-6)  # native rate, across the loop
-    assert abs(ts[0] - started) < 1.0  # on the wall clock, like a device
+    assert abs(ts[0] - started) < 5.0  # on the wall clock, like a device (not 0 or 10 s)
 
 
 def test_guided_stream_needs_a_replay_opener_not_the_api(workspace):
@@ -141,4 +141,4 @@ def test_guided_irregular_markers_loop_without_repeating_timestamps(workspace):
     labels = np.concatenate([f.values[:, 0] for f in frames])[:7]
     assert list(labels) == ["go", "stop", "go", "go", "stop", "go", "go"]
     assert np.all(np.diff(ts) > 0.05)  # the loop continues at the mean spacing (0.1 s)
-    assert abs(ts[0] - time.time()) < 2.0
+    assert abs(ts[0] - time.time()) < 10.0  # the wall clock, not the recording's times
