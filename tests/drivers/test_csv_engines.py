@@ -166,9 +166,16 @@ def test_pandas_parse_lets_other_threads_run(tmp_path):
         return max(gaps), elapsed
 
     numpy_stall, numpy_time = longest_stall("numpy")
-    pandas_stall, pandas_time = longest_stall("pandas")
     assert numpy_stall > 0.5 * numpy_time  # the control: numpy holds the GIL
-    assert pandas_stall < 0.5 * numpy_stall, (pandas_stall, numpy_stall, pandas_time)
+    # On a loaded machine the OS can also hold the ticker back: the best of three pandas
+    # parses (one that held the GIL would stall the ticker every time).
+    pandas_stalls = []
+    for _ in range(3):
+        pandas_stall, pandas_time = longest_stall("pandas")
+        pandas_stalls.append(pandas_stall)
+        if pandas_stall < 0.5 * numpy_stall:
+            break
+    assert min(pandas_stalls) < 0.5 * numpy_stall, (pandas_stalls, numpy_stall, pandas_time)
 
 
 def test_unknown_engine_is_refused(tmp_path):
