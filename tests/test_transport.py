@@ -468,13 +468,16 @@ def test_a_silent_client_is_told_why_its_task_ended(workspace, mosquitto, tmp_pa
         ):
             api._heartbeat_stop.set()  # alive, but no longer showing it
             sink = asyncio.Queue()
-            await api.proxy_live_stream("demo", "imu", {}, sink)
+            # Timed from before the request (the last sign of life): timed from its
+            # answer, a loaded machine's slow answer ate into the 2.5 s.
             began = time.monotonic()
+            await api.proxy_live_stream("demo", "imu", {}, sink)
             items = await asyncio.wait_for(drain(sink), 10)
             return items, time.monotonic() - began
 
     items, lasted = run(body())
-    assert 2.0 <= lasted <= 4.0  # 1.25 x keepalive after the last sign of life
+    # 1.25 x keepalive after the last sign of life (2.5 s); room for a loaded machine.
+    assert 2.0 <= lasted <= 5.0, lasted
     error = items[-2]
     assert isinstance(error, dm.StreamError) and error.code == "unavailable"
     assert "no sign of life" in error.reason

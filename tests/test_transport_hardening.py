@@ -349,7 +349,10 @@ class SlowStartAPI(dm.API):
 
     async def proxy_live_stream(self, *args, **kwargs):
         await asyncio.sleep(1.5)
-        return await super().proxy_live_stream(*args, **kwargs)
+        try:
+            return await super().proxy_live_stream(*args, **kwargs)
+        finally:
+            self.started_late = True
 
 
 def test_a_start_that_times_out_leaves_no_orphan_task(workspace, mosquitto, tmp_path):
@@ -365,7 +368,15 @@ def test_a_start_that_times_out_leaves_no_orphan_task(workspace, mosquitto, tmp_
         ):
             with pytest.raises(Timeout):
                 await api.proxy_live_stream("demo", "eeg", {}, asyncio.Queue())
-            await asyncio.sleep(3.0)
+            # Until the late start happened and its task is gone, within 8 s: an orphan
+            # lives until the lease runs out, 12.5 s after the request (keepalive 10 s).
+            # Not a fixed 3 s: a loaded machine can take longer to start and stop it.
+            deadline = time.monotonic() + 8
+            while time.monotonic() < deadline and (
+                not getattr(agent.api, "started_late", False) or agent.api.tasks()
+            ):
+                await asyncio.sleep(0.05)
+            assert getattr(agent.api, "started_late", False), "the slow start never ran"
             return [t.id for t in agent.api.tasks()]
 
     left = run(body())
@@ -383,8 +394,16 @@ def test_leases_are_forgotten_when_clients_leave(workspace, mosquitto, tmp_path)
             for _ in range(3):
                 async with remote_api(config, mosquitto) as api:
                     ids.append(api.client_id)
-            await asyncio.sleep(1.0)
-            return [i for i in ids if any(k.startswith(f"{i}#") for k in agent.leases._leases)]
+
+            def kept() -> list[str]:
+                return [i for i in ids if any(k.startswith(f"{i}#") for k in agent.leases._leases)]
+
+            # Until forgotten (an entry used to stay forever), not a fixed 1 s: a loaded
+            # machine can take longer to pass the clients' goodbyes on.
+            deadline = time.monotonic() + 10
+            while kept() and time.monotonic() < deadline:
+                await asyncio.sleep(0.05)
+            return kept()
 
     kept = run(body())
     assert kept == [], f"leases kept for clients that closed: {kept}"
@@ -432,8 +451,16 @@ def test_connecting_twice_leaks_no_paho_thread(workspace, mosquitto, tmp_path):
             with contextlib.suppress(dm.errors.DatamuxError):
                 await api.connect(mosquitto.host, mosquitto.port)
             await api.close()
-            await asyncio.sleep(0.5)
-            left = [t.name for t in threading.enumerate() if api.client_id in t.name]
+
+            def left_running() -> list[str]:
+                return [t.name for t in threading.enumerate() if api.client_id in t.name]
+
+            # A leaked thread runs forever; give the closed ones up to 10 s to end, not a
+            # fixed 0.5 s (a loaded machine is slower to let them go).
+            deadline = time.monotonic() + 10
+            while left_running() and time.monotonic() < deadline:
+                await asyncio.sleep(0.05)
+            left = left_running()
             first_heartbeat.set()  # clean up what close() left behind
             await first_link.close()
             return left
