@@ -76,16 +76,27 @@ def _datagrams_until(sock: socket.socket, wanted: str, timeout: float) -> list[s
     raise AssertionError(f"no {wanted!r} in {timeout} s; got {seen}")
 
 
-def _retained(broker: Mosquitto, topic: str, wait_s: float = 1.0) -> dict[str, bytes]:
-    """The retained messages on ``topic`` (a filter), by topic."""
+def _retained(
+    broker: Mosquitto, topic: str, wait_s: float = 1.0, expect: tuple[str, ...] = ()
+) -> dict[str, bytes]:
+    """The retained messages on ``topic`` (a filter), by topic: those that came within
+    ``wait_s`` of the broker's SUBACK, and at least the ``expect``-ed topics (bounded).
+
+    Timed from the SUBACK, not from connecting, and waiting for what must be there: a
+    loaded machine can take more than a fixed second to connect and subscribe.
+    """
     got: dict[str, bytes] = {}
+    subscribed: list[bool] = []
     client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=f"peek-{time.time_ns()}")
     client.on_message = lambda c, u, m: got.__setitem__(m.topic, m.payload) if m.retain else None
+    client.on_subscribe = lambda *args: subscribed.append(True)
     client.connect(broker.host, broker.port)
     client.subscribe(topic, 1)
     client.loop_start()
     try:
+        wait_until(lambda: bool(subscribed), WAIT_S, f"the broker's SUBACK for {topic}")
         time.sleep(wait_s)
+        wait_until(lambda: set(expect) <= set(got), WAIT_S, f"retained {list(expect)}")
     finally:
         client.disconnect()
         client.loop_stop()
@@ -116,9 +127,8 @@ def test_lsl_without_liblsl_degrades_and_everyone_can_see_it(mosquitto, tmp_path
     try:
         _datagrams_until(notify, "READY=1", WAIT_S)
         # READY=1 means serving: the retained birth is there already.
-        state = json_or_cbor(
-            _retained(mosquitto, f"{PREFIX}/agents/{AGENT}/state")[f"{PREFIX}/agents/{AGENT}/state"]
-        )
+        state_topic = f"{PREFIX}/agents/{AGENT}/state"
+        state = json_or_cbor(_retained(mosquitto, state_topic, expect=(state_topic,))[state_topic])
         assert state["state"] == "online"
         drivers = {d["name"]: d for d in state["drivers"]}
         assert drivers["sim"]["state"] == "ok"
@@ -176,7 +186,7 @@ def test_lsl_without_liblsl_degrades_and_everyone_can_see_it(mosquitto, tmp_path
     assert any(line.startswith("<6>INFO") for line in log.splitlines()), log
     assert all(line.startswith("<") for line in log.splitlines() if line.strip()), log
     # A clean shutdown: offline, and the retained health is gone.
-    left = _retained(mosquitto, f"{PREFIX}/agents/{AGENT}/+")
+    left = _retained(mosquitto, f"{PREFIX}/agents/{AGENT}/+", expect=(state_topic,))
     assert json_or_cbor(left[f"{PREFIX}/agents/{AGENT}/state"])["state"] == "offline"
     assert f"{PREFIX}/agents/{AGENT}/health" not in left
 
