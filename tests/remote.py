@@ -185,12 +185,16 @@ class RawPeer:
             mqtt.CallbackAPIVersion.VERSION2, client_id=client_id, protocol=protocol
         )
         self.client.on_message = lambda c, u, m: self.messages.append(m)
+        self._subacks: set[int] = set()
+        self.client.on_subscribe = lambda c, u, mid, *rest: self._subacks.add(mid)
         self.client.connect(broker.host, broker.port)
         self.client.loop_start()
 
     def subscribe(self, topic):
-        self.client.subscribe(topic, 1)
-        time.sleep(0.3)  # no SUBACK wait in this bare client
+        """Subscribe and wait for the broker's SUBACK (a fixed 0.3 s was too short for a
+        loaded machine: messages sent right after went unseen)."""
+        _, mid = self.client.subscribe(topic, 1)
+        wait_until(lambda: mid in self._subacks, 30, f"the SUBACK for {topic}")
 
     def publish(self, topic, payload, properties=None, retain=False):
         self.client.publish(topic, payload, qos=1, properties=properties, retain=retain)

@@ -18,7 +18,7 @@ import pytest
 from helpers import drain, frames_of, run
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from remote import AGENT_ID, AgentProcess, RawPeer, remote_api, running_agent
+from remote import AGENT_ID, AgentProcess, RawPeer, remote_api, running_agent, wait_until
 
 import streaminghub_datamux as dm
 from streaminghub_datamux.client.taskstream import SEQ_WINDOW, TaskStream
@@ -284,11 +284,32 @@ def test_a_v1_request_gets_a_clear_error_on_its_v1_reply_topic(workspace, mosqui
             # A v1 request naming someone else's topic: counted, never answered there.
             request = {**request, "id": "old-2", "reply_to": f"{V1_PREFIX}/clients/x/state"}
             peer.publish(f"{V1_PREFIX}/agents/{AGENT_ID}/rpc", cbor2.dumps(request))
-            await asyncio.sleep(1.0)
+            # Both counted and the first answered (bounded), not a fixed 1 s: a loaded
+            # machine may take longer. Then a moment for an answer that must not come.
+            answered = f"{V1_PREFIX}/clients/old/rpc"
+            await _wait_for(
+                lambda: (
+                    agent.counters.v1_requests == 2
+                    and any(m.topic == answered for m in list(peer.messages))
+                ),
+                15,
+            )
+            await asyncio.sleep(0.3)
             return agent.counters.v1_requests
+
+    v1_state_topic = f"{V1_PREFIX}/agents/{AGENT_ID}/state"
+
+    def v1_offline_seen() -> bool:
+        return any(
+            m.topic == v1_state_topic and cbor2.loads(m.payload)["state"] == "offline"
+            for m in list(peer.messages)
+        )
 
     try:
         v1_requests = run(body())
+        # The agent's offline state reaches the peer after the agent stopped: wait for it
+        # (bounded) before closing the peer.
+        wait_until(v1_offline_seen, 15, "the agent's v1 offline state")
     finally:
         peer.close()
     v1_states = [cbor2.loads(m.payload) for m in peer.messages
@@ -471,8 +492,14 @@ def test_one_client_id_on_two_connections_keeps_separate_leases(workspace, mosqu
             ended = await asyncio.wait_for(drain(sinks[1]), 10)
             async with remote_api(config, mosquitto, client_id="alice") as third:
                 await third.proxy_live_stream("demo", "eeg", {}, sinks[2])
-            # third closed cleanly: its tasks stop, second's go on.
-            await asyncio.sleep(1.5)
+            # third closed cleanly: its tasks stop, second's go on. (Until so, bounded, not
+            # a fixed 1.5 s: a loaded machine may take longer to pass the close on.)
+            deadline = time.monotonic() + 10
+            while [t.id for t in agent.api.tasks()] != [kept.randseq]:
+                if time.monotonic() > deadline:
+                    break
+                await asyncio.sleep(0.05)
+            await asyncio.sleep(0.5)  # and second's task stays
             running = [t.id for t in agent.api.tasks()]
             await second.stop_task(kept.randseq)
             return ended, running, kept.randseq
