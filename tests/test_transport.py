@@ -360,8 +360,19 @@ def test_birth_and_health_messages(workspace, mosquitto, tmp_path):
                     break
                 await asyncio.sleep(0.05)
 
+    def shutdown_seen() -> bool:  # the offline state and the cleared health
+        messages = list(peer.messages)
+        cleared = any(m.topic == TOPICS.agent_health(AGENT_ID) and not m.payload for m in messages)
+        offline = any(
+            m.topic == TOPICS.agent_state(AGENT_ID) and b'"offline"' in m.payload for m in messages
+        )
+        return cleared and offline
+
     try:
         run(body())
+        # What the agent sends as it stops reaches the peer a little later: wait for it
+        # (bounded) rather than close the peer at once (lost on a loaded machine).
+        wait_until(shutdown_seen, 15, "the agent's shutdown messages")
     finally:
         peer.close()
     by_topic: dict[str, list] = {}
@@ -417,8 +428,12 @@ def test_what_was_spooled_survives_an_agent_restart(workspace, mosquitto, tmp_pa
 
     async def second_life():
         async with running_agent(workspace.config(), mosquitto, state_dir) as agent:
+            # Until every record arrived and was acknowledged (the spool empties on the
+            # broker's PUBACK, a moment after the peer has the message), bounded.
             deadline = time.monotonic() + 15
-            while len(peer.messages) < spooled and time.monotonic() < deadline:
+            while (len(peer.messages) < spooled or len(agent.spool)) and (
+                time.monotonic() < deadline
+            ):
                 await asyncio.sleep(0.05)
             return len(agent.spool)
 
