@@ -211,12 +211,20 @@ def test_reply_to_cannot_target_another_clients_state(workspace, mosquitto, tmp_
                            "reply_to": TOPICS.client_state(victim.client_id),
                            "client": "attacker"}  # fmt: skip
                 attacker.publish(TOPICS.rpc(AGENT_ID, "attacker"), cbor2.dumps(request))
+
+                def published_replies() -> list[str]:
+                    return [
+                        m.topic
+                        for m in list(attacker.messages)
+                        if not m.topic.endswith("/data") and _is_reply_to(m.payload, "x")
+                    ]
+
+                # Until the reply came (bounded; a fixed 2 s could miss it on a loaded
+                # machine), then 2 s for what must not happen: a second reply, the
+                # victim's task ending.
+                await _wait_for(lambda: published_replies(), 10)
                 await asyncio.sleep(2.0)
-                published = [
-                    m.topic
-                    for m in attacker.messages
-                    if not m.topic.endswith("/data") and _is_reply_to(m.payload, "x")
-                ]
+                published = published_replies()
                 return len(agent.api.tasks()), published
             finally:
                 attacker.close()
