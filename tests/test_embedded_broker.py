@@ -23,7 +23,7 @@ from paho.mqtt.reasoncodes import ReasonCode
 from streaminghub_datamux.agent.embedded import EmbeddedBroker, broker_reachable, is_loopback
 from streaminghub_datamux.errors import ConfigError
 
-WAIT_S = 5.0  # bound on every single wait below; the whole test is bounded by helpers.run
+WAIT_S = 15.0  # bound on every single wait below; the whole test is bounded by helpers.run
 
 # A will client in its own process, so that killing it by pid drops its TCP connection
 # without an MQTT DISCONNECT, as a crash or a power cut would.

@@ -58,7 +58,7 @@ THERMOMETER = "C0:FF:EE:00:00:03"
 IMU = "C0:FF:EE:00:00:04"
 IMU_SERVICE = "6e400001-b5a3-f393-e0a9-e50e24dcca9e"
 IMU_DATA = "6e400003-b5a3-f393-e0a9-e50e24dcca9e"
-WAIT_S = 5.0
+WAIT_S = 15.0  # a bound on waits for what must come: room for a loaded machine
 
 
 # -- the fakes -----------------------------------------------------------------------------
