@@ -27,6 +27,7 @@ from remote import (
     remote_api,
     running_agent,
     streaming_demo,
+    wait_until,
 )
 
 import streaminghub_datamux as dm
@@ -61,7 +62,14 @@ def test_sigterm_while_waiting_for_the_broker_exits(tmp_path):
     nobody = SimpleNamespace(host="127.0.0.1", port=free_port())  # no broker listens here
     agent = AgentProcess(nobody, tmp_path)
     try:
-        time.sleep(2.0)  # started, retrying the connection
+        # Started and retrying the connection (its SIGTERM handler is in place by then):
+        # its log says so. Not a fixed 2 s: a loaded machine can take longer to start
+        # Python, and a SIGTERM before the handler kills it with -15.
+        wait_until(
+            lambda: "still trying" in agent.log() or agent.process.poll() is not None,
+            30,
+            "the agent's 'still trying' report",
+        )
         assert agent.process.poll() is None, agent.log()
         agent.process.send_signal(signal.SIGTERM)
         try:
