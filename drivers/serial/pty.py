@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import fcntl
 import io
 import os
+import struct
 import sys
+import termios
 import tty
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from typing import Any
@@ -16,6 +19,12 @@ from ...model import Frame, StreamError
 from ...util import END_OF_STREAM
 from ..signals import cast_values
 from .formats import FormatSpec, parse_format
+
+# At the end of a stream, how long a reader may take nothing before we stop waiting for
+# it to take the rest (then no one is reading), and how long the terminal must stay empty
+# (the kernel moves written bytes to the reader's side a moment after the write).
+DRAIN_IDLE_S = 1.0
+DRAIN_SETTLE_S = 0.02
 
 # -- encoding and the pseudo-terminal writer -----------------------------------------
 
@@ -159,6 +168,39 @@ class PtySerialWriter:
             self._pending = b""
         return sent
 
+    def unread(self) -> int:
+        """Bytes not yet taken by a reader: still pending here, or in the terminal."""
+        if self._slave < 0:
+            return len(self._pending)
+        queued = fcntl.ioctl(self._slave, termios.FIONREAD, b"\0\0\0\0")
+        return len(self._pending) + struct.unpack("i", queued)[0]
+
+    async def drain(self, idle_s: float = DRAIN_IDLE_S) -> bool:
+        """Wait until a reader has taken everything sent; returns whether it did.
+
+        Closing the terminal discards what its reader has not read yet (the reader gets
+        an I/O error instead), so the end of a stream waits for this first. Gives up once
+        nothing is taken for ``idle_s``: no one is reading.
+        """
+        clock = asyncio.get_running_loop().time
+        last, changed, empty_since = -1, clock(), None
+        while self._master >= 0:
+            if self._pending:
+                self.write_bytes(b"")  # what did not fit the terminal before
+            left, now = self.unread(), clock()
+            if left:
+                empty_since = None
+            elif empty_since is None:
+                empty_since = now
+            elif now - empty_since >= DRAIN_SETTLE_S:
+                return True
+            if left != last:
+                last, changed = left, now
+            elif left and now - changed >= idle_s:
+                return False
+            await asyncio.sleep(0.005)
+        return False
+
     def device_config(
         self,
         channels: Sequence[str],
@@ -182,6 +224,7 @@ class PtySerialWriter:
         """Write frames until the iterator ends or the queue yields END_OF_STREAM.
 
         Non-frame items on a queue (status items) are skipped; an error item ends it.
+        At the end, waits (:meth:`drain`) for the reader to take what was sent.
         Returns the number of frames written.
         """
         if isinstance(frames, asyncio.Queue):
@@ -194,6 +237,7 @@ class PtySerialWriter:
         else:
             async for frame in frames:
                 self.write_frame(frame)
+        await self.drain()
         return self.frames_written
 
 

@@ -349,7 +349,12 @@ def test_counter_timestamps_follow_the_device_counter_across_wraps_and_gaps(work
         async with dm.API(serial_config(workspace, {}), drivers=[driver]) as api:
             sink: asyncio.Queue[Any] = asyncio.Queue()
             ack = await api.proxy_live_stream("dev", "data", {}, sink, framing="low-latency")
-            await asyncio.sleep(0.2)  # the port is open: now the device starts at 0
+            # The port is open (its reader thread runs; pyserial flushed the input when
+            # it opened): now the device starts at 0. Not a fixed 0.2 s: a loaded
+            # machine may open it later, and the first counter cycle would be lost.
+            async with asyncio.timeout(10):
+                while no_reader_threads():
+                    await asyncio.sleep(0.01)
             device.start()
             items = []
             while sum(len(i) for i in items if isinstance(i, dm.Frame)) < 800:
@@ -1001,10 +1006,14 @@ def frames_of_signal(n_frames: int, size: int) -> list[dm.Frame]:
     return frames
 
 
-def read_with_pyserial(path: str, done: Callable[[bytes], bool]) -> bytes:
+def read_with_pyserial(
+    path: str, done: Callable[[bytes], bool], opened: threading.Event | None = None
+) -> bytes:
     with serial.Serial(path, 115200, timeout=0.2) as port:
+        if opened is not None:
+            opened.set()  # pyserial flushed the input as it opened: write from now on
         data = b""
-        deadline = time.monotonic() + 5
+        deadline = time.monotonic() + 10
         while not done(data) and time.monotonic() < deadline:
             data += port.read(max(1, port.in_waiting))
         return data
@@ -1027,13 +1036,18 @@ def test_pty_writer_sends_frames_that_pyserial_reads(fmt):
         return len(data) >= len(expected) if binary else data.count(b"\n") >= 100
 
     got: list[bytes] = []
+    opened = threading.Event()
     with PtySerialWriter(fmt) as writer:
-        reader = threading.Thread(target=lambda: got.append(read_with_pyserial(writer.path, done)))
+        reader = threading.Thread(
+            target=lambda: got.append(read_with_pyserial(writer.path, done, opened))
+        )
         reader.start()
-        time.sleep(0.1)  # pyserial flushes input when it opens: write after that
+        # pyserial flushes input when it opens: write after that (not after a fixed 0.1 s,
+        # which a loaded machine can take to open the port).
+        assert opened.wait(10), "pyserial did not open the pty"
         for frame in frames:
             writer.write_frame(frame)
-        reader.join(6)
+        reader.join(12)
     if fmt is None:  # "%.9g" prints 0.0 as 0 and 1.0 as 1: compare numbers, not text
         got_rows = np.loadtxt(got[0].decode().splitlines(), delimiter=",")
         np.testing.assert_array_equal(got_rows, np.column_stack(sample(np.arange(100))))
@@ -1057,7 +1071,11 @@ def test_simulated_stream_served_on_a_pty_reads_back_through_the_driver(workspac
         async with dm.API(serial_config(workspace, {}), drivers=[driver]) as api:
             sink: asyncio.Queue[Any] = asyncio.Queue()
             ack = await api.proxy_live_stream("sim", "data", {}, sink, framing="low-latency")
-            await asyncio.sleep(0.2)
+            # Write once the port is open (its reader runs), not after a fixed 0.2 s: on a
+            # loaded machine lines written before the open were flushed and lost.
+            async with asyncio.timeout(10):
+                while no_reader_threads():
+                    await asyncio.sleep(0.01)
             for frame in frames:
                 queue.put_nowait(frame)
                 await asyncio.sleep(0.005)
@@ -1074,6 +1092,43 @@ def test_simulated_stream_served_on_a_pty_reads_back_through_the_driver(workspac
     k = check_signal(values)
     np.testing.assert_array_equal(k, np.arange(1, 1000))  # the first line is skipped
     assert writer.frames_written == 40
+
+
+def test_the_writer_drains_to_its_reader_before_the_end():
+    """Closing the terminal discards what the reader has not read yet: serve() drains
+    first. (Without it a reader a little behind lost the tail, with an I/O error.)"""
+    data = b"".join(f"{k},{-k},{k % 7}\n".encode() for k in range(20_000))
+    got: list[bytes] = []
+
+    def slow_reader(path: str, opened: threading.Event) -> None:
+        with serial.Serial(path, 115200, timeout=0.2) as port:
+            opened.set()
+            received = b""
+            deadline = time.monotonic() + 20
+            while len(received) < len(data) and time.monotonic() < deadline:
+                received += port.read(min(512, max(1, port.in_waiting)))
+                time.sleep(0.002)  # a reader a little slower than the writer
+            got.append(received)
+
+    async def body() -> tuple[bool, float, bool]:
+        with PtySerialWriter(max_pending=1 << 22) as writer:
+            opened = threading.Event()
+            reader = threading.Thread(target=slow_reader, args=(writer.path, opened))
+            reader.start()
+            assert await asyncio.to_thread(opened.wait, 10)
+            writer.write_bytes(data)
+            drained = await writer.drain()
+        await asyncio.to_thread(reader.join, 20)  # closed now: it must have had it all
+        # With no reader at all it gives up once nothing is taken for idle_s.
+        with PtySerialWriter() as lonely:
+            lonely.write_bytes(b"x" * 100)
+            began = time.monotonic()
+            alone = await lonely.drain(idle_s=0.3)
+            return drained, time.monotonic() - began, alone
+
+    drained, waited, alone = run(body())
+    assert drained and got == [data]
+    assert alone is False and 0.3 <= waited < 5.0
 
 
 def test_writer_never_blocks_without_a_reader(tmp_path: Path):
