@@ -255,10 +255,13 @@ def test_stop_task_ends_promptly_and_is_idempotent(workspace):
         sink = asyncio.Queue()
         loop = asyncio.get_running_loop()
         ack = await api.replay_collection_stream("study", "gaze", {"subject": "A"}, sink, speed=1.0)
-        await asyncio.sleep(0.2)
+        # Stop it while it streams: once its first frame is out. (Not after a fixed 0.2 s:
+        # a loaded machine may not have read the file's first block by then.)
+        first = await asyncio.wait_for(sink.get(), 10)
+        assert isinstance(first, dm.Frame), first
         start = loop.time()
         stopped = await api.stop_task(ack.randseq)
-        items = await drain(sink)
+        items = [first, *await drain(sink)]
         took = loop.time() - start
         again = await api.stop_task(ack.randseq)  # already ended: fine, like upstream
         assert again.status
