@@ -396,7 +396,9 @@ def test_aclose_is_idempotent_and_stops_the_stream() -> None:
                 seen += len(t)
 
         task = asyncio.create_task(consume())
-        await asyncio.sleep(0.1)
+        async with asyncio.timeout(10):  # streaming (not a fixed 0.1 s: a loaded machine)
+            while not seen:
+                await asyncio.sleep(0.01)
         await source.aclose()
         await source.aclose()
         await asyncio.wait_for(task, 5.0)  # the generator ends by itself (at its next wake)
