@@ -1,9 +1,15 @@
-"""The interface the local ``API`` and the ``RemoteAPI`` both offer.
+"""The interface the local ``API`` and the ``RemoteAPI`` both offer, and its RPC methods.
 
 Code written against :class:`DatamuxAPI` runs against either. mypy checks that both
 classes satisfy it (the ``TYPE_CHECKING`` block below), and tests/test_conformance.py
-checks their signatures against it at run time and that every method of protocol.TABLE
-the API serves is part of it.
+checks their signatures against it at run time.
+
+Each RPC method the API offers is declared here, once: its signature, and with
+:func:`~.methods.rpc_method` its parameters' checks, its result and how it is served.
+protocol.TABLE is made of these declarations. A *plain* method (its body
+``from_the_table()``) needs nothing more than the API's implementation: the RemoteAPI,
+which subclasses this interface, is given it from the table (docs/design.md, "The method
+table").
 """
 
 from __future__ import annotations
@@ -13,7 +19,9 @@ from collections.abc import Mapping
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, Protocol, Self, runtime_checkable
 
+from . import wire
 from .framing import Framing
+from .methods import Param, from_the_table, rpc_method
 from .model import Collection, Node, Stream, StreamAck
 
 __all__ = ["DatamuxAPI"]
@@ -32,18 +40,40 @@ class DatamuxAPI(Protocol):
         tb: TracebackType | None,
     ) -> None: ...
 
+    @rpc_method(wire.COLLECTIONS, paged=True, fleet=True)
     async def list_collections(self) -> list[Collection]:
         """Every collection."""
-        ...
+        from_the_table()
 
+    @rpc_method(wire.STREAMS, checks={"collection_id": wire.ID}, paged=True)
     async def list_collection_streams(self, collection_id: str) -> list[Stream]:
         """One stream per recording and stream of a collection."""
-        ...
+        from_the_table()
 
+    @rpc_method(wire.RECORDINGS, checks={"collection_id": wire.ID}, paged=True)
     async def list_collection_recordings(self, collection_id: str) -> list[dict[str, str]]:
         """The attrs of every recording of a collection."""
-        ...
+        from_the_table()
 
+    @rpc_method(
+        wire.ACK,
+        params={
+            "collection_id": Param(wire.ID, True),
+            "stream_id": Param(wire.ID, True),
+            "attrs": Param(wire.check_attrs),
+            "task_id": Param(wire.TASK_ID, True),
+            "speed": Param(wire.check_speed),
+            "rate_limit": Param(wire.check_flag),
+            "strict_time": Param(wire.check_flag),
+            "use_relative_ts": Param(wire.check_flag),
+            "framing": Param(wire.check_framing),
+            "qos": Param(wire.check_qos),
+            "start": Param(wire.check_position),
+            "end": Param(wire.check_position),
+            "loop": Param(wire.check_loop),
+        },
+        served_by="agent",
+    )
     async def replay_collection_stream(
         self,
         collection_id: str,
@@ -69,14 +99,28 @@ class DatamuxAPI(Protocol):
         """Replay one stream of one recording as an LSL outlet on this machine."""
         ...
 
+    @rpc_method(wire.NODES, paged=True, fleet=True)
     async def list_live_nodes(self) -> list[Node]:
         """Every live node."""
-        ...
+        from_the_table()
 
+    @rpc_method(wire.STREAMS, checks={"node_id": wire.ID}, paged=True)
     async def list_live_streams(self, node_id: str) -> list[Stream]:
         """The streams of one live node."""
-        ...
+        from_the_table()
 
+    @rpc_method(
+        wire.ACK,
+        params={
+            "node_id": Param(wire.ID, True),
+            "stream_id": Param(wire.ID, True),
+            "attrs": Param(wire.check_attrs),
+            "task_id": Param(wire.TASK_ID, True),
+            "framing": Param(wire.check_framing),
+            "qos": Param(wire.check_qos),
+        },
+        served_by="agent",
+    )
     async def proxy_live_stream(
         self,
         node_id: str,
@@ -89,10 +133,22 @@ class DatamuxAPI(Protocol):
         """Stream a live stream into ``sink`` until stopped."""
         ...
 
+    @rpc_method(wire.ACK, params={"task_id": Param(wire.TASK_ID, True)}, served_by="agent")
     async def stop_task(self, randseq: str) -> StreamAck:
         """Stop a task; its sink gets END_OF_STREAM."""
         ...
 
+    @rpc_method(
+        wire.STATE,
+        params={
+            "task_id": Param(wire.TASK_ID, True),
+            "action": Param(wire.check_action, True),
+            "position": Param(wire.check_position),
+            "speed": Param(wire.check_speed),
+            "loop": Param(wire.check_loop),
+        },
+        served_by="agent",
+    )
     async def control_task(self, randseq: str, action: str, **params: Any) -> dict[str, Any]:
         """Steer a running replay; returns its state."""
         ...

@@ -1,21 +1,34 @@
 """The RPC method table's parts: a method is declared once, everything else reads it.
 
 One :class:`Method` says a method's name, its parameters with their checks, the type of
-its result and who serves it. From the table (``protocol.TABLE``) the agent validates
-and dispatches requests, the RemoteAPI builds its calls and reads the replies, and a test
-holds docs/protocol.md's table to it. docs/design.md, "The method table", says how to add
-a method. Nothing here knows any particular method; protocol.py declares them.
+its result and who serves it. A method the API offers is declared where its signature
+is, on the interface (interface.py), with :func:`rpc_method`; the two the agent alone
+serves are declared in protocol.py. From the table they make (``protocol.TABLE``) the
+agent validates and dispatches requests, the RemoteAPI builds its calls (every plain
+method entirely) and reads the replies, and a test holds docs/protocol.md's table to it.
+docs/design.md, "The method table", says how to add a method. Nothing here knows any
+particular method.
 """
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, Literal, NoReturn, TypeVar
 
 from .errors import InvalidRequest
 
-__all__ = ["Check", "Method", "MethodTable", "Param", "Result"]
+__all__ = [
+    "Check",
+    "Method",
+    "MethodTable",
+    "Param",
+    "Result",
+    "declared_on",
+    "from_the_table",
+    "rpc_method",
+]
 
 #: A parameter check: ``(value, name) -> the value to use``; raises InvalidRequest.
 Check = Callable[[Any, str], Any]
@@ -40,6 +53,9 @@ class Result:
     name: str
     to_wire: Callable[[Any], Any]
     from_wire: Callable[[Any], Any]
+    #: ``(result, qualify) -> result`` with every id in it passed through ``qualify``
+    #: (a fleet client names things "agent/id"); a result without ids is left as it is.
+    qualify: Callable[[Any, Callable[[str], str]], Any] = lambda result, qualify: result
 
 
 @dataclass(frozen=True)
@@ -55,6 +71,10 @@ class Method:
             agent's own ``_serve_<name>(request, codec)`` answers (ownership, tasks).
         paged: a listing: it also takes the paging parameters (paging.py).
         fleet: asked of every agent when the client talks to a fleet (no id to route by).
+        signature: set for a *plain* method, whose wire parameters are exactly the
+            parameters of its Python signature (declared with :func:`rpc_method` without
+            ``params``): a client can then offer it generically, routed by its first
+            parameter (an id of something on one agent) or, ``fleet``, asked of all.
     """
 
     name: str
@@ -63,6 +83,7 @@ class Method:
     served_by: Literal["api", "agent"] = "api"
     paged: bool = False
     fleet: bool = False
+    signature: inspect.Signature | None = field(default=None, compare=False)
 
     def required(self) -> list[str]:
         """The parameters a request must carry, in their documented order."""
@@ -114,3 +135,78 @@ class MethodTable(Mapping[str, Method]):
     def served_by(self, who: Literal["api", "agent"]) -> list[Method]:
         """The methods the agent serves through the API, or itself."""
         return [m for m in self._methods.values() if m.served_by == who]
+
+
+# -- declaring the methods on the interface -----------------------------------------------
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+_DECLARED = "__rpc_method__"  # where rpc_method keeps a function's declaration
+
+
+def rpc_method(
+    result: Result,
+    *,
+    checks: Mapping[str, Check] | None = None,
+    params: Mapping[str, Param] | None = None,
+    served_by: Literal["api", "agent"] = "api",
+    paged: bool = False,
+    fleet: bool = False,
+) -> Callable[[F], F]:
+    """Declare the decorated method of the interface an RPC method (see :class:`Method`).
+
+    A *plain* method (no ``params``) travels as its signature says: its parameters, in
+    order, are the request's, each checked by ``checks[name]``; those without a default
+    are required. A method whose wire form differs from its signature (a sink, a task id
+    the client picks) gives its wire ``params`` instead, and its client side by hand.
+
+    Raises:
+        TypeError: checks that do not name exactly the signature's parameters, or a plain
+            method that is neither routed by a first parameter nor asked of the fleet.
+    """
+
+    def declare(function: F) -> F:
+        name = function.__name__
+        signature = None
+        wire = params
+        if wire is None:
+            signature = inspect.signature(function)
+            names = [p for p in signature.parameters if p != "self"]
+            kinds = {signature.parameters[p].kind for p in names}
+            if kinds - {inspect.Parameter.POSITIONAL_OR_KEYWORD}:
+                raise TypeError(f"{name}: a plain method takes plain parameters only")
+            if sorted(checks or {}) != sorted(names):
+                raise TypeError(f"{name}: checks for {sorted(checks or {})}, parameters {names}")
+            if fleet == bool(names) or served_by != "api":
+                raise TypeError(
+                    f"{name}: a plain method is served by the API and either routed by its "
+                    "first parameter or, without parameters, asked of the fleet"
+                )
+            empty = inspect.Parameter.empty
+            wire = {
+                p: Param((checks or {})[p], signature.parameters[p].default is empty) for p in names
+            }
+        declared = Method(name, wire, result, served_by, paged, fleet, signature)
+        setattr(function, _DECLARED, declared)
+        return function
+
+    return declare
+
+
+def declared_on(interface: type) -> list[Method]:
+    """The methods declared with :func:`rpc_method` on ``interface``, in order."""
+    found = (getattr(member, _DECLARED, None) for member in vars(interface).values())
+    return [method for method in found if isinstance(method, Method)]
+
+
+def from_the_table() -> NoReturn:
+    """The body of a plain method on the interface.
+
+    An implementation supplies the method: the API writes it, the RemoteAPI is given it
+    from the table (client/plain.py). Not an empty body, so that mypy does not count the
+    method abstract in the RemoteAPI, which subclasses the interface to be given it.
+
+    Raises:
+        NotImplementedError: always; the class at hand lacks the method.
+    """
+    raise NotImplementedError("a declared method was called on a class that does not offer it")

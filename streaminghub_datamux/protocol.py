@@ -6,17 +6,30 @@ agent and the RemoteAPI so the two cannot disagree. Nothing here touches the net
 
 from __future__ import annotations
 
-import math
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
 from .checks import ID_PATTERN, is_id
-from .drivers.replaycontrol import ACTIONS as CONTROL_ACTIONS
 from .errors import InvalidRequest
-from .methods import Check, Method, MethodTable, Param, Result
-from .model import Collection, Node, Stream, StreamError, StreamStatus
+from .interface import DatamuxAPI
+from .methods import Check, Method, MethodTable, declared_on
+from .model import StreamError, StreamStatus
 from .paging import PAGE_PARAMS
+from .wire import (
+    MAX_ATTRS,
+    MAX_TEXT,
+    STATE,
+    TASKS,
+    check_attrs,
+    check_framing,
+    check_id,
+    check_qos,
+    stream_from_wire,
+    stream_to_wire,
+)
+from .wire import short as _short
+from .wire import type_name as _type
 
 __all__ = [
     "DEFAULT_PREFIX",
@@ -26,7 +39,10 @@ __all__ = [
     "TABLE",
     "Request",
     "Topics",
+    "check_attrs",
+    "check_framing",
     "check_id",
+    "check_qos",
     "ctrl_end",
     "ctrl_error",
     "ctrl_status",
@@ -44,27 +60,6 @@ PROTOCOL_VERSION = 2
 DEFAULT_PREFIX = "streaminghub/v2"
 # Where protocol v1 peers are found when the prefix is the default one (for clear errors).
 V1_PREFIX = "streaminghub/v1"
-
-# Agent, client and task ids appear in topics (and the spool's folder): ID_PATTERN has
-# no "/", "+", "#" or spaces, and a bounded length.
-MAX_TEXT = 256  # longest id, name or topic accepted in a request
-MAX_ATTRS = 32
-MAX_FRAME_SAMPLES = 1_000_000
-MAX_LATENCY_MS = 60_000.0
-
-
-def check_id(value: Any, what: str) -> str:
-    """An id safe to put in a topic or a path.
-
-    Raises:
-        InvalidRequest: anything else.
-    """
-    if not is_id(value):
-        raise InvalidRequest(
-            f"{what} must be 1 to 64 letters, digits, '_', '.' or '-' (not starting with "
-            f"'.' or '-'), not {_short(value)}"
-        )
-    return value
 
 
 class Topics:
@@ -185,263 +180,17 @@ class Request:
     session: str = ""  # which of the client's connections: groups its tasks' lease
 
 
-def _text(value: Any, name: str) -> str:
-    if not isinstance(value, str):
-        raise InvalidRequest(f"{name} must be a string, not {_type(value)}")
-    if not value or len(value) > MAX_TEXT:
-        raise InvalidRequest(f"{name} must be 1 to {MAX_TEXT} characters")
-    return value
-
-
-def _type(value: Any) -> str:
-    return "null" if value is None else type(value).__name__
-
-
-def _short(value: Any) -> str:
-    """A value for an error message: short, and safe for any hostile shape."""
-    if isinstance(value, str):
-        return repr(value[:60])
-    if isinstance(value, bool | float) or value is None:
-        return repr(value)
-    if isinstance(value, int):
-        return repr(value) if abs(value) < 10**30 else "a huge integer"
-    return f"a {_type(value)}"
-
-
-def _number(value: Any, name: str) -> float:
-    try:
-        finite = (
-            not isinstance(value, bool)
-            and isinstance(value, int | float)
-            and (math.isfinite(value))
-        )
-    except OverflowError:  # an integer too large for a float
-        finite = False
-    if not finite:
-        raise InvalidRequest(f"{name} must be a finite number, not {_short(value)}")
-    return float(value)
-
-
-def _speed(value: Any, name: str) -> float:
-    speed = _number(value, name)
-    if speed < 0:
-        raise InvalidRequest(f"{name} must be >= 0 (0 means as fast as possible)")
-    return speed
-
-
-def _flag(value: Any, name: str) -> bool:
-    if not isinstance(value, bool):
-        raise InvalidRequest(f"{name} must be true or false, not {_type(value)}")
-    return value
-
-
-def _qos(value: Any, name: str) -> int:
-    if not isinstance(value, int) or isinstance(value, bool) or value not in (0, 1):
-        raise InvalidRequest(
-            f"{name} must be 0 (lowest latency) or 1 (no loss), not {_short(value)}"
-        )
-    return int(value)
-
-
-def _attrs(value: Any, name: str) -> dict[str, Any]:
-    if value is None:
-        return {}
-    if not isinstance(value, Mapping):
-        raise InvalidRequest(f"{name} must be a map, not {_type(value)}")
-    if len(value) > MAX_ATTRS:
-        raise InvalidRequest(f"{name} has {len(value)} entries; at most {MAX_ATTRS}")
-    out: dict[str, Any] = {}
-    for key, item in value.items():
-        _text(key, f"{name} key")
-        if isinstance(item, int | float) and not isinstance(item, bool):
-            _number(item, f"{name}[{key[:60]!r}]")  # no NaN, no infinity: JSON has neither
-        elif not isinstance(item, str | bool) or (isinstance(item, str) and len(item) > MAX_TEXT):
-            raise InvalidRequest(f"{name}[{key[:60]!r}] must be a short string, number or boolean")
-        out[key] = item
-    return out
-
-
-def _framing(value: Any, name: str) -> str | dict[str, Any]:
-    if isinstance(value, str):
-        return _text(value, name)
-    if not isinstance(value, Mapping) or any(
-        k not in ("preset", "max_samples", "max_latency_ms") for k in value
-    ):
-        raise InvalidRequest(
-            f"{name} must be a preset name or a map of preset, max_samples, max_latency_ms"
-        )
-    out: dict[str, Any] = {}
-    if "preset" in value:
-        out["preset"] = _text(value["preset"], f"{name}.preset")
-    if "max_samples" in value:
-        samples = value["max_samples"]
-        if isinstance(samples, bool) or not isinstance(samples, int):
-            raise InvalidRequest(f"{name}.max_samples must be an integer")
-        if not 1 <= samples <= MAX_FRAME_SAMPLES:
-            raise InvalidRequest(f"{name}.max_samples must be 1 to {MAX_FRAME_SAMPLES}")
-        out["max_samples"] = samples
-    if "max_latency_ms" in value:
-        latency = _number(value["max_latency_ms"], f"{name}.max_latency_ms")
-        if not 0 < latency <= MAX_LATENCY_MS:
-            raise InvalidRequest(f"{name}.max_latency_ms must be > 0 and <= {MAX_LATENCY_MS}")
-        out["max_latency_ms"] = latency
-    return out
-
-
-def _task_id(value: Any, name: str) -> str:
-    return check_id(value, name)
-
-
-def _position(value: Any, name: str) -> float:
-    position = _number(value, name)
-    if position < 0:
-        raise InvalidRequest(f"{name} must be >= 0 seconds into the recording")
-    return position
-
-
-def _loop(value: Any, name: str) -> bool | int:
-    if isinstance(value, bool):
-        return value
-    if isinstance(value, int) and (value >= 1 or value == -1) and value < 2**31:
-        return value
-    raise InvalidRequest(f"{name} must be true (forever), false (once) or a count >= 1")
-
-
-def _action(value: Any, name: str) -> str:
-    if value not in CONTROL_ACTIONS:
-        raise InvalidRequest(f"unknown {name} {value!r:.40}; actions: {list(CONTROL_ACTIONS)}")
-    return str(value)
-
-
-# The client checks what it sends with the same rules.
-check_attrs = _attrs
-check_framing = _framing
-check_qos = _qos
-
-_ID: Check = _text
-
-
-# -- model objects on the wire ---------------------------------------------------------
-
-
-def stream_to_wire(stream: Stream) -> dict[str, Any]:
-    """A stream as a listing carries it: its metadata entry with its id."""
-    return {"id": stream.id, **stream.to_dict()}
-
-
-def stream_from_wire(data: Mapping[str, Any]) -> Stream:
-    """A stream from a listing (the inverse of :func:`stream_to_wire`)."""
-    return Stream.from_dict(str(data["id"]), data)
-
-
-def collection_from_wire(data: Mapping[str, Any]) -> Collection:
-    return Collection.from_dict(data)
-
-
-def node_from_wire(data: Mapping[str, Any]) -> Node:
-    return Node.from_dict(data)
-
-
 # -- the method table ------------------------------------------------------------------
-# Each RPC method, declared once (docs/design.md, "The method table"): the agent checks
-# and dispatches requests with it, the RemoteAPI builds its calls and reads the replies
-# with it, and tests hold docs/protocol.md's table and the API's interface to it.
-
-
-def _list_of(convert: Callable[[Any], Any]) -> Callable[[Any], list[Any]]:
-    def read(value: Any) -> list[Any]:
-        if not isinstance(value, list):
-            raise TypeError(f"a list, not {_type(value)}")
-        return [convert(item) for item in value]
-
-    return read
-
-
-def _map(value: Any) -> dict[str, Any]:
-    if not isinstance(value, Mapping):
-        raise TypeError(f"a map, not {_type(value)}")
-    return dict(value)
-
-
-def _same(value: Any) -> Any:
-    return value
-
-
-COLLECTIONS = Result(
-    "list of collections", _list_of(Collection.to_dict), _list_of(collection_from_wire)
-)
-STREAMS = Result("list of streams", _list_of(stream_to_wire), _list_of(stream_from_wire))
-RECORDINGS = Result("list of maps of attrs", _same, _list_of(_map))
-NODES = Result("list of nodes", _list_of(Node.to_dict), _list_of(node_from_wire))
-TASKS = Result("list of task descriptions", _same, _list_of(_map))
-ACK = Result("task acknowledgement", _same, _same)  # the client reads it leniently
-STATE = Result("map", _same, _map)
+# Each RPC method, declared once (docs/design.md, "The method table"): those the API offers
+# on the interface (interface.py), the two only an agent serves here. The agent checks
+# and dispatches requests with the table, the RemoteAPI builds its calls and reads the
+# replies with it, and tests hold docs/protocol.md's table and the API to it.
 
 TABLE = MethodTable(
     [
-        Method("list_collections", result=COLLECTIONS, paged=True, fleet=True),
-        Method(
-            "list_collection_streams",
-            {"collection_id": Param(_ID, True)},
-            STREAMS,
-            paged=True,
-        ),
-        Method(
-            "list_collection_recordings",
-            {"collection_id": Param(_ID, True)},
-            RECORDINGS,
-            paged=True,
-        ),
-        Method(
-            "replay_collection_stream",
-            {
-                "collection_id": Param(_ID, True),
-                "stream_id": Param(_ID, True),
-                "attrs": Param(_attrs),
-                "task_id": Param(_task_id, True),
-                "speed": Param(_speed),
-                "rate_limit": Param(_flag),
-                "strict_time": Param(_flag),
-                "use_relative_ts": Param(_flag),
-                "framing": Param(_framing),
-                "qos": Param(_qos),
-                "start": Param(_position),
-                "end": Param(_position),
-                "loop": Param(_loop),
-            },
-            ACK,
-            served_by="agent",
-        ),
-        Method("list_live_nodes", result=NODES, paged=True, fleet=True),
-        Method("list_live_streams", {"node_id": Param(_ID, True)}, STREAMS, paged=True),
-        Method(
-            "proxy_live_stream",
-            {
-                "node_id": Param(_ID, True),
-                "stream_id": Param(_ID, True),
-                "attrs": Param(_attrs),
-                "task_id": Param(_task_id, True),
-                "framing": Param(_framing),
-                "qos": Param(_qos),
-            },
-            ACK,
-            served_by="agent",
-        ),
-        Method("stop_task", {"task_id": Param(_task_id, True)}, ACK, served_by="agent"),
+        *declared_on(DatamuxAPI),
         Method("list_tasks", result=TASKS, served_by="agent", paged=True),
         Method("clock", result=STATE, served_by="agent"),
-        Method(
-            "control_task",
-            {
-                "task_id": Param(_task_id, True),
-                "action": Param(_action, True),
-                "position": Param(_position),
-                "speed": Param(_speed),
-                "loop": Param(_loop),
-            },
-            STATE,
-            served_by="agent",
-        ),
     ]
 )
 

@@ -324,3 +324,58 @@ def test_a_remote_call_is_built_from_the_declaration():
     with pytest.raises(InvalidRequest, match="missing parameter 'task_id'"):
         replay.build({"collection_id": "study", "stream_id": "gaze"})
     assert replay.required() == ["collection_id", "stream_id", "task_id"]
+
+
+def test_every_declared_method_is_offered_by_both_apis_as_declared():
+    """One declaration plus the API's implementation is a whole method: each plain method
+    of the table has, on the API and on the RemoteAPI, exactly its declared signature
+    (the RemoteAPI is given it from the table); each other method of the interface is a
+    coroutine method of both; the rest are the agent's own."""
+    plain = [m for m in TABLE.values() if m.signature is not None]
+    assert len(plain) >= 5
+    for method in TABLE.values():
+        if method.signature is not None:
+            for implementation in (dm.API, dm.RemoteAPI):
+                offered = getattr(implementation, method.name)
+                assert offered is not vars(DatamuxAPI)[method.name], "only declared"
+                assert inspect.iscoroutinefunction(offered), (implementation, method.name)
+                assert inspect.signature(offered) == method.signature, (
+                    implementation.__name__,
+                    method.name,
+                )
+            assert method.served_by == "api" and method.fleet != bool(method.params)
+        elif method.name in INTERFACE:
+            assert inspect.iscoroutinefunction(getattr(dm.API, method.name))
+            assert method.name in vars(dm.RemoteAPI), f"RemoteAPI must write {method.name}"
+        else:
+            assert method.served_by == "agent", method.name
+
+
+def test_a_declaration_takes_its_parameters_from_the_signature():
+    """rpc_method reads a plain method's parameters, their order and which are required
+    from the signature, and refuses checks that name other parameters."""
+    from streaminghub_datamux import wire
+    from streaminghub_datamux.methods import declared_on, from_the_table, rpc_method
+
+    class Toy(DatamuxAPI):
+        @rpc_method(wire.STREAMS, checks={"node_id": wire.ID, "kind": wire.ID})
+        async def list_channels(self, node_id: str, kind: str = "eeg") -> list[dm.Stream]:
+            """The channels of one node."""
+            from_the_table()
+
+    (method,) = declared_on(Toy)
+    assert method.name == "list_channels" and method.result is wire.STREAMS
+    assert list(method.params) == ["node_id", "kind"]
+    assert method.required() == ["node_id"] and method.optional() == ["kind"]
+    assert method.signature == inspect.signature(Toy.list_channels)
+    with pytest.raises(TypeError, match=r"list_channels: checks for \['nod_id'\]"):
+
+        @rpc_method(wire.STREAMS, checks={"nod_id": wire.ID})
+        async def list_channels(self, node_id: str) -> list[dm.Stream]:
+            from_the_table()
+
+    with pytest.raises(TypeError, match="routed by its first parameter"):
+
+        @rpc_method(wire.STREAMS)
+        async def list_everything(self) -> list[dm.Stream]:
+            from_the_table()

@@ -56,6 +56,7 @@ def test_public_names_match_all():
         "lslout",
         "interface",
         "methods",
+        "wire",
         "channel",
         "checks",
         "sampleclock",
