@@ -12,7 +12,9 @@ quiet moment seen recently, and a slow exchange never spoils the estimate.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import logging
 import math
 import time
 from collections import deque
@@ -22,8 +24,11 @@ from typing import Any
 
 from ..clocks import CLOCKS, read_clocks
 from ..errors import DatamuxError
+from ..model import Frame
 
-__all__ = ["EXCHANGES", "KEEP_EXCHANGES", "ClockEstimate", "ClockTracker"]
+__all__ = ["EXCHANGES", "KEEP_EXCHANGES", "ClockEstimate", "ClockTracker", "Clocks"]
+
+log = logging.getLogger(__name__)
 
 EXCHANGES = 8  # exchanges per measurement
 KEEP_EXCHANGES = 64  # the best of this many recent exchanges counts
@@ -128,3 +133,79 @@ def _clocks_of(reply: Any, agent: str) -> dict[str, float]:
     if "unix" not in clocks:
         raise DatamuxError(f"clock: agent {agent!r} did not send its unix clock")
     return clocks
+
+
+class Clocks:
+    """The clock trackers of the agents measured so far, refreshed in the background.
+
+    Args:
+        ask: ``ask(agent)`` asks an agent for its clocks (the ``clock`` method).
+        is_online: whether an agent is online now (only those are refreshed).
+        refresh_s: how often every tracker measures again; 0: never.
+        name: gives the refresh task's name when it starts.
+    """
+
+    def __init__(
+        self,
+        ask: Callable[[str], Awaitable[Any]],
+        is_online: Callable[[str], bool],
+        refresh_s: float,
+        name: Callable[[], str],
+    ) -> None:
+        self.ask = ask
+        self.is_online = is_online
+        self.refresh_s = float(refresh_s)
+        self.name = name
+        self.trackers: dict[str, ClockTracker] = {}
+        self._refresher: asyncio.Task[None] | None = None
+
+    def tracker(self, agent: str) -> ClockTracker:
+        """The agent's tracker (made on first use, which starts the refreshes)."""
+        tracker = self.trackers.get(agent)
+        if tracker is None:
+            tracker = self.trackers[agent] = ClockTracker(agent, lambda: self.ask(agent))
+        if self._refresher is None and self.refresh_s > 0:
+            self._refresher = asyncio.get_running_loop().create_task(
+                self._refresh(), name=self.name()
+            )
+        return tracker
+
+    def estimates(self) -> dict[str, ClockEstimate]:
+        """The latest estimate of every agent measured so far, by agent id."""
+        estimates = {}
+        for agent, tracker in self.trackers.items():
+            with contextlib.suppress(DatamuxError):
+                estimates[agent] = tracker.estimate()
+        return estimates
+
+    async def restamper(self, agent: str) -> Callable[[Frame], None]:
+        """A function moving a frame's timestamps onto this client's clocks."""
+        tracker = self.tracker(agent)
+        try:
+            tracker.estimate()
+        except DatamuxError:
+            await tracker.measure()
+
+        def restamp(frame: Frame) -> None:
+            estimate = tracker.estimate()
+            clock = "lsl" if frame.attrs.get("mode") == "lsl" else "unix"
+            frame.timestamps = frame.timestamps - estimate.offsets.get(clock, estimate.offset)
+
+        return restamp
+
+    def close(self) -> None:
+        """Stop the refreshes."""
+        if self._refresher is not None:
+            self._refresher.cancel()
+            self._refresher = None
+
+    async def _refresh(self) -> None:
+        while True:
+            await asyncio.sleep(self.refresh_s)
+            for agent, tracker in list(self.trackers.items()):
+                if not self.is_online(agent):
+                    continue
+                try:
+                    await tracker.measure(EXCHANGES // 2)
+                except DatamuxError as exc:
+                    log.info("clock refresh of agent %s failed: %s", agent, exc)

@@ -1,0 +1,144 @@
+"""Requests to agents and their replies: correlation, deadlines, the method table.
+
+Each request gets an unpredictable id, so that nobody who sees or guesses ids can answer
+in the agent's place, and a reply counts only on the reply topic of the agent asked.
+One deadline covers sending and waiting: a stalled broker must not stall the caller.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import secrets
+from collections.abc import Callable, Mapping
+from typing import Any, Protocol
+
+from ..codec import decode, encode
+from ..errors import DatamuxError, InvalidRequest, Timeout, Unavailable, error_from_code
+from ..mqttio import MqttLink
+from ..paging import fetch_all_pages
+from ..protocol import TABLE, Topics
+from .agents import Agents
+
+__all__ = ["Endpoint", "Requests"]
+
+log = logging.getLogger(__name__)
+
+
+class Endpoint(Protocol):
+    """Who and where this client is (the RemoteAPI; some of it set by ``connect``)."""
+
+    codec: str
+    client_id: str
+    session: str
+    timeout: float | None
+    topics: Topics
+
+    def _require_link(self) -> MqttLink: ...
+
+
+class Requests:
+    """The requests in flight, by id, and how to make one."""
+
+    def __init__(self, endpoint: Endpoint, agents: Agents) -> None:
+        self.endpoint = endpoint
+        self.agents = agents
+        # request id -> (the agent asked, its reply)
+        self.waiting: dict[str, tuple[str, asyncio.Future[Any]]] = {}
+
+    async def call(self, agent: str, method: str, params: Mapping[str, Any]) -> Any:
+        """One request and its reply's result, as sent (no table involved).
+
+        Raises:
+            NotFound, Unavailable: the agent cannot answer (see Agents.check_reachable).
+            Timeout: no answer in time.
+            DatamuxError: the agent's error, or a malformed reply.
+        """
+        me = self.endpoint
+        link = me._require_link()
+        self.agents.check_reachable(agent)
+        request_id = secrets.token_urlsafe(16)
+        params = dict(params)
+        request = {"id": request_id, "method": method, "params": params, "session": me.session}
+        future = asyncio.get_running_loop().create_future()
+        self.waiting[request_id] = (agent, future)
+        try:
+            async with asyncio.timeout(me.timeout):
+                sent = await link.publish(
+                    me.topics.rpc(agent, me.client_id), encode(request, me.codec), qos=1
+                )
+                if not sent:
+                    raise Unavailable(f"not connected to the broker {link.settings.address}")
+                reply = await future
+        except TimeoutError:
+            why = f"{method}: no answer from agent {agent!r} within {me.timeout} s"
+            raise Timeout(why) from None
+        finally:
+            self.waiting.pop(request_id, None)
+        if not isinstance(reply, Mapping):
+            raise DatamuxError(f"{method}: malformed reply from agent {agent!r}")
+        if reply.get("ok") is True:
+            return reply.get("result")
+        error = reply.get("error")
+        if not isinstance(error, Mapping):
+            raise DatamuxError(f"{method}: malformed error reply from agent {agent!r}")
+        raise error_from_code(str(error.get("code", "internal")), str(error.get("message", "")))
+
+    async def rpc(self, agent: str, method: str, **params: Any) -> Any:
+        """Call ``method`` as protocol.TABLE declares it: its parameters (``None``: not
+        given), every page of a listing, its result read back into model objects."""
+        declared = TABLE[method]
+        wire = declared.build(params)
+        if declared.paged:
+            result = await fetch_all_pages(self.call, agent, method, wire)
+        else:
+            result = await self.call(agent, method, wire)
+        if declared.result is None:
+            return result
+        try:
+            return declared.result.from_wire(result)
+        except (KeyError, TypeError, ValueError) as exc:
+            raise DatamuxError(f"{method}: malformed reply from agent {agent!r}") from exc
+
+    async def each_agent(self, method: str, convert: Callable[[str, Any], list[Any]]) -> list[Any]:
+        """Ask every target agent; a fleet answer leaves out (and logs) agents that fail."""
+        self.endpoint._require_link()
+        targets = self.agents.targets()
+        results = await asyncio.gather(
+            *(self.rpc(agent, method) for agent in targets), return_exceptions=True
+        )
+        merged: list[Any] = []
+        failures = []
+        for agent, result in zip(targets, results, strict=True):
+            if isinstance(result, BaseException):
+                if not isinstance(result, DatamuxError):
+                    raise result
+                failures.append((agent, result))
+                log.warning("agent %s did not list: %s", agent, result)
+            else:
+                merged.extend(convert(agent, result))
+        if failures and (self.agents.agent_id is not None or len(failures) == len(targets)):
+            raise failures[0][1]
+        return merged
+
+    def on_reply(self, agent: str, payload: bytes) -> None:
+        """A reply from ``agent``: it ends the wait of the request it answers, if that
+        request went to that agent."""
+        try:
+            reply = decode(payload)
+        except InvalidRequest as exc:
+            log.warning("ignored an unreadable reply from agent %s: %s", agent, exc)
+            return
+        if not isinstance(reply, Mapping) or not isinstance(reply.get("id"), str):
+            return
+        waiting = self.waiting.get(reply["id"])
+        if waiting is None or waiting[0] != agent:
+            return  # not ours, or not from the agent we asked
+        if not waiting[1].done():
+            waiting[1].set_result(reply)
+
+    def fail(self, which: Callable[[str], bool], why: str) -> None:
+        """End the waits of requests to the agents ``which`` selects, with Unavailable."""
+        for agent, future in self.waiting.values():
+            if agent and which(agent) and not future.done():
+                future.set_exception(Unavailable(why))
