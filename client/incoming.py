@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any
 
 from ..codec import decode, decode_frame
@@ -32,6 +33,7 @@ log = logging.getLogger(__name__)
 AGENT_RETURN_S = 30.0
 
 
+@dataclass(eq=False)  # routes by identity: its on_message is a callback
 class Inbox:
     """Routes the client's incoming messages to the part that handles them.
 
@@ -41,21 +43,12 @@ class Inbox:
         streams: the client's running tasks by (agent, task id); shared, not copied.
     """
 
-    def __init__(
-        self,
-        topics: Topics,
-        client_id: str,
-        agents: Agents,
-        requests: Requests,
-        presence: Presence,
-        streams: dict[tuple[str, str], TaskStream],
-    ) -> None:
-        self.topics = topics
-        self.client_id = client_id
-        self.agents = agents
-        self.requests = requests
-        self.presence = presence
-        self.streams = streams
+    topics: Topics
+    client_id: str
+    agents: Agents
+    requests: Requests
+    presence: Presence
+    streams: dict[tuple[str, str], TaskStream]
 
     def on_message(self, message: Incoming) -> None:
         """Route one message by its topic."""
