@@ -116,7 +116,7 @@ class Method:
 
 
 class MethodTable(Mapping[str, Method]):
-    """Every method by name; declared once, in protocol.py."""
+    """Every method by name, each declared once (interface.py, protocol.py)."""
 
     def __init__(self, methods: list[Method]) -> None:
         self._methods = {m.name: m for m in methods}
