@@ -116,6 +116,19 @@ def load_driver(name: str) -> type[Driver]:
     return driver_class
 
 
+def lsl_load_error(exc: ImportError | RuntimeError) -> DriverLoadError:
+    """Why pylsl cannot be used here, with the right fix (LSL out, ``simulate --lsl``).
+
+    pylsl raises RuntimeError when it is installed but liblsl does not load: installing
+    the extra again does not help then, liblsl itself is missing.
+    """
+    if isinstance(exc, RuntimeError):
+        wrapped = ImportError(f"pylsl cannot load liblsl: {exc}", name="liblsl")
+        wrapped.__cause__ = exc
+        return _load_error("lsl", wrapped)
+    return _load_error("lsl", exc)
+
+
 def _load_error(name: str, exc: ImportError) -> DriverLoadError:
     if exc.name == "liblsl":  # drivers/lsl.py: pylsl is installed, its liblsl does not load
         # pylsl's own text goes on with advice for conda users; its first line is the cause.

@@ -74,9 +74,11 @@ def _pylsl() -> Any:
     try:
         import pylsl
     except (ImportError, RuntimeError) as exc:  # RuntimeError: liblsl is missing
+        from .drivers.registry import lsl_load_error
+
+        problem = lsl_load_error(exc)
         raise Unavailable(
-            f"LSL out needs pylsl and liblsl ({exc}); "
-            "install them with: pip install 'streaminghub-datamux[lsl]'"
+            f"LSL out needs pylsl and liblsl: {problem.reason} (fix: {problem.fix})"
         ) from exc
     return pylsl
 

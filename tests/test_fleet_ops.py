@@ -191,6 +191,28 @@ def test_lsl_without_liblsl_degrades_and_everyone_can_see_it(mosquitto, tmp_path
     assert f"{PREFIX}/agents/{AGENT}/health" not in left
 
 
+@pytest.mark.parametrize(
+    "command",
+    [("simulate", "--lsl", "demo", "--seconds", "1"), ("lsl-out", "--node", "demo", "eeg")],
+)
+def test_lsl_out_without_liblsl_names_liblsl_not_the_installed_extra(tmp_path, command):
+    """pylsl is installed (the extra is there) but liblsl does not load, as on a Pi: the
+    fix is liblsl itself, not 'pip install ...[lsl]' again."""
+    unloadable = tmp_path / "liblsl.so"
+    unloadable.write_bytes(b"not a shared library")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("STREAMINGHUB_")}
+    env.update(HOME=str(tmp_path), PYLSL_LIB=str(unloadable), STREAMINGHUB_DRIVERS__ENABLED="sim")
+    done = subprocess.run(
+        [sys.executable, "-m", "streaminghub_datamux", *command],
+        capture_output=True, text=True, env=env, cwd=tmp_path, timeout=60,
+    )  # fmt: skip
+    assert done.returncode != 0
+    error = done.stderr.strip().splitlines()[-1]
+    assert "pylsl cannot load liblsl" in error, done.stderr
+    assert "PYLSL_LIB" in error and "github.com/sccn/liblsl/releases" in error, error
+    assert "streaminghub-datamux[lsl]" not in done.stderr, done.stderr
+
+
 def json_or_cbor(payload: bytes) -> dict:
     from streaminghub_datamux.codec import decode
 

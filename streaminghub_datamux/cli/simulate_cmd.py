@@ -169,9 +169,11 @@ async def publish_lsl(
         # Through the driver module: it keeps liblsl's INFO lines off stderr.
         from ..drivers.lsl import pylsl
     except (ImportError, RuntimeError) as exc:
+        from ..drivers.registry import lsl_load_error
+
+        problem = lsl_load_error(exc)
         raise ConfigError(
-            f"publishing on LSL needs pylsl and liblsl: {exc}",
-            fix="pip install 'streaminghub-datamux[lsl]'",
+            f"publishing on LSL needs pylsl and liblsl: {problem.reason}", fix=problem.fix
         ) from exc
     streams = await _select_streams(api, node_id, stream_ids)
     # One offset for the whole run: per-chunk offsets would add clock-read jitter.
