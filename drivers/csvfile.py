@@ -202,16 +202,17 @@ class CsvStreamReader:
         self, text: bytes, first_line: int, usecols: list[int], n_lines: int
     ) -> tuple[np.ndarray | None, DataError | None]:
         """Parse a block of ``n_lines`` lines; on a bad line, the rows before it and the error."""
-        if self._fast:
-            table = csvfast.parse_floats(text, usecols, n_lines)
-            if table is not None:
-                return table, None
-        # Bytes, not str: numpy parses a byte stream about 3x faster, and a StringIO
-        # would hold the block as 4-byte characters.
-        try:
-            return self._loadtxt(io.BytesIO(text), usecols), None
-        except ValueError as exc:
-            block_error = exc
+        table = csvfast.parse_floats(text, usecols, n_lines) if self._fast else None
+        block_error: ValueError | None = None
+        if table is None:
+            # Bytes, not str: numpy parses a byte stream about 3x faster, and a StringIO
+            # would hold the block as 4-byte characters.
+            try:
+                table = self._loadtxt(io.BytesIO(text), usecols)
+            except ValueError as exc:
+                block_error = exc
+        if table is not None:
+            return self._check_widths(text, first_line, usecols, table)
         # Slow path, errors only: find the exact bad line so the message can name it.
         lines = text.splitlines(keepends=True)
         for offset, line in enumerate(lines):
@@ -232,6 +233,31 @@ class CsvStreamReader:
                 return self._loadtxt(io.BytesIO(b"".join(lines[:offset])), usecols), error
         error = DataError(str(block_error), file=str(self.path), line=first_line)
         return None, error
+
+    def _check_widths(
+        self, text: bytes, first_line: int, usecols: list[int], table: np.ndarray
+    ) -> tuple[np.ndarray | None, DataError | None]:
+        """Both parsers skip columns they are not asked for, so a row with too many cells
+        (a shifted row) would pass unseen: count the commas, and on a mismatch find the
+        line. Marker streams are left out (quoted text may hold commas)."""
+        if self._markers:
+            return table, None
+        commas = int(np.count_nonzero(np.frombuffer(text, np.uint8) == 44))
+        if commas == (len(self._header) - 1) * len(table):
+            return table, None
+        lines = text.splitlines()
+        for offset, line in enumerate(lines):
+            cells = line.count(b",") + 1
+            if line.strip() and cells != len(self._header):
+                error = DataError(
+                    f"expected {len(self._header)} columns, got {cells}",
+                    file=str(self.path),
+                    line=first_line + offset,
+                )
+                if not any(ln.strip() for ln in lines[:offset]):
+                    return None, error
+                return self._loadtxt(io.BytesIO(b"\n".join(lines[:offset])), usecols), error
+        return table, None
 
     def blocks(self) -> Iterator[tuple[np.ndarray, np.ndarray]]:
         """Yield ``(timestamps float64 (n,), values (n, channels))`` blocks in file order.

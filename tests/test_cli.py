@@ -246,6 +246,7 @@ def test_bad_csv_lines_are_reported_once_by_line_and_column(workspace):
     for bad, message in [
         ("10.3,abc,1,2", "could not convert 'abc' to float32 in column 2 (x)"),
         ("10.3,12", "expected 4 columns, got 2"),
+        ("10.3,12,1,2,3", "expected 4 columns, got 5"),
         ("ten,1,2,3", "could not convert 'ten' to float64 in column 1 (t)"),
     ]:
         path.write_text("\n".join([*lines[:31], bad, *lines[32:]]) + "\n")
