@@ -17,6 +17,7 @@ pattern, and what was wrong with each folder.
 
 from __future__ import annotations
 
+import difflib
 import os
 import re
 from collections.abc import Mapping, Sequence
@@ -223,12 +224,23 @@ def select_recording(
         more = f" (and {len(recordings) - 5} more)" if len(recordings) > 5 else ""
         raise NotFound(
             f"no recording of {collection_id!r} matches {wanted}; recordings are selected "
-            f"by {sorted(known)}: {examples}{more}"
+            f"by {sorted(known)}{_typos(attrs, known)}: {examples}{more}"
         )
     if len(matches) > 1:
         examples = ", ".join(str(dict(r.attrs)) for r in matches[:5])
         raise InvalidRequest(
             f"{len(matches)} recordings of {collection_id!r} match {wanted}; add "
-            f"attributes ({sorted(known)}) to pick one: {examples}"
+            f"attributes ({sorted(known)}) to pick one{_typos(attrs, known)}: {examples}"
         )
     return matches[0]
+
+
+def _typos(attrs: Mapping[str, Any], known: set[str]) -> str:
+    """Ignored keys that look like a misspelt placeholder ("subjet"): a selection that
+    fails because of one should say so, not only that the key selected nothing."""
+    hints = []
+    for key in sorted(str(k) for k in attrs if str(k) not in known):
+        close = difflib.get_close_matches(key, sorted(known), n=1)
+        if close:
+            hints.append(f"{key!r} is not an attribute: did you mean {close[0]!r}?")
+    return f" ({'; '.join(hints)})" if hints else ""

@@ -258,6 +258,25 @@ def test_bad_csv_lines_are_reported_once_by_line_and_column(workspace):
         assert sum(int(ln.split()[1]) for ln in out.stdout.splitlines()) == 30
 
 
+def test_a_misspelt_attribute_is_named_when_the_selection_fails(workspace):
+    """Keys that are not placeholders select nothing (upstream's id, mode, ...), so a typo
+    of one is ignored too: the error must point at it, not only list the recordings."""
+    workspace.add_collection("study", gaze_collection())
+    workspace.add_gaze_recording("A", "1", n=20)
+    workspace.add_gaze_recording("B", "1", n=20)
+    out = datamux(workspace, "replay", "study", "gaze", "-a", "subjcet=A", *dirs(workspace))
+    assert out.returncode == 1
+    assert out.stderr == (
+        "datamux: error: 2 recordings of 'study' match {}; add attributes (['session', "
+        "'subject']) to pick one ('subjcet' is not an attribute: did you mean 'subject'?): "
+        "{'subject': 'A', 'session': '1'}, {'subject': 'B', 'session': '1'}\n"
+    )
+    # upstream's own keys are not typos, and select nothing
+    args = ("-a", "subject=A", "-a", "id=gaze", "-a", "mode=replay", "--frames", "1")
+    out = datamux(workspace, "replay", "study", "gaze", *args, *dirs(workspace))
+    assert out.returncode == 0, out.stderr
+
+
 def test_rows_print_timestamps_as_the_file_has_them(workspace):
     collection = gaze_collection(index_unit="ms")
     workspace.add_collection("study", collection)
