@@ -182,10 +182,14 @@ class RemoteTasks:
             return await asyncio.to_thread(
                 self.api.get_collection_stream, params["collection_id"], params["stream_id"]
             )
-        for stream in await self.api.list_live_streams(params["node_id"]):
+        streams = await self.api.list_live_streams(params["node_id"])
+        for stream in streams:
             if stream.id == params["stream_id"]:
                 return stream
-        raise NotFound(f"node {params['node_id']!r} has no stream {params['stream_id']!r}")
+        raise NotFound(
+            f"node {params['node_id']!r} has no stream {params['stream_id']!r}; "
+            f"streams: {', '.join(sorted(s.id for s in streams))}"
+        )
 
     async def stop(self, task_id: str, client: str) -> dict[str, Any]:
         """``stop_task``: only the owner may stop a task."""

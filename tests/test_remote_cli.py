@@ -87,7 +87,11 @@ def test_ls_tail_replay_and_record_through_the_broker(agent_process, mosquitto, 
     assert (local / "meta" / "captured.collection.json").exists()
 
     missing = datamux("tail", *remote, "demo", "nope", "--frames", "1", cwd=tmp_path, check=False)
-    assert missing.returncode == 1 and "nope" in missing.stderr
+    assert missing.returncode == 1
+    # as the local API says it: which streams there are
+    assert missing.stderr == (
+        "datamux: error: node 'demo' has no stream 'nope'; streams: eeg, imu, markers\n"
+    )
 
 
 def test_serve_runs_an_embedded_broker_when_none_answers(tmp_path):
