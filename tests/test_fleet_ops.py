@@ -416,3 +416,33 @@ def test_doctor_names_each_problem_with_its_fix(mosquitto, tmp_path):
     assert checks["broker"]["level"] == "fail"
     assert "connection refused" in checks["broker"]["detail"]
     assert "lsl" not in checks
+
+
+def test_status_and_doctor_take_broker_as_ls_and_tail_do(mosquitto, tmp_path):
+    """`tail --broker HOST:PORT` works, so a newcomer types `status --broker HOST:PORT`
+    next: it means -H HOST -p PORT, and -p still wins when both are given."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("STREAMINGHUB_")}
+    env["HOME"] = str(tmp_path)
+    broker = f"{mosquitto.host}:{mosquitto.port}"
+    base = [sys.executable, "-m", "streaminghub_datamux"]
+    for command in (["doctor", "--drivers", "sim"], ["status"]):
+        done = subprocess.run(
+            [*base, *command, "--json", "--broker", broker],
+            capture_output=True, text=True, env=env, cwd=tmp_path, timeout=60,
+        )  # fmt: skip
+        assert done.returncode == 0, done.stdout + done.stderr
+        json.loads(done.stdout)
+    doctor = [*base, "doctor", "--drivers", "sim", "--json"]
+    done = subprocess.run(
+        [*doctor, "--broker", f"{LOOPBACK}:{free_port()}", "-p", str(mosquitto.port)],
+        capture_output=True, text=True, env=env, cwd=tmp_path, timeout=60,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stdout + done.stderr
+    bad = subprocess.run(
+        [*base, "status", "--broker", "host:port"],
+        capture_output=True, text=True, env=env, cwd=tmp_path, timeout=60,
+    )  # fmt: skip
+    assert bad.returncode == 2
+    assert bad.stderr.splitlines()[-1] == (
+        "datamux status: error: argument --broker: takes HOST or HOST:PORT, not 'host:port'"
+    )

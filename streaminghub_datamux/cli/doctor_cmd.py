@@ -26,6 +26,7 @@ from ..dirs import state_dir
 from ..drivers.registry import BUILTIN, DriverLoadError, load_driver
 from ..errors import ConfigError, DatamuxError
 from ..mqttio import BrokerSettings, MqttLink
+from .serve_cmd import broker_flags, broker_overrides
 
 __all__ = ["Check", "register", "run_checks"]
 
@@ -207,8 +208,7 @@ def register(subparsers: argparse._SubParsersAction[Any]) -> None:
         description="Check what the agent needs on this box and print each problem with "
         "its fix. Exit code 1 when a check fails.",
     )
-    doctor.add_argument("-H", "--host", help="broker host (default: broker.host)")
-    doctor.add_argument("-p", "--port", type=int, help="broker port (default: broker.port)")
+    broker_flags(doctor)
     doctor.add_argument("--drivers", help='drivers to check (default: drivers.enabled), e.g. "lsl"')
     doctor.add_argument("--json", action="store_true", help="print JSON for scripts")
     doctor.set_defaults(handler=_run)
@@ -218,9 +218,7 @@ def _run(args: argparse.Namespace) -> int:
     import json
 
     flags = dict(getattr(args, "config_flags", None) or {})
-    flags.update(
-        {"broker.host": args.host, "broker.port": args.port, "drivers.enabled": args.drivers}
-    )
+    flags.update({**broker_overrides(args), "drivers.enabled": args.drivers})
     try:
         config = load_config(flags={k: v for k, v in flags.items() if v is not None})
     except ConfigError as exc:

@@ -29,7 +29,7 @@ def register(subparsers: argparse._SubParsersAction[Any]) -> None:
         description="Connect to the MQTT broker and serve RPC requests, tasks and frames "
         "until SIGTERM or Ctrl-C (docs/agent.md).",
     )
-    _broker_flags(serve)
+    broker_flags(serve)
     serve.add_argument(
         "-r", "--rpc", default="mqtt", choices=["mqtt"], help="transport (only mqtt)"
     )
@@ -53,16 +53,33 @@ def register(subparsers: argparse._SubParsersAction[Any]) -> None:
         "the broker address), connects a RemoteAPI client, proxies the simulated demo/eeg "
         "stream and prints its frames, then stops the agent.",
     )
-    _broker_flags(demo)
+    broker_flags(demo)
     demo.add_argument("--seconds", type=float, default=5.0, help="how long to print (default 5)")
     demo.add_argument("--node", default="demo", help="node id (default: demo)")
     demo.add_argument("--stream", default="eeg", help="stream id (default: eeg)")
     demo.set_defaults(handler=lambda args: _run(_demo(args)))
 
 
-def _broker_flags(parser: argparse.ArgumentParser) -> None:
+def broker_flags(parser: argparse.ArgumentParser) -> None:
+    """``-H``/``-p``, and ``--broker HOST[:PORT]`` as ls, tail and replay spell it."""
     parser.add_argument("-H", "--host", help="broker host (default: broker.host)")
     parser.add_argument("-p", "--port", type=int, help="broker port (default: broker.port)")
+    parser.add_argument(
+        "--broker", metavar="HOST[:PORT]", type=_host_port, help="the same as -H HOST -p PORT"
+    )
+
+
+def _host_port(value: str) -> tuple[str, int | None]:
+    host, _, port = value.rpartition(":") if ":" in value else (value, "", "")
+    if not host or (port and not port.isdigit()):
+        raise argparse.ArgumentTypeError(f"takes HOST or HOST:PORT, not {value!r}")
+    return host, int(port) if port else None
+
+
+def broker_overrides(args: argparse.Namespace) -> dict[str, Any]:
+    """The config flags of the broker options (-H and -p win over --broker)."""
+    host, port = args.broker or (None, None)
+    return {"broker.host": args.host or host, "broker.port": args.port or port}
 
 
 def _run(coro: Any) -> int:
@@ -74,7 +91,7 @@ def _run(coro: Any) -> int:
 
 def _config(args: argparse.Namespace, **extra: Any) -> Config:
     flags = dict(getattr(args, "config_flags", None) or {})
-    flags.update({"broker.host": args.host, "broker.port": args.port, **extra})
+    flags.update({**broker_overrides(args), **extra})
     return load_config(flags={k: v for k, v in flags.items() if v is not None})
 
 

@@ -24,6 +24,7 @@ from ..config import load_config
 from ..errors import InvalidRequest
 from ..mqttio import BrokerSettings, Incoming, MqttLink
 from ..protocol import Topics
+from .serve_cmd import broker_flags, broker_overrides
 
 __all__ = ["AgentView", "Fleet", "register", "render_plain"]
 
@@ -244,8 +245,7 @@ def register(subparsers: argparse._SubParsersAction[Any]) -> None:
         "messages: online or offline and since when, version, uptime, drivers and their "
         "state, nodes, tasks, spool, disk, CPU, memory, temperature and clock sync.",
     )
-    status.add_argument("-H", "--host", help="broker host (default: broker.host)")
-    status.add_argument("-p", "--port", type=int, help="broker port (default: broker.port)")
+    broker_flags(status)
     status.add_argument("--json", action="store_true", help="print JSON for scripts")
     status.add_argument("--watch", action="store_true", help="keep redrawing, like top")
     status.add_argument(
@@ -266,7 +266,7 @@ def _run(args: argparse.Namespace) -> int:
 
 async def _status(args: argparse.Namespace) -> int:
     flags = dict(getattr(args, "config_flags", None) or {})
-    flags.update({"broker.host": args.host, "broker.port": args.port})
+    flags.update(broker_overrides(args))
     config = load_config(flags={k: v for k, v in flags.items() if v is not None})
     settings = BrokerSettings.from_config(config)
     topics = Topics(settings.prefix)
