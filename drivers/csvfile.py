@@ -274,7 +274,14 @@ class CsvStreamReader:
             # utf-8-sig: spreadsheets often start the file with a byte-order mark.
             header = handle.readline().decode("utf-8-sig", errors="replace")
             if not header.strip():
-                return
+                # Not an empty recording (that has its header): a file cut short or
+                # never written. Zero frames and success would hide it.
+                raise DataError(
+                    "the file is empty: no header row (a recording has a header naming "
+                    "its columns, then one row per sample)",
+                    file=str(self.path),
+                    line=1,
+                )
             index_col, value_cols = self._columns(header)
             self._index_col = index_col
             usecols = value_cols if index_col is None else [index_col, *value_cols]

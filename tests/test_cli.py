@@ -258,6 +258,23 @@ def test_bad_csv_lines_are_reported_once_by_line_and_column(workspace):
         assert sum(int(ln.split()[1]) for ln in out.stdout.splitlines()) == 30
 
 
+def test_an_empty_csv_file_is_an_error_not_an_empty_replay(workspace):
+    workspace.add_collection("study", gaze_collection())
+    workspace.add_gaze_recording("A", "1", n=20)
+    path = workspace.data_dir / "study" / "A" / "1_gaze.csv"
+    path.write_bytes(b"")
+    args = ("replay", "study", "gaze", "-a", "subject=A", "--speed", "0")
+    out = datamux(workspace, *args, *dirs(workspace))
+    assert out.returncode == 1, out.stdout
+    assert out.stderr == (
+        f"datamux: stream failed (data): {path}, line 1: the file is empty: no header row "
+        "(a recording has a header naming its columns, then one row per sample)\n"
+    )
+    path.write_text("t,x,y,d\n")  # a header and no rows: an empty recording, no error
+    out = datamux(workspace, *args, *dirs(workspace))
+    assert out.returncode == 0, out.stderr
+
+
 def test_a_misspelt_attribute_is_named_when_the_selection_fails(workspace):
     """Keys that are not placeholders select nothing (upstream's id, mode, ...), so a typo
     of one is ignored too: the error must point at it, not only list the recordings."""
