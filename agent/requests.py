@@ -90,6 +90,16 @@ class RequestServer:
                 "ignored a request on %r: no valid client id in the topic", message.topic[:200]
             )
             return
+        if message.retain:
+            # The broker kept it and hands it to every new subscription: served, it would
+            # run again at each restart of this agent. A request is an action, now.
+            self.counters.bad_requests += 1
+            self.bad_log.warning("ignored a retained request of client %s", client)
+            text = "a retained request is not served (it would run again at every agent "
+            text += "restart): publish requests with retain=False, and clear this one by "
+            text += "publishing an empty retained message to its topic"
+            self._reply_error(client, message, "invalid_request", text)
+            return
         if len(self._jobs) >= MAX_CONCURRENT_REQUESTS or stopping:
             why = "agent is stopping" if stopping else "too many requests at once"
             self._reply_error(client, message, "unavailable", why)

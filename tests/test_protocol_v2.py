@@ -511,3 +511,34 @@ def test_one_client_id_on_two_connections_keeps_separate_leases(workspace, mosqu
     errors = [i for i in ended if isinstance(i, dm.StreamError)]
     assert errors and "went offline" in errors[0].reason
     assert running == [kept]
+
+
+def test_a_retained_request_is_refused_not_served_again_at_each_restart(
+    workspace, mosquitto, tmp_path
+):
+    """A retained request would be replayed to every new subscription: each restart of
+    the agent would run it again. The agent answers it with an error instead."""
+    bob = RawPeer(mosquitto, "bob")
+    bob.subscribe(TOPICS.reply(AGENT_ID, "bob"))
+    rpc_topic = TOPICS.rpc(AGENT_ID, "bob")
+    request = {"id": "r1", "method": "list_live_nodes", "params": {}}
+    bob.publish(rpc_topic, cbor2.dumps(request), retain=True)
+
+    async def body():
+        config = workspace.config()
+        async with running_agent(config, mosquitto, tmp_path / "state"):
+            await asyncio.to_thread(wait_until, lambda: bob.messages, 20, "the reply")
+            request["id"] = "r2"  # the same request, live: served
+            bob.publish(rpc_topic, cbor2.dumps(request))
+            await asyncio.to_thread(wait_until, lambda: len(bob.messages) >= 2, 20, "r2")
+
+    try:
+        run(body())
+        bob.publish(rpc_topic, b"", retain=True)  # clean up the broker's store
+    finally:
+        bob.close()
+    retained, live = (cbor2.loads(m.payload) for m in bob.messages[:2])
+    assert retained["id"] == "r1" and not retained["ok"]
+    assert retained["error"]["code"] == "invalid_request"
+    assert "retained request is not served" in retained["error"]["message"]
+    assert live["id"] == "r2" and live["ok"] and live["result"]
