@@ -104,7 +104,11 @@ def decode(payload: bytes) -> Any:
             return json.loads(payload)
         return cbor2.loads(payload)
     except (ValueError, RecursionError, cbor2.CBORDecodeError, UnicodeDecodeError) as exc:
-        raise InvalidRequest(f"malformed payload: {exc}") from None
+        text = f"malformed payload: {exc}"
+        if payload[:1] == b"[":
+            # A JSON array, read as CBOR by the first-byte rule (objects only are JSON).
+            text += " (read as CBOR: a JSON message must be an object, starting with '{')"
+        raise InvalidRequest(text) from None
 
 
 # -- frames ----------------------------------------------------------------------------

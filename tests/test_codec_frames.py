@@ -72,3 +72,23 @@ def test_non_contiguous_and_big_endian_arrays_are_encoded_as_little_endian_rows(
     frame = Frame("s", 0, np.arange(10.0)[::1], base[:, ::2], ["a", "b"], {})
     back = decode_frame(encode_frame(frame, "t", "cbor")).frame
     np.testing.assert_array_equal(back.values, base[:, ::2])
+
+
+@pytest.mark.parametrize("payload", [b"[1, 2]", b'[{"id": 1, "method": "list_collections"}]'])
+def test_json_text_that_is_not_an_object_is_told_so(payload):
+    """The first byte picks the codec: a JSON array reads as CBOR, and the error must
+    say what the sender meant to write."""
+    from streaminghub_datamux.codec import decode
+    from streaminghub_datamux.errors import InvalidRequest
+
+    with pytest.raises(InvalidRequest, match="a JSON message must be an object, starting with"):
+        decode(payload)
+
+
+def test_a_broken_cbor_map_gets_no_json_hint():
+    from streaminghub_datamux.codec import decode
+    from streaminghub_datamux.errors import InvalidRequest
+
+    with pytest.raises(InvalidRequest, match="malformed payload") as caught:
+        decode(cbor2.dumps({"id": 1})[:-1])
+    assert "JSON" not in str(caught.value)
