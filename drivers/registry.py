@@ -37,6 +37,7 @@ __all__ = [
     "ENTRY_POINT_GROUP",
     "DriverLoadError",
     "available",
+    "check_driver_names",
     "create_drivers",
     "liblsl_fix",
     "load_driver",
@@ -89,6 +90,28 @@ def available() -> dict[str, str]:
     return found
 
 
+def _unknown(name: str, known: Mapping[str, str]) -> ConfigError:
+    return ConfigError(
+        f"unknown driver {name!r}",
+        key="drivers.enabled",
+        fix=f"use some of {sorted(known)}, or install the package that provides it",
+    )
+
+
+def check_driver_names(enabled: str) -> None:
+    """Check a ``drivers.enabled`` value's names without importing any driver.
+
+    Raises:
+        ConfigError: the first name no driver is registered as.
+    """
+    if enabled.strip().lower() == "auto":
+        return
+    known = available()
+    for name in (n.strip() for n in enabled.split(",")):
+        if name and name not in known:
+            raise _unknown(name, known)
+
+
 def load_driver(name: str) -> type[Driver]:
     """The driver class registered as ``name``.
 
@@ -97,11 +120,7 @@ def load_driver(name: str) -> type[Driver]:
     """
     targets = available()
     if name not in targets:
-        raise ConfigError(
-            f"unknown driver {name!r}",
-            key="drivers.enabled",
-            fix=f"use some of {sorted(targets)}, or install the package that provides it",
-        )
+        raise _unknown(name, targets)
     module_name, _, class_name = targets[name].partition(":")
     try:
         driver_class = getattr(import_module(module_name), class_name)

@@ -506,3 +506,14 @@ def test_configuration_directory_holds_the_system_rc(tmp_path, monkeypatch):
     config = load_config(env={"CONFIGURATION_DIRECTORY": str(folder)}, cwd=tmp_path, home=tmp_path)
     assert config.get("agent.id") == "pi-lab1"
     assert config.sources["agent.id"] == str(rc)
+
+
+def test_config_command_names_an_unknown_driver_as_serve_would(box, capsys):
+    write(box["home"] / ".streaminghubrc", {"drivers": {"enabled": "lsl,seral"}})
+    assert run(["config"]) == 2
+    assert capsys.readouterr().err == (
+        "datamux: config error: key 'drivers.enabled': unknown driver 'seral' (fix: use some "
+        "of ['ble', 'lsl', 'serial', 'sim'], or install the package that provides it)\n"
+    )
+    write(box["home"] / ".streaminghubrc", {"drivers": {"enabled": "lsl, serial"}})
+    assert run(["config", "drivers.enabled"]) == 0

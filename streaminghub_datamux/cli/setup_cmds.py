@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from ..config import SCHEMA, Config, describe, load_config, write_user_config
+from ..drivers.registry import check_driver_names
 from ..errors import ConfigError
 from ..sample import SAMPLE_ID, write_sample
 
@@ -101,6 +102,7 @@ def run_config(args: argparse.Namespace) -> int:
     """Handle ``datamux config``; returns the exit code."""
     try:
         config = load_config(flags=getattr(args, "config_flags", None))
+        check_driver_names(str(config.get("drivers.enabled")))
     except ConfigError as exc:
         return _fail(exc)
     if args.key is not None:
