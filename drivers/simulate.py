@@ -46,7 +46,6 @@ log = logging.getLogger(__name__)
 
 CONFIG_PATH = "simulate.nodes"
 DEFAULT_CHUNK_MS = 10.0
-MIN_CHUNK_MS = 1.0
 
 _NODE_KEYS = {"name", "description", "streams"}
 _STREAM_KEYS = {
@@ -456,8 +455,7 @@ class SimSource(Source):
         self.spec = spec
         self._device = device
         # Wake often enough that the framer can honour its latency budget.
-        chunk_ms = min(spec.chunk_ms, framing.max_latency_ms / 2)
-        self.wake_s = max(chunk_ms, MIN_CHUNK_MS) / 1000.0
+        self.wake_s = framing.source_period_s(spec.chunk_ms / 1000.0)
         self._opened = False
         self._closed = False
         self._t0_wall = 0.0

@@ -12,7 +12,11 @@ from typing import Any
 
 from .errors import InvalidRequest
 
-__all__ = ["PRESETS", "Framing"]
+__all__ = ["MIN_SOURCE_PERIOD_S", "PRESETS", "Framing"]
+
+# No live source delivers more often than this: below it, wake-ups cost more than they
+# save (epoll rounds timeouts up to 1 ms anyway).
+MIN_SOURCE_PERIOD_S = 0.001
 
 
 @dataclass(frozen=True)
@@ -38,6 +42,16 @@ class Framing:
     def max_latency_s(self) -> float:
         """``max_latency_ms`` in seconds."""
         return self.max_latency_ms / 1000.0
+
+    def source_period_s(self, longest_s: float) -> float:
+        """How often a live source hands chunks to the loop under this framing.
+
+        Half the latency budget, so a sample's wait for its chunk leaves the other half
+        for the frame; at most ``longest_s`` (the source's own period, what it uses with
+        a loose budget) and at least :data:`MIN_SOURCE_PERIOD_S`. Every live driver
+        (simulator, LSL, serial) paces its deliveries with this.
+        """
+        return max(min(longest_s, self.max_latency_s / 2), MIN_SOURCE_PERIOD_S)
 
     @classmethod
     def coerce(cls, value: Framing | str | dict[str, Any] | None) -> Framing:

@@ -22,6 +22,10 @@ LOSS_CHECK_S = 1.0  # a silent inlet asks the resolver this often whether its ou
 JOIN_TIMEOUT_S = 2.0
 MAX_PENDING_CHUNKS = 16  # chunks between a reader thread and the loop; then liblsl buffers
 MIN_PULL_ROWS = 1024
+# Pulls are spaced by the framing's source period (half its latency budget), at most
+# this: a 1 kHz outlet pushing sample by sample then costs 100 loop wakes a second, not
+# 1000, and a low-latency task still gets its samples every 1 ms.
+MAX_PULL_PERIOD_S = 0.01
 MAX_PULL_ROWS = 65536
 MAX_STRING_PULL_ROWS = 1024
 

@@ -67,6 +67,7 @@ class _InletReader(threading.Thread):
         driver: LslDriver,
         channel: Channel[Any],
         rows: int,
+        period_s: float,
     ) -> None:
         super().__init__(name=f"lsl-{known.stream.id}", daemon=True)
         self.known = known
@@ -74,6 +75,7 @@ class _InletReader(threading.Thread):
         self.driver = driver
         self.channel = channel
         self.rows = rows
+        self.period_s = period_s
         self.credits = threading.Semaphore(MAX_PENDING_CHUNKS)
         self._stopping = threading.Event()
 
@@ -151,9 +153,10 @@ class _InletReader(threading.Thread):
                     raise _Lost(f"no answer within {CONNECT_TIMEOUT_S:g} s") from None
 
     def _pump(self, inlet: Any, outlet: _Outlet) -> None:
-        pull = self._string_pull(inlet) if outlet.channel_format == pylsl.cf_string else (
-            self._numeric_pull(inlet, outlet)
-        )  # fmt: skip
+        if outlet.channel_format == pylsl.cf_string:
+            full, pull = min(self.rows, MAX_STRING_PULL_ROWS), self._string_pull(inlet)
+        else:
+            full, pull = self.rows, self._numeric_pull(inlet, outlet)
         checked = time.monotonic()
         while not self._stopping.is_set():
             try:
@@ -174,6 +177,13 @@ class _InletReader(threading.Thread):
             if not self._take_credit():
                 return
             self.channel.send(chunk)
+            # One hand-off per source period: what arrives meanwhile waits in liblsl and
+            # comes with the next pull (a pull returns as soon as one sample is there).
+            # A full pull means a backlog: pull again at once.
+            if len(chunk[0]) < full:
+                rest = now + self.period_s - time.monotonic()
+                if rest > 0 and self._stopping.wait(rest):
+                    return
 
     def _take_credit(self) -> bool:
         """Wait until the loop has room; meanwhile liblsl keeps buffering. False: stop."""

@@ -9,7 +9,7 @@ from ...channel import Channel
 from ...errors import DeviceLost
 from ...framing import Framing
 from ..base import Chunk, Source
-from .options import MAX_PENDING_CHUNKS, MAX_PULL_ROWS, MIN_PULL_ROWS
+from .options import MAX_PENDING_CHUNKS, MAX_PULL_PERIOD_S, MAX_PULL_ROWS, MIN_PULL_ROWS
 from .outlets import _Known, _Outlet
 from .reader import _InletReader, _join
 
@@ -28,6 +28,7 @@ class LslSource(Source):
         self._driver = driver
         # Pull as much as a frame holds (at least MIN_PULL_ROWS): fewer, larger pulls.
         self._rows = min(max(framing.max_samples, MIN_PULL_ROWS), MAX_PULL_ROWS)
+        self.period_s = framing.source_period_s(MAX_PULL_PERIOD_S)
         self._reader: _InletReader | None = None
         self._channel: Channel[Any] | None = None
         self.outlet: _Outlet | None = None  # the outlet this source is connected to
@@ -43,7 +44,9 @@ class LslSource(Source):
         # Made here, not in __init__: the API builds sources in a worker thread.
         # Chunks never overflow it: the reader sends only with a credit.
         self._channel = channel = Channel[Any](MAX_PENDING_CHUNKS + 1)
-        reader = _InletReader(self._known, candidates, self._driver, channel, self._rows)
+        reader = _InletReader(
+            self._known, candidates, self._driver, channel, self._rows, self.period_s
+        )
         self._driver.register_reader(reader)  # raises DeviceError once the driver is closed
         self._reader = reader
         reader.start()

@@ -17,7 +17,7 @@ from ...model import Node, Stream
 from ..base import Driver, DriverStatus
 from .options import _URL, CONFIG_PATH, DeviceSpec, parse_options
 from .parsers import ParseStats
-from .reader import _PortReader
+from .reader import MAX_BATCH_S, _PortReader
 from .source import SerialSource
 
 log = logging.getLogger(__name__)
@@ -146,7 +146,7 @@ class SerialDriver(Driver):
             raise NotFound(
                 f"serial device {node_id!r} has no stream {stream_id!r}; stream: {spec.stream}"
             )
-        return SerialSource(spec.to_stream(), reader)
+        return SerialSource(spec.to_stream(), reader, framing.source_period_s(MAX_BATCH_S))
 
     async def aclose(self) -> None:
         """Stop every reader and close every port."""

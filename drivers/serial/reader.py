@@ -29,9 +29,11 @@ log = logging.getLogger(__name__)
 # A blocking read returns after this long without data, so a stop is noticed even where
 # cancel_read() is not available (non-POSIX ports, URL handlers).
 READ_TIMEOUT_S = 0.1
-# A regular stream's reads are batched this long: a 1 kHz device then costs ~250 reads
-# and chunks a second instead of 1000, for at most 4 ms of added latency.
-BATCH_S = 0.004
+# A regular stream's reads are batched for the source period of its sources' framing
+# (half the latency budget; the shortest when several share the port), at most this
+# long: a 1 kHz device then costs ~100 reads and chunks a second instead of 1000, and
+# a low-latency task still gets its samples every 1 ms.
+MAX_BATCH_S = 0.01
 JOIN_TIMEOUT_S = 2.0
 WARN_EVERY_S = 10.0
 # -- the reader ----------------------------------------------------------------------
@@ -125,7 +127,12 @@ class _PortReader:
         self._stop = threading.Event()
         self._locks: dict[asyncio.AbstractEventLoop, asyncio.Lock] = {}
         # Irregular streams are read as soon as bytes come: their arrival is their time.
-        self._batch_s = BATCH_S if spec.rate > 0 else 0.0
+        self._batch_s = 0.0  # set from the subscribers' periods (read by the thread)
+
+    def _set_batch(self) -> None:
+        """Batch reads for the shortest period any subscriber wants (guard held)."""
+        periods = [source.period_s for source in self._subscribers]
+        self._batch_s = min(periods) if periods and self.spec.rate > 0 else 0.0
 
     @property
     def running(self) -> bool:
@@ -144,6 +151,7 @@ class _PortReader:
             with self._guard:
                 if self._port is not None and not self._stop.is_set():
                     self._subscribers.append(source)
+                    self._set_batch()
                     return
             await self._join()  # a reader that is ending still holds the port
             if self.running:
@@ -154,6 +162,7 @@ class _PortReader:
             stop = threading.Event()  # each reader has its own: an old one cannot clear it
             with self._guard:
                 self._subscribers.append(source)
+                self._set_batch()
                 self._port = port
                 self._stop = stop
                 self._thread = threading.Thread(
@@ -170,6 +179,7 @@ class _PortReader:
             with self._guard:
                 if source in self._subscribers:
                     self._subscribers.remove(source)
+                    self._set_batch()
                 if self._subscribers:
                     return
                 self._request_stop()
@@ -220,7 +230,8 @@ class _PortReader:
                 data = port.read(max(1, port.in_waiting))
                 if not data:
                     continue
-                if self._batch_s and stop.wait(self._batch_s):
+                batch = self._batch_s
+                if batch and stop.wait(batch):
                     break
                 waiting = port.in_waiting
                 if waiting:

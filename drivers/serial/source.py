@@ -25,9 +25,10 @@ class SerialSource(Source):
 
     paced = False
 
-    def __init__(self, stream: Stream, reader: _PortReader) -> None:
+    def __init__(self, stream: Stream, reader: _PortReader, period_s: float) -> None:
         super().__init__(stream)
         self._reader = reader
+        self.period_s = period_s  # how often it wants chunks (Framing.source_period_s)
         self._channel = self._new_channel()
         self._attached = False
 

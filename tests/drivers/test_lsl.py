@@ -497,6 +497,61 @@ def lsl_driver(api: dm.API) -> Any:
     return next(d for d in api._drivers if isinstance(d, lsl.LslDriver))
 
 
+def _chunk_arrivals(workspace, framing: dm.Framing, seconds: float) -> tuple[int, list[int]]:
+    """Open a 1 kHz outlet's source under ``framing`` while a thread pushes sample by sample.
+
+    Returns the samples received and the samples in each chunk the source delivered.
+    """
+    name = unique("period")
+    stop = threading.Event()
+
+    def push(outlet: Any) -> None:
+        k = 0
+        while not stop.is_set():
+            outlet.push_sample([float(k)])
+            k += 1
+            time.sleep(0.001)
+
+    async def body() -> list[int]:
+        async with one_outlet(workspace, name, rate=1000.0) as (api, outlet, stream):
+            source = lsl_driver(api).open_stream(stream.node_id, stream.id, {}, framing)
+            await source.open()
+            pusher = threading.Thread(target=push, args=(outlet,), daemon=True)
+            pusher.start()
+            sizes: list[int] = []
+            try:
+                end = time.monotonic() + seconds
+                async for timestamps, _ in source.chunks():
+                    sizes.append(len(timestamps))
+                    if time.monotonic() > end:
+                        break
+            finally:
+                stop.set()
+                pusher.join(5)
+                await source.aclose()
+            return sizes
+
+    sizes = run(body())
+    return sum(sizes), sizes
+
+
+def test_pulls_follow_the_framings_latency_budget(workspace):
+    """An outlet pushing sample by sample reaches the loop once per source period.
+
+    Balanced framing (50 ms) pulls every 10 ms (MAX_PULL_PERIOD_S), so about 10
+    samples a chunk; low-latency (2 ms) every 1 ms. Without the period each pull would
+    return as soon as one sample is there: one chunk, and one loop wake, per sample.
+    """
+    balanced, low = dm.Framing.coerce("balanced"), dm.Framing.coerce("low-latency")
+    assert balanced.source_period_s(0.01) == 0.01 and low.source_period_s(0.01) == 0.001
+    samples, sizes = _chunk_arrivals(workspace, balanced, 1.0)
+    assert samples > 300, sizes  # the pusher ran (a loaded machine pushes < 1 kHz)
+    assert samples / len(sizes) >= 4, sizes  # about 10 a chunk; 1 without the period
+    samples, sizes = _chunk_arrivals(workspace, low, 1.0)
+    assert samples > 300, sizes
+    assert samples / len(sizes) < 3, sizes  # a chunk every 1 ms: 1-2 samples each
+
+
 def test_a_stop_while_connecting_keeps_the_outlet_listed_and_leaves_no_thread(workspace):
     """A stop mid-connect is not the outlet's fault: it stays listed and opens at once."""
     name = unique("stopconn")

@@ -666,6 +666,47 @@ def test_aclose_stops_the_reader_and_closes_the_port(devices):
     assert no_reader_threads()
 
 
+def test_reads_are_batched_for_the_shortest_period_of_the_sources_framing(devices):
+    """A 1 kHz device reaches the loop every source period of the tightest framing.
+
+    Balanced framing batches reads for 10 ms (MAX_BATCH_S); a low-latency source on the
+    same port makes the shared reader batch 1 ms for both, and its detach restores 10.
+    """
+    device = devices(csv_lines).start()
+    driver = SerialDriver.from_config({"devices": {"dev": device_entry(device.path)}})
+    balanced, low = dm.Framing.coerce("balanced"), dm.Framing.coerce("low-latency")
+
+    async def sizes(source: Any, seconds: float) -> list[int]:
+        got: list[int] = []
+        end = time.monotonic() + seconds
+        async for timestamps, _ in source.chunks():
+            got.append(len(timestamps))
+            if time.monotonic() > end:
+                return got
+        raise AssertionError("the chunks ended")
+
+    async def body() -> tuple[list[int], list[int], list[float]]:
+        batches = []
+        reader = driver._reader("dev")
+        async with driver.open_stream("dev", "data", {}, balanced) as slow:
+            await slow.open()
+            batches.append(reader._batch_s)
+            alone = await sizes(slow, 0.6)
+            async with driver.open_stream("dev", "data", {}, low) as fast:
+                await fast.open()
+                batches.append(reader._batch_s)
+                shared = await sizes(fast, 0.6)
+            batches.append(reader._batch_s)
+        return alone, shared, batches
+
+    alone, shared, batches = run(body())
+    assert batches == [0.01, 0.001, 0.01]
+    # The device writes every 3 ms: a 10 ms batch holds about 10 samples, 1 ms about 3.
+    assert sum(alone[1:]) / len(alone[1:]) >= 7, alone
+    assert sum(shared[1:]) / len(shared[1:]) <= 6, shared
+    assert no_reader_threads()
+
+
 class StuckPort:
     """A port whose reads ignore cancel_read and block until released."""
 
