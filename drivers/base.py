@@ -82,6 +82,10 @@ class Source(abc.ABC):
     #: Samples the source itself had to drop (a full device buffer...); the task reports
     #: every increase to the consumer as a ``StreamStatus("dropped")``.
     dropped: int = 0
+    #: How often a live source hands over a chunk while data flows, in seconds (0:
+    #: unknown or irregular). The task's framer flushes a frame that would be due
+    #: before the next chunk with this one, so regular sources cost no timer wake-ups.
+    period_s: float = 0.0
 
     def __init__(self, stream: Stream) -> None:
         self.stream = stream

@@ -455,7 +455,7 @@ class SimSource(Source):
         self.spec = spec
         self._device = device
         # Wake often enough that the framer can honour its latency budget.
-        self.wake_s = framing.source_period_s(spec.chunk_ms / 1000.0)
+        self.wake_s = self.period_s = framing.source_period_s(spec.chunk_ms / 1000.0)
         self._opened = False
         self._closed = False
         self._t0_wall = 0.0

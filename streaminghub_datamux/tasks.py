@@ -45,17 +45,17 @@ class Framer:
     Holds at most ``capacity`` samples; past that the oldest chunks are dropped and
     counted in :attr:`dropped`, so a stalled consumer never stalls the device.
 
-    :attr:`arrived` is set only when the task loop has something new to do: the framer
-    was empty (the loop now has a deadline to wait for) or holds a full frame. A chunk
-    that only adds to a frame not yet due wakes nobody, so a live stream costs one wake
-    of its source per chunk and one of the loop per frame, not two per chunk.
+    ``early`` (seconds, at most half the latency budget): a frame whose deadline comes
+    within ``early`` of now counts as ready. The task passes its source's period, so a
+    frame that would fall due before the next chunk leaves with this one, at a wake the
+    source causes anyway, instead of at a timer wake of its own.
     """
 
-    def __init__(self, framing: Framing, capacity: int) -> None:
+    def __init__(self, framing: Framing, capacity: int, early: float = 0.0) -> None:
         self.framing = framing
         self.capacity = capacity
+        self.early = min(max(early, 0.0), framing.max_latency_s / 2)
         self.dropped = 0
-        self.arrived = asyncio.Event()
         self._chunks: deque[tuple[np.ndarray, np.ndarray]] = deque()
         self._size = 0
         self._oldest_birth: float | None = None  # when the oldest held sample was taken
@@ -78,8 +78,6 @@ class Framer:
             dropped_ts, _ = self._chunks.popleft()
             self._size -= len(dropped_ts)
             self.dropped += len(dropped_ts)
-        if was_empty or self._size >= self.framing.max_samples:
-            self.arrived.set()
 
     def deadline(self) -> float | None:
         """When the oldest held sample reaches max latency (None when empty)."""
@@ -89,7 +87,9 @@ class Framer:
 
     def ready(self, now: float) -> bool:
         deadline = self.deadline()
-        return self._size >= self.framing.max_samples or (deadline is not None and now >= deadline)
+        return self._size >= self.framing.max_samples or (
+            deadline is not None and now + self.early >= deadline
+        )
 
     def pop(self, now: float) -> tuple[np.ndarray, np.ndarray]:
         """Take up to ``max_samples`` samples from the front, as one frame."""
@@ -238,51 +238,98 @@ class Task:
                     await self._emit(*item)
 
     async def _frame_live(self, source: Any) -> None:
-        clock = asyncio.get_running_loop().time
+        """Frame a live source's chunks.
+
+        The pump task takes each chunk and, when a frame is ready and the sink has room,
+        emits it right there: a regular source's frames leave at its own chunk wakes.
+        The loop below only wakes for what the pump cannot do: a frame falling due
+        while the source is silent (a timer at the deadline, moved as frames leave,
+        never firing while chunks come in time), a full sink, drops to report, the end.
+        """
+        loop = asyncio.get_running_loop()
+        clock = loop.time
         capacity = self.framing.max_samples * BUFFER_FRAMES
-        framer = Framer(self.framing, capacity)
+        framer = Framer(self.framing, capacity, early=source.period_s)
         seen_drops = 0  # drops (framer's and source's) already reported
-        ended = asyncio.Event()
+        wake = asyncio.Event()  # the loop below has something to do
+        emitting = asyncio.Lock()  # one emitter at a time: frames keep their order
+        timer: asyncio.TimerHandle | None = None
+        ended = False
         failure: list[BaseException] = []
 
+        def drops() -> int:
+            return framer.dropped + source.dropped - seen_drops
+
+        def arm() -> None:
+            """A timer at the held frame's deadline (none when empty), moved as needed."""
+            nonlocal timer
+            deadline = framer.deadline()
+            if timer is not None:
+                if deadline is not None and timer.when() == deadline:
+                    return
+                timer.cancel()
+                timer = None
+            if deadline is not None:
+                timer = loop.call_at(deadline, fire)
+
+        def fire() -> None:
+            nonlocal timer
+            timer = None
+            wake.set()
+
+        async def flush(final: bool) -> None:
+            nonlocal seen_drops
+            async with emitting:
+                if (lost := drops()) > 0:
+                    seen_drops += lost
+                    await self._report_drops(lost)
+                while framer.ready(now := clock()) or (final and len(framer)):
+                    await self._emit(*framer.pop(now))
+            arm()
+
         async def pump() -> None:
+            nonlocal ended
             try:
                 async with contextlib.aclosing(source.chunks()) as chunks:
                     async for timestamps, values in chunks:
-                        framer.push(timestamps, values, clock())
+                        now = clock()
+                        framer.push(timestamps, values, now)
+                        if not (framer.ready(now) or drops() > 0):
+                            arm()
+                        elif emitting.locked() or drops() > 0 or self._sink_full():
+                            wake.set()  # the loop below waits for room, never the pump
+                        else:
+                            await flush(False)  # no wait: the sink has room
             except Exception as exc:
                 failure.append(exc)
             finally:
-                ended.set()
-                framer.arrived.set()
+                ended = True
+                wake.set()
 
         pumping = asyncio.create_task(pump(), name=f"pump-{self.id}")
         try:
             while True:
-                now = clock()
-                if (lost := framer.dropped + source.dropped - seen_drops) > 0:
-                    seen_drops += lost
-                    await self._report_drops(lost)
-                if framer.ready(now) or (ended.is_set() and len(framer)):
-                    await self._emit(*framer.pop(now))
-                    continue
-                if ended.is_set():
+                await wake.wait()
+                wake.clear()
+                await flush(ended)
+                if ended and not len(framer):
                     break
-                deadline = framer.deadline()
-                framer.arrived.clear()
-                timeout = None if deadline is None else max(deadline - clock(), 0.0)
-                # asyncio.timeout, not wait_for: on 3.11 wait_for can swallow a
-                # cancellation that races with the event, and the task would never stop.
-                with contextlib.suppress(TimeoutError):  # the deadline passed: flush
-                    async with asyncio.timeout(timeout):
-                        await framer.arrived.wait()
         finally:
+            if timer is not None:
+                timer.cancel()
             pumping.cancel()
             await asyncio.wait({pumping})
-        if (lost := framer.dropped + source.dropped - seen_drops) > 0:
+        if (lost := drops()) > 0:
             await self._report_drops(lost)
         if failure:
             raise failure[0]
+
+    def _sink_full(self) -> bool:
+        """Whether delivering now would wait for the consumer."""
+        sink = self.sink
+        if sink.maxsize > 0:
+            return sink.full()
+        return sink.qsize() >= SINK_HIGH_WATER
 
     async def _report_drops(self, newly: int) -> None:
         """Tell the consumer that samples were lost, so lost data is never silent."""

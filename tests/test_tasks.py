@@ -219,20 +219,70 @@ def test_drops_inside_a_source_are_reported_too():
     assert status.status == "dropped" and status.reason.startswith("7 samples") and dropped == 7
 
 
-def test_framer_wakes_the_task_only_when_there_is_something_to_do() -> None:
-    """First sample (a deadline to arm) or a full frame: yes; more of a partial frame: no."""
+def test_a_frame_due_before_the_next_chunk_counts_as_ready() -> None:
+    """``early`` (the source's period, at most half the budget) brings the flush forward."""
+    framer = Framer(Framing(max_samples=100, max_latency_ms=20), capacity=1000, early=0.005)
+    framer.push(np.arange(3) / 1000.0, np.zeros((3, 1)), now=1.0)  # born at 0.998
+    assert framer.deadline() == 1.018
+    assert not framer.ready(1.012) and framer.ready(1.0131)
+    capped = Framer(Framing(max_samples=100, max_latency_ms=20), capacity=1000, early=1.0)
+    assert capped.early == 0.01  # never more than half the latency budget
 
-    async def body() -> list[bool]:
-        framer = Framer(Framing(max_samples=10, max_latency_ms=50), capacity=100)
-        woken = []
-        for n in (3, 3, 3, 3):
-            framer.arrived.clear()
-            framer.push(np.arange(n) / 100.0, np.zeros((n, 1)), 0.0)
-            woken.append(framer.arrived.is_set())
-        framer.pop(0.0)
-        framer.arrived.clear()
-        framer.push(np.arange(1) / 100.0, np.zeros((1, 1)), 0.0)  # 2 + 1 held: not due
-        woken.append(framer.arrived.is_set())
-        return woken
 
-    assert asyncio.run(body()) == [True, False, False, True, False]
+class PeriodicSource(ScriptedSource):
+    """Chunks of ``n`` samples every ``period_s``, on an absolute schedule."""
+
+    def __init__(self, period_s: float, chunks: int, n: int) -> None:
+        super().__init__([])
+        self.period_s, self.count, self.n = period_s, chunks, n
+        self.delivered: list[float] = []  # loop time of each chunk
+
+    async def chunks(self):
+        loop = asyncio.get_running_loop()
+        start = loop.time()
+        for i in range(self.count):
+            await asyncio.sleep(max(start + (i + 1) * self.period_s - loop.time(), 0.0))
+            self.delivered.append(loop.time())
+            yield chunk(i * self.n, self.n)
+        await asyncio.sleep(0.1)
+
+
+def test_frames_of_a_regular_source_leave_at_its_chunk_wakes() -> None:
+    """Each frame goes out with the chunk that brought its deadline within one period.
+
+    No frame waits for a timer of its own: every frame is put on the sink in the same
+    loop step as a chunk arrives (so a regular stream costs one wake per chunk), and
+    every frame leaves before its oldest sample is max_latency old.
+    """
+    framing = Framing(max_samples=1000, max_latency_ms=40)
+
+    class StampingQueue(asyncio.Queue):
+        """Notes the loop time at which each item is put (not when it is taken)."""
+
+        def put_nowait(self, item):
+            super().put_nowait((asyncio.get_running_loop().time(), item))
+
+    async def body():
+        source = PeriodicSource(0.01, 20, 10)
+        sink = StampingQueue()
+        task = Task(
+            "t", lambda: source, sink, stream_id="s", channels=["a"], attrs={}, framing=framing
+        )
+        task.start()
+        stamped = []
+        while (item := await sink.get())[1] is not dm.END_OF_STREAM:
+            stamped.append(item)
+        return stamped, source.delivered
+
+    stamped, delivered = run(body())
+    frames = [f for _, f in stamped]
+    assert sum(len(f) for f in frames) == 200
+    np.testing.assert_array_equal(
+        np.concatenate([f.timestamps for f in frames]), np.arange(200) * 0.001
+    )
+    for sent, frame in stamped[:-1]:  # the last one is flushed at the end of the stream
+        chunk_no = int(frame.timestamps[-1] * 1000) // 10  # the chunk that closed it
+        assert sent - delivered[chunk_no] < 0.0005, (sent, delivered[chunk_no])
+        # Frames span 4 chunks: the 4th chunk comes 30 ms after the 1st, and the 5th
+        # would come at 40 ms, past the deadline (3 when a wake is 1 ms late).
+        assert len(frame) in (30, 40), [len(f) for f in frames]
