@@ -8,7 +8,8 @@ typed arrays (cbor2), published with paho-mqtt at the given QoS. Nothing else: n
 tasks, no leases, no status, no asyncio.
 
 Prints one JSON line: CPU seconds of this process (all threads) over the timed window
-after a warm-up, the window's wall time, frames and samples published.
+after a warm-up, its loop turns (one per wake) in it, the window's wall time, frames and
+samples published.
 
     python bench/minimal_publisher.py --port 1883 --seconds 5
 """
@@ -62,6 +63,7 @@ def run(args: argparse.Namespace) -> dict[str, float]:
         timed_from = start + args.warmup
         timed_to = timed_from + args.seconds
         cpu_from = frames = samples = 0.0
+        turns = 0  # loop turns (one per wake) in the window
         measuring = False
         while True:
             due, stream = heapq.heappop(wakes)
@@ -72,6 +74,7 @@ def run(args: argparse.Namespace) -> dict[str, float]:
                 measuring, cpu_from = True, cpu_seconds()
             if now >= timed_to:
                 break
+            turns += measuring
             upto = int((now - start) * args.rate) + 1
             if upto > sent[stream]:
                 k = np.arange(sent[stream], upto) / args.rate
@@ -81,10 +84,10 @@ def run(args: argparse.Namespace) -> dict[str, float]:
             pieces = held[stream]
             if pieces and (now - start) - pieces[0][0][0] >= latency:
                 timestamps = np.concatenate([p[0] for p in pieces])
-                payload = frame(
-                    stream, seqs[stream], timestamps, np.concatenate([p[1] for p in pieces])
-                )
-                client.publish(f"bench/minimal/{stream}", payload, qos=args.qos)
+                values = np.concatenate([p[1] for p in pieces])
+                if args.publish:  # without: the wakes, data and framing alone
+                    payload = frame(stream, seqs[stream], timestamps, values)
+                    client.publish(f"bench/minimal/{stream}", payload, qos=args.qos)
                 seqs[stream] += 1
                 held[stream] = []
                 if measuring:
@@ -94,6 +97,7 @@ def run(args: argparse.Namespace) -> dict[str, float]:
         wall = time.monotonic() - timed_from
         return {
             "cpu_s": cpu_seconds() - cpu_from,
+            "turns": turns,
             "wall_s": wall,
             "frames": frames,
             "samples": samples,
@@ -114,6 +118,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--qos", type=int, default=1, choices=(0, 1))
     parser.add_argument("--seconds", type=float, default=5.0)
     parser.add_argument("--warmup", type=float, default=1.0)
+    parser.add_argument(
+        "--no-publish",
+        dest="publish",
+        action="store_false",
+        help="skip encoding and publishing: what the wakes, data and framing alone cost",
+    )
     args = parser.parse_args(argv)
     print(json.dumps(run(args)), flush=True)
     return 0

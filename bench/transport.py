@@ -54,6 +54,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import loop_counter  # bench/loop_counter.py
 import numpy as np
 import paho.mqtt.client as mqtt
 from common import code_version, log, median_range, verdict, write_doc  # bench/common.py
@@ -75,6 +76,8 @@ from replay import load_average, machine_facts, write_recording
 import streaminghub_datamux as dm
 from streaminghub_datamux.codec import decode_frame, encode_frame
 from streaminghub_datamux.config import Config, load_config
+from streaminghub_datamux.drivers.signals import StreamSynth
+from streaminghub_datamux.drivers.simulate import parse_node
 from streaminghub_datamux.framing import PRESETS
 
 REPO = Path(__file__).resolve().parents[1]
@@ -123,6 +126,9 @@ RESOURCE_TASKS, RESOURCE_RATE_HZ, RESOURCE_CHANNELS = 8, 256.0, 8
 RESOURCE_FRAMING = "balanced"
 RESOURCE_CHUNK_MS = 10.0  # the simulator's chunk period with balanced framing
 AIM_CPU_VS_MINIMAL = 1.3  # issue #12: agent CPU <= 1.3 x bench/minimal_publisher.py
+AIM_SYNTH_SHARE = 0.25  # issue #12: the simulator <= 25% of the agent's CPU
+AIM_WAKES_PER_FRAME = 2.0  # issue #12: loop wake-ups per frame beyond the source's chunks
+AIM_P50_MS = 2.0  # issue #12: live low-latency p50 through the RemoteAPI
 RESOURCE_WARMUP_S = 1.0
 RSS_SAMPLE_S = 0.25
 
@@ -146,9 +152,10 @@ def port_open(port: int) -> bool:
         return False
 
 
-def cpu_seconds(pid: int) -> float:
-    """utime + stime of a process (all its threads), from /proc/PID/stat."""
-    stat = Path(f"/proc/{pid}/stat").read_text()
+def cpu_seconds(pid: int, thread: int | None = None) -> float:
+    """utime + stime of a process (all its threads), or of one of its threads."""
+    where = f"/proc/{pid}" if thread is None else f"/proc/{pid}/task/{thread}"
+    stat = Path(f"{where}/stat").read_text()
     fields = stat[stat.rindex(")") + 2 :].split()
     return (int(fields[11]) + int(fields[12])) / CLK_TCK
 
@@ -213,8 +220,11 @@ class AgentProcess:
 
     def __init__(self, broker: Broker, root: Path, name: str) -> None:
         self.log_path = root / f"agent-{name}.log"
+        self.counts_path = root / f"agent-{name}-loop.json"
+        # bench/loop_counter.py: the agent as `python -m streaminghub_datamux`, its loop
+        # turns counted (SIGUSR1 writes them to counts_path).
         command = [
-            sys.executable, "-m", "streaminghub_datamux", "serve",
+            sys.executable, str(Path(__file__).resolve().parent / "loop_counter.py"), "serve",
             "--host", LOOPBACK, "--port", str(broker.port), "--id", AGENT_ID,
             "--embedded", "never", "--drivers", "sim",
             "--state-dir", str(root / f"state-{name}"),
@@ -222,6 +232,9 @@ class AgentProcess:
         ]  # fmt: skip
         env = {k: v for k, v in os.environ.items() if not k.startswith("STREAMINGHUB_")}
         env["HOME"] = str(root)
+        env["BENCH_LOOP_COUNTS"] = str(self.counts_path)
+        if profile := os.environ.get("BENCH_PROFILE"):  # SIGUSR2 toggles cProfile
+            env["BENCH_PROFILE"] = profile
         with self.log_path.open("ab") as log_file:
             self.process = subprocess.Popen(
                 command, stdout=log_file, stderr=subprocess.STDOUT, env=env, cwd=root
@@ -230,6 +243,17 @@ class AgentProcess:
     @property
     def pid(self) -> int:
         return self.process.pid
+
+    def loop_counts(self) -> dict[str, int]:
+        """The agent's loop turns so far: all selector calls, and those with timeout 0."""
+        self.counts_path.unlink(missing_ok=True)
+        self.process.send_signal(signal.SIGUSR1)
+        deadline = time.monotonic() + 5.0
+        while time.monotonic() < deadline:
+            with contextlib.suppress(FileNotFoundError, ValueError):
+                return dict(json.loads(self.counts_path.read_text()))
+            time.sleep(0.005)
+        raise RuntimeError("the agent did not report its loop counts")
 
     def check(self) -> None:
         if self.process.poll() is not None:
@@ -708,6 +732,18 @@ class LatencyResult:
         default_factory=lambda: {v: [] for v in LATENCY_VARIANTS}
     )
     problems: dict[str, int] = field(default_factory=lambda: dict.fromkeys(LATENCY_VARIANTS, 0))
+    bare_ms: list[np.ndarray] = field(default_factory=list)  # bare loop's lateness per run
+
+    def floor(self, period_ms: float) -> np.ndarray:
+        """The least sample-to-sink latency this machine's loop allows a live source.
+
+        A sample waits for the next delivery (uniform over the period) plus the loop's
+        lateness at that wake: the bare loop's lateness, each value combined with a
+        uniform grid of waits.
+        """
+        late = np.concatenate(self.bare_ms)
+        waits = (np.arange(16) + 0.5) / 16 * period_ms
+        return (late[:, None] + waits[None, :]).ravel()
 
     def pooled(self, variant: str, newest: bool = False) -> np.ndarray:
         parts = (self.newest_ms if newest else self.samples_ms)[variant]
@@ -757,6 +793,23 @@ async def _measure_latency(
     return samples, np.asarray(newest), len(samples) / len(newest), problems
 
 
+async def _bare_loop(seconds: float, period_s: float) -> np.ndarray:
+    """Lateness (ms) of a bare asyncio loop sleeping to absolute deadlines every period.
+
+    The baseline for every latency here: no source, no framing, no transport, only the
+    wake-ups the simulator's chunks need, in this process on this loaded machine.
+    """
+    loop = asyncio.get_running_loop()
+    start = loop.time()
+    late = []
+    k = 1
+    while (due := start + k * period_s) < start + seconds:
+        await asyncio.sleep(max(due - loop.time(), 0.0))
+        late.append(loop.time() - due)
+        k = max(k + 1, int((loop.time() - start) / period_s) + 1)
+    return np.asarray(late) * 1e3
+
+
 async def _latency_local(config: Config, seconds: float) -> tuple[Any, ...]:
     async with dm.API(config) as api:
         return await _measure_latency(api, seconds)
@@ -775,9 +828,15 @@ def bench_latency(
 ) -> LatencyResult:
     config = make_config(root)
     result = LatencyResult()
+    period_s = PRESETS[LATENCY_FRAMING].source_period_s(10e-3)  # the simulator's chunks
     for run in range(runs):
-        for variant in rotate(LATENCY_VARIANTS, run):
+        for variant in rotate((*LATENCY_VARIANTS, "bare"), run):
             agent.check()
+            if variant == "bare":
+                result.bare_ms.append(asyncio.run(_bare_loop(seconds, period_s)))
+                p50, p99 = np.percentile(result.bare_ms[-1], [50, 99])
+                log(f"  run {run + 1}/{runs} bare loop: lateness p50 {p50:.2f}, p99 {p99:.2f} ms")
+                continue
             if variant == "local":
                 measured = asyncio.run(_latency_local(config, seconds))
             else:
@@ -804,6 +863,11 @@ class Window:
     client_cpu_percent: float
     rss_mb: list[float]
     samples: int = 0  # samples the client received during the window
+    frames: int = 0  # frames the client received during the window
+    loop_turns: int = 0  # the agent loop's selector calls during the window
+    zero_turns: int = 0  # ... of which with timeout 0 (more work was already queued)
+    seconds: float = 0.0  # the window's wall time
+    loop_cpu_percent: float = 0.0  # the agent's main (event loop) thread alone
 
     @property
     def rss_max(self) -> float:
@@ -815,6 +879,8 @@ class ResourceResult:
     idle: list[Window] = field(default_factory=list)
     loaded: list[Window] = field(default_factory=list)
     minimal: list[dict[str, float]] = field(default_factory=list)  # minimal_publisher.py
+    bare: list[dict[str, float]] = field(default_factory=list)  # bare_sleeps: loop turns
+    minimal_dry: list[dict[str, float]] = field(default_factory=list)  # ... --no-publish
     peak_mb: float = 0.0  # VmHWM at the end of the section
     problems: int = 0
     expected_per_s: float = RESOURCE_TASKS * RESOURCE_RATE_HZ
@@ -825,8 +891,10 @@ async def _window(
 ) -> Window:
     pids = {"agent": agent.pid, "broker": broker.pid, "client": os.getpid()}
     meter = CpuMeter(pids)
+    loop_thread = cpu_seconds(agent.pid, agent.pid)  # the main thread runs the event loop
     rss = [proc_status_mb(agent.pid, "VmRSS")]
-    counted = counter[0]
+    counted, frames = counter[0], counter[1]
+    turns = agent.loop_counts()
     meter.start()
     start = time.monotonic()
     while (left := start + seconds - time.monotonic()) > 0:
@@ -834,7 +902,13 @@ async def _window(
         rss.append(proc_status_mb(agent.pid, "VmRSS"))
     wall = time.monotonic() - start
     cpu = {k: 100.0 * v / wall for k, v in meter.stop().items()}
-    return Window(cpu["agent"], cpu["broker"], cpu["client"], rss, counter[0] - counted)
+    loop_thread = 100.0 * (cpu_seconds(agent.pid, agent.pid) - loop_thread) / wall
+    after = agent.loop_counts()
+    return Window(
+        cpu["agent"], cpu["broker"], cpu["client"], rss, counter[0] - counted,
+        counter[1] - frames, after["selects"] - turns["selects"],
+        after["zero_timeout"] - turns["zero_timeout"], wall, loop_thread,
+    )  # fmt: skip
 
 
 async def _consume(sink: asyncio.Queue[Any], counter: list[int], problems: list[int]) -> None:
@@ -842,6 +916,7 @@ async def _consume(sink: asyncio.Queue[Any], counter: list[int], problems: list[
         item = await sink.get()
         if isinstance(item, dm.Frame):
             counter[0] += len(item)
+            counter[1] += 1
         elif item is dm.END_OF_STREAM:
             return
         else:
@@ -858,7 +933,7 @@ async def _loaded_window(
     first version of this bench reused one client and found that a lease left from its
     earlier tasks ended its new ones; fixed in 67666ca.)
     """
-    counter = [0]
+    counter = [0, 0]  # samples, frames
     api = await connect_remote(config, broker)
     try:
         acks, consumers = [], []
@@ -868,7 +943,12 @@ async def _loaded_window(
             acks.append(ack)
             consumers.append(asyncio.create_task(_consume(sink, counter, problems)))
         await asyncio.sleep(RESOURCE_WARMUP_S)
+        profiling = bool(os.environ.get("BENCH_PROFILE"))  # cProfile the agent's loop
+        if profiling:
+            agent.process.send_signal(signal.SIGUSR2)
         window = await _window(agent, broker, seconds, counter)
+        if profiling:
+            agent.process.send_signal(signal.SIGUSR2)
         for ack in acks:
             await api.stop_task(ack.randseq)
         async with asyncio.timeout(RPC_TIMEOUT_S):
@@ -881,8 +961,70 @@ async def _loaded_window(
     return window
 
 
-async def _minimal_publisher(broker: Broker, seconds: float) -> dict[str, float]:
-    """bench/minimal_publisher.py on the same broker: the same streams and wakes."""
+async def _bare_sleeps(seconds: float, counts: dict[str, int]) -> dict[str, float]:
+    """A bare asyncio loop doing only the simulated sources' wakes: the floor of turns.
+
+    RESOURCE_TASKS coroutines each sleep to absolute deadlines every RESOURCE_CHUNK_MS
+    (staggered, as the agent's sources are). asyncio needs two turns per such wake: the
+    timer's, and the sleeping task's step, which the timer's callback schedules.
+    """
+    loop = asyncio.get_running_loop()
+    period = RESOURCE_CHUNK_MS / 1000
+
+    async def wake(offset: float, until: float) -> None:
+        k = 1
+        while (due := began + offset + k * period) < until:
+            await asyncio.sleep(max(due - loop.time(), 0.0))
+            k += 1
+
+    before = dict(counts)
+    began = loop.time()
+    offsets = [period * i / RESOURCE_TASKS for i in range(RESOURCE_TASKS)]
+    await asyncio.gather(*(wake(o, began + seconds) for o in offsets))
+    wall = loop.time() - began
+    turns = counts["selects"] - before["selects"]
+    zero = counts["zero_timeout"] - before["zero_timeout"]
+    return {"turns": turns, "zero": zero, "wall_s": wall}
+
+
+def bare_sleeps(seconds: float) -> dict[str, float]:
+    """_bare_sleeps in a fresh loop (in the calling thread) with its turns and CPU counted.
+
+    Then, in the same thread, the simulator alone: the agent's StreamSynth for the same
+    streams, asked for what is due every RESOURCE_CHUNK_MS over the same span, back to
+    back. Both CPU figures are this thread's (time.thread_time), % of a core.
+    """
+    selector = loop_counter.CountingSelector()
+    loop = asyncio.SelectorEventLoop(selector)
+    cpu = time.thread_time()
+    try:
+        result = loop.run_until_complete(_bare_sleeps(seconds, selector.counts))
+    finally:
+        loop.close()
+    result["cpu_percent"] = 100.0 * (time.thread_time() - cpu) / result["wall_s"]
+    node = parse_node(
+        "res", {"streams": {"sig": _stream_spec(RESOURCE_RATE_HZ, RESOURCE_CHANNELS)}}
+    )
+    spec = node.streams["sig"]
+    synths = [
+        StreamSynth(spec.channels, spec.frequency, spec.dtype, spec.seed)
+        for _ in range(RESOURCE_TASKS)
+    ]
+    cpu = time.thread_time()
+    for k in range(1, int(seconds * 1000 / RESOURCE_CHUNK_MS) + 1):
+        for synth in synths:
+            synth.upto(k * RESOURCE_CHUNK_MS / 1000)
+    result["synth_cpu_percent"] = 100.0 * (time.thread_time() - cpu) / seconds
+    return result
+
+
+async def _minimal_publisher(
+    broker: Broker, seconds: float, publish: bool = True
+) -> dict[str, float]:
+    """bench/minimal_publisher.py on the same broker: the same streams and wakes.
+
+    Without ``publish``: its wakes, data and framing alone (no CBOR, no paho calls).
+    """
     script = Path(__file__).resolve().parent / "minimal_publisher.py"
     args = [
         f"--port={broker.port}",
@@ -893,6 +1035,7 @@ async def _minimal_publisher(broker: Broker, seconds: float) -> dict[str, float]
         f"--latency-ms={PRESETS[RESOURCE_FRAMING].max_latency_ms:g}",
         f"--seconds={seconds}",
         f"--warmup={RESOURCE_WARMUP_S}",
+        *([] if publish else ["--no-publish"]),
     ]
     process = await asyncio.create_subprocess_exec(
         sys.executable, str(script), *args, stdout=asyncio.subprocess.PIPE
@@ -916,10 +1059,14 @@ async def _resources(
     problems = [0]
     await asyncio.sleep(RESOURCE_WARMUP_S)  # the agent settles after its birth
     for run in range(runs):
-        for variant in rotate(("idle", "loaded", "minimal"), run):
+        for variant in rotate(("idle", "loaded", "minimal", "bare", "minimal-dry"), run):
             agent.check()
-            if variant == "idle":
-                result.idle.append(await _window(agent, broker, seconds, [0]))
+            if variant == "minimal-dry":
+                result.minimal_dry.append(await _minimal_publisher(broker, seconds, False))
+            elif variant == "bare":
+                result.bare.append(await asyncio.to_thread(bare_sleeps, seconds))
+            elif variant == "idle":
+                result.idle.append(await _window(agent, broker, seconds, [0, 0]))
             elif variant == "minimal":
                 result.minimal.append(await _minimal_publisher(broker, seconds))
             else:
@@ -939,6 +1086,10 @@ async def _resources(
 
 
 # -- simulated nodes --------------------------------------------------------------------
+
+
+def _stream_spec(rate: float, channels: int) -> dict[str, Any]:
+    return {"frequency": rate, "dtype": "f32", "channels": _channels(channels)}
 
 
 def _channels(count: int) -> dict[str, Any]:
@@ -1027,7 +1178,7 @@ def throughput_table(results: Sequence[ThroughputResult]) -> list[str]:
     return lines
 
 
-def latency_table(result: LatencyResult) -> list[str]:
+def latency_table(result: LatencyResult, period_ms: float) -> list[str]:
     lines = [
         "| path | samples (runs) | sample to sink p50 / p99 / max (ms) | p99 per run (ms) "
         "| newest sample of each frame p50 / p99 / max (ms) | samples per frame "
@@ -1050,14 +1201,31 @@ def latency_table(result: LatencyResult) -> list[str]:
             f"| {_pct(samples)} | {per_run} | {_pct(result.pooled(variant, newest=True))} "
             f"| {statistics.mean(result.frame_sizes[variant]):.1f} | {judged} |"
         )
+    bare = np.concatenate(result.bare_ms)
+    per_run = ", ".join(f"{np.percentile(a, 99):.1f}" for a in result.bare_ms)
+    lines.append(
+        f"| baseline: a bare asyncio loop in the bench process waking every {period_ms:g} "
+        f"ms (lateness of each wake) | {len(bare):,} wakes ({len(result.bare_ms)}) "
+        f"| {_pct(bare)} | {per_run} | - | - | floor |"
+    )
+    floor = result.floor(period_ms)
+    reachable = np.percentile(floor, 99) <= AIM_P99_MS
+    lines.append(
+        f"| floor: the wait for the next {period_ms:g} ms delivery + the bare loop's "
+        f"lateness | - | {_pct(floor)} | - | - | - | "
+        f"{'within the aim' if reachable else 'above the aim: out of reach here'} |"
+    )
     return lines
 
 
 def resource_table(result: ResourceResult, seconds: float) -> list[str]:
     lines = [
-        "| agent | agent CPU % of a core, median (range) | agent VmRSS max MiB, median (range) "
-        "| mosquitto CPU % | client (this process) CPU % | samples/s received |",
-        "|---|---:|---:|---:|---:|---:|",
+        "| agent | agent CPU % of a core, median (range); of it the loop's thread "
+        "| agent VmRSS max MiB, median (range) "
+        "| mosquitto CPU % | client (this process) CPU % | samples/s received "
+        "| loop turns/s (of them with timeout 0) | loop turns per frame beyond the "
+        "sources' own wakes |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for label, windows in (
         ("idle (baseline)", result.idle),
@@ -1067,22 +1235,69 @@ def resource_table(result: ResourceResult, seconds: float) -> list[str]:
         ),
     ):
         received = statistics.median(w.samples / seconds for w in windows)
+        turns = statistics.median(w.loop_turns / w.seconds for w in windows)
+        zero = statistics.median(w.zero_turns / w.seconds for w in windows)
+        per_frame = (
+            median_range([_beyond_bare(result, w) for w in windows], ".2f")
+            if windows[0].frames
+            else "-"
+        )
         lines.append(
-            f"| {label} | {median_range([w.agent_cpu_percent for w in windows], '.1f')} "
+            f"| {label} | {median_range([w.agent_cpu_percent for w in windows], '.1f')}; "
+            f"{statistics.median(w.loop_cpu_percent for w in windows):.1f} "
             f"| {median_range([w.rss_max for w in windows], '.1f')} "
             f"| {statistics.median(w.broker_cpu_percent for w in windows):.1f} "
             f"| {statistics.median(w.client_cpu_percent for w in windows):.1f} "
-            f"| {received:,.0f} |"
+            f"| {received:,.0f} | {turns:,.0f} ({zero:,.0f}) | {per_frame} |"
         )
     if result.minimal:
         published = statistics.median(m["samples"] / m["wall_s"] for m in result.minimal)
+        minimal_beyond = [
+            _beyond_chunks(m["turns"], m["frames"], m["wall_s"]) for m in result.minimal
+        ]
         lines.append(
             "| baseline: `bench/minimal_publisher.py` (paho + cbor2, same streams, wakes and "
             f"framing; CPU of its own process) "
             f"| {median_range([m['cpu_percent'] for m in result.minimal], '.1f')} | - | - | - "
-            f"| {published:,.0f} published |"
+            f"| {published:,.0f} published "
+            f"| {statistics.median(m['turns'] / m['wall_s'] for m in result.minimal):,.0f} "
+            f"| {median_range(minimal_beyond, '.2f')} |"
+        )
+    if result.minimal_dry:
+        lines.append(
+            "| the same with `--no-publish` (its wakes, data and framing alone) "
+            f"| {median_range([m['cpu_percent'] for m in result.minimal_dry], '.1f')} "
+            "| - | - | - | - | - | - |"
+        )
+    if result.bare:
+        turns = statistics.median(b["turns"] / b["wall_s"] for b in result.bare)
+        zero = statistics.median(b["zero"] / b["wall_s"] for b in result.bare)
+        lines.append(
+            f"| baseline: a bare asyncio loop in the bench process, {RESOURCE_TASKS} "
+            f"coroutines sleeping to a {RESOURCE_CHUNK_MS:g} ms grid (the sources' wakes "
+            f"alone) | {statistics.median(b['cpu_percent'] for b in result.bare):.1f} "
+            f"| - | - | - | - | {turns:,.0f} ({zero:,.0f}) "
+            "| - (the reference) |"
+        )
+        lines.append(
+            f"| the simulator alone: {RESOURCE_TASKS} streams' `StreamSynth` asked for what is "
+            f"due every {RESOURCE_CHUNK_MS:g} ms, in the bench process "
+            f"| {statistics.median(b['synth_cpu_percent'] for b in result.bare):.1f} "
+            "| - | - | - | - | - | - |"
         )
     return lines
+
+
+def _beyond_bare(result: ResourceResult, window: Window) -> float:
+    """The agent's loop turns per frame beyond the bare loop's (the sources' wakes)."""
+    bare = statistics.median(b["turns"] / b["wall_s"] for b in result.bare)
+    return (window.loop_turns - bare * window.seconds) / window.frames
+
+
+def _beyond_chunks(turns: float, frames: float, seconds: float) -> float:
+    """Loop turns per frame beyond one per source chunk (the sources' own period)."""
+    chunk_turns = RESOURCE_TASKS * seconds * 1000.0 / RESOURCE_CHUNK_MS
+    return (turns - chunk_turns) / frames if frames else float("nan")
 
 
 def aims_summary(
@@ -1102,6 +1317,10 @@ def aims_summary(
     p99 = float(np.percentile(latency.pooled("remote-q1"), 99))
     p99_q0 = float(np.percentile(latency.pooled("remote-q0"), 99))
     local_p99 = float(np.percentile(latency.pooled("local"), 99))
+    p50 = float(np.percentile(latency.pooled("remote-q1"), 50))
+    bare_p99 = float(np.percentile(np.concatenate(latency.bare_ms), 99))
+    period_ms = PRESETS[LATENCY_FRAMING].source_period_s(RESOURCE_CHUNK_MS / 1000) * 1000
+    floor_p50, floor_p99 = np.percentile(latency.floor(period_ms), [50, 99])
     rss = max(w.rss_max for w in resources.loaded)
     return (
         f"**Aims.** Throughput, RemoteAPI (QoS 1) >= {AIM_RATIO:.0%} of raw paho moving the "
@@ -1114,7 +1333,10 @@ def aims_summary(
         f"{each(csv, 'remote-q1', 'local')}). "
         f"Latency p99 <= {AIM_P99_MS:g} ms through the RemoteAPI (QoS 1, the default): "
         f"{verdict(p99 <= AIM_P99_MS)} ({p99:.2f} ms; local API {local_p99:.2f} ms; with "
-        f"QoS 0 {p99_q0:.2f} ms, {verdict(p99_q0 <= AIM_P99_MS)}). "
+        f"QoS 0 {p99_q0:.2f} ms, {verdict(p99_q0 <= AIM_P99_MS)}; p50 {p50:.2f} ms, aim "
+        f"<= {AIM_P50_MS:g}: {verdict(p50 <= AIM_P50_MS)}; same-run baseline: a bare "
+        f"asyncio loop's wake lateness p99 {bare_p99:.2f} ms, floor p50 / p99 "
+        f"{floor_p50:.2f} / {floor_p99:.2f} ms). "
         f"Agent RSS <= {AIM_RSS_MB:g} MB with {RESOURCE_TASKS} proxy tasks: "
         f"{verdict(rss * 1.048576 <= AIM_RSS_MB)} (max VmRSS {rss:.1f} MiB = "
         f"{rss * 1.048576:.1f} MB)." + _cpu_aim(resources)
@@ -1127,10 +1349,37 @@ def _cpu_aim(resources: ResourceResult) -> str:
     agent = statistics.median(w.agent_cpu_percent for w in resources.loaded)
     minimal = statistics.median(m["cpu_percent"] for m in resources.minimal)
     ratio = agent / minimal if minimal > 0 else float("inf")
+    wakes = statistics.median(_beyond_bare(resources, w) for w in resources.loaded)
+    minimal_wakes = statistics.median(
+        _beyond_chunks(m["turns"], m["frames"], m["wall_s"]) for m in resources.minimal
+    )
     return (
         f" Agent CPU <= {AIM_CPU_VS_MINIMAL:g} x a minimal paho + cbor2 publisher of the same "
         f"streams: {verdict(ratio <= AIM_CPU_VS_MINIMAL)} ({agent:.1f}% / {minimal:.1f}% = "
-        f"{ratio:.2f})."
+        f"{ratio:.2f}). Agent loop turns per frame beyond the sources' own wakes (a bare "
+        f"asyncio loop doing only those sleeps, same run) <= "
+        f"{AIM_WAKES_PER_FRAME:g}: {verdict(wakes <= AIM_WAKES_PER_FRAME)} ({wakes:.2f}; the "
+        f"minimal publisher {minimal_wakes:.2f})." + _floor_summary(resources, agent, minimal)
+    )
+
+
+def _floor_summary(resources: ResourceResult, agent: float, minimal: float) -> str:
+    if not resources.bare:
+        return ""
+    bare = statistics.median(b["cpu_percent"] for b in resources.bare)
+    synth = statistics.median(b["synth_cpu_percent"] for b in resources.bare)
+    dry = statistics.median(m["cpu_percent"] for m in resources.minimal_dry)
+    publishing = max(minimal - dry, 0.0)
+    floor = bare + synth + publishing
+    return (
+        f" Simulator <= {AIM_SYNTH_SHARE:.0%} of the agent's CPU: "
+        f"{verdict(synth <= AIM_SYNTH_SHARE * agent)} ({synth:.1f}% of a core, "
+        f"{synth / agent:.0%} of the agent's). Floor, same run: an asyncio agent with these "
+        f"sources costs at least the bare loop's sleeps ({bare:.1f}%) plus the simulator "
+        f"({synth:.1f}%) plus what the minimal publisher spends on publishing (its CPU "
+        f"minus its CPU with --no-publish, {dry:.1f}%: {publishing:.1f}%), "
+        f"{floor:.1f}% = {floor / minimal:.2f} x the minimal publisher; the agent is "
+        f"{agent / floor:.2f} x that floor."
     )
 
 
@@ -1155,7 +1404,7 @@ def render_section(
     largest = max(max(r.frame_bytes) for r in throughput)
     low = PRESETS[LATENCY_FRAMING]
     balanced = PRESETS[RESOURCE_FRAMING]
-    latency_wake_ms = max(min(10.0, low.max_latency_ms / 2), 1.0)
+    latency_wake_ms = low.source_period_s(RESOURCE_CHUNK_MS / 1000) * 1000
     frames_per = ", ".join(
         f"{r.recording.kind} {r.channels} ch {len(r.frame_bytes)} ({max(r.frame_bytes):,})"
         for r in throughput
@@ -1259,12 +1508,19 @@ def render_section(
             "the transport. *Newest sample of each frame*: the age of a frame's last sample "
             "on arrival, i.e. without the wait for the frame to fill.",
             "",
-            *latency_table(latency),
+            *latency_table(latency, latency_wake_ms),
             "",
             "What framing accounts for: a sample waits for the simulator's next delivery "
             f"(up to {latency_wake_ms:g} ms) and then for its frame to be flushed, at the "
-            f"latest when the frame's oldest sample is {low.max_latency_ms:g} ms old; the "
-            "local API's figures are that framing latency plus one event-loop hop. "
+            f"latest when the frame's oldest sample is {low.max_latency_ms:g} ms old (a "
+            "frame that would be due before the next delivery leaves with this one); the "
+            "local API's figures are that framing latency plus one event-loop hop. The "
+            "bare loop's row is the wake-up lateness the machine itself adds, in a process "
+            "with nothing else to do: every path above includes it at least once (the "
+            "simulator's wake), the RemoteAPI twice more (the client's loop and the paho "
+            "threads' hand-offs). The floor row combines it with the wait for the next "
+            "delivery: no live source delivering every "
+            f"{latency_wake_ms:g} ms can do better on this machine at this load. "
             f"Status or error items during the windows: "
             + ", ".join(f"{v} {n}" for v, n in latency.problems.items())
             + ".",
@@ -1314,6 +1570,9 @@ def _mosquitto_version() -> str:
 # -- main -------------------------------------------------------------------------------
 
 
+PARTS = ("throughput", "latency", "resources")
+
+
 def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--runs", type=int, default=None, help="runs per variant (default 5)")
@@ -1337,8 +1596,19 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
         "--write-doc", action="store_true", help=f"update the '{SECTION}' section of --doc"
     )
     parser.add_argument("--doc", type=Path, default=DEFAULT_DOC, help="the document to update")
+    parser.add_argument(
+        "--parts",
+        default=",".join(PARTS),
+        help=f"comma-separated parts to run (default all: {','.join(PARTS)}); "
+        "--write-doc needs all",
+    )
     parser.add_argument("--publish", nargs=4, help=argparse.SUPPRESS)  # raw publisher mode
     args = parser.parse_args(argv)
+    args.parts = [part.strip() for part in args.parts.split(",") if part.strip()]
+    if unknown := sorted(set(args.parts) - set(PARTS)):
+        parser.error(f"unknown parts {unknown}; choose from {list(PARTS)}")
+    if args.write_doc and set(args.parts) != set(PARTS):
+        parser.error("--write-doc needs every part (leave out --parts)")
     args.runs = args.runs or (2 if args.quick else 5)
     args.rows = args.rows or (200_000 if args.quick else 1_200_000)
     args.latency_seconds = args.latency_seconds or (2.0 if args.quick else 5.0)
@@ -1353,31 +1623,40 @@ def run_parts(args: argparse.Namespace, root: Path) -> tuple[Any, ...]:
     log("writing recordings")
     recordings = []
     for collection, channels in (("narrow", 8), ("wide", WIDE_CHANNELS)):
+        if "throughput" not in args.parts:
+            break
         rows = args.rows if channels == 8 else args.rows // WIDE_ROWS_DIVISOR
         write_recording(root, collection, rows, channels, THROUGHPUT_RATE_HZ)
         recordings.append(
             BenchRecording("CSV", collection, "sig", {"subject": "A"}, channels, rows)
         )
     for collection, channels in (("xdf_narrow", 8), ("xdf_wide", WIDE_CHANNELS)):
+        if "throughput" not in args.parts:
+            break
         rows = XDF_ROWS_FACTOR * (args.rows if channels == 8 else args.rows // WIDE_ROWS_DIVISOR)
         recordings.append(write_xdf_recording(root, collection, rows, channels))
     max_frame_bytes = int(make_config(root).get("agent.max_frame_bytes"))
     broker = Broker(root)
+    throughput: list[ThroughputResult] = []
+    latency = resources = None
+    peak = 0.0
     try:
-        with running_agent(broker, root, "throughput") as agent:
-            throughput = []
-            for recording in recordings:
-                log(f"throughput: {recording.label}")
-                throughput.append(bench_throughput(root, broker, agent, recording, args.runs))
-            peak = proc_status_mb(agent.pid, "VmHWM")
-        with running_agent(broker, root, "latency") as agent:
-            log(f"latency: {LATENCY_RATE_HZ:g} Hz x {LATENCY_CHANNELS} ch")
-            latency = bench_latency(root, broker, agent, args.runs, args.latency_seconds)
-        with running_agent(broker, root, "resources") as agent:
-            log(f"resources: {RESOURCE_TASKS} tasks of {RESOURCE_RATE_HZ:g} Hz")
-            resources = asyncio.run(
-                _resources(make_config(root), broker, agent, args.runs, args.resource_seconds)
-            )
+        if "throughput" in args.parts:
+            with running_agent(broker, root, "throughput") as agent:
+                for recording in recordings:
+                    log(f"throughput: {recording.label}")
+                    throughput.append(bench_throughput(root, broker, agent, recording, args.runs))
+                peak = proc_status_mb(agent.pid, "VmHWM")
+        if "latency" in args.parts:
+            with running_agent(broker, root, "latency") as agent:
+                log(f"latency: {LATENCY_RATE_HZ:g} Hz x {LATENCY_CHANNELS} ch")
+                latency = bench_latency(root, broker, agent, args.runs, args.latency_seconds)
+        if "resources" in args.parts:
+            with running_agent(broker, root, "resources") as agent:
+                log(f"resources: {RESOURCE_TASKS} tasks of {RESOURCE_RATE_HZ:g} Hz")
+                resources = asyncio.run(
+                    _resources(make_config(root), broker, agent, args.runs, args.resource_seconds)
+                )
     finally:
         broker.stop()
     return throughput, latency, resources, peak, max_frame_bytes
@@ -1393,6 +1672,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="bench-transport-") as tmp:
         throughput, latency, resources, peak, max_frame_bytes = run_parts(args, Path(tmp))
     loads = (loads_at_start, load_average())
+    if throughput == [] or latency is None or resources is None:  # some parts only
+        log(f"load average at start -> end: {loads[0]} -> {loads[1]}")
+        if latency is not None:
+            period_ms = PRESETS[LATENCY_FRAMING].source_period_s(RESOURCE_CHUNK_MS / 1000) * 1000
+            print("\n".join(latency_table(latency, period_ms)))
+        if resources is not None:
+            print("\n".join(resource_table(resources, args.resource_seconds)))
+            print(_cpu_aim(resources))
+        return 0
     generated = render_section(
         throughput, latency, resources, args, argv, loads, code, peak, max_frame_bytes
     )

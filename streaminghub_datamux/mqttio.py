@@ -180,9 +180,11 @@ class MqttLink:
         self._acked_some = asyncio.Event()  # a PUBACK arrived (for flush)
         self._pending: dict[int, tuple[int, int]] = {}  # mid -> (qos, size), not yet sent/acked
         self._pending_bytes = 0
-        # PUBACKed mids from paho's thread, handed to the loop in batches.
+        # PUBACKed mids from paho's thread. The loop takes them when it publishes next;
+        # paho's thread wakes it only while a coroutine waits for acks (_ack_waiters).
         self._acked_publishes: deque[int] = deque()
         self._drain_scheduled = False
+        self._ack_waiters = 0
         self._room = asyncio.Event()
         self._room.set()
         self._connected = asyncio.Event()
@@ -417,9 +419,9 @@ class MqttLink:
                 self.publish_nowait(topic, payload, qos, retain)
         try:
             async with asyncio.timeout(timeout):
-                while self._pending and self.connected:
+                while self._take_acks() and self._pending and self.connected:
                     self._room.clear()
-                    await self._room.wait()
+                    await self._wait_for_acks(self._room)
         except TimeoutError:
             log.warning("%d messages still unsent when closing", len(self._pending))
         await self._stop_client(disconnect=True)
@@ -499,11 +501,12 @@ class MqttLink:
         Returns False, without publishing, when not connected (the caller decides:
         spool, drop and count, or fail).
         """
+        self._take_acks()
         while not self._has_room():
             if not self.connected or self._client is None or self._closing:
                 return False
             self._room.clear()
-            await self._room.wait()
+            await self._wait_for_acks(self._room)
         return self.publish_nowait(
             topic, payload, qos, retain, response_topic=response_topic, correlation=correlation
         )
@@ -519,6 +522,7 @@ class MqttLink:
         correlation: bytes | None = None,
     ) -> bool:
         """Publish now, without flow control (small control messages); False if offline."""
+        self._take_acks()  # before paho hands out a mid that a queued ack could name
         client = self._client
         if client is None or not self.connected:
             return False
@@ -549,15 +553,36 @@ class MqttLink:
         """
         waiting = set(self._pending)
         deadline = asyncio.get_running_loop().time() + timeout
-        while waiting & self._pending.keys():
+        while self._take_acks() and waiting & self._pending.keys():
             remaining = deadline - asyncio.get_running_loop().time()
             if remaining <= 0:
                 return False
             self._acked_some.clear()
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(remaining):
-                    await self._acked_some.wait()
+                    await self._wait_for_acks(self._acked_some)
         return True
+
+    def _take_acks(self) -> bool:
+        """Account for the PUBACKs paho's thread queued since the last look. True."""
+        acked = self._acked_publishes
+        while acked:
+            self._published_on_loop(acked.popleft())
+        return True
+
+    async def _wait_for_acks(self, event: asyncio.Event) -> None:
+        """Wait for ``event`` with paho's thread told to wake the loop on each PUBACK.
+
+        Announced first, then the acks queued so far are taken (they may set ``event``):
+        a PUBACK queued after the announcement wakes the loop, one queued before it is
+        taken here, so none is missed.
+        """
+        self._ack_waiters += 1
+        try:
+            self._take_acks()
+            await event.wait()
+        finally:
+            self._ack_waiters -= 1
 
     def publish_from_thread(self, topic: str, payload: bytes) -> None:
         """QoS 0, from any thread, no flow control: for small periodic messages."""
@@ -572,6 +597,7 @@ class MqttLink:
 
     @property
     def unacknowledged(self) -> int:
+        self._take_acks()
         return len(self._pending)
 
     # -- paho callbacks (paho's thread) -> the loop ----------------------------------------
@@ -626,10 +652,11 @@ class MqttLink:
         reason_code: ReasonCode,
         properties: Properties | None,
     ) -> None:
-        # PUBACKs come in bursts: queue them and wake the loop once per burst, not once
-        # per message (each call_soon_threadsafe is a write to the loop's wake-up pipe).
+        # Queued for the loop, which takes them when it publishes next: a PUBACK wakes
+        # the loop (a write to its wake-up pipe) only while a coroutine waits for one,
+        # and once per burst, not once per message (issue #12: a loop wake per frame).
         self._acked_publishes.append(mid)
-        if not self._drain_scheduled:
+        if self._ack_waiters and not self._drain_scheduled:
             self._drain_scheduled = True
             if not self._to_loop(self._published_batch_on_loop):
                 self._drain_scheduled = False  # no loop to drain them: allow a later try
@@ -710,9 +737,7 @@ class MqttLink:
     def _published_batch_on_loop(self) -> None:
         # Cleared before draining: a PUBACK queued after this line schedules a new drain.
         self._drain_scheduled = False
-        acked = self._acked_publishes
-        while acked:
-            self._published_on_loop(acked.popleft())
+        self._take_acks()
 
     def _published_on_loop(self, mid: int) -> None:
         entry = self._pending.pop(mid, None)
