@@ -53,7 +53,10 @@ def run(args: argparse.Namespace) -> dict[str, float]:
         period = args.chunk_ms / 1000
         latency = args.latency_ms / 1000
         freqs = 1.0 + np.arange(args.channels)
-        start = time.monotonic()
+        start, wall0 = time.monotonic(), time.time()
+        # Sample k is stamped k / rate (--epoch: + the wall time at start, as the agent's
+        # simulator stamps it, so a subscriber on this host can time each sample).
+        shift = wall0 if args.epoch else 0.0
         # (next wake, stream): staggered so wakes spread over the period, as tasks do.
         wakes = [(start + period * i / args.streams, i) for i in range(args.streams)]
         heapq.heapify(wakes)
@@ -86,7 +89,7 @@ def run(args: argparse.Namespace) -> dict[str, float]:
                 timestamps = np.concatenate([p[0] for p in pieces])
                 values = np.concatenate([p[1] for p in pieces])
                 if args.publish:  # without: the wakes, data and framing alone
-                    payload = frame(stream, seqs[stream], timestamps, values)
+                    payload = frame(stream, seqs[stream], timestamps + shift, values)
                     client.publish(f"bench/minimal/{stream}", payload, qos=args.qos)
                 seqs[stream] += 1
                 held[stream] = []
@@ -118,6 +121,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--qos", type=int, default=1, choices=(0, 1))
     parser.add_argument("--seconds", type=float, default=5.0)
     parser.add_argument("--warmup", type=float, default=1.0)
+    parser.add_argument(
+        "--epoch", action="store_true", help="stamp samples with wall time (for latency)"
+    )
     parser.add_argument(
         "--no-publish",
         dest="publish",

@@ -54,6 +54,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import cbor2
 import loop_counter  # bench/loop_counter.py
 import numpy as np
 import paho.mqtt.client as mqtt
@@ -733,6 +734,7 @@ class LatencyResult:
     )
     problems: dict[str, int] = field(default_factory=lambda: dict.fromkeys(LATENCY_VARIANTS, 0))
     bare_ms: list[np.ndarray] = field(default_factory=list)  # bare loop's lateness per run
+    raw_ms: list[np.ndarray] = field(default_factory=list)  # minimal publisher -> paho
 
     def floor(self, period_ms: float) -> np.ndarray:
         """The least sample-to-sink latency this machine's loop allows a live source.
@@ -823,6 +825,53 @@ async def _latency_remote(config: Config, broker: Broker, seconds: float, qos: i
         await api.close()
 
 
+def raw_latency(broker: Broker, seconds: float) -> np.ndarray:
+    """Sample-to-subscriber latency (ms) of bench/minimal_publisher.py, the raw baseline.
+
+    The same stream (rate, channels, float32) and framing (deliveries every source
+    period, a frame when its oldest sample is max_latency_ms old), published by paho +
+    cbor2 in its own process (no asyncio), QoS 1, to a plain paho subscriber in this
+    process that stamps each frame in paho's network thread (no event loop either).
+    """
+    low = PRESETS[LATENCY_FRAMING]
+    ages: list[np.ndarray] = []
+    begin = [0.0]
+    subscribed = threading.Event()
+
+    def on_message(client: Any, userdata: Any, message: Any) -> None:
+        now = time.time()
+        if now < begin[0]:
+            return
+        stamps = cbor2.loads(message.payload)["t"].value
+        ages.append((now - np.frombuffer(stamps, "<f8")) * 1e3)
+
+    subscriber = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id="bench-raw-latency")
+    subscriber.on_message = on_message
+    subscriber.on_subscribe = lambda *args: subscribed.set()
+    subscriber.connect(LOOPBACK, broker.port)
+    subscriber.loop_start()
+    try:
+        subscriber.subscribe("bench/minimal/0", qos=1)
+        if not subscribed.wait(10):
+            raise RuntimeError("the raw latency subscriber was not subscribed")
+        script = Path(__file__).resolve().parent / "minimal_publisher.py"
+        command = [
+            sys.executable, str(script), f"--port={broker.port}", "--streams=1",
+            f"--rate={LATENCY_RATE_HZ}", f"--channels={LATENCY_CHANNELS}",
+            f"--chunk-ms={low.source_period_s(RESOURCE_CHUNK_MS / 1000) * 1000:g}",
+            f"--latency-ms={low.max_latency_ms:g}", f"--seconds={seconds}",
+            f"--warmup={LATENCY_WARMUP_S}", "--epoch", "--qos=1",
+        ]  # fmt: skip
+        begin[0] = time.time() + LATENCY_WARMUP_S
+        subprocess.run(command, check=True, capture_output=True, timeout=seconds + 60)
+    finally:
+        subscriber.loop_stop()
+        subscriber.disconnect()
+    if not ages:
+        raise RuntimeError("the raw latency subscriber got nothing")
+    return np.concatenate(ages)
+
+
 def bench_latency(
     root: Path, broker: Broker, agent: AgentProcess, runs: int, seconds: float
 ) -> LatencyResult:
@@ -830,8 +879,13 @@ def bench_latency(
     result = LatencyResult()
     period_s = PRESETS[LATENCY_FRAMING].source_period_s(10e-3)  # the simulator's chunks
     for run in range(runs):
-        for variant in rotate((*LATENCY_VARIANTS, "bare"), run):
+        for variant in rotate((*LATENCY_VARIANTS, "bare", "raw"), run):
             agent.check()
+            if variant == "raw":
+                result.raw_ms.append(raw_latency(broker, seconds))
+                p50, p99 = np.percentile(result.raw_ms[-1], [50, 99])
+                log(f"  run {run + 1}/{runs} raw paho: p50 {p50:.2f} ms, p99 {p99:.2f} ms")
+                continue
             if variant == "bare":
                 result.bare_ms.append(asyncio.run(_bare_loop(seconds, period_s)))
                 p50, p99 = np.percentile(result.bare_ms[-1], [50, 99])
@@ -1201,6 +1255,16 @@ def latency_table(result: LatencyResult, period_ms: float) -> list[str]:
             f"| {_pct(samples)} | {per_run} | {_pct(result.pooled(variant, newest=True))} "
             f"| {statistics.mean(result.frame_sizes[variant]):.1f} | {judged} |"
         )
+    if result.raw_ms:
+        raw = np.concatenate(result.raw_ms)
+        per_run = ", ".join(f"{np.percentile(a, 99):.1f}" for a in result.raw_ms)
+        judged = verdict(float(np.percentile(raw, 99)) <= AIM_P99_MS)
+        lines.append(
+            "| baseline: raw paho + cbor2, `bench/minimal_publisher.py` (same stream and "
+            "framing, no asyncio) -> mosquitto -> a paho subscriber thread, QoS 1 "
+            f"| {len(raw):,} ({len(result.raw_ms)}) | {_pct(raw)} | {per_run} | - | - "
+            f"| {judged} |"
+        )
     bare = np.concatenate(result.bare_ms)
     per_run = ", ".join(f"{np.percentile(a, 99):.1f}" for a in result.bare_ms)
     lines.append(
@@ -1321,6 +1385,7 @@ def aims_summary(
     bare_p99 = float(np.percentile(np.concatenate(latency.bare_ms), 99))
     period_ms = PRESETS[LATENCY_FRAMING].source_period_s(RESOURCE_CHUNK_MS / 1000) * 1000
     floor_p50, floor_p99 = np.percentile(latency.floor(period_ms), [50, 99])
+    raw_p50, raw_p99 = np.percentile(np.concatenate(latency.raw_ms), [50, 99])
     rss = max(w.rss_max for w in resources.loaded)
     return (
         f"**Aims.** Throughput, RemoteAPI (QoS 1) >= {AIM_RATIO:.0%} of raw paho moving the "
@@ -1336,7 +1401,8 @@ def aims_summary(
         f"QoS 0 {p99_q0:.2f} ms, {verdict(p99_q0 <= AIM_P99_MS)}; p50 {p50:.2f} ms, aim "
         f"<= {AIM_P50_MS:g}: {verdict(p50 <= AIM_P50_MS)}; same-run baseline: a bare "
         f"asyncio loop's wake lateness p99 {bare_p99:.2f} ms, floor p50 / p99 "
-        f"{floor_p50:.2f} / {floor_p99:.2f} ms). "
+        f"{floor_p50:.2f} / {floor_p99:.2f} ms; raw paho + cbor2 with the same stream and "
+        f"framing p50 / p99 {raw_p50:.2f} / {raw_p99:.2f} ms). "
         f"Agent RSS <= {AIM_RSS_MB:g} MB with {RESOURCE_TASKS} proxy tasks: "
         f"{verdict(rss * 1.048576 <= AIM_RSS_MB)} (max VmRSS {rss:.1f} MiB = "
         f"{rss * 1.048576:.1f} MB)." + _cpu_aim(resources)
