@@ -45,7 +45,6 @@ from common import code_version, log, n_runs, verdict, write_doc  # bench/common
 import streaminghub_datamux as dm
 from streaminghub_datamux.api import _BLOCK_BYTES as REPLAY_BLOCK_BYTES
 from streaminghub_datamux.config import load_config
-from streaminghub_datamux.drivers.csvfile import CsvStreamReader
 from streaminghub_datamux.drivers.replay import ReplaySource
 
 REPO = Path(__file__).resolve().parents[1]
@@ -195,6 +194,10 @@ def time_reader(api: dm.API, recording: Recording) -> float:
     in this thread with nothing else: the ceiling of replay's throughput (the floor of
     its time), so replay / baseline can be read against reader / baseline.
     """
+    # Imported here: it loads pandas, which bench/xdf_memory.py's idle floor (it imports
+    # this module) must not include.
+    from streaminghub_datamux.drivers.csvfile import CsvStreamReader
+
     stream = api.get_collection_stream(recording.collection_id, "sig")
     reader = CsvStreamReader(recording.path, stream, block_bytes=REPLAY_BLOCK_BYTES)
     start = time.perf_counter()

@@ -131,6 +131,23 @@ def child(mode: str, root: Path) -> dict[str, Any]:
                 values_hash.update(item.values.tobytes())
 
         asyncio.run(drain())
+    elif mode == "index":
+        # The index pass alone: every chunk header read, the stamps decoded, then
+        # pyxdf's own clock sync and dejitter fit over them. Replay cannot start before
+        # it, nor hold less (the fit's arrays are pyxdf's exact result).
+        from streaminghub_datamux.drivers.xdfstream import index_stream
+
+        index = index_stream(path, 1, LOAD_OPTIONS)
+        first = time.perf_counter() - start
+        samples = index.samples
+    elif mode == "read":
+        # One plain read of the file in 1 MiB blocks: what any reader that must see the
+        # whole file before its first frame waits at least.
+        block = bytearray(1 << 20)
+        with path.open("rb", buffering=0) as handle:
+            while handle.readinto(block):
+                pass
+        first = time.perf_counter() - start
     return {
         "seconds": time.perf_counter() - start,
         "first_frame_s": first,
@@ -181,7 +198,10 @@ def render(
         f"**Aims.** Replay peak RSS <= {AIM_RSS_MB:g} MB: {verdict(rss <= AIM_RSS_MB)} "
         f"({rss:.0f} MB); first frame <= {AIM_FIRST_FRAME_S:g} s: "
         f"{verdict(first <= AIM_FIRST_FRAME_S)} ({first:.2f} s). Replay's timestamps and "
-        "values are load_xdf's bit for bit (sha256 of each, every run).",
+        "values are load_xdf's bit for bit (sha256 of each, every run). Floors, same run: "
+        f"replay's index pass alone peaks at {_median(results['index'], 'peak_mb'):.0f} MB "
+        f"and takes {_median(results['index'], 'seconds'):.2f} s; one plain read of the file "
+        f"takes {_median(results['read'], 'seconds'):.2f} s.",
         "",
         f"File: {info['minutes']:g} min of 64 ch float32 at 1 kHz ({info['samples']:,} "
         f"samples, {info['file_mb']:.0f} MB), 500-sample chunks (every other one stamping "
@@ -195,6 +215,12 @@ def render(
         ("idle: python + numpy + pyxdf + datamux imported (floor)", idle),
         ("baseline: `pyxdf.load_xdf(path, select_streams=[1], **LOAD_OPTIONS)`", base),
         ('replay: `replay_collection_stream(..., speed=0, framing="throughput")`', replay),
+        (
+            "floor of replay: its index pass alone (`xdfstream.index_stream`: one read of "
+            "the file, then pyxdf's clock sync and dejitter fit on the stamps)",
+            results["index"],
+        ),
+        ("floor of the first frame: one plain read of the file (1 MiB blocks)", results["read"]),
     ):
         rss_mb = _median(rows, "peak_mb")
         first_s = "-" if rows is idle else f"{_median(rows, 'first_frame_s'):.2f}"
@@ -214,7 +240,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="CI smoke: 1 minute, 1 run")
     parser.add_argument("--write-doc", action="store_true")
     parser.add_argument("--doc", type=Path, default=DEFAULT_DOC)
-    parser.add_argument("--child", choices=["idle", "pyxdf", "replay"], help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--child", choices=["idle", "pyxdf", "replay", "index", "read"], help=argparse.SUPPRESS
+    )
     parser.add_argument("--root", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.child:
@@ -236,9 +264,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             "code": code_version(),
         }
         loads = [load_average()]
-        results: dict[str, list[dict[str, Any]]] = {"idle": [], "pyxdf": [], "replay": []}
+        modes = ["idle", "pyxdf", "replay", "index", "read"]
+        results: dict[str, list[dict[str, Any]]] = {mode: [] for mode in modes}
         for run in range(args.runs):
-            order = ["idle", "pyxdf", "replay"] if run % 2 == 0 else ["replay", "pyxdf", "idle"]
+            order = modes if run % 2 == 0 else modes[::-1]
             for mode in order:
                 log(f"run {run + 1}/{args.runs}: {mode}")
                 results[mode].append(measure(mode, root))
