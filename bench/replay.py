@@ -43,8 +43,8 @@ import numpy as np
 from common import code_version, log, n_runs, verdict, write_doc  # bench/common.py
 
 import streaminghub_datamux as dm
-from streaminghub_datamux.api import _BLOCK_BYTES as REPLAY_BLOCK_BYTES
 from streaminghub_datamux.config import load_config
+from streaminghub_datamux.drivers.replay import BLOCK_BYTES as REPLAY_BLOCK_BYTES
 from streaminghub_datamux.drivers.replay import ReplaySource
 
 REPO = Path(__file__).resolve().parents[1]
