@@ -22,6 +22,7 @@ log = logging.getLogger(__name__)
 
 CTRL_QOS = 1  # end, error and status messages are never dropped
 DRAIN_BATCH = 32
+RESEND_WAIT_S = 10.0  # how long the spool waits for paho's resends to be acknowledged
 
 
 @dataclass(eq=False)
@@ -41,10 +42,15 @@ class Outbox:
     counters: Counters
     drain_per_s: float
     _ready: asyncio.Event = field(default_factory=asyncio.Event, init=False, repr=False)
+    # After a reconnect paho resends, from its own thread, the QoS 1 messages it held when
+    # the broker went away. Until the broker has acknowledged them, new and spooled
+    # messages wait in the spool: one that overtook a resend would reach the client first,
+    # and the client would take the late one for a duplicate and drop it.
+    _resending: bool = field(default=False, init=False, repr=False)
 
     async def send(self, topic: str, payload: bytes, qos: int = CTRL_QOS) -> None:
         """Publish; QoS 1 goes to the spool while the broker is away (or the spool drains)."""
-        if qos == 1 and (len(self.spool) or not self.link.connected):
+        if qos == 1 and (len(self.spool) or not self.link.connected or self._resending):
             self._to_spool(topic, payload)
             return
         if await self.link.publish(topic, payload, qos):
@@ -55,7 +61,10 @@ class Outbox:
             self.counters.frames_dropped += 1
 
     def resume(self) -> None:
-        """Send what the spool holds (at start, after a reconnect)."""
+        """Send what the spool holds (at start, after a reconnect), after paho's resends."""
+        if self.link.unacknowledged:
+            self._resending = True
+            self._ready.set()
         if len(self.spool):
             self._ready.set()
 
@@ -75,6 +84,10 @@ class Outbox:
     async def _drain_until_error(self) -> None:
         while True:
             await self._ready.wait()
+            if self._resending:
+                if not await self.link.flush(timeout=RESEND_WAIT_S):
+                    log.warning("paho's resends are not acknowledged yet; sending the spool")
+                self._resending = False
             if not len(self.spool):
                 self._ready.clear()
                 continue
