@@ -23,6 +23,7 @@ from types import TracebackType
 from typing import Any, Self
 
 from .. import protocol
+from ..checks import check_sink
 from ..codec import CODECS
 from ..config import Config, load_config
 from ..errors import DatamuxError, InvalidRequest, NotFound, Timeout, Unavailable
@@ -331,8 +332,7 @@ class RemoteAPI(DatamuxAPI):
         qos: int | None,
         restamp: Callable[[Frame], None] | None = None,
     ) -> StreamAck:
-        if not isinstance(sink, asyncio.Queue):
-            raise InvalidRequest(f"sink must be an asyncio.Queue, not {type(sink).__name__}")
+        check_sink(sink)
         link = self._require_link()
         task_qos = self.qos if qos is None else qos
         task_id = secrets.token_hex(8)

@@ -16,6 +16,7 @@ from types import TracebackType
 from typing import Any, Self
 
 from .catalog import Catalog
+from .checks import check_sink, check_text
 from .config import Config, load_config
 from .drivers.base import Driver, DriverStatus, Source
 from .drivers.registry import create_drivers
@@ -40,18 +41,6 @@ def _check_attrs(attrs: Any) -> dict[str, Any]:
     if not isinstance(attrs, Mapping):
         raise InvalidRequest(f"attrs must be a mapping, not {type(attrs).__name__}")
     return dict(attrs)
-
-
-def _check_id(value: Any, what: str) -> str:
-    if not isinstance(value, str):
-        raise InvalidRequest(f"{what} must be a string, not {type(value).__name__}")
-    return value
-
-
-def _check_sink(sink: Any) -> asyncio.Queue[Any]:
-    if not isinstance(sink, asyncio.Queue):
-        raise InvalidRequest(f"sink must be an asyncio.Queue, not {type(sink).__name__}")
-    return sink
 
 
 class API:
@@ -114,13 +103,13 @@ class API:
 
     def get_collection(self, collection_id: str) -> Collection:
         """One collection by id. A broken metadata file raises its MetadataError here."""
-        return self.catalog.get(_check_id(collection_id, "collection_id"))
+        return self.catalog.get(check_text(collection_id, "collection_id"))
 
     def get_collection_stream(self, collection_id: str, stream_id: str) -> Stream:
         """One declared stream of a collection, by ids (NotFound names the known ones)."""
-        stream_id = _check_id(stream_id, "stream_id")
+        stream_id = check_text(stream_id, "stream_id")
         return self.recordings.get_collection_stream(
-            _check_id(collection_id, "collection_id"), stream_id
+            check_text(collection_id, "collection_id"), stream_id
         )
 
     async def list_collections(self) -> list[Collection]:
@@ -211,7 +200,7 @@ class API:
             InvalidRequest: bad parameters, or attrs that match several recordings.
         """
         attrs = _check_attrs(attrs)
-        sink = _check_sink(sink)
+        sink = check_sink(sink)
         task_id = self._new_task_id(task_id)
         if speed is None:
             speed = 0.0 if rate_limit is False else 1.0
@@ -224,8 +213,8 @@ class API:
         control = ReplayControl(speed, start=start, end=end, loop=loop)
         source = await asyncio.to_thread(
             self.recordings.open_replay,
-            _check_id(collection_id, "collection_id"),
-            _check_id(stream_id, "stream_id"),
+            check_text(collection_id, "collection_id"),
+            check_text(stream_id, "stream_id"),
             attrs,
             speed=speed,
             framing=chosen,
@@ -275,7 +264,7 @@ class API:
         return [driver.status() for driver in self._drivers]
 
     async def _driver_of(self, node_id: str) -> Driver:
-        _check_id(node_id, "node_id")
+        check_text(node_id, "node_id")
         seen: list[str] = []
         for driver in self._drivers:
             for node in await driver.list_nodes():
@@ -309,8 +298,8 @@ class API:
             InvalidRequest: bad parameters.
         """
         attrs = _check_attrs(attrs)
-        sink = _check_sink(sink)
-        stream_id = _check_id(stream_id, "stream_id")
+        sink = check_sink(sink)
+        stream_id = check_text(stream_id, "stream_id")
         task_id = self._new_task_id(task_id)
         chosen = Framing.coerce(framing) if framing is not None else self.framing
         driver = await self._driver_of(node_id)
@@ -358,7 +347,7 @@ class API:
     def _new_task_id(self, task_id: str | None) -> str:
         if task_id is None:
             return secrets.token_hex(8)
-        task_id = _check_id(task_id, "task_id")
+        task_id = check_text(task_id, "task_id")
         if task_id in self._tasks or task_id in self._ended:
             raise InvalidRequest(f"task id {task_id!r} is in use; choose a new one")
         return task_id
@@ -403,4 +392,4 @@ class API:
             raise NotFound(f"no running task {randseq!r}{ended}")
         if task.control is None:
             raise InvalidRequest(f"task {randseq!r} is a live stream; only replays can be steered")
-        return task.control.apply(_check_id(action, "action"), params)
+        return task.control.apply(check_text(action, "action"), params)

@@ -8,6 +8,7 @@ valid in one is valid in all, and every rejection says which key failed and how 
 
 from __future__ import annotations
 
+import asyncio
 import math
 import re
 from collections.abc import Mapping
@@ -15,12 +16,14 @@ from typing import Any, TypeGuard
 
 import numpy as np
 
-from .errors import ConfigError
+from .errors import ConfigError, InvalidRequest
 from .model import numpy_dtype
 
 __all__ = [
     "ID_PATTERN",
     "check_keys",
+    "check_sink",
+    "check_text",
     "config_bool",
     "config_dtype",
     "config_entries",
@@ -156,3 +159,20 @@ def check_keys(data: Any, path: str, allowed: set[str], what: str) -> Mapping[st
                 fix=f"remove it or use one of {sorted(allowed)}",
             )
     return data
+
+
+# -- API arguments: an InvalidRequest naming the argument --------------------------------
+
+
+def check_text(value: Any, what: str) -> str:
+    """An API argument that must be a string (ids are matched where they are looked up)."""
+    if not isinstance(value, str):
+        raise InvalidRequest(f"{what} must be a string, not {type(value).__name__}")
+    return value
+
+
+def check_sink(sink: Any) -> asyncio.Queue[Any]:
+    """The queue a task's frames go to."""
+    if not isinstance(sink, asyncio.Queue):
+        raise InvalidRequest(f"sink must be an asyncio.Queue, not {type(sink).__name__}")
+    return sink
