@@ -17,14 +17,10 @@ from dataclasses import dataclass
 from types import TracebackType
 from typing import Any, Self
 
-import numpy as np
-
-from ..framing import Framing
+from ..framing import Chunk, Framing
 from ..model import Field, Node, Stream, seconds_index
 
 __all__ = ["Chunk", "Driver", "DriverStatus", "Source", "live_stream"]
-
-Chunk = tuple[np.ndarray, np.ndarray]
 
 
 def live_stream(

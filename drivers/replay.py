@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from ..errors import DatamuxError, InvalidRequest, NotFound
-from ..framing import Framing
+from ..framing import FrameCutter, Framing
 from ..model import Stream, StreamStatus
 from .base import Chunk, Source
 from .formats import format_for_path
@@ -119,76 +119,6 @@ async def _blocks_in_thread(
             _close(blocks)
         else:
             pending.add_done_callback(lambda _: _close(blocks))
-
-
-def frame_bounds(
-    timestamps: np.ndarray, max_samples: int, max_span: float, tolerance: float = 0.0
-) -> Iterator[tuple[int, int]]:
-    """Cut a block into frames of at most ``max_samples`` samples spanning < ``max_span``.
-
-    ``tolerance`` (half a sample period for regular streams) keeps float rounding of the
-    timestamps from deciding whether a sample exactly ``max_span`` later joins the frame:
-    at 100 Hz and 50 ms, every frame holds 5 samples. One search per frame, never per
-    sample. ``max_span`` <= 0 cuts by count only.
-    """
-    n = len(timestamps)
-    start = 0
-    while start < n:
-        stop = min(start + max_samples, n)
-        if max_span > 0:
-            end = timestamps[start] + max_span - tolerance
-            limit = int(np.searchsorted(timestamps, end, side="right"))
-            stop = max(start + 1, min(stop, limit))
-        yield start, stop
-        start = stop
-
-
-class FrameCutter:
-    """Cuts consecutive blocks into frames (see :func:`frame_bounds`).
-
-    A block's last frame may go on in the next blocks, so its pieces are held back until
-    a later block completes it or :meth:`flush`; they are joined once, so only the frame
-    that straddles blocks is copied, and only once.
-    """
-
-    def __init__(self, max_samples: int, max_span: float, tolerance: float) -> None:
-        self.max_samples, self.max_span, self.tolerance = max_samples, max_span, tolerance
-        self._pieces: list[Chunk] = []  # the unfinished frame, in pieces
-        self._held = 0  # samples in those pieces
-
-    def _take_held(self) -> Chunk:
-        pieces, self._pieces, self._held = self._pieces, [], 0
-        if len(pieces) == 1:
-            return pieces[0]
-        return np.concatenate([p[0] for p in pieces]), np.concatenate([p[1] for p in pieces])
-
-    def feed(self, timestamps: np.ndarray, values: np.ndarray) -> list[Chunk]:
-        """The frames completed by one more block."""
-        frames: list[Chunk] = []
-        if self._pieces:
-            take = self.max_samples - self._held
-            if self.max_span > 0:
-                end = self._pieces[0][0][0] + self.max_span - self.tolerance
-                take = min(take, int(np.searchsorted(timestamps, end, side="right")))
-            self._pieces.append((timestamps[:take], values[:take]))
-            self._held += len(timestamps[:take])
-            timestamps, values = timestamps[take:], values[take:]
-            if len(timestamps) == 0 and self._held < self.max_samples:
-                return frames  # the whole block fit: the frame may still go on
-            frames.append(self._take_held())
-        if len(timestamps) == 0:
-            return frames
-        bounds = list(frame_bounds(timestamps, self.max_samples, self.max_span, self.tolerance))
-        start, stop = bounds[-1]
-        if stop - start < self.max_samples:
-            self._pieces, self._held = [(timestamps[start:], values[start:])], stop - start
-            bounds.pop()
-        frames.extend((timestamps[a:b], values[a:b]) for a, b in bounds)
-        return frames
-
-    def flush(self) -> Chunk | None:
-        """The held frame, at the end of the data."""
-        return self._take_held() if self._pieces else None
 
 
 class ReplaySource(Source):

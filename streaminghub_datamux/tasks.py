@@ -13,7 +13,6 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections import deque
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -21,11 +20,11 @@ import numpy as np
 
 from .channel import put_when_room
 from .errors import DeviceLost
-from .framing import Framing
+from .framing import Framer, Framing
 from .model import Frame, StreamError, StreamStatus
 from .util import END_OF_STREAM, describe_error
 
-__all__ = ["Framer", "Task"]
+__all__ = ["Framer", "Task"]  # Framer lives in framing.py
 
 log = logging.getLogger(__name__)
 
@@ -37,79 +36,6 @@ SINK_HIGH_WATER = 256
 BUFFER_FRAMES = 16
 BACKOFF_FIRST_S = 0.1
 BACKOFF_MAX_S = 5.0
-
-
-class Framer:
-    """Groups live chunks into frames of <= ``max_samples``, flushed at ``max_latency``.
-
-    Holds at most ``capacity`` samples; past that the oldest chunks are dropped and
-    counted in :attr:`dropped`, so a stalled consumer never stalls the device.
-
-    ``early`` (seconds, at most half the latency budget): a frame whose deadline comes
-    within ``early`` of now counts as ready. The task passes its source's period, so a
-    frame that would fall due before the next chunk leaves with this one, at a wake the
-    source causes anyway, instead of at a timer wake of its own.
-    """
-
-    def __init__(self, framing: Framing, capacity: int, early: float = 0.0) -> None:
-        self.framing = framing
-        self.capacity = capacity
-        self.early = min(max(early, 0.0), framing.max_latency_s / 2)
-        self.dropped = 0
-        self._chunks: deque[tuple[np.ndarray, np.ndarray]] = deque()
-        self._size = 0
-        self._oldest_birth: float | None = None  # when the oldest held sample was taken
-
-    def __len__(self) -> int:
-        return self._size
-
-    def push(self, timestamps: np.ndarray, values: np.ndarray, now: float) -> None:
-        if len(timestamps) == 0:
-            return
-        # A chunk's first sample was taken before the chunk arrived by its time span.
-        span = float(timestamps[-1] - timestamps[0]) if timestamps.dtype.kind == "f" else 0.0
-        birth = now - min(max(span, 0.0), self.framing.max_latency_s)
-        was_empty = self._oldest_birth is None
-        if was_empty:
-            self._oldest_birth = birth
-        self._chunks.append((timestamps, values))
-        self._size += len(timestamps)
-        while self._size > self.capacity and len(self._chunks) > 1:
-            dropped_ts, _ = self._chunks.popleft()
-            self._size -= len(dropped_ts)
-            self.dropped += len(dropped_ts)
-
-    def deadline(self) -> float | None:
-        """When the oldest held sample reaches max latency (None when empty)."""
-        if self._oldest_birth is None:
-            return None
-        return self._oldest_birth + self.framing.max_latency_s
-
-    def ready(self, now: float) -> bool:
-        deadline = self.deadline()
-        return self._size >= self.framing.max_samples or (
-            deadline is not None and now + self.early >= deadline
-        )
-
-    def pop(self, now: float) -> tuple[np.ndarray, np.ndarray]:
-        """Take up to ``max_samples`` samples from the front, as one frame."""
-        wanted = self.framing.max_samples
-        ts_parts, value_parts, taken = [], [], 0
-        while self._chunks and taken < wanted:
-            timestamps, values = self._chunks.popleft()
-            room = wanted - taken
-            if len(timestamps) > room:
-                self._chunks.appendleft((timestamps[room:], values[room:]))
-                timestamps, values = timestamps[:room], values[:room]
-            ts_parts.append(timestamps)
-            value_parts.append(values)
-            taken += len(timestamps)
-        self._size -= taken
-        # What stays behind arrived after what left: it is at most as old as now.
-        self._oldest_birth = now if self._chunks else None
-        if len(ts_parts) == 1:
-            return ts_parts[0], value_parts[0]
-        return np.concatenate(ts_parts), np.concatenate(value_parts)
 
 
 class Task:

@@ -10,8 +10,8 @@ from helpers import drain, frames_of, run
 import streaminghub_datamux as dm
 from streaminghub_datamux.drivers.base import Source
 from streaminghub_datamux.errors import DataError, DeviceLost
-from streaminghub_datamux.framing import Framing
-from streaminghub_datamux.tasks import Framer, Task
+from streaminghub_datamux.framing import Framer, Framing
+from streaminghub_datamux.tasks import Task
 
 
 class ScriptedSource(Source):

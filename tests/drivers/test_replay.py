@@ -386,7 +386,7 @@ def test_bad_first_line_gives_error_and_no_frames(workspace):
 
 @pytest.mark.parametrize("span", [0.0, 0.05, 0.0123])
 def test_frames_do_not_depend_on_how_the_file_is_cut_into_blocks(span):
-    from streaminghub_datamux.drivers.replay import FrameCutter, frame_bounds
+    from streaminghub_datamux.framing import FrameCutter, frame_bounds
 
     rng = np.random.default_rng(7)
     timestamps = np.cumsum(rng.uniform(0.001, 0.02, 2000))
@@ -403,8 +403,39 @@ def test_frames_do_not_depend_on_how_the_file_is_cut_into_blocks(span):
         np.testing.assert_array_equal(np.concatenate([f[1] for f in frames]), values)
 
 
+def test_only_frames_that_straddle_blocks_are_copied(monkeypatch):
+    from streaminghub_datamux import framing
+    from streaminghub_datamux.framing import FrameCutter
+
+    joins = []
+    real = np.concatenate
+    # framing.np is numpy itself: this counts every join until the test ends.
+    monkeypatch.setattr(framing.np, "concatenate", lambda parts: joins.append(1) or real(parts))
+    timestamps = np.arange(40) * 0.01
+    values = np.arange(40, dtype=np.float32).reshape(-1, 1)
+    cutter = FrameCutter(10, 0.0, 0.0)
+    # Blocks of 10, 5 + 5 and 10: every frame ends at a block's end, one spans two blocks.
+    frames = cutter.feed(timestamps[:10], values[:10])
+    frames += cutter.feed(timestamps[10:15], values[10:15])
+    frames += cutter.feed(timestamps[15:30], values[15:30])
+    frames += cutter.feed(timestamps[30:], values[30:])
+    assert cutter.flush() is None
+    assert [len(f[0]) for f in frames] == [10, 10, 10, 10]
+    assert len(joins) == 2  # the straddling frame: its timestamps and values, once each
+    assert [np.shares_memory(f[1], values) for f in frames] == [True, False, True, True]
+    # A held frame that the next block cannot extend (a gap longer than the span) leaves
+    # as the piece it is, without a join.
+    gapped = np.r_[np.arange(8) * 0.01, 1.0 + np.arange(8) * 0.01]
+    joins.clear()
+    cutter = FrameCutter(10, 0.05, 0.005)
+    frames = cutter.feed(gapped[:8], values[:8]) + cutter.feed(gapped[8:], values[8:16])
+    frames.append(cutter.flush())
+    assert [len(f[0]) for f in frames] == [5, 3, 5, 3]
+    assert joins == [] and all(np.shares_memory(f[1], values) for f in frames)
+
+
 def test_regular_frames_have_a_constant_size_despite_rounding():
-    from streaminghub_datamux.drivers.replay import frame_bounds
+    from streaminghub_datamux.framing import frame_bounds
 
     timestamps = 10.0 + np.arange(1000) / 100  # 100 Hz: sums of 0.01 do not round evenly
     sizes = {b - a for a, b in frame_bounds(timestamps, 1024, 0.05, 0.5 / 100)}
