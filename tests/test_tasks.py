@@ -236,6 +236,9 @@ class PeriodicSource(ScriptedSource):
         super().__init__([])
         self.period_s, self.count, self.n = period_s, chunks, n
         self.delivered: list[float] = []  # loop time of each chunk
+        # The last chunk whose loop step has ended: a callback scheduled with a chunk runs
+        # only once the step that took the chunk gives the loop back.
+        self.step_over = -1
 
     async def chunks(self):
         loop = asyncio.get_running_loop()
@@ -243,6 +246,7 @@ class PeriodicSource(ScriptedSource):
         for i in range(self.count):
             await asyncio.sleep(max(start + (i + 1) * self.period_s - loop.time(), 0.0))
             self.delivered.append(loop.time())
+            loop.call_soon(setattr, self, "step_over", i)
             yield chunk(i * self.n, self.n)
         await asyncio.sleep(0.1)
 
@@ -256,14 +260,15 @@ def test_frames_of_a_regular_source_leave_at_its_chunk_wakes() -> None:
     """
     framing = Framing(max_samples=1000, max_latency_ms=40)
 
+    source = PeriodicSource(0.01, 20, 10)
+
     class StampingQueue(asyncio.Queue):
-        """Notes the loop time at which each item is put (not when it is taken)."""
+        """Notes, for each item put, the last chunk whose loop step had ended then."""
 
         def put_nowait(self, item):
-            super().put_nowait((asyncio.get_running_loop().time(), item))
+            super().put_nowait((source.step_over, item))
 
     async def body():
-        source = PeriodicSource(0.01, 20, 10)
         sink = StampingQueue()
         task = Task(
             "t", lambda: source, sink, stream_id="s", channels=["a"], attrs={}, framing=framing
@@ -272,17 +277,21 @@ def test_frames_of_a_regular_source_leave_at_its_chunk_wakes() -> None:
         stamped = []
         while (item := await sink.get())[1] is not dm.END_OF_STREAM:
             stamped.append(item)
-        return stamped, source.delivered
+        return stamped
 
-    stamped, delivered = run(body())
+    stamped = run(body())
     frames = [f for _, f in stamped]
     assert sum(len(f) for f in frames) == 200
     np.testing.assert_array_equal(
         np.concatenate([f.timestamps for f in frames]), np.arange(200) * 0.001
     )
-    for sent, frame in stamped[:-1]:  # the last one is flushed at the end of the stream
+    for step_over, frame in stamped[:-1]:  # the last one is flushed at the end of the stream
         chunk_no = int(frame.timestamps[-1] * 1000) // 10  # the chunk that closed it
-        assert sent - delivered[chunk_no] < 0.0005, (sent, delivered[chunk_no])
-        # Frames span 4 chunks: the 4th chunk comes 30 ms after the 1st, and the 5th
-        # would come at 40 ms, past the deadline (3 when a wake is 1 ms late).
-        assert len(frame) in (30, 40), [len(f) for f in frames]
+        # Put in the loop step that took that chunk (a timer would fire in a later one).
+        assert step_over == chunk_no - 1, (step_over, chunk_no)
+    # Frames span 4 chunks: the 4th chunk comes 30 ms after the 1st, and the 5th would
+    # come at 40 ms, past the deadline (3 when a wake is 1 ms late; fewer when a loaded
+    # machine delays a chunk, but never more than the deadline allows).
+    sizes = [len(f) for f in frames[:-1]]
+    assert all(n % 10 == 0 and 0 < n <= 40 for n in sizes), sizes
+    assert np.median(sizes) >= 30, sizes
