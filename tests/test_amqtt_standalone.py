@@ -18,7 +18,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
-from broker import LOOPBACK, free_port
+from broker import LOOPBACK, free_port, stop_process
 from helpers import gaze_collection, run
 from remote import AgentProcess, wait_until
 
@@ -51,12 +51,7 @@ def amqtt_broker(tmp_path: Path) -> Iterator[SimpleNamespace]:
         wait_until(lambda: b"bind to" in (tmp_path / "amqtt.log").read_bytes(), 30, "amqtt up")
         yield SimpleNamespace(host=LOOPBACK, port=port)
     finally:
-        process.terminate()
-        try:
-            process.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait(timeout=10)
+        stop_process(process)
         log.close()
 
 
