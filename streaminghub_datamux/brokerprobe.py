@@ -13,10 +13,10 @@ import socket
 import ssl
 from typing import TYPE_CHECKING
 
-if TYPE_CHECKING:  # mqttio imports this module; the settings are only read here
+if TYPE_CHECKING:
     from paho.mqtt.reasoncodes import ReasonCode
 
-    from .mqttio import BrokerSettings
+    from .mqttvalues import BrokerSettings
 
 __all__ = [
     "DEFINITE_CAUSES",

@@ -47,6 +47,7 @@ def test_public_names_match_all():
         "codec",
         "mqttio",
         "brokerprobe",
+        "mqttvalues",
         "protocol",
         "dirs",
         "host",
