@@ -23,6 +23,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from streaminghub_datamux.preciseloop import PreciseSelector
+
 COUNTS = {"selects": 0, "zero_timeout": 0}
 _select = selectors.EpollSelector.select
 
@@ -34,8 +36,8 @@ def _counting_select(self: Any, timeout: float | None = None) -> Any:
     return _select(self, timeout)
 
 
-class CountingSelector(selectors.EpollSelector):
-    """An epoll selector that counts its own calls (for a loop made in the bench)."""
+class CountingSelector(PreciseSelector):
+    """The agent's selector, counting its own calls (for a loop made in the bench)."""
 
     def __init__(self) -> None:
         super().__init__()

@@ -13,9 +13,9 @@ from .stream_cmds import (
     _api,
     _attrs,
     _remote_flags,
-    _run,
     replay_control_flags,
     replay_control_options,
+    run_command,
 )
 
 __all__ = ["register"]
@@ -57,7 +57,7 @@ def register(subparsers: argparse._SubParsersAction[Any]) -> None:
         metavar="S",
         help="hold the stream back until an inlet connects (at most S seconds)",
     )
-    parser.set_defaults(handler=lambda args: _run(_lsl_out(args)))
+    parser.set_defaults(handler=lambda args: run_command(_lsl_out(args)))
 
 
 async def _lsl_out(args: argparse.Namespace) -> int:

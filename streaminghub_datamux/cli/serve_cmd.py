@@ -16,6 +16,7 @@ from typing import Any
 from ..config import Config, load_config
 from ..dirs import cache_dir
 from ..errors import ConfigError, Unavailable
+from .stream_cmds import run_command
 
 __all__ = ["register"]
 
@@ -44,7 +45,7 @@ def register(subparsers: argparse._SubParsersAction[Any]) -> None:
     )
     serve.add_argument("--state-dir", help="where the spool lives (default: agent.state_dir)")
     serve.add_argument("--drivers", help='live drivers, e.g. "sim,lsl" (default: drivers.enabled)')
-    serve.set_defaults(handler=lambda args: _run(_serve(args)))
+    serve.set_defaults(handler=lambda args: run_command(_serve(args)))
 
     demo = subparsers.add_parser(
         "demo",
@@ -57,7 +58,7 @@ def register(subparsers: argparse._SubParsersAction[Any]) -> None:
     demo.add_argument("--seconds", type=float, default=5.0, help="how long to print (default 5)")
     demo.add_argument("--node", default="demo", help="node id (default: demo)")
     demo.add_argument("--stream", default="eeg", help="stream id (default: eeg)")
-    demo.set_defaults(handler=lambda args: _run(_demo(args)))
+    demo.set_defaults(handler=lambda args: run_command(_demo(args)))
 
 
 def broker_flags(parser: argparse.ArgumentParser) -> None:
@@ -80,13 +81,6 @@ def broker_overrides(args: argparse.Namespace) -> dict[str, Any]:
     """The config flags of the broker options (-H and -p win over --broker)."""
     host, port = args.broker or (None, None)
     return {"broker.host": args.host or host, "broker.port": args.port or port}
-
-
-def _run(coro: Any) -> int:
-    try:
-        return asyncio.run(coro)
-    except KeyboardInterrupt:
-        return 130
 
 
 def _config(args: argparse.Namespace, **extra: Any) -> Config:

@@ -26,6 +26,7 @@ from typing import Any
 
 import numpy as np
 
+from .. import preciseloop
 from ..api import API
 from ..config import load_config
 from ..errors import ConfigError, InvalidRequest, NotFound
@@ -83,7 +84,8 @@ def _handle(args: argparse.Namespace) -> int:
     for name, publish in TARGETS.items():
         node_id = getattr(args, name, None)
         if node_id is not None:
-            return asyncio.run(_simulate(API(config), publish, node_id, stream_ids, args.seconds))
+            simulation = _simulate(API(config), publish, node_id, stream_ids, args.seconds)
+            return preciseloop.run(simulation)
     raise InvalidRequest("choose where to publish, e.g. --lsl")
 
 

@@ -15,6 +15,7 @@ from typing import Any, TextIO
 
 import numpy as np
 
+from .. import preciseloop
 from ..api import API
 from ..client import RemoteAPI
 from ..config import load_config
@@ -97,7 +98,7 @@ def register(subparsers: argparse._SubParsersAction[Any]) -> None:
         action="store_true",
         help="also list serial ports that no device is configured for (this machine only)",
     )
-    ls.set_defaults(handler=lambda args: _run(_ls(args)))
+    ls.set_defaults(handler=lambda args: run_command(_ls(args)))
 
     output = argparse.ArgumentParser(add_help=False)
     output.add_argument(
@@ -140,7 +141,7 @@ def register(subparsers: argparse._SubParsersAction[Any]) -> None:
         default="auto",
         help="progress bar on stderr (auto: when stderr is a terminal)",
     )
-    replay.set_defaults(handler=lambda args: _run(_replay(args)))
+    replay.set_defaults(handler=lambda args: run_command(_replay(args)))
 
     tail = subparsers.add_parser(
         "tail",
@@ -151,7 +152,7 @@ def register(subparsers: argparse._SubParsersAction[Any]) -> None:
     tail.add_argument("node", nargs="?", default="demo", help="node id (default: demo)")
     tail.add_argument("stream", nargs="?", default="eeg", help="stream id (default: eeg)")
     tail.add_argument("--seconds", type=_positive, metavar="S", help="stop after S seconds")
-    tail.set_defaults(handler=lambda args: _run(_tail(args)))
+    tail.set_defaults(handler=lambda args: run_command(_tail(args)))
 
     rec = subparsers.add_parser(
         "record",
@@ -209,7 +210,7 @@ def register(subparsers: argparse._SubParsersAction[Any]) -> None:
         default="auto",
         help="show progress on stderr (auto: when stderr is a terminal)",
     )
-    rec.set_defaults(handler=lambda args: _run(_record(args)))
+    rec.set_defaults(handler=lambda args: run_command(_record(args)))
 
 
 def _at_least_one(text: str) -> int:
@@ -234,9 +235,10 @@ def _positive(text: str) -> float:
     return value
 
 
-def _run(coro: Any) -> int:
+def run_command(coro: Any) -> int:
+    """Run a command's coroutine on a loop with on-time timers; Ctrl-C exits with 130."""
     try:
-        return asyncio.run(coro)
+        return preciseloop.run(coro)
     except KeyboardInterrupt:
         return 130
 
