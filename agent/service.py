@@ -101,6 +101,7 @@ class Agent:
             on_message=self._on_message,
             on_connect=self._on_connect,
             will=Will(self.topics.agent_state(self.id), offline),
+            network="loop",  # the agent's loop never blocks: no thread hop per frame
         )
         self.presence = Presence(
             agent_id=self.id,

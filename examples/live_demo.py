@@ -6,6 +6,7 @@ Run: python examples/live_demo.py
 import asyncio
 
 import streaminghub_datamux as dm
+from streaminghub_datamux import preciseloop
 
 
 async def main() -> None:
@@ -30,4 +31,4 @@ async def main() -> None:
 
 
 if __name__ == "__main__":
-    asyncio.run(main())
+    preciseloop.run(main())  # timers on time: the low-latency frames leave on schedule

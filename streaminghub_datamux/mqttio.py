@@ -1,7 +1,9 @@
 """One MQTT connection, used from asyncio; shared by the agent and the RemoteAPI.
 
-paho-mqtt's network thread does the socket work and reconnects with backoff; its
-callbacks are handed to the asyncio loop, so the rest of the code runs on one thread.
+paho-mqtt does the protocol; its socket is served by paho's network thread (the
+RemoteAPI) or by the asyncio loop itself (the agent; mqttnet.py says why). Either way
+paho's callbacks run the link's handlers on the asyncio loop, so the rest of the code
+runs on one thread.
 Publishing has flow control: :meth:`MqttLink.publish` waits while too many messages are
 unacknowledged, so a fast producer slows down instead of filling memory.
 """
@@ -13,9 +15,10 @@ import contextlib
 import logging
 import socket
 import ssl
+import threading
 from collections import deque
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, Literal
 
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
@@ -30,6 +33,7 @@ from .brokerprobe import (
     is_definite,
 )
 from .errors import ConfigError, InvalidRequest, Unavailable
+from .mqttnet import LoopNetwork, Network, ThreadNetwork
 from .mqttvalues import BrokerSettings, Incoming, Will
 
 __all__ = [
@@ -81,6 +85,9 @@ class MqttLink:
             resumes; ``session_present`` says whether the broker kept our session.
         on_disconnect: called on the loop when the connection drops.
         will: published by the broker if we vanish without a clean close.
+        network: who serves the socket: ``"thread"`` (paho's thread: the connection
+            lives on while the loop is blocked) or ``"loop"`` (the asyncio loop: no
+            thread hop per message, for a loop that never blocks, such as the agent's).
     """
 
     def __init__(
@@ -92,8 +99,12 @@ class MqttLink:
         on_connect: Callable[[bool], None] | None = None,
         on_disconnect: Callable[[str], None] | None = None,
         will: Will | None = None,
+        network: Literal["thread", "loop"] = "thread",
     ) -> None:
         self.client_id = client_id
+        self._network_kind = network
+        self._network: Network | None = None
+        self._loop_thread: int | None = None
         self.settings = settings
         self.will = will
         self._on_message = on_message
@@ -143,6 +154,7 @@ class MqttLink:
         boot); otherwise it raises :class:`Unavailable` when no broker answers in time.
         """
         loop = self._loop = asyncio.get_running_loop()
+        self._loop_thread = threading.get_ident()
         if self._client is not None:
             raise Unavailable("already connected (or connecting)")
         versions = {"5": [mqtt.MQTTv5], "3.1.1": [mqtt.MQTTv311]}.get(
@@ -206,7 +218,8 @@ class MqttLink:
             )
         except (OSError, ValueError) as exc:
             raise Unavailable(f"MQTT broker {self.settings.address}: {exc}") from None
-        self._client.loop_start()
+        self._network = self._make_network(self._client)
+        self._network.start()
         outcome = await self._first_outcome(timeout)
         if outcome is not None:
             await self._stop_client()
@@ -285,6 +298,11 @@ class MqttLink:
                 wait,
             )
 
+    def _make_network(self, client: mqtt.Client) -> Network:
+        if self._network_kind == "loop":
+            return LoopNetwork(client, RECONNECT_MIN_S, RECONNECT_MAX_S)
+        return ThreadNetwork(client)
+
     def _connect_kwargs(self, version: int) -> dict[str, Any]:
         if version != mqtt.MQTTv5:
             return {}
@@ -324,7 +342,6 @@ class MqttLink:
         client.reconnect_delay_set(RECONNECT_MIN_S, RECONNECT_MAX_S)  # type: ignore[arg-type]
         client.max_inflight_messages_set(MAX_OUTSTANDING)
         client.max_queued_messages_set(0)
-        client.on_socket_open = _no_delay
         client.on_connect = self._paho_connect
         client.on_disconnect = self._paho_disconnect
         client.on_message = self._paho_message
@@ -357,11 +374,11 @@ class MqttLink:
         if self._closing:
             self._stop_reporting()
         client, self._client = self._client, None
+        network, self._network = self._network, None
         if client is None:
             return
-        if disconnect:
-            client.disconnect()
-        await asyncio.to_thread(client.loop_stop)
+        if network is not None:
+            await network.stop(disconnect)
         self._connected.clear()
         # Nothing will be acknowledged any more: release everyone waiting on the link.
         self._pending.clear()
@@ -467,7 +484,7 @@ class MqttLink:
             return False
         if info.rc == mqtt.MQTT_ERR_NO_CONN and qos == 0:
             return False
-        # on_publish reaches the loop through call_soon_threadsafe, so it always runs
+        # on_publish reaches the loop through call_soon(_threadsafe), so it always runs
         # after this line, even when paho wrote the message at once.
         self._pending[info.mid] = (qos, len(payload))
         self._pending_bytes += len(payload)
@@ -513,9 +530,13 @@ class MqttLink:
 
     def publish_from_thread(self, topic: str, payload: bytes) -> None:
         """QoS 0, from any thread, no flow control: for small periodic messages."""
-        client = self._client
-        if client is not None and self.connected:
+        client, network = self._client, self._network
+        if client is None or network is None or not self.connected:
+            return
+        if network.thread_safe:  # sent even while the loop is blocked
             client.publish(topic, payload, qos=0)
+        else:
+            self._to_loop(client.publish, topic, payload, 0)
 
     def _has_room(self) -> bool:
         return len(self._pending) < MAX_OUTSTANDING and self._pending_bytes < (
@@ -529,11 +550,15 @@ class MqttLink:
 
     # -- paho callbacks (paho's thread) -> the loop ----------------------------------------
 
-    def _to_loop(self, callback: Callable[..., None], *args: Any) -> bool:
+    def _to_loop(self, callback: Callable[..., Any], *args: Any) -> bool:
+        """Run ``callback`` on the loop, after the paho call in progress returns."""
         loop = self._loop
         if loop is None or loop.is_closed():
             return False
-        loop.call_soon_threadsafe(callback, *args)
+        if threading.get_ident() == self._loop_thread:  # the loop serves the socket
+            loop.call_soon(callback, *args)
+        else:
+            loop.call_soon_threadsafe(callback, *args)
         return True
 
     def _paho_connect(
@@ -620,6 +645,8 @@ class MqttLink:
             return
         self._connected.set()
         self.problem = ""
+        if self._network is not None:
+            self._network.connected()
         log.info(
             "connected to %s (MQTT %s, session %s)",
             self.settings.address,
@@ -679,13 +706,6 @@ class MqttLink:
         future = self._acks.get(mid)
         if future is not None and not future.done():
             future.set_result(None)
-
-
-def _no_delay(client: mqtt.Client, userdata: Any, sock: Any) -> None:
-    """Send small frames at once: paho leaves Nagle's algorithm on, and with QoS 0 nothing
-    flows back to carry the ACK, so each frame waited 40 ms for the delayed ACK."""
-    with contextlib.suppress(OSError, AttributeError):
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
 
 def _check_filter(topic: str) -> None:

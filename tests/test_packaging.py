@@ -48,6 +48,8 @@ def test_public_names_match_all():
         "mqttio",
         "brokerprobe",
         "mqttvalues",
+        "mqttnet",
+        "preciseloop",
         "protocol",
         "dirs",
         "host",

@@ -1,0 +1,181 @@
+"""Who serves the MQTT socket: paho's thread (RemoteAPI) or the asyncio loop (the agent).
+
+Both on a real mosquitto; the loop's own paths (a full socket buffer, TLS records,
+keepalive pings, reconnects, stopping while connecting) are driven for real.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from pathlib import Path
+from typing import Any
+
+import pytest
+from broker import LOOPBACK, Mosquitto, free_port
+from helpers import run
+from secure_broker import Certificates
+
+from streaminghub_datamux.mqttio import BrokerSettings, Incoming, MqttLink
+
+BIG = 256 * 1024  # bigger than a loopback socket's send buffer takes at once
+COUNT = 120
+
+
+def _paho_threads() -> set[str]:
+    return {t.name for t in threading.enumerate() if t.name.startswith("paho-mqtt-client")}
+
+
+async def _burst(settings: BrokerSettings, network: Any, topic: str) -> list[bytes]:
+    """Publish COUNT big QoS 1 messages from a link served by ``network``; what a second
+    link (paho's thread) receives, in order."""
+    received: list[bytes] = []
+    done = asyncio.Event()
+
+    def on_message(message: Incoming) -> None:
+        received.append(message.payload)
+        if len(received) == COUNT:
+            done.set()
+
+    receiver = MqttLink("burst-rx", settings, on_message=on_message)
+    sender = MqttLink("burst-tx", settings, on_message=print, network=network)
+    await receiver.connect(10)
+    await sender.connect(10)
+    try:
+        await receiver.subscribe(topic, qos=1)
+        for i in range(COUNT):
+            body = i.to_bytes(4, "big") * (BIG // 4)
+            assert await sender.publish(topic, body, qos=1)
+        await asyncio.wait_for(done.wait(), 60)
+        assert await sender.flush(10)
+    finally:
+        await sender.close()
+        await receiver.close()
+    return received
+
+
+@pytest.mark.parametrize("network", ["loop", "thread"])
+def test_a_burst_bigger_than_the_socket_buffer_arrives_whole_and_in_order(mosquitto, network):
+    received = run(_burst(BrokerSettings(host=LOOPBACK, port=mosquitto.port), network, "b/1"))
+    assert [len(p) for p in received] == [BIG] * COUNT
+    assert [int.from_bytes(p[:4], "big") for p in received] == list(range(COUNT))
+    assert all(p == p[:4] * (BIG // 4) for p in received)
+
+
+def test_the_loop_serves_tls_records_both_ways(tmp_path: Path):
+    """TLS: records epoll cannot see (decrypted, pending in the SSL object) are read."""
+    certificates = Certificates(tmp_path / "certs")
+    cert, key = certificates.server
+    broker = Mosquitto(
+        tmp_path / "broker",
+        extra_config=[f"cafile {certificates.ca}", f"certfile {cert}", f"keyfile {key}"],
+    )
+    broker.start()
+    try:
+        settings = BrokerSettings(host=LOOPBACK, port=broker.port, ca_file=str(certificates.ca))
+
+        async def both_ways() -> tuple[list[bytes], list[bytes]]:
+            # The loop-served link sends a burst, then receives one from the other side.
+            sent = await _burst(settings, "loop", "tls/1")
+            got: list[bytes] = []
+            done = asyncio.Event()
+
+            def on_message(message: Incoming) -> None:
+                got.append(message.payload)
+                if len(got) == COUNT:
+                    done.set()
+
+            reader = MqttLink("tls-rx", settings, on_message=on_message, network="loop")
+            writer = MqttLink("tls-tx", settings, on_message=print)
+            await reader.connect(10)
+            await writer.connect(10)
+            try:
+                await reader.subscribe("tls/2", qos=1)
+                for i in range(COUNT):
+                    assert await writer.publish("tls/2", i.to_bytes(4, "big") * 4096, qos=1)
+                await asyncio.wait_for(done.wait(), 60)
+            finally:
+                await writer.close()
+                await reader.close()
+            return sent, got
+
+        sent, got = run(both_ways())
+    finally:
+        broker.stop()
+    assert [int.from_bytes(p[:4], "big") for p in sent] == list(range(COUNT))
+    assert [int.from_bytes(p[:4], "big") for p in got] == list(range(COUNT))
+
+
+def test_the_loop_pings_so_an_idle_link_stays_connected(mosquitto):
+    """keepalive 2 s: mosquitto drops a client silent for 3 s; loop_misc pings."""
+
+    async def idle() -> tuple[int, bool, set[str]]:
+        settings = BrokerSettings(host=LOOPBACK, port=mosquitto.port, keepalive_s=2)
+        link = MqttLink("idle", settings, on_message=print, network="loop")
+        await link.connect(10)
+        threads = _paho_threads()
+        try:
+            await asyncio.sleep(7.0)
+            return link.disconnects, link.connected, threads
+        finally:
+            await link.close()
+
+    disconnects, connected, threads = run(idle())
+    assert (disconnects, connected) == (0, True)
+    assert threads == set(), f"a paho thread serves a loop link: {threads}"
+
+
+def test_the_loop_reconnects_after_a_broker_restart(tmp_path: Path):
+    broker = Mosquitto(tmp_path / "broker")
+    broker.start()
+    try:
+
+        async def across_restart() -> list[bytes]:
+            got: list[bytes] = []
+            arrived = asyncio.Event()
+
+            def on_message(message: Incoming) -> None:
+                got.append(message.payload)
+                arrived.set()
+
+            settings = BrokerSettings(host=LOOPBACK, port=broker.port)
+            link = MqttLink("restart", settings, on_message=on_message, network="loop")
+            await link.connect(10)
+            try:
+                await link.subscribe("r/1", qos=1)
+                await asyncio.to_thread(broker.restart, 0.5)
+                async with asyncio.timeout(20):
+                    while not link.connected or link.disconnects == 0:
+                        await asyncio.sleep(0.05)
+                await asyncio.sleep(0.2)  # the SUBSCRIBE made again on reconnect
+                assert link.publish_nowait("r/1", b"after", qos=1)
+                await asyncio.wait_for(arrived.wait(), 10)
+            finally:
+                await link.close()
+            return got
+
+        assert run(across_restart()) == [b"after"]
+    finally:
+        broker.stop()
+
+
+def test_closing_while_no_broker_answers_leaves_nothing_running():
+    async def give_up() -> tuple[float, set[str], int]:
+        settings = BrokerSettings(host=LOOPBACK, port=free_port())
+        link = MqttLink("nobody", settings, on_message=print, network="loop")
+        connecting = asyncio.create_task(link.connect(timeout=None))
+        await asyncio.sleep(1.5)  # a few refused attempts, with backoff
+        loop = asyncio.get_running_loop()
+        began = loop.time()
+        await link.close()
+        connecting.cancel()
+        await asyncio.gather(connecting, return_exceptions=True)
+        # The link's own tasks (serving the socket, reporting why it cannot connect).
+        tasks = [t.get_coro().__qualname__ for t in asyncio.all_tasks()]  # type: ignore[union-attr]
+        left = [name for name in tasks if name.startswith(("LoopNetwork", "MqttLink"))]
+        return loop.time() - began, _paho_threads(), left
+
+    took, threads, tasks = run(give_up())
+    assert took < 6.0
+    assert threads == set()
+    assert tasks == []
