@@ -478,17 +478,23 @@ class MqttLink:
             if correlation is not None:
                 properties.CorrelationData = correlation
         retain = retain and self.retain_available
-        info = client.publish(topic, payload, qos=qos, retain=retain, properties=properties)
-        if info.rc != mqtt.MQTT_ERR_SUCCESS and info.rc != mqtt.MQTT_ERR_NO_CONN:
-            log.warning("publish to %s failed: %s", topic, mqtt.error_string(info.rc))
-            return False
-        if info.rc == mqtt.MQTT_ERR_NO_CONN and qos == 0:
-            return False
-        # on_publish reaches the loop through call_soon(_threadsafe), so it always runs
-        # after this line, even when paho wrote the message at once.
-        self._pending[info.mid] = (qos, len(payload))
-        self._pending_bytes += len(payload)
-        return True
+        network = self._network
+        assert network is not None  # set with the client
+        network.hold_writes()
+        try:
+            info = client.publish(topic, payload, qos=qos, retain=retain, properties=properties)
+            if info.rc != mqtt.MQTT_ERR_SUCCESS and info.rc != mqtt.MQTT_ERR_NO_CONN:
+                log.warning("publish to %s failed: %s", topic, mqtt.error_string(info.rc))
+                return False
+            if info.rc == mqtt.MQTT_ERR_NO_CONN and qos == 0:
+                return False
+            # Recorded before the packet is written (release_writes), and on_publish
+            # reaches the loop through call_soon(_threadsafe): the ack finds it.
+            self._pending[info.mid] = (qos, len(payload))
+            self._pending_bytes += len(payload)
+            return True
+        finally:
+            network.release_writes()
 
     async def flush(self, timeout: float = 10.0) -> bool:
         """Wait until the broker has acknowledged every QoS 1 message published so far.

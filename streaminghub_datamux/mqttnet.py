@@ -51,6 +51,12 @@ class Network(Protocol):
     def connected(self) -> None:
         """The broker accepted us (CONNACK): the next loss reconnects after the least delay."""
 
+    def hold_writes(self) -> None:
+        """Around a publish on the loop: its packet is written by :meth:`release_writes`."""
+
+    def release_writes(self) -> None:
+        """Write what was held, now."""
+
 
 class ThreadNetwork:
     """paho's network thread (``loop_start``), with paho's own reconnect backoff."""
@@ -72,6 +78,12 @@ class ThreadNetwork:
     def connected(self) -> None:
         pass  # paho resets its own backoff
 
+    def hold_writes(self) -> None:
+        pass  # paho's thread writes
+
+    def release_writes(self) -> None:
+        pass
+
 
 class LoopNetwork:
     """paho's socket read, written and kept alive by the running asyncio loop."""
@@ -87,6 +99,7 @@ class LoopNetwork:
         self._fd: int | None = None  # the socket being watched
         self._writer = False  # add_writer is on (the socket's buffer was full)
         self._write_scheduled = False
+        self._holding = self._held = False  # a publish in progress writes when it is done
         self._lost = asyncio.Event()  # the socket closed
         self._stopping = False
         self._task: asyncio.Task[None] | None = None
@@ -101,6 +114,17 @@ class LoopNetwork:
 
     def connected(self) -> None:
         self._delay_s = self._min_delay_s
+
+    def hold_writes(self) -> None:
+        self._holding = True
+
+    def release_writes(self) -> None:
+        # The frame goes out in this loop step: no turn for a scheduled write (one per
+        # frame, issue #12's loop turns) and no wait for one.
+        self._holding = False
+        if self._held:
+            self._held = False
+            self._write_ready()
 
     async def stop(self, disconnect: bool) -> None:
         self._stopping = True
@@ -189,7 +213,10 @@ class LoopNetwork:
         self._lost.set()
 
     def _schedule_write(self) -> None:
-        # One write per loop step, for every publish made during that step.
+        if self._holding:
+            self._held = True
+            return
+        # One write per loop step, for every packet paho queued during that step.
         if not self._write_scheduled:
             self._write_scheduled = True
             self._loop.call_soon(self._write_ready)
