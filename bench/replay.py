@@ -43,6 +43,7 @@ import numpy as np
 from common import code_version, log, n_runs, verdict, write_doc  # bench/common.py
 
 import streaminghub_datamux as dm
+from streaminghub_datamux import preciseloop
 from streaminghub_datamux.config import load_config
 from streaminghub_datamux.drivers.replay import BLOCK_BYTES as REPLAY_BLOCK_BYTES
 from streaminghub_datamux.drivers.replay import ReplaySource
@@ -362,7 +363,8 @@ def bench_pacing(
             replay = _replay_paced(api, sources, recording)
         else:
             replay = _replay_paced_under_load(api, sources, recording, make_api(root), load)
-        arrivals, last_ts, started_at = asyncio.run(replay)
+        # On the agent's event loop (timers on time), as the agent paces replays.
+        arrivals, last_ts, started_at = preciseloop.run(replay)
         offsets = [ts - first_ts for ts in last_ts]
         late = [(a - (started_at + o)) * 1e3 for a, o in zip(arrivals, offsets, strict=True)]
         anchor = arrivals[0] - offsets[0]
@@ -372,9 +374,9 @@ def bench_pacing(
         result.anchored_ms.extend(anchored)
         result.replay_p99_per_run.append(float(np.percentile(late, 99)))
         if load is None:
-            baseline = asyncio.run(_sleep_loop(offsets))
+            baseline = preciseloop.run(_sleep_loop(offsets))
         else:
-            baseline = asyncio.run(_sleep_loop_under_load(offsets, make_api(root), load))
+            baseline = preciseloop.run(_sleep_loop_under_load(offsets, make_api(root), load))
         result.baseline_ms.extend(e * 1e3 for e in baseline)
     return result
 
@@ -547,7 +549,9 @@ def render_section(
         "frame's scheduled time `started_at + (t_last - t_first)`, with `started_at` read "
         "from the replay source itself (the bench wraps `API.recordings.open_replay` to keep the "
         "source), so the first frame is measured too. Percentiles over the frames of all "
-        "runs pooled. Baseline: a bare `asyncio.sleep`-to-absolute-deadline loop on the "
+        "runs pooled. Replay and baseline run on the agent's event loop "
+        "(`preciseloop`: timers on time, not up to 1 ms late). "
+        "Baseline: a bare `asyncio.sleep`-to-absolute-deadline loop on the "
         "same schedule (no file, no thread, no queue), run right after each replay; in the "
         "stress case the bare loop shares its event loop with the same speed-0 replay, so "
         "its row is the floor of that case (what any task in that loop can do).",
