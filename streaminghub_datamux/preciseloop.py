@@ -38,6 +38,7 @@ _CLOCK_MONOTONIC = 1  # asyncio's loop.time() is time.monotonic(): the same cloc
 _TFD_NONBLOCK = os.O_NONBLOCK
 _TFD_CLOEXEC = os.O_CLOEXEC
 _MS = 1e-3
+_MIN_TIMER_S = 1e-6  # a zero timerfd deadline disarms it
 # How long a busy worker thread may keep the GIL from the loop (Python's default: 5 ms).
 GIL_SWITCH_INTERVAL_S = 0.0005
 # Timeouts this close to a whole number of milliseconds need no timer: epoll is exact.
@@ -123,7 +124,7 @@ class PreciseSelector(selectors.EpollSelector):
         if timeout is not None and timeout > 0:
             whole_ms = round(timeout / _MS) * _MS
             if abs(timeout - whole_ms) > _WHOLE_MS_SLACK_S:
-                self._timer.arm(timeout)
+                self._timer.arm(max(timeout, _MIN_TIMER_S))
                 # epoll's own (rounded-up) timeout is only a backstop now: the timer ends
                 # the wait first. A timer left armed by a wait that I/O ended early costs
                 # at most one spare wake-up; the next timed wait moves it.
