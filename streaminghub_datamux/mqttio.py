@@ -299,7 +299,10 @@ class MqttLink:
             )
 
     def _make_network(self, client: mqtt.Client) -> Network:
-        if self._network_kind == "loop":
+        # Windows' default (proactor) loop cannot watch a socket: paho's thread serves it.
+        proactor = getattr(asyncio, "ProactorEventLoop", None)
+        on_proactor = proactor is not None and isinstance(self._loop, proactor)
+        if self._network_kind == "loop" and not on_proactor:
             return LoopNetwork(client, RECONNECT_MIN_S, RECONNECT_MAX_S)
         return ThreadNetwork(client)
 

@@ -104,13 +104,19 @@ def _libc_timerfd() -> tuple[int, Callable[[float], None]]:
     return fd, settime
 
 
-class PreciseSelector(selectors.EpollSelector):
+if sys.platform == "linux":
+    _EpollSelector = selectors.EpollSelector
+else:  # importable everywhere; _TimerFd() refuses first, so new_event_loop falls back
+    _EpollSelector = selectors.DefaultSelector
+
+
+class PreciseSelector(_EpollSelector):
     """An epoll selector whose timed waits end on time: a timerfd holds the deadline."""
 
     def __init__(self) -> None:
-        super().__init__()
-        self._timer = _TimerFd()
+        self._timer = _TimerFd()  # OSError where there is none: before any other resource
         try:
+            super().__init__()
             # Straight into the epoll set, edge-triggered, and not in the selector's map:
             # its wake-ups end the wait, select() never reports it and nobody reads it
             # (each expiry is a new edge, so an unread count does not keep it ready).
