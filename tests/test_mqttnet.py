@@ -26,9 +26,11 @@ def _paho_threads() -> set[str]:
     return {t.name for t in threading.enumerate() if t.name.startswith("paho-mqtt-client")}
 
 
-async def _burst(settings: BrokerSettings, network: Any, topic: str) -> list[bytes]:
-    """Publish COUNT big QoS 1 messages from a link served by ``network``; what a second
-    link (paho's thread) receives, in order."""
+async def _burst(
+    settings: BrokerSettings, sending: Any, receiving: Any, topic: str, size: int = BIG
+) -> list[bytes]:
+    """COUNT QoS 1 messages of ``size`` bytes from a link served by ``sending`` to one
+    served by ``receiving``; what arrived, in order."""
     received: list[bytes] = []
     done = asyncio.Event()
 
@@ -37,14 +39,14 @@ async def _burst(settings: BrokerSettings, network: Any, topic: str) -> list[byt
         if len(received) == COUNT:
             done.set()
 
-    receiver = MqttLink("burst-rx", settings, on_message=on_message)
-    sender = MqttLink("burst-tx", settings, on_message=print, network=network)
+    receiver = MqttLink(f"rx-{topic}", settings, on_message=on_message, network=receiving)
+    sender = MqttLink(f"tx-{topic}", settings, on_message=print, network=sending)
     await receiver.connect(10)
     await sender.connect(10)
     try:
         await receiver.subscribe(topic, qos=1)
         for i in range(COUNT):
-            body = i.to_bytes(4, "big") * (BIG // 4)
+            body = i.to_bytes(4, "big") * (size // 4)
             assert await sender.publish(topic, body, qos=1)
         await asyncio.wait_for(done.wait(), 60)
         assert await sender.flush(10)
@@ -56,7 +58,8 @@ async def _burst(settings: BrokerSettings, network: Any, topic: str) -> list[byt
 
 @pytest.mark.parametrize("network", ["loop", "thread"])
 def test_a_burst_bigger_than_the_socket_buffer_arrives_whole_and_in_order(mosquitto, network):
-    received = run(_burst(BrokerSettings(host=LOOPBACK, port=mosquitto.port), network, "b/1"))
+    settings = BrokerSettings(host=LOOPBACK, port=mosquitto.port)
+    received = run(_burst(settings, network, "thread", "b/1"))
     assert [len(p) for p in received] == [BIG] * COUNT
     assert [int.from_bytes(p[:4], "big") for p in received] == list(range(COUNT))
     assert all(p == p[:4] * (BIG // 4) for p in received)
@@ -75,28 +78,8 @@ def test_the_loop_serves_tls_records_both_ways(tmp_path: Path):
         settings = BrokerSettings(host=LOOPBACK, port=broker.port, ca_file=str(certificates.ca))
 
         async def both_ways() -> tuple[list[bytes], list[bytes]]:
-            # The loop-served link sends a burst, then receives one from the other side.
-            sent = await _burst(settings, "loop", "tls/1")
-            got: list[bytes] = []
-            done = asyncio.Event()
-
-            def on_message(message: Incoming) -> None:
-                got.append(message.payload)
-                if len(got) == COUNT:
-                    done.set()
-
-            reader = MqttLink("tls-rx", settings, on_message=on_message, network="loop")
-            writer = MqttLink("tls-tx", settings, on_message=print)
-            await reader.connect(10)
-            await writer.connect(10)
-            try:
-                await reader.subscribe("tls/2", qos=1)
-                for i in range(COUNT):
-                    assert await writer.publish("tls/2", i.to_bytes(4, "big") * 4096, qos=1)
-                await asyncio.wait_for(done.wait(), 60)
-            finally:
-                await writer.close()
-                await reader.close()
+            sent = await _burst(settings, "loop", "thread", "tls/1")
+            got = await _burst(settings, "thread", "loop", "tls/2", 16 * 1024)
             return sent, got
 
         sent, got = run(both_ways())
