@@ -48,6 +48,10 @@ class RecordingFormat(abc.ABC):
     self_describing: bool = False
     #: For container formats: the one file per collection that holds every recording.
     container: str | None = None
+    #: Blocks of at least this many bytes, whatever replay asks for. For readers that
+    #: copy each block out of the file anyway (XDF): a replay frame that lies inside one
+    #: block leaves as a view of it, while a frame across two blocks is joined, a copy.
+    min_block_bytes: int = 0
 
     def datasets(self, path: Path) -> list[str]:
         """The names of the recordings (datasets) in a container file.

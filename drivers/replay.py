@@ -52,6 +52,7 @@ def open_reader(
     if path is None:
         raise NotFound(f"recording {dict(recording.attrs)} has no file for stream {stream.id!r}")
     reader = format_for_path(path)
+    block_bytes = max(block_bytes, reader.min_block_bytes)
     if recording.dataset is not None:
         dataset = recording.dataset
         return lambda: reader.dataset_blocks(path, dataset, stream, block_bytes)

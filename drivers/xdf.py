@@ -471,6 +471,10 @@ class XdfFormat(RecordingFormat):
     name = "xdf"
     extensions = (".xdf", ".xdfz")
     self_describing = True
+    # Decoding copies the values into each block anyway, and copying 4 MiB holds the GIL
+    # for about a millisecond; with smaller blocks nearly every throughput frame (655 KB
+    # at 8 ch) spans two blocks and is copied again to join them.
+    min_block_bytes = 4 << 20
 
     def describe(self, path: Path) -> dict[str, Stream]:
         """Every stream in the file, samples or not, by id in file order.

@@ -22,6 +22,7 @@ pyxdf without those functions); the caller then loads the stream with ``load_xdf
 
 from __future__ import annotations
 
+import functools
 import struct
 import xml.etree.ElementTree as ET
 from collections.abc import Iterator, Mapping
@@ -76,6 +77,7 @@ class _SampleChunk:
     size: int  # bytes of sample data
     count: int  # samples
     stamped: int  # samples carrying their own time stamp
+    first_stamped: bool = False  # only the first sample does (LabRecorder's pattern)
 
 
 @dataclass
@@ -92,49 +94,107 @@ class StreamIndex:
     def blocks(
         self, block_bytes: int, dtype: np.dtype, columns: list[int] | None = None
     ) -> Iterator[Chunk]:
-        """``(timestamps, values)`` of at most about ``block_bytes``, decoded chunk by chunk."""
+        """``(timestamps, values)`` of at most about ``block_bytes``, decoded chunk by chunk.
+
+        Each block's values are copied once, from the file's bytes straight into the
+        block (in ``dtype``), whatever the chunks' sizes: no joining of chunks, then of
+        pieces. Timestamps are views of :attr:`timestamps`.
+        """
         width = self.channels if columns is None else len(columns)
         rows = max(1, block_bytes // (8 + dtype.itemsize * max(width, 1)))
-        pending: list[np.ndarray] = []
-        held, start = 0, 0  # samples decoded but not yet yielded; index of the first
+        start = 0  # index of the next block's first sample
         with self.path.open("rb") as handle:
-            for chunk in self.chunks:
-                if start + held >= self.samples:
-                    break
-                values = self._values(handle, chunk)
-                pending.append(values if columns is None else values[:, columns])
-                held += chunk.count
-                if held < rows:
-                    continue
-                joined = pending[0] if len(pending) == 1 else np.concatenate(pending)
-                whole = (len(joined) // rows) * rows
-                for at in range(0, whole, rows):
-                    if start >= self.samples:
-                        return
-                    yield self._block(joined[at : at + rows], start, dtype)
-                    start += rows
-                pending, held = ([joined[whole:]], len(joined) - whole)
-            if held and start < self.samples:
-                joined = pending[0] if len(pending) == 1 else np.concatenate(pending)
-                yield self._block(joined, start, dtype)
+            parts = self._parts(handle, columns, block_bytes)
+            part: np.ndarray | None = None  # values decoded but not yet in a block
+            while start < self.samples:
+                block = np.empty((min(rows, self.samples - start), width), dtype)
+                filled = 0
+                while filled < len(block):
+                    if part is None or not len(part):
+                        part = next(parts, None)
+                        if part is None:
+                            break
+                        continue
+                    take = min(len(block) - filled, len(part))
+                    block[filled : filled + take] = part[:take]
+                    filled += take
+                    part = part[take:]
+                if filled == 0:
+                    return
+                yield self.timestamps[start : start + filled], block[:filled]
+                start += filled
 
-    def _block(self, values: np.ndarray, start: int, dtype: np.dtype) -> Chunk:
-        stop = min(start + len(values), self.samples)
-        values = np.ascontiguousarray(values[: stop - start], dtype=dtype)
-        return self.timestamps[start:stop], values
+    def _parts(
+        self, handle: BinaryIO, columns: list[int] | None, span_bytes: int
+    ) -> Iterator[np.ndarray]:
+        """Every chunk's values, in order, as views on the file's bytes.
 
-    def _values(self, handle: BinaryIO, chunk: _SampleChunk) -> np.ndarray:
-        handle.seek(chunk.offset)
-        data = handle.read(chunk.size)
-        if len(data) != chunk.size:
-            raise DataError(
-                f"the file changed while replaying: chunk at byte {chunk.offset} is cut short",
-                file=str(self.path),
-            )
-        return _decode(data, chunk.count, chunk.stamped, self.value_dtype, self.channels)[1]
+        Neighbouring chunks are read together, up to ``span_bytes`` at a time: one read
+        per block instead of one per chunk (LabRecorder writes chunks of a few KiB).
+        """
+        for start, stop, group in _spans(self.chunks, span_bytes):
+            handle.seek(start)
+            data = handle.read(stop - start)
+            if len(data) != stop - start:
+                raise DataError(
+                    f"the file changed while replaying: bytes {start}-{stop} are cut short",
+                    file=str(self.path),
+                )
+            for chunk in group:
+                at = chunk.offset - start
+                for part in _value_views(data, at, chunk, self.value_dtype, self.channels):
+                    yield part if columns is None else part[:, columns]
 
 
+def _spans(chunks: list[_SampleChunk], limit: int) -> Iterator[tuple[int, int, list[_SampleChunk]]]:
+    """Runs of neighbouring chunks, each read at once: ``(start, stop, chunks)``.
+
+    A run spans at most ``limit`` bytes (or one chunk), and at least half of what it
+    spans is the stream's (other streams' chunks in between are read and skipped).
+    """
+    at = 0
+    while at < len(chunks):
+        first = chunks[at]
+        start, stop, useful = first.offset, first.offset + first.size, first.size
+        end = at + 1
+        while end < len(chunks):
+            chunk = chunks[end]
+            after = chunk.offset + chunk.size
+            if after - start > limit or 2 * (useful + chunk.size) < after - start:
+                break
+            stop, useful = after, useful + chunk.size
+            end += 1
+        yield start, stop, chunks[at:end]
+        at = end
+
+
+def _value_views(
+    data: bytes, at: int, chunk: _SampleChunk, value_dtype: np.dtype, channels: int
+) -> list[np.ndarray]:
+    """The values of the chunk at ``data[at:]``: 1-2 strided views, or a decoded copy.
+
+    The layouts recorders write (every sample stamped, none, or only the first) need
+    no per-sample work; the index pass checked their sample flags.
+    """
+    item, count = value_dtype.itemsize, chunk.count
+    record = item * channels
+    if chunk.stamped in (0, count):
+        stamp = 8 if chunk.stamped else 0
+        step = 1 + stamp + record
+        shape = (count, channels)
+        return [np.ndarray(shape, value_dtype, data, at + 1 + stamp, (step, item))]
+    if chunk.first_stamped:
+        head = np.ndarray((1, channels), value_dtype, data, at + 9, (9 + record, item))
+        rest_at = at + 9 + record + 1
+        rest = np.ndarray((count - 1, channels), value_dtype, data, rest_at, (1 + record, item))
+        return [head, rest]
+    raw = data[at : at + chunk.size]
+    return _decode(raw, count, chunk.stamped, value_dtype, channels, stamps=False)[1]
+
+
+@functools.lru_cache(maxsize=64)
 def _layout(stamped: bool, value_dtype: np.dtype, channels: int) -> np.dtype:
+    """One sample's record (cached: building a dtype costs more than decoding a chunk)."""
     fields: list[tuple[Any, ...]] = [("flag", "u1")]
     if stamped:
         fields.append(("t", "<f8"))
@@ -143,35 +203,44 @@ def _layout(stamped: bool, value_dtype: np.dtype, channels: int) -> np.dtype:
 
 
 def _decode(
-    data: bytes, count: int, stamped: int, value_dtype: np.dtype, channels: int
-) -> tuple[np.ndarray, np.ndarray]:
-    """``(stamp or NaN per sample, values (count, channels))`` of one Samples chunk.
+    data: bytes,
+    count: int,
+    stamped: int,
+    value_dtype: np.dtype,
+    channels: int,
+    *,
+    stamps: bool = True,
+) -> tuple[np.ndarray, list[np.ndarray]]:
+    """``(stamp or NaN per sample, values)`` of one Samples chunk; values in 1-2 parts.
 
     Vectorised for the layouts recorders write (every sample stamped, none, or only the
-    first); any other mix is decoded sample by sample.
+    first); any other mix is decoded sample by sample. Without ``stamps`` the first
+    array is empty (the values pass of replay has the stamps already).
     """
+    no_stamps = np.empty(0)
     if stamped in (0, count):
         rows = np.frombuffer(data, _layout(stamped == count, value_dtype, channels), count)
         if (stamped and not rows["flag"].all()) or (not stamped and rows["flag"].any()):
             raise Unsupported("sample flags disagree with the chunk length")
-        stamps = rows["t"] if stamped else np.full(count, np.nan)
-        return stamps, rows["v"].reshape(count, channels)
+        times = no_stamps if not stamps else rows["t"] if stamped else np.full(count, np.nan)
+        return times, [rows["v"].reshape(count, channels)]
     if stamped == 1 and data[0]:
         head = np.frombuffer(data, _layout(True, value_dtype, channels), 1)
         rest = np.frombuffer(data, _layout(False, value_dtype, channels), count - 1, head.nbytes)
         if rest["flag"].any():
             raise Unsupported("sample flags disagree with the chunk length")
-        stamps = np.full(count, np.nan)
-        stamps[0] = head["t"][0]
-        values = np.concatenate([head["v"], rest["v"]]).reshape(count, channels)
-        return stamps, values
+        times = no_stamps
+        if stamps:
+            times = np.full(count, np.nan)
+            times[0] = head["t"][0]
+        return times, [head["v"].reshape(1, channels), rest["v"].reshape(-1, channels)]
     sample_bytes = value_dtype.itemsize * channels
-    stamps = np.full(count, np.nan)
+    times = np.full(count, np.nan)
     values = np.empty((count, channels), value_dtype)
     at = 0
     for k in range(count):
         if data[at]:
-            stamps[k] = struct.unpack_from("<d", data, at + 1)[0]
+            times[k] = struct.unpack_from("<d", data, at + 1)[0]
             at += 9
         else:
             at += 1
@@ -179,7 +248,7 @@ def _decode(
         at += sample_bytes
     if at != len(data):
         raise Unsupported("sample flags disagree with the chunk length")
-    return stamps, values
+    return (times if stamps else no_stamps), [values]
 
 
 def _fill_stamps(stamps: np.ndarray, last: float, tdiff: float) -> float:
@@ -272,7 +341,8 @@ def index_stream(path: Path, xdf_id: int, options: Mapping[str, bool]) -> Stream
                 extra = size - count * (1 + value_dtype.itemsize * temp.nchns)
                 if extra < 0 or extra % 8 or extra // 8 > count:
                     raise Unsupported(f"Samples chunk at byte {start} has an odd length")
-                chunk = _SampleChunk(offset, size, count, extra // 8)
+                first = extra == 8 and count > 1 and data[0] != 0
+                chunk = _SampleChunk(offset, size, count, extra // 8, first)
                 chunk_stamps = _decode(data, count, chunk.stamped, value_dtype, temp.nchns)[0]
                 chunk_stamps = np.array(chunk_stamps, dtype=np.float64)  # own the memory
                 temp.last_timestamp = _fill_stamps(chunk_stamps, temp.last_timestamp, temp.tdiff)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import struct
 import tracemalloc
 from pathlib import Path
@@ -14,7 +15,8 @@ from xdf_files import _chunk, _header, _varlen, _write
 pyxdf = pytest.importorskip("pyxdf")
 
 from streaminghub_datamux.drivers.xdf import LOAD_OPTIONS, XdfFormat  # noqa: E402
-from streaminghub_datamux.drivers.xdfstream import index_stream  # noqa: E402
+from streaminghub_datamux.drivers.xdfstream import _SampleChunk, _spans, index_stream  # noqa: E402
+from streaminghub_datamux.errors import DataError  # noqa: E402
 
 DATA = SHARED_DATA / "xdf"
 FORMATS = {"float32": "<f4", "double64": "<f8", "int16": "<i2", "int32": "<i4"}
@@ -128,3 +130,82 @@ def test_replay_holds_blocks_not_the_stream(tmp_path):
     # What is held per sample is its timestamp and pyxdf's dejitter fit (~70 bytes while
     # it runs), not its 256 bytes of values.
     assert peak < 0.5 * values_bytes, (peak, values_bytes)
+
+
+@pytest.mark.parametrize("block_bytes", [1, 300, 4096, 1 << 16, 1 << 22])
+def test_blocks_of_any_size_match_load_xdf(tmp_path, block_bytes):
+    """Blocks smaller than a chunk, or spanning many, hold the same samples in order."""
+    path = write_session(tmp_path / "s.xdf", seconds=8, reset=False, pylsl67=False)
+    assert assert_same_as_pyxdf(path, 1, block_bytes) == 8 * 250
+    assert assert_same_as_pyxdf(path, 2, block_bytes) > 0
+
+
+def test_blocks_are_full_contiguous_and_not_views_of_the_file(tmp_path):
+    path = write_session(tmp_path / "s.xdf", seconds=8, reset=False, pylsl67=False)
+    index = index_stream(path, 1, LOAD_OPTIONS)
+    # 32 samples per block (8 bytes of timestamp + 8 x 4 of values each); chunks hold 25.
+    blocks = list(index.blocks(32 * 40, np.dtype(np.float32)))
+    rows = 32
+    assert [len(t) for t, _ in blocks[:-1]] == [rows] * (len(blocks) - 1)
+    assert sum(len(t) for t, _ in blocks) == 8 * 250
+    for timestamps, values in blocks:
+        # A view on the bytes read would be read-only and keep the whole read alive.
+        assert values.flags.c_contiguous and values.flags.writeable
+        assert values.dtype == np.float32 and values.shape == (len(timestamps), 8)
+
+
+def test_blocks_select_columns_and_convert(tmp_path):
+    path = write_session(tmp_path / "s.xdf", seconds=4, reset=False, pylsl67=False)
+    expected = pyxdf.load_xdf(str(path), select_streams=[1], **LOAD_OPTIONS)[0][0]
+    index = index_stream(path, 1, LOAD_OPTIONS)
+    blocks = list(index.blocks(2048, np.dtype(np.float64), [6, 1]))
+    values = np.concatenate([v for _, v in blocks])
+    assert values.dtype == np.float64
+    wanted = np.asarray(expected["time_series"])[:, [6, 1]].astype(np.float64)
+    assert values.tobytes() == wanted.tobytes()
+
+
+def test_a_file_cut_short_after_indexing_names_the_file(tmp_path):
+    path = write_session(tmp_path / "s.xdf", seconds=8, reset=False, pylsl67=False)
+    index = index_stream(path, 1, LOAD_OPTIONS)
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    with pytest.raises(DataError, match=rf"{re.escape(str(path))}.*changed while replaying"):
+        for _ in index.blocks(1 << 12, np.dtype(np.float32)):
+            pass
+
+
+def test_reads_span_neighbouring_chunks_but_skip_far_ones():
+    """One read covers neighbouring chunks; another stream's big chunk in between splits."""
+    near = [_SampleChunk(100 + k * 60, 50, 1, 0) for k in range(10)]
+    spans = list(_spans(near, 1 << 20))
+    assert [(start, stop, len(group)) for start, stop, group in spans] == [(100, 690, 10)]
+    assert [len(g) for _, _, g in _spans(near, 200)] == [3, 3, 3, 1]  # at most 200 bytes
+    far = [_SampleChunk(0, 50, 1, 0), _SampleChunk(10_000, 50, 1, 0)]
+    assert [len(g) for _, _, g in _spans(far, 1 << 20)] == [1, 1]  # not 9,900 bytes for 100
+
+
+def test_xdf_replay_reads_blocks_of_at_least_min_block_bytes(tmp_path, monkeypatch):
+    """Replay asks for 256 KiB blocks; XDF reads 4 MiB, so frames are views of a block."""
+    from streaminghub_datamux.drivers import replay as replay_module
+
+    seen: list[int] = []
+    original = XdfFormat.blocks
+
+    def spy(self, path, stream, block_bytes):
+        seen.append(block_bytes)
+        return original(self, path, stream, block_bytes)
+
+    monkeypatch.setattr(XdfFormat, "blocks", spy)
+    path = write_session(tmp_path / "s.xdf", seconds=2, reset=False, pylsl67=False)
+    stream = XdfFormat().describe(path)["EEG"]
+
+    class OneFile:
+        attrs = {"file": "s"}
+        dataset = None
+
+        def file_for(self, stream_id):
+            return path
+
+    blocks = replay_module.open_reader(OneFile(), stream, block_bytes=256 << 10)
+    assert sum(len(t) for t, _ in blocks()) == 2 * 250
+    assert seen == [XdfFormat.min_block_bytes] and XdfFormat.min_block_bytes >= 4 << 20
