@@ -9,12 +9,15 @@ run to run) and medians over the runs are reported.
 * throughput: replay at speed 0 with ``framing="throughput"`` (8 and 64 float32
   channels) of two recording kinds per width: a DFDS CSV recording (what users replay
   most; the agent is bound by the CSV parser), timed from the request to END_OF_STREAM,
-  and an XDF file (loaded whole by pyxdf when the replay opens, then sliced in memory:
-  a source that is not parse-bound), timed from the first frame's arrival to
-  END_OF_STREAM, so the load is left out. Through the local ``dm.API``, through
-  ``RemoteAPI`` (QoS 1 and 0), and a raw paho-mqtt publisher process -> mosquitto -> raw
-  paho subscriber moving payloads of exactly the byte sizes and count of the RemoteAPI's
-  frames (QoS 1 and 0), no CBOR, no numpy, no asyncio, timed the same way;
+  and an XDF file (indexed in one pass when the replay opens, then decoded block by
+  block with one copy: a source that is not parse-bound), timed from the first frame's
+  arrival to END_OF_STREAM, so the index pass is left out. Through the local
+  ``dm.API``, through ``RemoteAPI`` (QoS 1 and 0), and a raw paho-mqtt publisher process
+  -> mosquitto -> raw paho subscriber moving payloads of exactly the byte sizes and count
+  of the RemoteAPI's frames (QoS 1 and 0), no CBOR, no numpy, no asyncio, timed the same
+  way; for XDF also the codec floor: raw paho at QoS 1 carrying the real frames, read,
+  cut and encoded by the publisher with the agent's own parts and decoded by the
+  subscriber with ``decode_frame`` (:func:`floor_payloads`);
 * latency: a live simulated 1 kHz x 64-channel float32 stream with ``framing=
   "low-latency"``, ``time.time()`` at arrival in the sink minus each sample's timestamp
   (the simulator stamps samples with ``time.time()`` at open + k / rate), through the
@@ -78,9 +81,11 @@ import streaminghub_datamux as dm
 from streaminghub_datamux import preciseloop
 from streaminghub_datamux.codec import decode_frame, encode_frame
 from streaminghub_datamux.config import Config, load_config
+from streaminghub_datamux.drivers.replay import BLOCK_BYTES
 from streaminghub_datamux.drivers.signals import StreamSynth
 from streaminghub_datamux.drivers.simulate import parse_node
-from streaminghub_datamux.framing import PRESETS
+from streaminghub_datamux.drivers.xdf import XdfFormat
+from streaminghub_datamux.framing import PRESETS, Pieces
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_DOC = REPO / "docs" / "performance.md"
@@ -303,8 +308,11 @@ def publish(port: int, qos: int, sizes_file: str, topic: str) -> int:
     watchdog = threading.Timer(PUBLISHER_LIMIT_S, lambda: os._exit(3))
     watchdog.daemon = True  # does not keep the process alive after a normal exit
     watchdog.start()
-    sizes = json.loads(Path(sizes_file).read_text())
-    payloads = {size: os.urandom(size) for size in set(sizes)}
+    spec = json.loads(Path(sizes_file).read_text())
+    if isinstance(spec, dict):  # the codec floor: frames made and encoded as they go
+        sizes, payloads = spec["samples"], None
+    else:
+        sizes, payloads = spec, {size: os.urandom(size) for size in set(spec)}
     client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv5)
     client.max_inflight_messages_set(RAW_INFLIGHT)
     connected, subscribed, go, done = (threading.Event() for _ in range(4))
@@ -329,8 +337,12 @@ def publish(port: int, qos: int, sizes_file: str, topic: str) -> int:
     print("ready", flush=True)
     if not go.wait(PUBLISHER_LIMIT_S):
         return 1
-    for size in sizes:
-        client.publish(topic, payloads[size], qos=qos)
+    if payloads is None:
+        for payload in floor_payloads(spec):
+            client.publish(topic, payload, qos=qos)
+    else:
+        for size in sizes:
+            client.publish(topic, payloads[size], qos=qos)
     done.wait(TRANSFER_TIMEOUT_S)
     print(f"published {acked[0]}", flush=True)
     sys.stdin.readline()
@@ -339,9 +351,37 @@ def publish(port: int, qos: int, sizes_file: str, topic: str) -> int:
     return 0
 
 
+def floor_payloads(spec: dict[str, Any]) -> Iterator[bytes]:
+    """The RemoteAPI's frames made with the agent's own parts, minus its framework.
+
+    The XDF reader's blocks (as replay asks for them), cut into frames of the
+    RemoteAPI's sizes (held as views, joined only across blocks, as replay does), each
+    encoded with ``encode_frame``: no asyncio, no task, no outbox, no thread hop.
+    """
+    reader = XdfFormat()
+    path = Path(spec["path"])
+    stream = reader.describe(path)[spec["stream"]]
+    held, sizes = Pieces(), iter(spec["samples"])
+    wanted = next(sizes, None)
+    seq = 0
+    for timestamps, values in reader.blocks(path, stream, max(BLOCK_BYTES, reader.min_block_bytes)):
+        held.add(timestamps, values)
+        while wanted is not None and len(held) >= wanted:
+            timestamps, values = held.take(wanted)
+            frame = dm.Frame(
+                spec["stream_id"], seq, timestamps, values, spec["channels"], spec["attrs"]
+            )
+            yield encode_frame(frame, "0" * TASK_ID_LENGTH, "cbor")
+            seq += 1
+            wanted = next(sizes, None)
+
+
 # -- throughput -------------------------------------------------------------------------
 
 VARIANTS = ("local", "remote-q1", "remote-q0", "raw-q1", "raw-q0")
+# XDF only: raw paho carrying real frames, made and read with the agent's and client's
+# own parts (reader, cutting, encode_frame, decode_frame) but no framework: the floor.
+FLOOR = "floor-q1"
 VARIANT_LABELS = {
     "local": "local `dm.API` (in-process)",
     "remote-q1": "`RemoteAPI`, QoS 1 (default)",
@@ -364,7 +404,7 @@ class BenchRecording:
 
     @property
     def from_first_frame(self) -> bool:
-        """XDF: timed from the first frame's arrival, which leaves out pyxdf's load at open."""
+        """XDF: timed from the first frame's arrival, which leaves out the index pass at open."""
         return self.kind == "XDF"
 
     @property
@@ -421,7 +461,7 @@ class Transfer:
     frames: int
     cpu: dict[str, float]  # "source", "broker", "sink" -> CPU seconds during the transfer
     delivered: int
-    first_s: float = 0.0  # from the request to the first frame (XDF: pyxdf's load at open)
+    first_s: float = 0.0  # from the request to the first frame (XDF: the index pass)
 
     @property
     def rate(self) -> float:
@@ -436,6 +476,9 @@ class ThroughputResult:
     runs: dict[str, list[Transfer]] = field(default_factory=lambda: {v: [] for v in VARIANTS})
     codec_rates: list[float] = field(default_factory=list)  # encode + decode only
     local_frames: int = 0  # frames of the local API's replay (not capped)
+    # XDF only: the publisher's recipe for the codec floor (floor_payloads), its runs.
+    floor_spec: dict[str, Any] | None = None
+    floor_runs: list[Transfer] = field(default_factory=list)
 
     @property
     def channels(self) -> int:
@@ -558,19 +601,22 @@ async def _remote_replay(
 
 
 def raw_transfer(
-    broker: Broker, root: Path, result: ThroughputResult, qos: int
+    broker: Broker, root: Path, result: ThroughputResult, qos: int, floor: bool = False
 ) -> tuple[Transfer, list[dm.Frame]]:
     """Raw paho publisher process -> mosquitto -> raw paho subscriber (this process).
 
     One payload per RemoteAPI frame, of that frame's size. Timed like the RemoteAPI:
     from the subscriber's "go" message (the request) or from the first payload's arrival
-    (the first frame), to the last payload's arrival.
+    (the first frame), to the last payload's arrival. With ``floor`` the payloads are
+    the frames themselves, read, cut and encoded by the publisher as it goes
+    (:func:`floor_payloads`) and decoded by the subscriber with ``decode_frame``.
     """
     sizes, counts = result.frame_bytes, result.frame_samples
     from_first = result.recording.from_first_frame
     topic = f"bench/raw/{os.urandom(4).hex()}"
     sizes_file = root / "raw-sizes.json"
-    sizes_file.write_text(json.dumps(sizes))
+    sizes_file.write_text(json.dumps(result.floor_spec if floor else sizes))
+    decoded = [0]  # samples in the decoded frames (floor)
     publisher = subprocess.Popen(
         [sys.executable, __file__, "--publish", str(broker.port), str(qos), str(sizes_file), topic],
         stdin=subprocess.PIPE,
@@ -591,6 +637,8 @@ def raw_transfer(
         received[3] = now
         received[0] += 1
         received[1] += len(message.payload)
+        if floor:
+            decoded[0] += len(decode_frame(message.payload).frame)
         if received[0] == len(sizes):
             finished.set()
 
@@ -634,6 +682,8 @@ def raw_transfer(
     arrived = received[0]
     if received[1] != sum(sizes[:arrived]) and arrived == len(sizes):
         raise RuntimeError("raw transfer: byte count differs from the sizes sent")
+    if floor and decoded[0] != sum(counts[:arrived]):
+        raise RuntimeError(f"codec floor: {decoded[0]} samples decoded, not {sum(counts)}")
     # QoS 0 may lose payloads: count samples as if the first ones arrived.
     delivered = sum(counts[:arrived])
     timed = delivered - (counts[0] if from_first and arrived else 0)
@@ -691,12 +741,30 @@ def bench_throughput(
     if sum(result.frame_samples) != recording.rows:
         raise RuntimeError(f"{recording.label}: {sum(result.frame_samples)} samples arrived")
     verify_same(remote_frames, reference, "RemoteAPI, QoS 1")
+    if recording.kind == "XDF":
+        first = remote_frames[0]
+        result.floor_spec = {
+            "path": str(root / "data" / recording.collection / f"{XDF_FILE}.xdf"),
+            "stream": recording.stream,
+            "samples": result.frame_samples,
+            "stream_id": first.stream_id,
+            "channels": list(first.channels),
+            "attrs": dict(first.attrs),
+        }
     _, remote_frames = asyncio.run(_remote_replay(config, broker, agent, recording, 0))
     verify_same(remote_frames, reference, "RemoteAPI, QoS 0")
     del remote_frames
+    variants = [*VARIANTS, FLOOR] if result.floor_spec else list(VARIANTS)
     for run in range(runs):
-        for variant in rotate(VARIANTS, run):
+        for variant in rotate(variants, run):
             agent.check()
+            if variant == FLOOR:
+                transfer, _ = raw_transfer(broker, root, result, 1, floor=True)
+                if transfer.delivered != recording.rows:
+                    raise RuntimeError(f"{variant}: {transfer.delivered} of {recording.rows}")
+                result.floor_runs.append(transfer)
+                log(f"  run {run + 1}/{runs} {variant}: {transfer.rate:,.0f} samples/s")
+                continue
             if variant == "local":
                 transfer, frames = asyncio.run(_local_replay(config, recording, keep=False))
                 result.local_frames = transfer.frames
@@ -1241,6 +1309,36 @@ def throughput_table(results: Sequence[ThroughputResult]) -> list[str]:
     return lines
 
 
+def floor_summary(results: Sequence[ThroughputResult]) -> str:
+    """The codec floor of the XDF recordings beside raw paho and the RemoteAPI, same runs."""
+    parts = []
+    for r in (r for r in results if r.floor_runs):
+        rates = [t.rate for t in r.floor_runs]
+        of_raw = [f.rate / raw.rate for f, raw in zip(r.floor_runs, r.runs["raw-q1"], strict=True)]
+        remote = [
+            rem.rate / f.rate for rem, f in zip(r.runs["remote-q1"], r.floor_runs, strict=True)
+        ]
+        parts.append(
+            f"{r.channels} ch {median_range(rates)} samples/s, floor / raw "
+            f"{statistics.median(of_raw):.2f} ({min(of_raw):.2f}-{max(of_raw):.2f}), "
+            f"RemoteAPI / floor {statistics.median(remote):.2f} "
+            f"({min(remote):.2f}-{max(remote):.2f}), CPU s per s {_cpu_share(r.floor_runs)}"
+        )
+    if not parts:
+        return ""
+    return (
+        "**Floor, same runs (XDF).** Raw paho at QoS 1 carrying the real frames: the "
+        "publisher makes them as it goes with the agent's own parts (the XDF reader's "
+        "blocks, cut into the RemoteAPI's frame sizes as replay cuts them, `encode_frame`) "
+        "and the subscriber decodes each with `decode_frame` in paho's thread; no asyncio, "
+        "task, outbox or thread hop of ours: "
+        + "; ".join(parts)
+        + ". *floor / raw* is what reading, encoding and decoding leave of raw paho moving "
+        "bytes (a ceiling for RemoteAPI / raw with these parts); *RemoteAPI / floor* is "
+        "what the framework around them costs."
+    )
+
+
 def latency_table(result: LatencyResult, period_ms: float) -> list[str]:
     lines = [
         "| path | samples (runs) | sample to sink p50 / p99 / max (ms) | p99 per run (ms) "
@@ -1527,8 +1625,9 @@ def render_section(
             "transfers are timed from the request to END_OF_STREAM: the agent parses the "
             "file while it sends. **XDF** transfers are timed from the first frame's "
             "arrival to END_OF_STREAM and count the samples after the first frame: XDF "
-            "replay loads the whole stream with pyxdf when it opens and then slices arrays "
-            "in memory, so the load is left out (request to first frame, median: "
+            "replay indexes the file in one pass when it opens (every timestamp, pyxdf's "
+            "clock sync and dejitter) and then decodes values block by block with one copy, "
+            "so the index pass is left out (request to first frame, median: "
             + "; ".join(
                 f"{r.channels} ch local {_first_s(r, 'local')} s, RemoteAPI "
                 f"{_first_s(r, 'remote-q1')} s"
@@ -1557,6 +1656,8 @@ def render_section(
             f"local API frames per transfer: {local_frames}.",
             "",
             *throughput_table(throughput),
+            "",
+            floor_summary(throughput),
             "",
             "For scale, CBOR `encode_frame` + `decode_frame` alone, in one process, over the "
             "RemoteAPI's frames: "
@@ -1753,6 +1854,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     loads = (loads_at_start, load_average())
     if throughput == [] or latency is None or resources is None:  # some parts only
         log(f"load average at start -> end: {loads[0]} -> {loads[1]}")
+        if throughput:
+            print("\n".join(throughput_table(throughput)))
+            print(floor_summary(throughput))
         if latency is not None:
             period_ms = PRESETS[LATENCY_FRAMING].source_period_s(RESOURCE_CHUNK_MS / 1000) * 1000
             print("\n".join(latency_table(latency, period_ms)))
