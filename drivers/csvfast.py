@@ -13,6 +13,8 @@ from __future__ import annotations
 import csv
 import io
 import logging
+from collections.abc import Mapping
+from typing import Any
 
 import numpy as np
 
@@ -49,32 +51,55 @@ def available() -> bool:
     return usable
 
 
-def parse_floats(text: bytes, usecols: list[int], rows: int) -> np.ndarray | None:
-    """Columns ``usecols`` (in that order) of a CSV block as float64 ``(rows, len(usecols))``.
+def parse_floats(text: bytes, usecols: list[int], rows: int) -> list[np.ndarray] | None:
+    """Columns ``usecols`` (in that order) of a CSV block, each float64 ``(rows,)``.
 
     ``rows`` is the number of lines in ``text``: a result with any other number of rows
     means pandas skipped a line numpy would not (a line of spaces), so it is refused.
     Returns ``None`` when pandas refuses the block or the result could differ from numpy's.
     """
     assert pd is not None
-    columns = sorted(set(usecols))
     try:
-        frame = pd.read_csv(
+        with pd.read_csv(
             io.BytesIO(text),
             header=None,
-            usecols=columns,
+            usecols=sorted(set(usecols)),
             dtype=np.float64,
             engine="c",
             quoting=csv.QUOTE_NONE,  # numpy's reader (non-marker streams) has no quotes
             keep_default_na=False,
             na_values=_NAN_SPELLINGS,
             low_memory=False,  # one pass over the block, not pieces joined afterwards
-        )
+            iterator=True,
+        ) as reader:
+            by_position = _read_columns(reader)
     except (ValueError, IndexError, OverflowError):
         # ParserError and EmptyDataError are ValueErrors; numpy will say what is wrong.
         return None
-    if len(frame) != rows:
+    if not isinstance(by_position, Mapping):
         return None
-    if columns != usecols:  # pandas keeps file order; selecting costs a copy, so only if needed
-        frame = frame[usecols]
-    return frame.to_numpy(dtype=np.float64)
+    columns: list[np.ndarray] = []
+    for position in usecols:
+        column = by_position.get(position)
+        if not isinstance(column, np.ndarray) or column.dtype != np.float64 or len(column) != rows:
+            return None
+        columns.append(column)
+    return columns
+
+
+def _read_columns(reader: Any) -> Mapping[Any, Any]:
+    """The parsed columns by position, without building a DataFrame.
+
+    A DataFrame holds the GIL to wrap every column (a third of the whole parse at 64
+    columns) and ``to_numpy`` then copies them into one 2-D array: the parser engine's own
+    dict of column arrays skips both. That dict is pandas-internal
+    (``TextFileReader._engine.read``, pandas 1 to 3); where it is missing, the public
+    ``read()`` gives the same columns, slower.
+    """
+    engine = getattr(reader, "_engine", None)
+    if engine is None or not hasattr(engine, "read"):
+        frame = reader.read()
+        return {position: frame[position].to_numpy() for position in frame.columns}
+    result = engine.read()
+    # Anything else than (index, names, columns) leaves the block to numpy (same values).
+    return result[2] if isinstance(result, tuple) and len(result) == 3 else {}

@@ -193,6 +193,11 @@ class CsvStreamReader:
         self, text: bytes, first_line: int, usecols: list[int], n_lines: int, has_index: bool
     ) -> tuple[np.ndarray | None, np.ndarray, DataError | None]:
         """``(raw index column or None, values, error or None)`` of one block."""
+        if self._fast:
+            columns = csvfast.parse_floats(text, usecols, n_lines)
+            if columns is not None and self._widths_match(text, n_lines):
+                return *self._from_columns(columns, has_index), None
+        # numpy's parse: every block the fast parser refuses, and the exact bad line.
         table, error = self._parse(text, first_line, usecols, n_lines)
         if table is None:
             return None, np.empty((0, len(self.stream.fields)), self.dtype), error
@@ -202,15 +207,14 @@ class CsvStreamReader:
         self, text: bytes, first_line: int, usecols: list[int], n_lines: int
     ) -> tuple[np.ndarray | None, DataError | None]:
         """Parse a block of ``n_lines`` lines; on a bad line, the rows before it and the error."""
-        table = csvfast.parse_floats(text, usecols, n_lines) if self._fast else None
+        table: np.ndarray | None = None
         block_error: ValueError | None = None
-        if table is None:
-            # Bytes, not str: numpy parses a byte stream about 3x faster, and a StringIO
-            # would hold the block as 4-byte characters.
-            try:
-                table = self._loadtxt(io.BytesIO(text), usecols)
-            except ValueError as exc:
-                block_error = exc
+        # Bytes, not str: numpy parses a byte stream about 3x faster, and a StringIO
+        # would hold the block as 4-byte characters.
+        try:
+            table = self._loadtxt(io.BytesIO(text), usecols)
+        except ValueError as exc:
+            block_error = exc
         if table is not None:
             return self._check_widths(text, first_line, usecols, table)
         # Slow path, errors only: find the exact bad line so the message can name it.
@@ -234,16 +238,33 @@ class CsvStreamReader:
         error = DataError(str(block_error), file=str(self.path), line=first_line)
         return None, error
 
+    def _from_columns(
+        self, columns: list[np.ndarray], has_index: bool
+    ) -> tuple[np.ndarray | None, np.ndarray]:
+        """``(raw index column or None, values (n, channels))`` from float64 columns: each
+        column is cast straight into its place, one pass, no 2-D float64 table between."""
+        fields = columns[1:] if has_index else columns
+        values = np.empty((len(columns[0]), len(fields)), dtype=self.dtype)
+        for position, column in enumerate(fields):
+            values[:, position] = column
+        return (columns[0] if has_index else None), values
+
+    def _widths_match(self, text: bytes, rows: int) -> bool:
+        """Whether every one of the ``rows`` lines has the header's number of cells.
+
+        Both parsers skip columns they are not asked for (and pandas pads short rows),
+        so a shifted row would pass unseen: the commas are counted.
+        """
+        commas = int(np.count_nonzero(np.frombuffer(text, np.uint8) == 44))
+        return commas == (len(self._header) - 1) * rows
+
     def _check_widths(
         self, text: bytes, first_line: int, usecols: list[int], table: np.ndarray
     ) -> tuple[np.ndarray | None, DataError | None]:
         """Both parsers skip columns they are not asked for, so a row with too many cells
         (a shifted row) would pass unseen: count the commas, and on a mismatch find the
         line. Marker streams are left out (quoted text may hold commas)."""
-        if self._markers:
-            return table, None
-        commas = int(np.count_nonzero(np.frombuffer(text, np.uint8) == 44))
-        if commas == (len(self._header) - 1) * len(table):
+        if self._markers or self._widths_match(text, len(table)):
             return table, None
         lines = text.splitlines()
         for offset, line in enumerate(lines):
