@@ -51,11 +51,17 @@ def available() -> bool:
     return usable
 
 
-def parse_floats(text: bytes, usecols: list[int], rows: int) -> list[np.ndarray] | None:
+def parse_floats(
+    text: bytes, usecols: list[int], rows: int, width: int | None = None
+) -> list[np.ndarray] | None:
     """Columns ``usecols`` (in that order) of a CSV block, each float64 ``(rows,)``.
 
     ``rows`` is the number of lines in ``text``: a result with any other number of rows
     means pandas skipped a line numpy would not (a line of spaces), so it is refused.
+    ``width``, given when ``usecols`` are all of the file's columns: pandas then reads
+    every cell and refuses any line with another number of cells (too many: a tokenizing
+    error; too few: an empty cell that is not a float), so the caller need not count
+    commas. Without it, unread cells are skipped unseen.
     Returns ``None`` when pandas refuses the block or the result could differ from numpy's.
     """
     assert pd is not None
@@ -63,7 +69,8 @@ def parse_floats(text: bytes, usecols: list[int], rows: int) -> list[np.ndarray]
         with pd.read_csv(
             io.BytesIO(text),
             header=None,
-            usecols=sorted(set(usecols)),
+            # usecols=None when all are read: pandas then checks every line's width.
+            usecols=None if width is not None else sorted(set(usecols)),
             dtype=np.float64,
             engine="c",
             quoting=csv.QUOTE_NONE,  # numpy's reader (non-marker streams) has no quotes
@@ -78,6 +85,8 @@ def parse_floats(text: bytes, usecols: list[int], rows: int) -> list[np.ndarray]
         return None
     if not isinstance(by_position, Mapping):
         return None
+    if width is not None and len(by_position) != width:
+        return None  # pandas takes the first line's width: it was not the header's
     columns: list[np.ndarray] = []
     for position in usecols:
         column = by_position.get(position)

@@ -194,8 +194,11 @@ class CsvStreamReader:
     ) -> tuple[np.ndarray | None, np.ndarray, DataError | None]:
         """``(raw index column or None, values, error or None)`` of one block."""
         if self._fast:
-            columns = csvfast.parse_floats(text, usecols, n_lines)
-            if columns is not None and self._widths_match(text, n_lines):
+            width = len(self._header)
+            every = sorted(set(usecols)) == list(range(width))
+            # Reading every column, pandas checks each line's width itself.
+            columns = csvfast.parse_floats(text, usecols, n_lines, width if every else None)
+            if columns is not None and (every or self._widths_match(text, n_lines)):
                 return *self._from_columns(columns, has_index), None
         # numpy's parse: every block the fast parser refuses, and the exact bad line.
         table, error = self._parse(text, first_line, usecols, n_lines)
