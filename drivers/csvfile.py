@@ -328,21 +328,35 @@ class CsvStreamReader:
 
     def _texts(self, handle: BinaryIO) -> Iterator[tuple[bytes, int, int]]:
         """``(text, first line number, line count)`` of each block of whole lines."""
-        line_no, rest = 2, b""
-        while True:
-            raw = handle.read(self.block_bytes)
-            buffer = rest + raw
-            if not raw:
-                text, rest = buffer, b""
-            else:
-                cut = buffer.rfind(b"\n") + 1
-                text, rest = buffer[:cut], buffer[cut:]
-            if text and not text.isspace():
+        line_no = 2
+        for text in self._whole_lines(handle):
+            if not text.isspace():
                 lines = _count_lines(text)
                 yield text, line_no, lines
                 line_no += lines
-            if not raw:
+
+    def _whole_lines(self, handle: BinaryIO) -> Iterator[bytes]:
+        """The rest of the file in blocks of about ``block_bytes`` that end with a line.
+
+        Each block ends at its last newline and the file is sought back to just after it,
+        so the next read starts a line: no joining of a partial line with the next read,
+        which cost more than the read itself. ``block_bytes < 0``: all of it in one block.
+        """
+        while True:
+            text = handle.read(self.block_bytes)
+            if not text:
                 return
+            while self.block_bytes >= 0 and not text.endswith(b"\n"):
+                cut = text.rfind(b"\n") + 1
+                if cut:
+                    handle.seek(cut - len(text), io.SEEK_CUR)
+                    text = text[:cut]
+                    break
+                more = handle.read(self.block_bytes)  # a line longer than a block
+                if not more:
+                    break  # the last line, without a newline
+                text += more
+            yield text
 
     def _parsed(
         self, texts: Iterator[tuple[bytes, int, int]], usecols: list[int], has_index: bool
