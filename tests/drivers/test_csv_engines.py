@@ -2,15 +2,20 @@
 
 from __future__ import annotations
 
+import asyncio
 import threading
 import time
 from pathlib import Path
 
 import numpy as np
 import pytest
+from helpers import drain, gaze_collection, run
+
+import streaminghub_datamux as dm
 
 pytest.importorskip("pandas")
 
+from streaminghub_datamux.drivers import csvfast
 from streaminghub_datamux.drivers.csvfile import CsvStreamReader
 from streaminghub_datamux.errors import DataError
 from streaminghub_datamux.model import Stream
@@ -30,10 +35,11 @@ def stream(dtype: str = "f32", channels: tuple[str, ...] = ("a", "b", "c")) -> S
 
 
 def read(path: Path, meta: Stream, engine: str, block_bytes: int = 1 << 20):
-    """Every block and the error (message and line), as the reader yields them."""
+    """Every block (those before an error too) and the error (message and line)."""
     blocks, error = [], None
     try:
-        blocks = list(CsvStreamReader(path, meta, block_bytes, engine=engine).blocks())
+        for block in CsvStreamReader(path, meta, block_bytes, engine=engine).blocks():
+            blocks.append(block)
     except DataError as exc:
         error = (str(exc), exc.line)
     return blocks, error
@@ -182,3 +188,171 @@ def test_pandas_parse_lets_other_threads_run(tmp_path):
 def test_unknown_engine_is_refused(tmp_path):
     with pytest.raises(ValueError, match="engine"):
         CsvStreamReader(tmp_path / "x.csv", stream(), engine="fast")
+
+
+# -- parse threads: blocks parsed side by side, in order, errors on the right line -----
+
+
+def parse_threads(monkeypatch) -> list[tuple[str, bytes]]:
+    """``(thread name, text)`` of each block pandas parses, filled in as the reader runs.
+
+    The first two parses wait for each other, so two threads surely parse side by side
+    (a pool reuses an idle thread rather than start a second one).
+    """
+    parsed: list[tuple[str, bytes]] = []
+    lock = threading.Lock()
+    both = threading.Barrier(2, timeout=10)
+    real = csvfast.parse_floats
+
+    def parse(text, *args, **kwargs):
+        with lock:
+            parsed.append((threading.current_thread().name, text))
+            first_two = len(parsed) <= 2
+        if first_two:
+            both.wait()
+        return real(text, *args, **kwargs)
+
+    monkeypatch.setattr(csvfast, "parse_floats", parse)
+    return parsed
+
+
+def live_parse_threads() -> list[str]:
+    return [t.name for t in threading.enumerate() if t.name.startswith("csv-parse")]
+
+
+def write_lines(
+    path: Path, header: str, rows: np.ndarray, replace: dict[int, str] | None = None
+) -> None:
+    """``header``, then one line per row (``%.9g``), with the rows in ``replace`` swapped
+    for the given text."""
+    replace = replace or {}
+    lines = [",".join(f"{v:.9g}" for v in row) for row in rows.tolist()]
+    for index, text in replace.items():
+        lines[index] = text
+    path.write_text(header + "\n".join(lines) + "\n")
+
+
+N_ROWS = 3000
+# 2 KiB asked, 8 KiB blocks for pandas: about 200 rows per block, 15 blocks
+SMALL_BLOCKS = 2 << 10
+ROWS = np.column_stack(
+    [np.arange(N_ROWS) / 100, np.random.default_rng(5).standard_normal((N_ROWS, 3))]
+)
+
+
+@pytest.mark.parametrize("bad_row", [250, 1600, N_ROWS - 1])
+def test_a_bad_line_in_any_block_is_named_with_its_file_line(tmp_path, monkeypatch, bad_row):
+    """Blocks are parsed by two threads; the rows before the bad line arrive exact, the
+    error names the line in the file (header = line 1), whichever thread parsed it."""
+    parsed = parse_threads(monkeypatch)
+    path = tmp_path / "x.csv"
+    write_lines(path, HEADER, ROWS, {bad_row: "12.5,1,oops,3"})
+    blocks, error = read(path, stream(), "pandas", SMALL_BLOCKS)
+    assert error is not None
+    assert error[1] == bad_row + 2, error
+    assert "could not convert 'oops' to float32 in column 3 (b)" in error[0], error
+    t = np.concatenate([b[0] for b in blocks])
+    v = np.concatenate([b[1] for b in blocks])
+    np.testing.assert_array_equal(t, ROWS[:bad_row, 0])
+    expected = np.loadtxt(path, delimiter=",", skiprows=1, max_rows=bad_row, dtype=np.float64)
+    assert v.tobytes() == expected[:, 1:].astype(np.float32).tobytes()
+    threads = [name for name, _text in parsed]
+    assert set(threads) == {"csv-parse_0", "csv-parse_1"}, threads
+    bad_block = next(i for i, (_name, text) in enumerate(parsed) if b"oops" in text)
+    if bad_row == 250:  # in the second block: the one the other thread parsed
+        assert bad_block == 1 and threads[1] != threads[0], threads
+    assert_same_reading(path, stream(), SMALL_BLOCKS)
+
+
+def test_last_line_without_newline_and_a_bad_one(tmp_path):
+    path = tmp_path / "x.csv"
+    write_lines(path, HEADER, ROWS)
+    path.write_bytes(path.read_bytes().rstrip(b"\n"))
+    (t, _v), error = assert_same_reading(path, stream(), SMALL_BLOCKS)
+    assert error is None and len(t) == N_ROWS
+    path.write_bytes(path.read_bytes() + b"\n1,2")
+    (t, _v), error = assert_same_reading(path, stream(), SMALL_BLOCKS)
+    assert error is not None and error[1] == N_ROWS + 2 and len(t) == N_ROWS
+    assert "expected 4 columns, got 2" in error[0]
+
+
+def test_a_line_longer_than_a_block_is_read_whole(tmp_path):
+    path = tmp_path / "x.csv"
+    wide = 600  # one line of about 6 KiB, blocks of 64 bytes for numpy, 256 for pandas
+    header = "t," + ",".join(f"c{i}" for i in range(wide)) + "\n"
+    rows = np.random.default_rng(2).standard_normal((5, wide + 1))
+    write_lines(path, header, rows)
+    meta = stream("f64", tuple(f"c{i}" for i in range(wide)))
+    (_t, v), error = assert_same_reading(path, meta, block_bytes=64)
+    assert error is None
+    assert v.tobytes() == np.loadtxt(path, delimiter=",", skiprows=1)[:, 1:].tobytes()
+
+
+SUBSET_HEADER = "t,x,c,a,b,y\n"  # a file that also holds another stream's x and y
+
+
+@pytest.mark.parametrize(
+    ("case", "line", "message"),
+    [
+        ("good", None, None),
+        ("long row", 1702, "expected 6 columns, got 7"),
+        ("short row", 1702, "expected 6 columns, got 5"),
+        ("bad unread cell", None, None),  # a cell the stream does not read is not parsed
+    ],
+)
+def test_a_stream_reading_some_columns(tmp_path, case, line, message):
+    """Reading a subset of the columns, in another order than the file's: pandas skips
+    the other cells, so the width of each line is counted instead."""
+    rows = np.column_stack([ROWS, ROWS[:, 1:3] * 2])  # t, a, b, c, x, y
+    path = tmp_path / "x.csv"
+    lines = [",".join(f"{v:.9g}" for v in r) for r in rows[:, [0, 4, 3, 1, 2, 5]].tolist()]
+    bad = {
+        "long row": lines[1700] + ",7",
+        "short row": lines[1700].rsplit(",", 1)[0],
+        "bad unread cell": ",".join(["17", "oops", *lines[1700].split(",")[2:]]),
+    }
+    if case in bad:
+        lines[1700] = bad[case]
+    path.write_text(SUBSET_HEADER + "\n".join(lines) + "\n")
+    (t, v), error = assert_same_reading(path, stream(), SMALL_BLOCKS)
+    if line is None:
+        assert error is None and len(t) == N_ROWS
+        expected = np.loadtxt(path, delimiter=",", skiprows=1, usecols=[0, 3, 4, 2], ndmin=2)
+        assert v.tobytes() == expected[:, 1:].astype(np.float32).tobytes()
+    else:
+        assert error is not None and error[1] == line and message in error[0], error
+        assert len(t) == 1700
+
+
+def test_closing_the_reader_early_stops_its_parse_threads(tmp_path):
+    path = tmp_path / "x.csv"
+    write_lines(path, HEADER, np.tile(ROWS, (10, 1)))
+    blocks = CsvStreamReader(path, stream(), SMALL_BLOCKS, engine="pandas").blocks()
+    next(blocks)
+    next(blocks)
+    assert live_parse_threads(), "the rest of the file is being parsed ahead"
+    blocks.close()
+    assert live_parse_threads() == []
+
+
+def test_stopping_a_replay_stops_its_parse_threads(workspace):
+    workspace.add_collection("study", gaze_collection(frequency=1000))
+    workspace.add_gaze_recording("A", "1", n=300_000, frequency=1000)  # 15 MB, 15 blocks
+
+    async def body():
+        api = dm.API(workspace.config())
+        sink: asyncio.Queue = asyncio.Queue(maxsize=1)  # the replay waits on its consumer
+        ack = await api.replay_collection_stream("study", "gaze", {"subject": "A"}, sink, speed=0)
+        first = await asyncio.wait_for(sink.get(), 10)
+        assert isinstance(first, dm.Frame), first
+        assert live_parse_threads(), "the next blocks are being parsed ahead"
+        await api.stop_task(ack.randseq)
+        await drain(sink)
+        # The block in flight cannot be interrupted: its parse ends, then the threads.
+        for _ in range(100):
+            if not live_parse_threads():
+                break
+            await asyncio.sleep(0.05)
+        return live_parse_threads()
+
+    assert run(body()) == []
