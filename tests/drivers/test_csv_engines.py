@@ -356,3 +356,43 @@ def test_stopping_a_replay_stops_its_parse_threads(workspace):
         return live_parse_threads()
 
     assert run(body()) == []
+
+
+def test_without_pandas_numpy_reads_and_the_log_says_how_to_get_it(tmp_path, monkeypatch, caplog):
+    """The fallback where the extra is missing (armv7l): same values, one hint in the log."""
+    monkeypatch.setattr(csvfast, "pd", None)
+    monkeypatch.setattr(csvfast, "_warned", False)
+    path = tmp_path / "x.csv"
+    write_lines(path, HEADER, ROWS, {1600: "12.5,1,oops,3"})
+    with caplog.at_level("WARNING"):
+        blocks, error = read(path, stream(), "auto", SMALL_BLOCKS)
+        read(path, stream(), "auto", SMALL_BLOCKS)
+    hints = [r.getMessage() for r in caplog.records if "fast-csv" in r.getMessage()]
+    assert len(hints) == 1 and "not installed" in hints[0], hints
+    assert error is not None and error[1] == 1602
+    assert not live_parse_threads()
+    v = np.concatenate([b[1] for b in blocks])
+    expected = np.loadtxt(path, delimiter=",", skiprows=1, max_rows=1600)
+    assert v.tobytes() == expected[:, 1:].astype(np.float32).tobytes()
+    with pytest.raises(ValueError, match="fast-csv"):
+        CsvStreamReader(path, stream(), engine="pandas")
+
+
+def test_public_read_gives_the_same_columns_as_the_engine(tmp_path):
+    """Where a pandas lacks the engine's column dict, the DataFrame route is taken."""
+    import io
+    import types
+
+    import pandas as pd
+
+    text = (HEADER + "0,1.5,nan,3\n0.01,4,5,-inf\n").encode().split(b"\n", 1)[1]
+
+    def reader():
+        return pd.read_csv(io.BytesIO(text), header=None, dtype=np.float64, iterator=True)
+
+    with reader() as engine_reader, reader() as public_reader:
+        by_engine = csvfast._read_columns(engine_reader)
+        by_frame = csvfast._read_columns(types.SimpleNamespace(read=public_reader.read))
+    assert sorted(by_engine) == sorted(by_frame) == [0, 1, 2, 3]
+    for position in by_engine:
+        assert by_engine[position].tobytes() == by_frame[position].tobytes()
