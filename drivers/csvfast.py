@@ -102,7 +102,7 @@ def _read_columns(reader: Any) -> Mapping[Any, Any]:
     A DataFrame holds the GIL to wrap every column (a third of the whole parse at 64
     columns) and ``to_numpy`` then copies them into one 2-D array: the parser engine's own
     dict of column arrays skips both. That dict is pandas-internal
-    (``TextFileReader._engine.read``, pandas 1 to 3); where it is missing, the public
+    (``TextFileReader._engine.read``, as of pandas 3.1); where it is missing, the public
     ``read()`` gives the same columns, slower.
     """
     engine = getattr(reader, "_engine", None)

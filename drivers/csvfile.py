@@ -194,11 +194,9 @@ class CsvStreamReader:
     ) -> tuple[np.ndarray | None, np.ndarray, DataError | None]:
         """``(raw index column or None, values, error or None)`` of one block."""
         if self._fast:
-            width = len(self._header)
-            every = sorted(set(usecols)) == list(range(width))
-            # Reading every column, pandas checks each line's width itself.
-            columns = csvfast.parse_floats(text, usecols, n_lines, width if every else None)
-            if columns is not None and (every or self._widths_match(text, n_lines)):
+            width = self._fast_width
+            columns = csvfast.parse_floats(text, usecols, n_lines, width)
+            if columns is not None and (width is not None or self._widths_match(text, n_lines)):
                 return *self._from_columns(columns, has_index), None
         # numpy's parse: every block the fast parser refuses, and the exact bad line.
         table, error = self._parse(text, first_line, usecols, n_lines)
@@ -310,6 +308,9 @@ class CsvStreamReader:
             self._index_col = index_col
             usecols = value_cols if index_col is None else [index_col, *value_cols]
             self._parse_dtype = self._table_dtype(usecols, index_col is not None)
+            # Reading every column, pandas checks each line's width itself.
+            width = len(self._header)
+            self._fast_width = width if sorted(set(usecols)) == list(range(width)) else None
             row_no, scale = 0, None
             has_index = index_col is not None
             for raw_ts, values, error in self._parsed(self._texts(handle), usecols, has_index):
