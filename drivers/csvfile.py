@@ -37,7 +37,7 @@ _NUMPY_POSITION = re.compile(r" at row \d+, column \d+\.?")
 _FAST_BLOCK_FACTOR = 4
 _ENGINES = ("auto", "numpy", "pandas")
 # Threads parsing blocks side by side with the fast parser (it releases the GIL).
-_PARSE_THREADS = min(2, os.cpu_count() or 1)
+PARSE_THREADS = min(2, os.cpu_count() or 1)
 
 
 def _count_lines(text: bytes) -> int:
@@ -363,20 +363,20 @@ class CsvStreamReader:
         self, texts: Iterator[tuple[bytes, int, int]], usecols: list[int], has_index: bool
     ) -> Iterator[tuple[np.ndarray | None, np.ndarray, DataError | None]]:
         """:meth:`_read_block` of each block, in order; in parallel with the fast parser."""
-        if not self._fast or _PARSE_THREADS < 2:
+        if not self._fast or PARSE_THREADS < 2:
             for text, first_line, lines in texts:
                 yield self._read_block(text, first_line, usecols, lines, has_index)
             return
         # pandas releases the GIL, so blocks parse side by side on several cores; at most
-        # _PARSE_THREADS blocks are in flight, so memory stays a few blocks.
-        with ThreadPoolExecutor(_PARSE_THREADS, thread_name_prefix="csv-parse") as pool:
+        # PARSE_THREADS blocks are in flight, so memory stays a few blocks.
+        with ThreadPoolExecutor(PARSE_THREADS, thread_name_prefix="csv-parse") as pool:
             pending: deque[Future[tuple[np.ndarray | None, np.ndarray, DataError | None]]]
             pending = deque()
             try:
                 for text, first_line, lines in texts:
                     args = (text, first_line, usecols, lines, has_index)
                     pending.append(pool.submit(self._read_block, *args))
-                    if len(pending) >= _PARSE_THREADS:
+                    if len(pending) >= PARSE_THREADS:
                         yield pending.popleft().result()
                 while pending:
                     yield pending.popleft().result()
