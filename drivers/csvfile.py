@@ -95,6 +95,8 @@ class CsvStreamReader:
     ) -> None:
         if engine not in _ENGINES:
             raise ValueError(f"engine must be one of {_ENGINES}, not {engine!r}")
+        if block_bytes == 0:  # read(0) gives nothing: the file would seem empty
+            raise ValueError("block_bytes must be > 0 (or < 0 for the whole file at once)")
         self.path = path
         self.stream = stream
         self.block_bytes = block_bytes

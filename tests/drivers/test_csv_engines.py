@@ -185,9 +185,11 @@ def test_pandas_parse_lets_other_threads_run(tmp_path):
     assert min(pandas_stalls) < 0.5 * numpy_stall, (pandas_stalls, numpy_stall, pandas_time)
 
 
-def test_unknown_engine_is_refused(tmp_path):
+def test_unknown_engine_and_empty_blocks_are_refused(tmp_path):
     with pytest.raises(ValueError, match="engine"):
         CsvStreamReader(tmp_path / "x.csv", stream(), engine="fast")
+    with pytest.raises(ValueError, match="block_bytes must be > 0"):
+        CsvStreamReader(tmp_path / "x.csv", stream(), 0)
 
 
 # -- parse threads: blocks parsed side by side, in order, errors on the right line -----
