@@ -25,6 +25,7 @@ import os
 import select
 import selectors
 import sys
+import threading
 from collections.abc import Callable, Coroutine
 from typing import Any, TypeVar
 
@@ -41,7 +42,8 @@ _MS = 1e-3
 _MIN_TIMER_S = 1e-6  # a zero timerfd deadline disarms it
 # How long a busy worker thread may keep the GIL from the loop (Python's default: 5 ms).
 GIL_SWITCH_INTERVAL_S = 0.0005
-# Timeouts this close to a whole number of milliseconds need no timer: epoll is exact.
+# A wait that epoll's whole milliseconds (rounded up) end this close to its timeout needs
+# no timer: epoll is exact enough.
 _WHOLE_MS_SLACK_S = 1e-6
 
 
@@ -128,8 +130,10 @@ class PreciseSelector(_EpollSelector):
 
     def select(self, timeout: float | None = None) -> list[tuple[selectors.SelectorKey, int]]:
         if timeout is not None and timeout > 0:
-            whole_ms = round(timeout / _MS) * _MS
-            if abs(timeout - whole_ms) > _WHOLE_MS_SLACK_S:
+            # What epoll would wait: selectors rounds up to whole ms, so a timeout just
+            # above one (1.0000005 ms, or below 1 us) waits a whole ms more without a timer.
+            epoll_s = math.ceil(timeout * 1e3) * 1e-3
+            if epoll_s - timeout > _WHOLE_MS_SLACK_S:
                 self._timer.arm(max(timeout, _MIN_TIMER_S))
                 # epoll's own (rounded-up) timeout is only a backstop now: the timer ends
                 # the wait first. A timer left armed by a wait that I/O ended early costs
@@ -162,10 +166,42 @@ def run(main: Coroutine[Any, Any, T], *, debug: bool | None = None) -> T:
     For analytics code with live low-latency streams:
     ``streaminghub_datamux.preciseloop.run(main())`` instead of ``asyncio.run(main())``.
     """
-    previous = sys.getswitchinterval()
-    sys.setswitchinterval(min(previous, GIL_SWITCH_INTERVAL_S))
+    # asyncio.Runner on Python 3.11 does not check this itself: it made a second loop,
+    # failed to run it, and left an un-awaited coroutine behind (a RuntimeWarning).
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        pass  # none running: the usual case
+    else:
+        raise RuntimeError("preciseloop.run() cannot be called from a running event loop")
+    _lower_switch_interval()
     try:
         with asyncio.Runner(debug=debug, loop_factory=new_event_loop) as runner:
             return runner.run(main)
     finally:
-        sys.setswitchinterval(previous)
+        _restore_switch_interval()
+
+
+# The switch interval is process-wide: with run() in several threads, the first to enter
+# saves it and the last to leave restores it (else one that ends first raises it under
+# the others, and the last one to end leaves it lowered for good).
+_switch_lock = threading.Lock()
+_switch_users = 0
+_switch_saved = 0.0
+
+
+def _lower_switch_interval() -> None:
+    global _switch_users, _switch_saved
+    with _switch_lock:
+        if _switch_users == 0:
+            _switch_saved = sys.getswitchinterval()
+            sys.setswitchinterval(min(_switch_saved, GIL_SWITCH_INTERVAL_S))
+        _switch_users += 1
+
+
+def _restore_switch_interval() -> None:
+    global _switch_users
+    with _switch_lock:
+        _switch_users -= 1
+        if _switch_users == 0:
+            sys.setswitchinterval(_switch_saved)
