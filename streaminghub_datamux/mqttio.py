@@ -70,6 +70,9 @@ _UNSUPPORTED_PROTOCOL = (1, 132)  # MQTT 3.1.1 and MQTT 5 reason codes
 FIRST_LOOK_S = 0.5
 FIRST_REPORT_S = PROTOCOL_PROBE_S + 2.5
 REPORT_STEPS_S = (5.0, 10.0, 20.0, 40.0, 60.0)
+# A connection dropped sooner than this after its CONNACK may have been taken over by
+# another client with our id (mosquitto 2.0 then just closes it, no reason code).
+SHORT_LIVED_S = 5.0
 RETAIN_UNSUPPORTED = "retain not supported"  # MQTT 5 reason code 0x9A
 _RETAIN_NOT_SUPPORTED = 154
 
@@ -126,6 +129,7 @@ class MqttLink:
         self._room = asyncio.Event()
         self._room.set()
         self._connected = asyncio.Event()
+        self._connected_at = 0.0  # loop time of the last CONNACK
         self._closing = False
         self._first: asyncio.Future[str | None] | None = None  # outcome of the first connect
         self._reporter: asyncio.Task[None] | None = None  # says why, while not connected
@@ -653,6 +657,7 @@ class MqttLink:
                 log.warning("broker %s: %s", self.settings.address, problem)
             return
         self._connected.set()
+        self._connected_at = self._loop.time() if self._loop is not None else 0.0
         self.problem = ""
         if self._network is not None:
             self._network.connected()
@@ -692,7 +697,16 @@ class MqttLink:
         self._room.set()
         if was_connected and not self._closing:
             self.disconnects += 1
-            log.warning("lost the broker %s (%s); reconnecting", self.settings.address, reason)
+            hint = ""
+            if self._loop is not None and self._loop.time() - self._connected_at < SHORT_LIVED_S:
+                hint = (
+                    f" within {SHORT_LIVED_S:g} s of connecting (if this repeats, another "
+                    f"client, a second agent?, uses the client id {self.client_id!r}: give "
+                    "each its own id)"
+                )
+            log.warning(
+                "lost the broker %s (%s)%s; reconnecting", self.settings.address, reason, hint
+            )
             self._start_reporting(fail_fast=False)
             if self._on_disconnect is not None:
                 self._on_disconnect(reason)

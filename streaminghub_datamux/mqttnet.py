@@ -34,6 +34,10 @@ log = logging.getLogger(__name__)
 MISC_PERIOD_S = 1.0
 # Packets read per readiness event at most, so a flood cannot starve the loop's tasks.
 READS_PER_WAKE = 64
+# A connection must last this long for the next loss to reconnect after the least delay:
+# one the broker drops right after its CONNACK (another client with our id takes the
+# session over, and is taken over in turn) otherwise comes back every minimum delay.
+STABLE_S = 5.0
 
 
 class Network(Protocol):
@@ -96,6 +100,7 @@ class LoopNetwork:
         self._loop_thread = threading.get_ident()
         self._min_delay_s, self._max_delay_s = min_delay_s, max_delay_s
         self._delay_s = min_delay_s
+        self._connected_at: float | None = None  # when the broker last accepted us
         self._fd: int | None = None  # the socket being watched
         self._writer = False  # add_writer is on (the socket's buffer was full)
         self._write_scheduled = False
@@ -113,7 +118,7 @@ class LoopNetwork:
         self._task = self._loop.create_task(self._serve(), name="mqtt-network")
 
     def connected(self) -> None:
-        self._delay_s = self._min_delay_s
+        self._connected_at = self._loop.time()
 
     def hold_writes(self) -> None:
         self._holding = True
@@ -167,6 +172,9 @@ class LoopNetwork:
                         await self._lost.wait()
                 if client.socket() is not None:
                     client.loop_misc()  # PINGREQ when due; drops a silent broker
+            accepted, self._connected_at = self._connected_at, None
+            if accepted is not None and self._loop.time() - accepted >= STABLE_S:
+                self._delay_s = self._min_delay_s
             await self._back_off()
 
     async def _back_off(self) -> None:
