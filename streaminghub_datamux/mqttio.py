@@ -70,8 +70,8 @@ _UNSUPPORTED_PROTOCOL = (1, 132)  # MQTT 3.1.1 and MQTT 5 reason codes
 FIRST_LOOK_S = 0.5
 FIRST_REPORT_S = PROTOCOL_PROBE_S + 2.5
 REPORT_STEPS_S = (5.0, 10.0, 20.0, 40.0, 60.0)
-# A connection dropped sooner than this after its CONNACK may have been taken over by
-# another client with our id (mosquitto 2.0 then just closes it, no reason code).
+# Connections dropped again and again sooner than this after their CONNACK are most
+# likely taken over by another client with our id (mosquitto 2.0 just closes them).
 SHORT_LIVED_S = 5.0
 RETAIN_UNSUPPORTED = "retain not supported"  # MQTT 5 reason code 0x9A
 _RETAIN_NOT_SUPPORTED = 154
@@ -130,6 +130,7 @@ class MqttLink:
         self._room.set()
         self._connected = asyncio.Event()
         self._connected_at = 0.0  # loop time of the last CONNACK
+        self._short_drops = 0  # connections in a row lost within SHORT_LIVED_S
         self._closing = False
         self._first: asyncio.Future[str | None] | None = None  # outcome of the first connect
         self._reporter: asyncio.Task[None] | None = None  # says why, while not connected
@@ -698,11 +699,13 @@ class MqttLink:
         if was_connected and not self._closing:
             self.disconnects += 1
             hint = ""
-            if self._loop is not None and self._loop.time() - self._connected_at < SHORT_LIVED_S:
+            lived = self._loop.time() - self._connected_at if self._loop is not None else 0.0
+            self._short_drops = self._short_drops + 1 if lived < SHORT_LIVED_S else 0
+            if self._short_drops >= 2:  # once is a broker restart; again and again is not
                 hint = (
-                    f" within {SHORT_LIVED_S:g} s of connecting (if this repeats, another "
-                    f"client, a second agent?, uses the client id {self.client_id!r}: give "
-                    "each its own id)"
+                    f" within {SHORT_LIVED_S:g} s of connecting, {self._short_drops} times "
+                    f"in a row: does another client (a second agent?) use the client id "
+                    f"{self.client_id!r}? Give each its own id"
                 )
             log.warning(
                 "lost the broker %s (%s)%s; reconnecting", self.settings.address, reason, hint
