@@ -304,3 +304,54 @@ def test_serve_exits_promptly_and_cleanly_on_sigterm(tmp_path: Path, broker_stat
         agent.stderr.close()
     assert code == 0, errors[-2000:]
     assert took < 5, f"{took:.1f} s to exit"
+
+
+_FLOODER = """
+import sys, paho.mqtt.client as mqtt
+client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id="flooder")
+client.connect(sys.argv[1], int(sys.argv[2]))
+client.loop_start()
+for i in range(int(sys.argv[3])):
+    client.publish("flood/x", b"x" * 40, qos=0)
+client.disconnect()
+client.loop_stop()
+"""
+
+
+def test_a_message_flood_does_not_hold_the_loops_timers(broker: Mosquitto):
+    """Once broke: the loop read up to 64 packets per wake-up (about 6 ms of paho's parsing
+    under a flood), so 10 ms timers beside a flood of requests ran 6 ms late (median).
+    A wake-up now reads for at most READ_BUDGET_S."""
+
+    async def beside_a_flood() -> tuple[float, int]:
+        received = 0
+
+        def on_message(message: Incoming) -> None:
+            nonlocal received
+            received += 1
+
+        settings = BrokerSettings(host=LOOPBACK, port=broker.port)
+        link = MqttLink("flooded", settings, on_message=on_message, network="loop")
+        await link.connect(10)
+        await link.subscribe("flood/#", qos=0)
+        flooder = subprocess.Popen(
+            [sys.executable, "-c", _FLOODER, LOOPBACK, str(broker.port), "60000"]
+        )
+        try:
+            await _wait_for(lambda: received > 500, 20)  # the flood has begun
+            loop = asyncio.get_running_loop()
+            late, during = [], received
+            for _ in range(100):
+                due = loop.time() + 0.010
+                await asyncio.sleep(0.010)
+                late.append(loop.time() - due)
+            during = received - during
+        finally:
+            flooder.wait(60)
+            await link.close()
+        late.sort()
+        return late[len(late) // 2] * 1e3, during
+
+    median_ms, during = run(beside_a_flood())
+    assert during > 2000, f"only {during} messages arrived while timing: no flood to test"
+    assert median_ms < 3.0, f"10 ms timers ran {median_ms:.1f} ms late (median) in a flood"
