@@ -20,7 +20,7 @@ import secrets
 import threading
 from collections.abc import Awaitable, Callable, Mapping
 from types import TracebackType
-from typing import Any, Self
+from typing import Any, Literal, Self
 
 from .. import protocol
 from ..checks import check_sink
@@ -69,6 +69,11 @@ class RemoteAPI(DatamuxAPI):
             name if one is set, else a random id.
         clock_refresh_s: how often the clock offsets of the agents measured so far are
             measured again (docs/remote-api.md, "Clocks").
+        network: who serves the MQTT socket. ``"thread"`` (default): paho's thread, so
+            the connection and this client's leases outlive a loop that your code blocks.
+            ``"loop"``: this asyncio loop, with no thread hop per frame (about 0.2 ms less
+            latency) for programs whose loop never blocks for long (docs/remote-api.md,
+            "Latency").
     """
 
     def __init__(
@@ -82,6 +87,7 @@ class RemoteAPI(DatamuxAPI):
         qos: int = 1,
         client_id: str | None = None,
         clock_refresh_s: float = CLOCK_REFRESH_S,
+        network: Literal["thread", "loop"] = "thread",
     ) -> None:
         if rpc_name != "mqtt":
             raise InvalidRequest(f"unknown rpc {rpc_name!r}; the transport is 'mqtt'")
@@ -89,6 +95,9 @@ class RemoteAPI(DatamuxAPI):
             raise InvalidRequest(f"unknown codec {codec_name!r}; use one of {list(CODECS)}")
         if qos not in (0, 1) or isinstance(qos, bool):
             raise InvalidRequest("qos must be 0 or 1")
+        if network not in ("thread", "loop"):
+            raise InvalidRequest(f"network must be 'thread' or 'loop', not {network!r}")
+        self.network: Literal["thread", "loop"] = network
         self.codec = codec_name
         self.agent_id = check_id(agent_id, "agent_id") if agent_id is not None else None
         self.config = config
@@ -164,6 +173,7 @@ class RemoteAPI(DatamuxAPI):
             ).on_message,
             on_connect=self._presence.on_connect,
             will=Will(self.topics.client_state(self.client_id), self._presence.absence()),
+            network=self.network,
         )
         try:
             await self.link.connect(timeout=self.timeout)

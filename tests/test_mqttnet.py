@@ -162,3 +162,43 @@ def test_closing_while_no_broker_answers_leaves_nothing_running():
     assert took < 6.0
     assert threads == set()
     assert tasks == []
+
+
+def test_a_remote_api_on_its_loop_streams_with_no_paho_thread(workspace, mosquitto, tmp_path):
+    """RemoteAPI(network="loop"): the low-latency choice for a loop that never blocks."""
+    from remote import running_agent, until_announced
+
+    import streaminghub_datamux as dm
+
+    async def body() -> tuple[int, set[str], set[str]]:
+        config = workspace.config()
+        async with running_agent(config, mosquitto, tmp_path / "state"):
+            api = dm.RemoteAPI(agent_id="a1", config=config, timeout=10, network="loop")
+            await api.connect(mosquitto.host, mosquitto.port)
+            try:
+                await until_announced(api)
+                threads = _paho_threads()  # the agent's link has none either
+                sink: asyncio.Queue[Any] = asyncio.Queue()
+                ack = await api.proxy_live_stream("demo", "eeg", {}, sink, framing="low-latency")
+                frames = []
+                while len(frames) < 20:
+                    item = await asyncio.wait_for(sink.get(), 10)
+                    if isinstance(item, dm.Frame):
+                        frames.append(item)
+                await api.stop_task(ack.randseq)
+                seqs = {f.seq for f in frames}
+                return len(seqs), threads, _paho_threads()
+            finally:
+                await api.close()
+
+    distinct, threads_before, threads_after = run(body())
+    assert distinct == 20
+    assert threads_before == set() and threads_after == set()
+
+
+def test_an_unknown_network_is_refused():
+    import streaminghub_datamux as dm
+    from streaminghub_datamux.errors import InvalidRequest
+
+    with pytest.raises(InvalidRequest, match="network must be 'thread' or 'loop'"):
+        dm.RemoteAPI(network="threads")  # type: ignore[arg-type]
