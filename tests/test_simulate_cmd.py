@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import time
 import uuid
 from typing import Any
@@ -138,11 +139,22 @@ def test_a_simulated_disconnect_takes_the_outlet_off_the_network(workspace):
             sink: asyncio.Queue[Any] = asyncio.Queue()
             ack = await api.proxy_live_stream(sig.node_id, sig.id, {}, sink)
             statuses: list[dm.StreamStatus] = []
-            async with asyncio.timeout(15):
-                while [s.status for s in statuses][:2] != ["disconnected", "reconnected"]:
-                    item = await sink.get()
-                    if isinstance(item, dm.StreamStatus):
-                        statuses.append(item)
+
+            def back_after_loss() -> bool:
+                seen = [s.status for s in statuses]
+                return (
+                    "disconnected" in seen and "reconnected" in seen[seen.index("disconnected") :]
+                )
+
+            # Bounded, and generous: on a loaded box a reconnect may miss an up window
+            # (discovery takes up to ~1 s, the outlet is back 2.5 s of every 3 s).
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(30):
+                    while not back_after_loss():
+                        item = await sink.get()
+                        if isinstance(item, dm.StreamStatus):
+                            statuses.append(item)
+            assert back_after_loss(), f"no loss then return in 30 s: {statuses}"
             after = await collect(sink, 20)
             await api.stop_task(ack.randseq)
         finally:
@@ -151,8 +163,9 @@ def test_a_simulated_disconnect_takes_the_outlet_off_the_network(workspace):
             await api.aclose()
         return statuses, after
 
-    statuses, after = run(body())
-    assert "vanished" in statuses[0].reason
+    statuses, after = run(body(), timeout=60)
+    lost = next(s for s in statuses if s.status == "disconnected")
+    assert "vanished" in lost.reason
     assert sum(len(f) for f in frames_of(after)) >= 20
 
 
