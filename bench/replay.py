@@ -34,10 +34,10 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 from common import code_version, log, n_runs, verdict, write_doc  # bench/common.py
@@ -47,6 +47,8 @@ from streaminghub_datamux import preciseloop
 from streaminghub_datamux.config import load_config
 from streaminghub_datamux.drivers.replay import BLOCK_BYTES as REPLAY_BLOCK_BYTES
 from streaminghub_datamux.drivers.replay import ReplaySource
+
+T = TypeVar("T")
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_DOC = REPO / "docs" / "performance.md"
@@ -339,17 +341,22 @@ async def _replay_paced_under_load(
     load: Recording,
 ) -> tuple[list[float], list[float], float]:  # fmt: skip
     """:func:`_replay_paced` while ``load`` is replayed at speed 0, over and over."""
-    paced_done = asyncio.Event()
+    return await _while_replaying(_replay_paced(api, sources, recording), load_api, load)
+
+
+async def _while_replaying(body: Awaitable[T], load_api: dm.API, load: Recording) -> T:
+    """Await ``body`` while ``load`` is replayed at speed 0 in the same loop, over and over."""
+    done = asyncio.Event()
 
     async def background() -> None:
-        while not paced_done.is_set():
+        while not done.is_set():
             await _replay_all(load_api, load)
 
     loader = asyncio.create_task(background())
     try:
-        return await _replay_paced(api, sources, recording)
+        return await body
     finally:
-        paced_done.set()
+        done.set()
         await loader
 
 
@@ -375,18 +382,7 @@ async def _sleep_loop_under_load(
     The floor of the stress case: no paced replay can wake sooner than a bare sleep
     sharing its loop with the same speed-0 replay.
     """
-    done = asyncio.Event()
-
-    async def background() -> None:
-        while not done.is_set():
-            await _replay_all(load_api, load)
-
-    loader = asyncio.create_task(background())
-    try:
-        return await _sleep_loop(offsets)
-    finally:
-        done.set()
-        await loader
+    return await _while_replaying(_sleep_loop(offsets), load_api, load)
 
 
 def stress_runs(runs: int) -> int:
