@@ -2,10 +2,11 @@
 
 N streams of ``rate`` Hz x ``channels`` float32 (a sine per channel, one vectorised call
 per wake), each waking every ``chunk_ms`` on its own absolute schedule, as the agent's
-simulated sources do; a stream publishes a frame when its oldest unsent sample is
-``latency_ms`` old, as the agent's framer does. Frames are CBOR maps with RFC 8746
-typed arrays (cbor2), published with paho-mqtt at the given QoS. Nothing else: no
-tasks, no leases, no status, no asyncio.
+simulated sources do; a stream publishes a frame at the wake after which its oldest
+unsent sample would be ``latency_ms`` old, by the agent's framer's rule (age counted
+from the chunk's arrival; the next wake may come up to WAKE_JITTER_S late). Frames are
+CBOR maps with RFC 8746 typed arrays (cbor2), published with paho-mqtt at the given QoS.
+Nothing else: no tasks, no leases, no status, no asyncio.
 
 Prints one JSON line: CPU seconds of this process (all threads) over the timed window
 after a warm-up, its loop turns (one per wake) in it, the window's wall time, frames and
@@ -27,6 +28,8 @@ from collections.abc import Sequence
 import cbor2
 import numpy as np
 import paho.mqtt.client as mqtt
+
+from streaminghub_datamux.framing import WAKE_JITTER_S
 
 
 def cpu_seconds() -> float:
@@ -52,6 +55,9 @@ def run(args: argparse.Namespace) -> dict[str, float]:
     try:
         period = args.chunk_ms / 1000
         latency = args.latency_ms / 1000
+        # The framer's rule (framing.Framer): a frame leaves at the wake whose next wake,
+        # give or take the jitter margin, would come after its deadline.
+        lead = min(period, latency / 2) + min(min(period, latency / 2) / 2, WAKE_JITTER_S)
         freqs = 1.0 + np.arange(args.channels)
         start, wall0 = time.monotonic(), time.time()
         # Sample k is stamped k / rate (--epoch: + the wall time at start, as the agent's
@@ -62,6 +68,7 @@ def run(args: argparse.Namespace) -> dict[str, float]:
         heapq.heapify(wakes)
         sent = [0] * args.streams  # samples generated so far, per stream
         held: list[list[tuple[np.ndarray, np.ndarray]]] = [[] for _ in range(args.streams)]
+        born = [0.0] * args.streams  # when the oldest held sample was taken (monotonic)
         seqs = [0] * args.streams
         timed_from = start + args.warmup
         timed_to = timed_from + args.seconds
@@ -82,10 +89,12 @@ def run(args: argparse.Namespace) -> dict[str, float]:
             if upto > sent[stream]:
                 k = np.arange(sent[stream], upto) / args.rate
                 values = np.sin(2 * np.pi * freqs * k[:, None]).astype(np.float32)
+                if not held[stream]:
+                    born[stream] = now - min(k[-1] - k[0], latency)
                 held[stream].append((k, values))
                 sent[stream] = upto
             pieces = held[stream]
-            if pieces and (now - start) - pieces[0][0][0] >= latency:
+            if pieces and now + lead >= born[stream] + latency:
                 timestamps = np.concatenate([p[0] for p in pieces])
                 values = np.concatenate([p[1] for p in pieces])
                 if args.publish:  # without: the wakes, data and framing alone

@@ -30,6 +30,7 @@ from .errors import InvalidRequest
 __all__ = [
     "MIN_SOURCE_PERIOD_S",
     "PRESETS",
+    "WAKE_JITTER_S",
     "Chunk",
     "FrameCutter",
     "Framer",
@@ -44,6 +45,9 @@ Chunk = tuple[np.ndarray, np.ndarray]
 # No live source delivers more often than this: below it, wake-ups cost more than they
 # save (epoll rounds timeouts up to 1 ms anyway).
 MIN_SOURCE_PERIOD_S = 0.001
+# How late a live source's wake may come on a loaded box (the loop's timers: p99 0.2-0.4
+# ms here, docs/performance.md): the margin by which a frame leaves before the next chunk.
+WAKE_JITTER_S = 0.001
 
 
 @dataclass(frozen=True)
@@ -192,13 +196,19 @@ class Framer:
     ``early`` (seconds, at most half the latency budget): a frame whose deadline comes
     within ``early`` of now counts as ready. The task passes its source's period, so a
     frame that would fall due before the next chunk leaves with this one, at a wake the
-    source causes anyway, instead of at a timer wake of its own.
+    source causes anyway, instead of at a timer wake of its own. The next chunk may
+    come late by the loop's jitter, so a deadline up to :data:`WAKE_JITTER_S` (at most
+    half a period) beyond it counts too: when the budget is a whole number of periods
+    (low-latency: 2 ms, chunks every 1 ms) the deadline falls on the next chunk, and
+    without the margin the jitter of two wakes decided whether the frame left now or
+    one period past its budget (2.6-2.8 chunks per frame instead of 2; issue #12).
     """
 
     def __init__(self, framing: Framing, capacity: int, early: float = 0.0) -> None:
         self.framing = framing
         self.capacity = capacity
         self.early = min(max(early, 0.0), framing.max_latency_s / 2)
+        self._lead = self.early + min(self.early / 2, WAKE_JITTER_S)
         self.dropped = 0
         self._held = Pieces()
         self._oldest_birth: float | None = None  # when the oldest held sample was taken
@@ -231,7 +241,7 @@ class Framer:
         """Whether a frame should leave now: full, or its deadline is (nearly) reached."""
         deadline = self.deadline()
         return self._held.samples >= self.framing.max_samples or (
-            deadline is not None and now + self.early >= deadline
+            deadline is not None and now + self._lead >= deadline
         )
 
     def pop(self, now: float) -> Chunk:

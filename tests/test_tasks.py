@@ -224,9 +224,33 @@ def test_a_frame_due_before_the_next_chunk_counts_as_ready() -> None:
     framer = Framer(Framing(max_samples=100, max_latency_ms=20), capacity=1000, early=0.005)
     framer.push(np.arange(3) / 1000.0, np.zeros((3, 1)), now=1.0)  # born at 0.998
     assert framer.deadline() == 1.018
-    assert not framer.ready(1.012) and framer.ready(1.0131)
+    # Due within a period (5 ms) plus the wake jitter margin (1 ms) of now: ready.
+    assert not framer.ready(1.0119) and framer.ready(1.0121)
     capped = Framer(Framing(max_samples=100, max_latency_ms=20), capacity=1000, early=1.0)
     assert capped.early == 0.01  # never more than half the latency budget
+
+
+def test_jittered_wakes_do_not_decide_the_frame_size() -> None:
+    """Low-latency (2 ms, chunks every 1 ms): every frame is 2 chunks, none overruns.
+
+    The deadline falls on the next chunk's wake, so before the jitter margin whether a
+    frame left or waited one more period past its budget was a coin flip on the two
+    wakes' lateness (2.6-2.8 chunks per frame in bench/transport.py).
+    """
+    framing = Framing(max_samples=256, max_latency_ms=2.0)
+    framer = Framer(framing, capacity=4096, early=0.001)
+    lateness = np.random.default_rng(7).uniform(0.0, 0.0004, 2000)  # the loop's timers
+    sizes, waits, born = [], [], None
+    for k, late in enumerate(lateness):
+        now = 10.0 + k * 0.001 + late
+        framer.push(np.array([now - late]), np.zeros((1, 4)), now)
+        born = now if born is None else born
+        if framer.ready(now):
+            sizes.append(len(framer.pop(now)[0]))
+            waits.append(now - born)
+            born = None
+    assert set(sizes) == {2}
+    assert max(waits) <= framing.max_latency_s
 
 
 class PeriodicSource(ScriptedSource):
