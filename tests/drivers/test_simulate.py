@@ -455,7 +455,8 @@ def test_stream_synth_matches_its_channels_bit_for_bit() -> None:
     for dtype in (np.dtype(np.float32), np.dtype(np.float64), np.dtype(np.int16)):
         synth = StreamSynth(specs, 250.0, dtype, seed=42)
         reference = [ChannelGenerator(s, 250.0, 42, i) for i, s in enumerate(specs.values())]
-        for n in (1, 3, 250, 0, 17, 1000):
+        # Past the noise drawn ahead (256 samples) in small and in large steps.
+        for n in (1, 3, 250, 0, 17, 1000, *[1] * 300, 255):
             expected = cast_values(np.stack([g.take(n) for g in reference], axis=1), dtype)
             got = synth.take(n)
             assert got.dtype == expected.dtype and got.shape == (n, len(specs))
