@@ -235,6 +235,16 @@ def cast_values(values: np.ndarray, dtype: np.dtype) -> np.ndarray:
     return values.astype(dtype, copy=False)
 
 
+def _columns(indices: list[int]) -> slice | np.ndarray:
+    """Index of the columns ``indices``: a slice when they are a run (no gather, no copy).
+
+    Usually every channel of a stream is the same kind, so this is the whole row.
+    """
+    if indices and indices == list(range(indices[0], indices[-1] + 1)):
+        return slice(indices[0], indices[-1] + 1)
+    return np.array(indices, dtype=np.intp)
+
+
 @dataclass
 class _PeriodicGroup:
     """The channels of one periodic kind, parameters as vectors (one entry per channel)."""
@@ -244,6 +254,7 @@ class _PeriodicGroup:
     specs: list[ChannelSpec]
 
     def __post_init__(self) -> None:
+        self.where = _columns(self.columns)
         chosen = [self.specs[i] for i in self.columns]
         self.freq = np.array([s.freq_hz for s in chosen])
         self.shift = np.array([s.phase for s in chosen]) / (2 * np.pi)
@@ -299,6 +310,7 @@ class StreamSynth:
         self._others = [(i, self._channels[i]) for i in range(len(specs)) if i not in periodic]
         noisy = [i for i in periodic if specs[i].noise > 0]
         self._noisy = np.array(noisy, dtype=np.intp)
+        self._noisy_where = _columns(noisy)
         self._noise_scale = np.array([specs[i].noise for i in noisy])
         self._noise_draws = [self._channels[i]._noise for i in noisy]
         # Noise drawn ahead, one row per noisy channel, and how much of it is used.
@@ -316,9 +328,9 @@ class StreamSynth:
         if self._groups:
             k = np.arange(start, start + n, dtype=np.float64)
             for group in self._groups:
-                out[:, group.columns] = group.values(k, self.frequency)
+                out[:, group.where] = group.values(k, self.frequency)
             if len(self._noisy):
-                out[:, self._noisy] += self._noise_scale * self._next_noise(n).T
+                out[:, self._noisy_where] += self._noise_scale * self._next_noise(n).T
         for column, channel in self._others:
             out[:, column] = channel.take(n)
         return cast_values(out, self.dtype)

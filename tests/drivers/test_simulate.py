@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import itertools
 import time
 from typing import Any
 
@@ -452,12 +453,19 @@ def test_stream_synth_matches_its_channels_bit_for_bit() -> None:
         "e": parse_channel({"signal": "random_walk", "step": 0.5, "noise": 0.2}, "e"),
         "f": parse_channel({"signal": "sine", "freq_hz": 1.5, "phase": 2.0, "offset": -3}, "f"),
     }
-    for dtype in (np.dtype(np.float32), np.dtype(np.float64), np.dtype(np.int16)):
-        synth = StreamSynth(specs, 250.0, dtype, seed=42)
-        reference = [ChannelGenerator(s, 250.0, 42, i) for i, s in enumerate(specs.values())]
+    # All channels of one kind, all noisy: the columns are a run (sliced, not gathered).
+    uniform = {
+        f"u{i}": parse_channel({"signal": "sine", "freq_hz": 1 + i, "noise": 0.5}, f"u{i}")
+        for i in range(8)
+    }
+    for channels, dtype in itertools.product(
+        (specs, uniform), (np.dtype(np.float32), np.dtype(np.float64), np.dtype(np.int16))
+    ):
+        synth = StreamSynth(channels, 250.0, dtype, seed=42)
+        reference = [ChannelGenerator(s, 250.0, 42, i) for i, s in enumerate(channels.values())]
         # Past the noise drawn ahead (256 samples) in small and in large steps.
         for n in (1, 3, 250, 0, 17, 1000, *[1] * 300, 255):
             expected = cast_values(np.stack([g.take(n) for g in reference], axis=1), dtype)
             got = synth.take(n)
-            assert got.dtype == expected.dtype and got.shape == (n, len(specs))
+            assert got.dtype == expected.dtype and got.shape == (n, len(channels))
             assert got.tobytes() == expected.tobytes()
