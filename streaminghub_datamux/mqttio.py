@@ -309,7 +309,7 @@ class MqttLink:
         on_proactor = proactor is not None and isinstance(self._loop, proactor)
         if self._network_kind == "loop" and not on_proactor:
             return LoopNetwork(client, RECONNECT_MIN_S, RECONNECT_MAX_S)
-        return ThreadNetwork(client)
+        return ThreadNetwork(client, RECONNECT_MIN_S, RECONNECT_MAX_S)
 
     def _connect_kwargs(self, version: int) -> dict[str, Any]:
         if version != mqtt.MQTTv5:

@@ -67,13 +67,24 @@ class Network(Protocol):
 
 
 class ThreadNetwork:
-    """paho's network thread (``loop_start``), with paho's own reconnect backoff."""
+    """paho's network thread (``loop_start``), with paho's own reconnect backoff.
+
+    paho restarts its backoff from the least delay at every CONNACK, so a connection the
+    broker drops right after accepting it (another client took the session over with
+    our id) came back every 0.5 s for ever. The least delay given to paho therefore
+    doubles with each connection lost within :data:`STABLE_S`, as :class:`LoopNetwork`'s
+    own backoff does, and is the minimum again after one that lasted.
+    """
 
     thread_safe = True
 
-    def __init__(self, client: mqtt.Client) -> None:
+    def __init__(self, client: mqtt.Client, min_delay_s: float, max_delay_s: float) -> None:
         self._client = client
+        self._min_delay_s, self._max_delay_s = min_delay_s, max_delay_s
+        self._least_s = min_delay_s  # the delay after the next loss of an accepted connection
+        self._connected_at: float | None = None  # when the broker last accepted us
         client.on_socket_open = lambda client, userdata, sock: _no_delay(sock)
+        client.on_socket_close = self._socket_closed
 
     def start(self) -> None:
         self._client.loop_start()
@@ -84,7 +95,19 @@ class ThreadNetwork:
         await asyncio.to_thread(self._client.loop_stop)
 
     def connected(self) -> None:
-        pass  # paho resets its own backoff
+        self._connected_at = time.monotonic()
+
+    def _socket_closed(self, client: mqtt.Client, userdata: Any, sock: Any) -> None:
+        # paho's thread, before it waits to reconnect: the wait it is about to take.
+        accepted, self._connected_at = self._connected_at, None
+        if accepted is None:
+            return  # never accepted: paho doubles its delay itself
+        if time.monotonic() - accepted >= STABLE_S:
+            self._least_s = self._min_delay_s
+        else:
+            self._least_s = min(self._least_s * 2, self._max_delay_s)
+        # paho's stubs say int; its backoff takes any number of seconds.
+        client.reconnect_delay_set(self._least_s, self._max_delay_s)  # type: ignore[arg-type]
 
     def hold_writes(self) -> None:
         pass  # paho's thread writes
