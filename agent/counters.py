@@ -18,3 +18,4 @@ class Counters:
     bad_requests: int = 0
     unidentified_requests: int = 0  # on a topic that names no valid client: not answered
     v1_requests: int = 0  # from protocol v1 peers: answered with an error
+    requests_rate_limited: int = 0  # over their client's budget: not served

@@ -94,6 +94,7 @@ class HealthReporter:
             "bad_requests": counters.bad_requests,
             "unidentified_requests": counters.unidentified_requests,
             "v1_requests": counters.v1_requests,
+            "requests_rate_limited": counters.requests_rate_limited,
             "spool_messages": len(self.spool),
             "spool_bytes": self.spool.depth_bytes,
             "spool_dropped": self.spool.dropped,

@@ -3,8 +3,9 @@
 The method itself is the agent's (``call``: dispatched as protocol.TABLE declares it);
 this module does everything around it. Nothing from the network is trusted: a request
 that is too big, malformed or on a topic naming no valid client is counted, logged at a
-bounded rate, and answered only where the broker let its sender write. A protocol v1
-request gets an error telling its client to upgrade.
+bounded rate, and answered only where the broker let its sender write. A client over
+its request budget (agent/ratelimit.py) is not served: told once a second, else only
+counted. A protocol v1 request gets an error telling its client to upgrade.
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ from ..protocol import (
 from ..util import describe_error
 from .counters import Counters
 from .leases import lease_key
+from .ratelimit import RequestBudget, Verdict
 
 __all__ = ["MAX_CONCURRENT_REQUESTS", "RateLimitedLog", "RequestServer"]
 
@@ -58,6 +60,8 @@ class RequestServer:
         call: serves a parsed request (in the request's codec), returns the result.
         touch: a request is a sign of life of its client's connection (its lease).
         max_request_bytes: ``agent.max_request_bytes``.
+        budget: each client's request budget (``agent.max_requests_per_s``,
+            ``agent.request_burst``).
     """
 
     agent_id: str
@@ -68,9 +72,16 @@ class RequestServer:
     call: Callable[[Request, str], Awaitable[Any]]
     touch: Callable[[str], None]
     max_request_bytes: int
+    budget: RequestBudget
     # A flood of bad requests must not flood the journal (an SD card) too.
     bad_log: RateLimitedLog = field(
         default_factory=lambda: RateLimitedLog(log, per_window=20, window_s=10.0), init=False
+    )
+    limit_log: RateLimitedLog = field(
+        default_factory=lambda: RateLimitedLog(
+            log, per_window=20, window_s=10.0, what="requests over budget"
+        ),
+        init=False,
     )
     _jobs: set[asyncio.Task[None]] = field(default_factory=set, init=False, repr=False)
 
@@ -78,6 +89,11 @@ class RequestServer:
         """The agent is stopping: each request in flight answers "unavailable"."""
         for job in list(self._jobs):
             job.cancel()
+
+    def flush_logs(self) -> None:
+        """Say how many warnings each rate-limited log left out (called every tick)."""
+        self.bad_log.flush()
+        self.limit_log.flush()
 
     def on_request(self, client: str, message: Incoming, *, stopping: bool = False) -> None:
         """A request from ``client``: the topic level the broker let that client write."""
@@ -89,6 +105,10 @@ class RequestServer:
             self.bad_log.warning(
                 "ignored a request on %r: no valid client id in the topic", message.topic[:200]
             )
+            return
+        verdict = self.budget.take(client)
+        if verdict is not Verdict.SERVE:
+            self._refuse_over_budget(client, message, verdict)
             return
         if message.retain:
             # The broker kept it and hands it to every new subscription: served, it would
@@ -107,6 +127,25 @@ class RequestServer:
         job = asyncio.get_running_loop().create_task(self._serve(client, message))
         self._jobs.add(job)
         job.add_done_callback(self._jobs.discard)
+
+    def _refuse_over_budget(self, client: str, message: Incoming, verdict: Verdict) -> None:
+        """Not served, not decoded: only the first of each second is answered (its id is
+        read, to address the error), so a flood costs no reply per request."""
+        self.counters.requests_rate_limited += 1
+        budget = self.budget
+        if verdict is Verdict.DROP:
+            self.limit_log.warning("client %s is over its request budget: not served", client)
+            return
+        retry = budget.retry_after_s(client)
+        text = (
+            f"rate limited: client {client} sent more than {budget.burst:g} requests at once "
+            f"or {budget.rate_per_s:g} per second (agent {self.agent_id}'s "
+            f"agent.request_burst and agent.max_requests_per_s): this request was not "
+            f"served, and other requests over the budget get no reply for "
+            f"{budget.notice_every_s:g} s; retry in {retry:.2f} s, and send fewer requests"
+        )
+        self.limit_log.warning("refused requests of client %s: over its budget", client)
+        self._reply_error(client, message, "rate_limited", text, retry_after_s=retry)
 
     async def _serve(self, client: str, message: Incoming) -> None:
         codec = codec_of(message.payload)
@@ -150,13 +189,21 @@ class RequestServer:
         self._reply(client, message, reply, codec)
 
     def _reply_error(
-        self, client: str, message: Incoming, code: str, text: str, *, decodable: bool = True
+        self,
+        client: str,
+        message: Incoming,
+        code: str,
+        text: str,
+        *,
+        decodable: bool = True,
+        retry_after_s: float | None = None,
     ) -> None:
         request_id = None
         if decodable and len(message.payload) <= self.max_request_bytes * OVERSIZE_DECODE_FACTOR:
             with contextlib.suppress(InvalidRequest):
                 request_id = request_id_of(decode(message.payload))
-        self._reply(client, message, error_reply(request_id, code, text), codec_of(message.payload))
+        reply = error_reply(request_id, code, text, retry_after_s=retry_after_s)
+        self._reply(client, message, reply, codec_of(message.payload))
 
     def _reply(self, client: str, message: Incoming, reply: dict[str, Any], codec: str) -> None:
         """Answer on the client's own reply topic, the only place a reply ever goes.
@@ -220,11 +267,12 @@ def _short_id(value: Any) -> str:
 @dataclass(eq=False)
 class RateLimitedLog:
     """Warnings, at most ``per_window`` every ``window_s``; then one line says how many
-    were left out (they are still counted in health)."""
+    ``what`` were left out (they are still counted in health)."""
 
     logger: logging.Logger
     per_window: int
     window_s: float
+    what: str = "bad requests"
     _window_start: float = field(default=0.0, init=False)
     _logged: int = field(default=0, init=False)
     _skipped: int = field(default=0, init=False)
@@ -243,5 +291,5 @@ class RateLimitedLog:
         now = time.monotonic()
         if now - self._window_start >= self.window_s:
             if self._skipped:
-                self.logger.warning("%d more bad requests were not logged", self._skipped)
+                self.logger.warning("%d more %s were not logged", self._skipped, self.what)
             self._window_start, self._logged, self._skipped = now, 0, 0

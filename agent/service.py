@@ -42,6 +42,7 @@ from .leases import LeaseBook
 from .outbox import Outbox
 from .presence import Presence, state_message
 from .publish import TaskPublisher
+from .ratelimit import RequestBudget
 from .remotetasks import PUBLISHER_STOP_S, RemoteTasks
 from .requests import RequestServer
 from .spool import Spool
@@ -150,6 +151,10 @@ class Agent:
             call=self._call,
             touch=self.leases.touch,
             max_request_bytes=self.max_request_bytes,
+            budget=RequestBudget(
+                float(config.get("agent.max_requests_per_s")),
+                int(config.get("agent.request_burst")),
+            ),
         )
         self.health_reporter = HealthReporter(
             agent_id=self.id,
@@ -164,7 +169,7 @@ class Agent:
             tasks=self.remote_tasks,
             drivers=self.presence.driver_states,
             interval_s=float(config.get("agent.health_interval_s")),
-            on_tick=self.requests.bad_log.flush,
+            on_tick=self.requests.flush_logs,
             on_drivers_changed=lambda: self._spawn(self.presence.announce_nodes(), "announce"),
         )
         self._v1_rpc: list[str] = []

@@ -14,7 +14,14 @@ from collections.abc import Callable, Mapping
 from typing import Any, Protocol
 
 from ..codec import decode, encode
-from ..errors import DatamuxError, InvalidRequest, Timeout, Unavailable, error_from_code
+from ..errors import (
+    DatamuxError,
+    InvalidRequest,
+    RateLimited,
+    Timeout,
+    Unavailable,
+    error_from_code,
+)
 from ..mqttio import MqttLink
 from ..paging import fetch_all_pages
 from ..protocol import TABLE, Topics
@@ -23,6 +30,8 @@ from .agents import Agents
 __all__ = ["Endpoint", "Requests"]
 
 log = logging.getLogger(__name__)
+
+MAX_RETRY_AFTER_S = 3600.0  # a longer wait in a reply is not believed
 
 
 class Endpoint(Protocol):
@@ -82,7 +91,7 @@ class Requests:
         error = reply.get("error")
         if not isinstance(error, Mapping):
             raise DatamuxError(f"{method}: malformed error reply from agent {agent!r}")
-        raise error_from_code(str(error.get("code", "internal")), str(error.get("message", "")))
+        raise _error_of(error)
 
     async def rpc(self, agent: str, method: str, **params: Any) -> Any:
         """Call ``method`` as protocol.TABLE declares it: its parameters (``None``: not
@@ -142,3 +151,18 @@ class Requests:
         for agent, future in self.waiting.values():
             if agent and which(agent) and not future.done():
                 future.set_exception(Unavailable(why))
+
+
+def _error_of(error: Mapping[str, Any]) -> DatamuxError:
+    """An agent's error reply as our exception; a ``rate_limited`` one keeps when to
+    retry, if the agent said so sensibly (nothing from the network is trusted)."""
+    exc = error_from_code(str(error.get("code", "internal")), str(error.get("message", "")))
+    retry = error.get("retry_after_s")
+    if (
+        isinstance(exc, RateLimited)
+        and isinstance(retry, int | float)
+        and not isinstance(retry, bool)
+        and 0 <= retry <= MAX_RETRY_AFTER_S
+    ):
+        exc.retry_after_s = float(retry)
+    return exc

@@ -261,6 +261,21 @@ _KEYS = (
     ),
     Key("agent.max_tasks", "int", 64, "Tasks an agent runs at once.", check=_positive),
     Key(
+        "agent.max_requests_per_s",
+        "float",
+        100.0,
+        "Requests one client may send per second, sustained; more are refused with "
+        "rate_limited (docs/protocol.md).",
+        check=_positive,
+    ),
+    Key(
+        "agent.request_burst",
+        "int",
+        400,
+        "Requests one client may send at once, before agent.max_requests_per_s applies.",
+        check=_positive,
+    ),
+    Key(
         "agent.will_grace_s",
         "float",
         0.5,

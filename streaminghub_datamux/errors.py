@@ -11,6 +11,7 @@ it can cross a process or network boundary and be rebuilt on the other side::
     ├── InvalidRequest    a request that can never be served as asked
     ├── Timeout           no answer before the deadline
     ├── Unavailable       the agent or broker cannot serve now (offline, busy)
+    │   └── RateLimited   this client sent more requests than the agent's budget
     ├── Forbidden         the task belongs to another client
     └── DeviceError       a device failed
         └── DeviceLost    a device vanished; tasks retry with backoff
@@ -28,6 +29,7 @@ __all__ = [
     "InvalidRequest",
     "MetadataError",
     "NotFound",
+    "RateLimited",
     "Timeout",
     "Unavailable",
     "device_failure",
@@ -99,6 +101,17 @@ class Unavailable(DatamuxError):
     code = "unavailable"
 
 
+class RateLimited(Unavailable):
+    """This client sent requests faster than the agent's per-client budget allows.
+
+    Attributes:
+        retry_after_s: seconds until the agent serves this client again, when it said.
+    """
+
+    code = "rate_limited"
+    retry_after_s: float | None = None
+
+
 class Forbidden(DatamuxError):
     """The request touches a task that another client started."""
 
@@ -128,6 +141,7 @@ _BY_CODE: dict[str, type[DatamuxError]] = {
         InvalidRequest,
         Timeout,
         Unavailable,
+        RateLimited,
         Forbidden,
         DeviceError,
         DeviceLost,

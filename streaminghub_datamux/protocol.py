@@ -281,9 +281,15 @@ def ok_reply(request_id: Any, result: Any) -> dict[str, Any]:
     return {"id": request_id, "ok": True, "result": result}
 
 
-def error_reply(request_id: Any, code: str, message: str) -> dict[str, Any]:
-    """A failed reply: an error code (docs/protocol.md, "Errors") and what went wrong."""
-    return {"id": request_id, "ok": False, "error": {"code": code, "message": message}}
+def error_reply(
+    request_id: Any, code: str, message: str, *, retry_after_s: float | None = None
+) -> dict[str, Any]:
+    """A failed reply: an error code (docs/protocol.md, "Errors") and what went wrong;
+    ``retry_after_s``: when the client may ask again (``rate_limited``)."""
+    error: dict[str, Any] = {"code": code, "message": message}
+    if retry_after_s is not None:
+        error["retry_after_s"] = round(retry_after_s, 3)
+    return {"id": request_id, "ok": False, "error": error}
 
 
 # -- task control messages -------------------------------------------------------------
