@@ -4,9 +4,10 @@ One client publishing requests as fast as it can (the ACL lets it write its own 
 topic) once held a live 1 kHz stream's frames half a second and made every other
 client wait. Each client id (the last level of the request topic, which the broker's
 ACL makes the user's own) gets ``burst`` requests at once and ``rate_per_s`` sustained.
-Over budget, a request is not served; only the first of each ``notice_every_s`` is
-answered (``rate_limited``), so a flood costs the agent a dict lookup per request, not a
-reply each.
+Over budget, a request is not served. The first one after a served request (or after
+``notice_every_s``) is answered ``rate_limited``, the rest not at all: a flood costs the
+agent a dict lookup per request, not a reply each, and a client that asks one request at
+a time always hears why.
 
 Buckets are bounded: a full bucket is the same as none, so the least recently used are
 dropped first once ``max_clients`` ids are known (ids churned on an open broker).
@@ -22,7 +23,7 @@ from collections.abc import Callable
 __all__ = ["MAX_CLIENTS", "NOTICE_EVERY_S", "RequestBudget", "Verdict"]
 
 MAX_CLIENTS = 1024  # buckets kept; the least recently used go first
-NOTICE_EVERY_S = 1.0  # at most one rate_limited reply per client per this long
+NOTICE_EVERY_S = 1.0  # over budget and already told: told again after this long
 
 
 class Verdict(enum.Enum):
@@ -34,12 +35,13 @@ class Verdict(enum.Enum):
 
 
 class _Bucket:
-    __slots__ = ("noticed", "stamp", "tokens")
+    __slots__ = ("noticed", "stamp", "tokens", "told")
 
     def __init__(self, tokens: float, stamp: float) -> None:
         self.tokens = tokens
         self.stamp = stamp
-        self.noticed = -float("inf")
+        self.noticed = 0.0  # when it was last told (meaningful while ``told``)
+        self.told = False  # told since its last served request
 
 
 class RequestBudget:
@@ -50,7 +52,7 @@ class RequestBudget:
             (``agent.max_requests_per_s``).
         burst: requests a client may send at once (``agent.request_burst``).
         max_clients: buckets kept at most.
-        notice_every_s: over budget, one request per this long gets a reply.
+        notice_every_s: over budget and told, one request per this long is told again.
         clock: seconds, monotonic (tests pass a fake one).
     """
 
@@ -89,9 +91,10 @@ class RequestBudget:
             bucket.stamp = now
         if bucket.tokens >= 1.0:
             bucket.tokens -= 1.0
+            bucket.told = False
             return Verdict.SERVE
-        if now - bucket.noticed >= self.notice_every_s:
-            bucket.noticed = now
+        if not bucket.told or now - bucket.noticed >= self.notice_every_s:
+            bucket.told, bucket.noticed = True, now
             return Verdict.NOTICE
         return Verdict.DROP
 

@@ -263,7 +263,7 @@ _KEYS = (
     Key(
         "agent.max_requests_per_s",
         "float",
-        100.0,
+        20.0,
         "Requests one client may send per second, sustained; more are refused with "
         "rate_limited (docs/protocol.md).",
         check=_positive,
@@ -271,7 +271,7 @@ _KEYS = (
     Key(
         "agent.request_burst",
         "int",
-        400,
+        60,
         "Requests one client may send at once, before agent.max_requests_per_s applies.",
         check=_positive,
     ),

@@ -183,8 +183,12 @@ def test_a_flood_of_malformed_requests(workspace, mosquitto, tmp_path):
     watcher = RawPeer(mosquitto, "watcher")
     watcher.subscribe(f"{TOPICS.prefix}/#")
     watcher.subscribe(f"{V1_PREFIX}/#")
+    # The budget per client (tests/test_rate_limit.py) would refuse most of this flood
+    # unread: lifted, so that every request reaches the parser.
     env = {"STREAMINGHUB_AGENT__MAX_REQUEST_BYTES": "4096",
-           "STREAMINGHUB_AGENT__HEALTH_INTERVAL_S": "0.5"}  # fmt: skip
+           "STREAMINGHUB_AGENT__HEALTH_INTERVAL_S": "0.5",
+           "STREAMINGHUB_AGENT__MAX_REQUESTS_PER_S": "1e9",
+           "STREAMINGHUB_AGENT__REQUEST_BURST": str(10 * FLOOD)}  # fmt: skip
     agent = AgentProcess(mosquitto, tmp_path, env=env)
     flooder_reply = TOPICS.reply(AGENT_ID, "flooder")
 
