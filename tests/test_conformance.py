@@ -310,6 +310,34 @@ def test_docs_method_table_matches_the_declarations():
         assert sorted(documented[name][1]) == sorted(method.optional()), name
 
 
+def test_docs_error_table_lists_every_error_code():
+    """A client written from docs/protocol.md knows every code an agent can send (and the
+    table names no code the client would not rebuild as its own exception)."""
+    text = (DOCS / "protocol.md").read_text()
+    table = text[text.index("| code | meaning |") :].split("\n\n")[0]
+    documented = set()
+    for first_column in re.findall(r"^\| ([^|]*) \|", table, flags=re.M)[1:]:
+        documented |= set(re.findall(r"`(\w+)`", first_column))
+    codes = {cls.code for cls in vars(dm.errors).values() if _is_error_class(cls)}
+    assert documented == codes - {"timeout"}  # the client's own: no answer in time
+
+
+def _is_error_class(value: object) -> bool:
+    return isinstance(value, type) and issubclass(value, dm.errors.DatamuxError)
+
+
+def test_docs_health_fields_list_every_counter():
+    """Every counter the agent keeps is named in docs/protocol.md's health message."""
+    from dataclasses import fields
+
+    from streaminghub_datamux.agent.counters import Counters
+
+    text = (DOCS / "protocol.md").read_text()
+    health = text[text.index("publishes, retained, QoS 0, on `health`") :].split("\n\n")[0]
+    for counter in fields(Counters):
+        assert f"`{counter.name}`" in health, counter.name
+
+
 def test_a_remote_call_is_built_from_the_declaration():
     """Unknown and missing parameters are refused in the agent's words; None is left out."""
     replay = TABLE["replay_collection_stream"]
