@@ -4,10 +4,11 @@ One client publishing requests as fast as it can (the ACL lets it write its own 
 topic) once held a live 1 kHz stream's frames half a second and made every other
 client wait. Each client id (the last level of the request topic, which the broker's
 ACL makes the user's own) gets ``burst`` requests at once and ``rate_per_s`` sustained.
-Over budget, a request is not served. The first one after a served request (or after
-``notice_every_s``) is answered ``rate_limited``, the rest not at all: a flood costs the
-agent a dict lookup per request, not a reply each, and a client that asks one request at
-a time always hears why.
+Over budget, a request is not served. It is answered ``rate_limited`` with when to retry
+(the time until the bucket holds a request again); the client's requests before that
+time get no reply at all, and after it one is served. So a flood costs the agent a dict
+lookup per request and at most one notice per served request, not a reply each, and a
+client that waits as told is never left without an answer.
 
 Buckets are bounded: a full bucket is the same as none, so the least recently used are
 dropped first once ``max_clients`` ids are known (ids churned on an open broker).
@@ -20,10 +21,9 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable
 
-__all__ = ["MAX_CLIENTS", "NOTICE_EVERY_S", "RequestBudget", "Verdict"]
+__all__ = ["MAX_CLIENTS", "RequestBudget", "Verdict"]
 
 MAX_CLIENTS = 1024  # buckets kept; the least recently used go first
-NOTICE_EVERY_S = 1.0  # over budget and already told: told again after this long
 
 
 class Verdict(enum.Enum):
@@ -31,17 +31,16 @@ class Verdict(enum.Enum):
 
     SERVE = "serve"
     NOTICE = "notice"  # over budget: answer rate_limited, do not serve
-    DROP = "drop"  # over budget, already told: count it, no reply
+    DROP = "drop"  # over budget before the time it was told: count it, no reply
 
 
 class _Bucket:
-    __slots__ = ("noticed", "stamp", "tokens", "told")
+    __slots__ = ("quiet_until", "stamp", "tokens")
 
     def __init__(self, tokens: float, stamp: float) -> None:
         self.tokens = tokens
         self.stamp = stamp
-        self.noticed = 0.0  # when it was last told (meaningful while ``told``)
-        self.told = False  # told since its last served request
+        self.quiet_until = 0.0  # the retry time it was last told: no reply before it
 
 
 class RequestBudget:
@@ -52,7 +51,6 @@ class RequestBudget:
             (``agent.max_requests_per_s``).
         burst: requests a client may send at once (``agent.request_burst``).
         max_clients: buckets kept at most.
-        notice_every_s: over budget and told, one request per this long is told again.
         clock: seconds, monotonic (tests pass a fake one).
     """
 
@@ -62,7 +60,6 @@ class RequestBudget:
         burst: float,
         *,
         max_clients: int = MAX_CLIENTS,
-        notice_every_s: float = NOTICE_EVERY_S,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         if rate_per_s <= 0 or burst < 1 or max_clients < 1:
@@ -70,7 +67,6 @@ class RequestBudget:
         self.rate_per_s = float(rate_per_s)
         self.burst = float(burst)
         self.max_clients = max_clients
-        self.notice_every_s = notice_every_s
         self.clock = clock
         self._buckets: OrderedDict[str, _Bucket] = OrderedDict()
 
@@ -89,12 +85,12 @@ class RequestBudget:
             self._buckets.move_to_end(client)
             bucket.tokens = min(self.burst, bucket.tokens + (now - bucket.stamp) * self.rate_per_s)
             bucket.stamp = now
-        if bucket.tokens >= 1.0:
+        if bucket.tokens >= 1.0 - 1e-9:  # at the time it was told, whatever the rounding
             bucket.tokens -= 1.0
-            bucket.told = False
+            bucket.quiet_until = 0.0  # served: the next one over budget is told again
             return Verdict.SERVE
-        if not bucket.told or now - bucket.noticed >= self.notice_every_s:
-            bucket.told, bucket.noticed = True, now
+        if now >= bucket.quiet_until:
+            bucket.quiet_until = now + (1.0 - bucket.tokens) / self.rate_per_s
             return Verdict.NOTICE
         return Verdict.DROP
 

@@ -4,8 +4,8 @@ The method itself is the agent's (``call``: dispatched as protocol.TABLE declare
 this module does everything around it. Nothing from the network is trusted: a request
 that is too big, malformed or on a topic naming no valid client is counted, logged at a
 bounded rate, and answered only where the broker let its sender write. A client over
-its request budget (agent/ratelimit.py) is not served: told once a second, else only
-counted. A protocol v1 request gets an error telling its client to upgrade.
+its request budget (agent/ratelimit.py) is not served: told when to retry, and before
+then only counted. A protocol v1 request gets an error telling its client to upgrade.
 """
 
 from __future__ import annotations
@@ -129,8 +129,8 @@ class RequestServer:
         job.add_done_callback(self._jobs.discard)
 
     def _refuse_over_budget(self, client: str, message: Incoming, verdict: Verdict) -> None:
-        """Not served, not decoded: only the first of each second is answered (its id is
-        read, to address the error), so a flood costs no reply per request."""
+        """Not served, not decoded: only a NOTICE is answered (its id is read, to address
+        the error), so a flood costs no reply per request."""
         self.counters.requests_rate_limited += 1
         budget = self.budget
         if verdict is Verdict.DROP:
@@ -141,8 +141,8 @@ class RequestServer:
             f"rate limited: client {client} sent more than {budget.burst:g} requests at once "
             f"or {budget.rate_per_s:g} per second (agent {self.agent_id}'s "
             f"agent.request_burst and agent.max_requests_per_s): this request was not "
-            f"served, and other requests over the budget get no reply for "
-            f"{budget.notice_every_s:g} s; retry in {retry:.2f} s, and send fewer requests"
+            f"served, and requests sent before then get no reply; retry in {retry:.2f} s, "
+            "and send fewer requests"
         )
         self.limit_log.warning("refused requests of client %s: over its budget", client)
         self._reply_error(client, message, "rate_limited", text, retry_after_s=retry)

@@ -54,6 +54,9 @@ class Requests:
         self.agents = agents
         # request id -> (the agent asked, its reply)
         self.waiting: dict[str, tuple[str, asyncio.Future[Any]]] = {}
+        # agent -> until when (loop time) it told this client to wait: requests sent
+        # before then would get no reply, so they are refused here, at once.
+        self.limited_until: dict[str, float] = {}
 
     async def call(self, agent: str, method: str, params: Mapping[str, Any]) -> Any:
         """One request and its reply's result, as sent (no table involved).
@@ -66,6 +69,7 @@ class Requests:
         me = self.endpoint
         link = me._require_link()
         self.agents.check_reachable(agent)
+        self._check_budget(agent, method)
         request_id = secrets.token_urlsafe(16)
         params = dict(params)
         request = {"id": request_id, "method": method, "params": params, "session": me.session}
@@ -91,7 +95,28 @@ class Requests:
         error = reply.get("error")
         if not isinstance(error, Mapping):
             raise DatamuxError(f"{method}: malformed error reply from agent {agent!r}")
-        raise _error_of(error)
+        exc = _error_of(error)
+        if isinstance(exc, RateLimited) and exc.retry_after_s is not None:
+            loop_now = asyncio.get_running_loop().time()
+            self.limited_until[agent] = loop_now + exc.retry_after_s
+        raise exc
+
+    def _check_budget(self, agent: str, method: str) -> None:
+        """Refuse a request the agent would leave unanswered (it said when to retry)."""
+        until = self.limited_until.get(agent)
+        if until is None:
+            return
+        wait = until - asyncio.get_running_loop().time()
+        if wait <= 0:
+            del self.limited_until[agent]
+            return
+        error = RateLimited(
+            f"{method}: not sent: agent {agent!r} rate-limited client "
+            f"{self.endpoint.client_id!r} (agent.request_burst, agent.max_requests_per_s) "
+            f"and would not answer yet; retry in {wait:.2f} s, and send fewer requests"
+        )
+        error.retry_after_s = wait
+        raise error
 
     async def rpc(self, agent: str, method: str, **params: Any) -> Any:
         """Call ``method`` as protocol.TABLE declares it: its parameters (``None``: not

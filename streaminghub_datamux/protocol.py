@@ -6,6 +6,7 @@ agent and the RemoteAPI so the two cannot disagree. Nothing here touches the net
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -288,7 +289,7 @@ def error_reply(
     ``retry_after_s``: when the client may ask again (``rate_limited``)."""
     error: dict[str, Any] = {"code": code, "message": message}
     if retry_after_s is not None:
-        error["retry_after_s"] = round(retry_after_s, 3)
+        error["retry_after_s"] = math.ceil(retry_after_s * 1000) / 1000  # never too early
     return {"id": request_id, "ok": False, "error": error}
 
 

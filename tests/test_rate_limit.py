@@ -19,7 +19,7 @@ from typing import Any
 
 import pytest
 from helpers import run
-from remote import AGENT_ID, AgentProcess, RawPeer, remote_api
+from remote import AGENT_ID, AgentProcess, RawPeer, remote_api, running_agent
 
 import streaminghub_datamux as dm
 from streaminghub_datamux.agent.ratelimit import RequestBudget, Verdict
@@ -43,29 +43,34 @@ class FakeClock:
         return self.now
 
 
-def test_a_burst_is_served_then_one_notice_and_silence():
+def test_a_burst_is_served_then_a_notice_and_silence_until_the_time_told():
     clock = FakeClock()
     budget = RequestBudget(10, 5, clock=clock)
     assert [budget.take("c1") for _ in range(5)] == [Verdict.SERVE] * 5
-    assert budget.take("c1") is Verdict.NOTICE  # told once
-    assert [budget.take("c1") for _ in range(100)] == [Verdict.DROP] * 100
+    assert budget.take("c1") is Verdict.NOTICE  # told when to retry
     assert budget.retry_after_s("c1") == pytest.approx(0.1)
+    assert [budget.take("c1") for _ in range(100)] == [Verdict.DROP] * 100
     assert budget.take("c2") is Verdict.SERVE  # another client has its own budget
-    clock.now += 0.1  # one token back
-    # A client that waited as told is served; asking at once again, it is told again
-    # (one request at a time always hears why), and the rest of a flood is not answered.
-    assert budget.take("c1") is Verdict.SERVE
-    assert [budget.take("c1") for _ in range(50)] == [Verdict.NOTICE] + [Verdict.DROP] * 49
-    clock.now += 0.05  # half a token: still over, and told within the second
+    clock.now += 0.05  # too early: silence
     assert budget.take("c1") is Verdict.DROP
-    clock.now += 0.999  # refilled to the burst: 5 served, then told again
-    assert [budget.take("c1") for _ in range(12)] == [Verdict.SERVE] * 5 + [Verdict.NOTICE] + [
+    clock.now += 0.05  # as told: served, then told again, then silence
+    assert [budget.take("c1") for _ in range(50)] == [Verdict.SERVE, Verdict.NOTICE] + [
         Verdict.DROP
-    ] * 6
-    slow = RequestBudget(0.1, 1, clock=clock)  # nothing refills within a second
-    assert [slow.take("c3") for _ in range(3)] == [Verdict.SERVE, Verdict.NOTICE, Verdict.DROP]
-    clock.now += 1.0  # a flood never served still hears why once a second
-    assert [slow.take("c3") for _ in range(2)] == [Verdict.NOTICE, Verdict.DROP]
+    ] * 48
+    clock.now += 10  # refilled to the burst, not beyond
+    assert [budget.take("c1") for _ in range(7)] == [Verdict.SERVE] * 5 + [
+        Verdict.NOTICE,
+        Verdict.DROP,
+    ]
+    # A flood is told at most once per request served.
+    slow = RequestBudget(2, 1, clock=clock)
+    verdicts = []
+    for _ in range(1100):  # 1.1 s
+        clock.now += 0.001
+        verdicts += [slow.take("c3") for _ in range(10)]
+    served = verdicts.count(Verdict.SERVE)
+    assert served == 3  # the burst, then 2 a second
+    assert verdicts.count(Verdict.NOTICE) <= served + 1
 
 
 def test_the_budget_refills_at_the_rate_up_to_the_burst_only():
@@ -143,6 +148,40 @@ def test_a_rate_limited_reply_is_a_clear_error_with_when_to_retry():
         bad = _error_of({"code": "rate_limited", "message": "m", "retry_after_s": silly})
         assert isinstance(bad, RateLimited) and bad.retry_after_s is None, silly
     assert dm.errors.RateLimited is RateLimited
+
+
+def test_the_remote_api_raises_rate_limited_and_is_served_after_waiting(
+    workspace, mosquitto, tmp_path
+):
+    """A RemoteAPI past a small budget (3 at once, 2 a second) gets RateLimited with when
+    to retry; asking again sooner fails at once, and after waiting it is served again;
+    another client of the same agent is not touched."""
+    config = workspace.config(**{"agent.request_burst": "3", "agent.max_requests_per_s": "2"})
+
+    async def body() -> None:
+        async with (
+            running_agent(config, mosquitto, tmp_path / "state") as agent,
+            remote_api(config, mosquitto, client_id="eager") as eager,
+            remote_api(config, mosquitto, client_id="calm") as calm,
+        ):
+            for _ in range(3):
+                await eager.list_live_nodes()
+            with pytest.raises(RateLimited) as caught:
+                await eager.list_live_nodes()
+            told = caught.value
+            assert "agent.max_requests_per_s" in str(told) and "retry in" in str(told)
+            assert told.retry_after_s is not None and 0 < told.retry_after_s <= 0.5
+            # Asked again too early: refused by the client itself, at once, saying why
+            # (the agent would not answer).
+            with pytest.raises(RateLimited, match="not sent: agent 'a1' rate-limited") as again:
+                await eager.list_live_nodes()
+            assert again.value.retry_after_s is not None and again.value.retry_after_s <= 0.5
+            assert [n.id for n in await calm.list_live_nodes()] == ["demo"]
+            await asyncio.sleep(told.retry_after_s)
+            assert [n.id for n in await eager.list_live_nodes()] == ["demo"]
+            assert agent.counters.requests_rate_limited == 1
+
+    run(body())
 
 
 # -- a flood against a real agent --------------------------------------------------------
