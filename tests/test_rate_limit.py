@@ -369,6 +369,6 @@ def test_a_flood_of_one_client_is_refused_and_the_others_go_on(mosquitto, tmp_pa
     assert health["requests_rate_limited"] >= FLOOD - served, health
     assert health["requests_rate_limited"] + served <= FLOOD + 1, health
     # The victim: frames kept flowing, calls answered promptly (generous: a loaded box).
-    assert got["flood_gap_ms"] < 300, got  # 590-730 ms without the budget
+    assert got["flood_gap_ms"] < 300, got  # 520-1,500 ms without the budget
     assert not got["calls_failed"] and max(got["calls_ms"]) < 1000, got
     assert got["log"].count("over its budget") < 100  # the journal is not flooded
