@@ -27,6 +27,7 @@ from streaminghub_datamux.client.rpc import _error_of
 from streaminghub_datamux.codec import decode
 from streaminghub_datamux.config import load_config
 from streaminghub_datamux.errors import ConfigError, RateLimited, Unavailable
+from streaminghub_datamux.paging import fetch_all_pages
 from streaminghub_datamux.protocol import Topics
 
 TOPICS = Topics("streaminghub/v2")
@@ -182,6 +183,38 @@ def test_the_remote_api_raises_rate_limited_and_is_served_after_waiting(
             assert agent.counters.requests_rate_limited == 1
 
     run(body())
+
+
+def test_a_listing_begun_waits_out_the_budget_between_its_pages():
+    """The RemoteAPI's pages of one listing are paced as the agent says, not failed; a
+    first page over budget, or a wait too long, is the caller's error."""
+    served: list[int] = []
+    refusals = {2: 2, 4: 1}  # page -> times it is refused first
+
+    async def agent(agent_id, method, params):
+        page = params["page"]
+        if refusals.get(page):
+            refusals[page] -= 1
+            error = RateLimited("slow down")
+            error.retry_after_s = 0.05
+            raise error
+        served.append(page)
+        return {"items": [page], "page": page, "pages": 6, "token": "t"}
+
+    began = time.monotonic()
+    items = run(fetch_all_pages(agent, "a1", "list_collections", {}))
+    assert items == [0, 1, 2, 3, 4, 5] and served == items
+    assert time.monotonic() - began >= 0.15  # it waited as told, three times
+
+    async def stern(agent_id, method, params):
+        if params["page"] == 1:
+            error = RateLimited("wait an hour")
+            error.retry_after_s = 3600.0
+            raise error
+        return {"items": [0], "page": 0, "pages": 2, "token": "t"}
+
+    with pytest.raises(RateLimited, match="wait an hour"):
+        run(fetch_all_pages(stern, "a1", "list_collections", {}))
 
 
 # -- a flood against a real agent --------------------------------------------------------
