@@ -78,8 +78,9 @@ class RequestServer:
         default_factory=lambda: RateLimitedLog(log, per_window=20, window_s=10.0), init=False
     )
     limit_log: RateLimitedLog = field(
+        # A flooder's refusals all say the same: a few lines, then a count.
         default_factory=lambda: RateLimitedLog(
-            log, per_window=20, window_s=10.0, what="requests over budget"
+            log, per_window=5, window_s=10.0, what="requests over budget"
         ),
         init=False,
     )
