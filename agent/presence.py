@@ -45,6 +45,8 @@ class Presence:
         topics: builds the topics.
         link: the broker connection.
         api: what the agent serves (its drivers, nodes and collections).
+        request_budget: each client's request budget (``per_s``, ``burst``), announced
+            so that clients pace themselves (docs/protocol.md, "Rate limit").
     """
 
     agent_id: str
@@ -54,6 +56,7 @@ class Presence:
     topics: Topics
     link: MqttLink
     api: API
+    request_budget: dict[str, float]
     # The node and collection ids the birth message names.
     _summary: tuple[list[str], list[str]] = field(
         default_factory=lambda: ([], []), init=False, repr=False
@@ -80,6 +83,7 @@ class Presence:
             # the `clock` method reads every clock in `clocks` (docs/remote-api.md).
             clock="unix",
             clocks=list(CLOCKS),
+            request_budget=self.request_budget,
         )
 
     def driver_states(self) -> list[dict[str, Any]]:

@@ -104,6 +104,9 @@ class Agent:
             will=Will(self.topics.agent_state(self.id), offline),
             network="loop",  # the agent's loop never blocks: no thread hop per frame
         )
+        budget = RequestBudget(
+            float(config.get("agent.max_requests_per_s")), int(config.get("agent.request_burst"))
+        )
         self.presence = Presence(
             agent_id=self.id,
             boot=self.boot,
@@ -112,6 +115,7 @@ class Agent:
             topics=self.topics,
             link=self.link,
             api=self.api,
+            request_budget={"per_s": budget.rate_per_s, "burst": budget.burst},
         )
         self.outbox = Outbox(
             self.link, self.spool, self.counters, float(config.get("agent.spool_drain_per_s"))
@@ -151,10 +155,7 @@ class Agent:
             call=self._call,
             touch=self.leases.touch,
             max_request_bytes=self.max_request_bytes,
-            budget=RequestBudget(
-                float(config.get("agent.max_requests_per_s")),
-                int(config.get("agent.request_burst")),
-            ),
+            budget=budget,
         )
         self.health_reporter = HealthReporter(
             agent_id=self.id,

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import secrets
+import time
 from collections.abc import Callable, Mapping
 from typing import Any, Protocol
 
@@ -26,6 +27,7 @@ from ..mqttio import MqttLink
 from ..paging import fetch_all_pages
 from ..protocol import TABLE, Topics
 from .agents import Agents
+from .pacing import RequestPacer, budget_of
 
 __all__ = ["Endpoint", "Requests"]
 
@@ -54,29 +56,54 @@ class Requests:
         self.agents = agents
         # request id -> (the agent asked, its reply)
         self.waiting: dict[str, tuple[str, asyncio.Future[Any]]] = {}
-        # agent -> until when (loop time) it told this client to wait: requests sent
-        # before then would get no reply, so they are refused here, at once.
-        self.limited_until: dict[str, float] = {}
+        # Each agent's request budget, kept by this client (the loop's clock).
+        self.pacer = RequestPacer(lambda a: budget_of(agents.states.get(a)), time.monotonic)
 
     async def call(self, agent: str, method: str, params: Mapping[str, Any]) -> Any:
         """One request and its reply's result, as sent (no table involved).
 
+        Paced within the agent's request budget (client/pacing.py). A request the agent
+        refused over budget all the same (its bucket was drained under this client id
+        elsewhere) is sent again once, when the agent says, if that is before the
+        timeout, which covers the waits too.
+
         Raises:
             NotFound, Unavailable: the agent cannot answer (see Agents.check_reachable).
+            RateLimited: the agent's budget leaves no turn before the timeout.
             Timeout: no answer in time.
             DatamuxError: the agent's error, or a malformed reply.
         """
         me = self.endpoint
         link = me._require_link()
         self.agents.check_reachable(agent)
-        self._check_budget(agent, method)
+        timeout = me.timeout
+        deadline = None if timeout is None else asyncio.get_running_loop().time() + timeout
+        for attempt in (1, 2):
+            await self.pacer.wait_turn(agent, method, deadline)
+            try:
+                return await self._ask(link, agent, method, params, deadline)
+            except RateLimited as refused:
+                if attempt == 2 or refused.retry_after_s is None:
+                    raise
+                self.pacer.told(agent, refused.retry_after_s)
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    async def _ask(
+        self,
+        link: MqttLink,
+        agent: str,
+        method: str,
+        params: Mapping[str, Any],
+        deadline: float | None,
+    ) -> Any:
+        me = self.endpoint
         request_id = secrets.token_urlsafe(16)
         params = dict(params)
         request = {"id": request_id, "method": method, "params": params, "session": me.session}
         future = asyncio.get_running_loop().create_future()
         self.waiting[request_id] = (agent, future)
         try:
-            async with asyncio.timeout(me.timeout):
+            async with asyncio.timeout_at(deadline):
                 sent = await link.publish(
                     me.topics.rpc(agent, me.client_id), encode(request, me.codec), qos=1
                 )
@@ -95,28 +122,7 @@ class Requests:
         error = reply.get("error")
         if not isinstance(error, Mapping):
             raise DatamuxError(f"{method}: malformed error reply from agent {agent!r}")
-        exc = _error_of(error)
-        if isinstance(exc, RateLimited) and exc.retry_after_s is not None:
-            loop_now = asyncio.get_running_loop().time()
-            self.limited_until[agent] = loop_now + exc.retry_after_s
-        raise exc
-
-    def _check_budget(self, agent: str, method: str) -> None:
-        """Refuse a request the agent would leave unanswered (it said when to retry)."""
-        until = self.limited_until.get(agent)
-        if until is None:
-            return
-        wait = until - asyncio.get_running_loop().time()
-        if wait <= 0:
-            del self.limited_until[agent]
-            return
-        error = RateLimited(
-            f"{method}: not sent: agent {agent!r} rate-limited client "
-            f"{self.endpoint.client_id!r} (agent.request_burst, agent.max_requests_per_s) "
-            f"and would not answer yet; retry in {wait:.2f} s, and send fewer requests"
-        )
-        error.retry_after_s = wait
-        raise error
+        raise _error_of(error)
 
     async def rpc(self, agent: str, method: str, **params: Any) -> Any:
         """Call ``method`` as protocol.TABLE declares it: its parameters (``None``: not

@@ -12,8 +12,6 @@ would not fit in one message, an error saying to ask for pages (docs/protocol.md
 
 from __future__ import annotations
 
-import asyncio
-import itertools
 import secrets
 import time
 from collections import OrderedDict
@@ -21,7 +19,7 @@ from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
 from .codec import encode
-from .errors import DatamuxError, InvalidRequest, RateLimited
+from .errors import DatamuxError, InvalidRequest
 
 __all__ = ["PAGE_PARAMS", "Pager", "fetch_all_pages"]
 
@@ -30,8 +28,6 @@ KEEP_S = 60.0
 MAX_LISTINGS = 16  # listings kept at once (per agent), oldest dropped first
 MAX_PAGES = 100_000  # a client never asks for more
 _ENVELOPE_BYTES = 1024  # id, ok, page, pages, token and the MQTT header
-MAX_PAGE_WAIT_S = 5.0  # a page rate-limited for longer fails the listing
-MAX_PAGE_ATTEMPTS = 5  # tries per page when the agent says to wait
 
 
 def _page(value: Any, name: str) -> int:
@@ -148,29 +144,10 @@ async def fetch_all_pages(
         return whole
     items, pages, token = _checked(first, 0, method, agent)
     for page in range(1, pages):
-        reply = await _paced(call, agent, method, {**params, "page": page, "page_token": token})
+        reply = await call(agent, method, {**params, "page": page, "page_token": token})
         more, _, _ = _checked(reply, page, method, agent)
         items.extend(more)
     return items
-
-
-async def _paced(
-    call: Callable[[str, str, Mapping[str, Any]], Awaitable[Any]],
-    agent: str,
-    method: str,
-    params: Mapping[str, Any],
-) -> Any:
-    """One page; past the agent's request budget, wait as it says and ask again: the
-    pages of a listing this client already began are its own requests to pace."""
-    for attempt in itertools.count(1):
-        try:
-            return await call(agent, method, params)
-        except RateLimited as exc:
-            wait = exc.retry_after_s
-            if wait is None or wait > MAX_PAGE_WAIT_S or attempt >= MAX_PAGE_ATTEMPTS:
-                raise
-            await asyncio.sleep(wait)
-    raise AssertionError("unreachable")  # pragma: no cover
 
 
 def _checked(reply: Any, page: int, method: str, agent: str) -> tuple[list[Any], int, str]:

@@ -23,11 +23,12 @@ from remote import AGENT_ID, AgentProcess, RawPeer, remote_api, running_agent
 
 import streaminghub_datamux as dm
 from streaminghub_datamux.agent.ratelimit import RequestBudget, Verdict
+from streaminghub_datamux.client import pacing
+from streaminghub_datamux.client.pacing import RequestPacer, budget_of
 from streaminghub_datamux.client.rpc import _error_of
 from streaminghub_datamux.codec import decode
 from streaminghub_datamux.config import load_config
 from streaminghub_datamux.errors import ConfigError, RateLimited, Unavailable
-from streaminghub_datamux.paging import fetch_all_pages
 from streaminghub_datamux.protocol import Topics
 
 TOPICS = Topics("streaminghub/v2")
@@ -151,70 +152,125 @@ def test_a_rate_limited_reply_is_a_clear_error_with_when_to_retry():
     assert dm.errors.RateLimited is RateLimited
 
 
-def test_the_remote_api_raises_rate_limited_and_is_served_after_waiting(
-    workspace, mosquitto, tmp_path
-):
-    """A RemoteAPI past a small budget (3 at once, 2 a second) gets RateLimited with when
-    to retry; asking again sooner fails at once, and after waiting it is served again;
-    another client of the same agent is not touched."""
+def test_a_remote_api_paces_itself_within_the_agents_budget(workspace, mosquitto, tmp_path):
+    """The agent announces its budget (3 at once, 2 a second) in its birth; a RemoteAPI
+    asking in a loop, or all at once, waits its turn: every call is answered and the
+    agent refuses none (before, the 4th call raised and gathered ones timed out)."""
+    config = workspace.config(**{"agent.request_burst": "3", "agent.max_requests_per_s": "2"})
+
+    async def body() -> tuple[float, float, int]:
+        async with (
+            running_agent(config, mosquitto, tmp_path / "state") as agent,
+            remote_api(config, mosquitto, client_id="eager") as eager,
+        ):
+            assert eager.agents()[AGENT_ID]["request_budget"] == {"per_s": 2.0, "burst": 3.0}
+            began = time.monotonic()
+            for _ in range(5):
+                assert [n.id for n in await eager.list_live_nodes()] == ["demo"]
+            in_a_loop = time.monotonic() - began
+            began = time.monotonic()
+            answers = await asyncio.gather(*(eager.list_live_nodes() for _ in range(4)))
+            gathered = time.monotonic() - began
+            assert all([n.id for n in nodes] == ["demo"] for nodes in answers)
+            return in_a_loop, gathered, agent.counters.requests_rate_limited
+
+    in_a_loop, gathered, refused = run(body())
+    assert refused == 0
+    # The client keeps a request of burst and 5 % of rate below the agent's: 2 at once,
+    # then one every 0.53 s.
+    assert in_a_loop >= 3 * 0.5, in_a_loop
+    assert gathered >= 4 * 0.5, gathered
+
+
+def test_a_refusal_moves_the_pace_and_the_request_is_sent_again(workspace, mosquitto, tmp_path):
+    """Two RemoteAPIs under one client id share the agent's bucket, which each client's
+    own pace cannot see: the agent refuses one request and says when to retry; that
+    client waits as told and sends it again, so no call fails."""
+    config = workspace.config(**{"agent.request_burst": "3", "agent.max_requests_per_s": "2"})
+
+    async def body() -> int:
+        async with (
+            running_agent(config, mosquitto, tmp_path / "state") as agent,
+            remote_api(config, mosquitto, client_id="twin") as one,
+            remote_api(config, mosquitto, client_id="twin") as two,
+        ):
+            calls = [api.list_live_nodes() for api in (one, two, one, two)]
+            answers = await asyncio.gather(*calls)
+            assert all([n.id for n in nodes] == ["demo"] for nodes in answers)
+            return agent.counters.requests_rate_limited
+
+    assert run(body()) >= 1
+
+
+def test_a_turn_after_the_timeout_is_a_clear_error_at_once(workspace, mosquitto, tmp_path):
+    """No silent wait past the call's timeout: a call whose turn comes later fails at
+    once with RateLimited naming the budget, the config keys and when to retry."""
     config = workspace.config(**{"agent.request_burst": "3", "agent.max_requests_per_s": "2"})
 
     async def body() -> None:
         async with (
-            running_agent(config, mosquitto, tmp_path / "state") as agent,
-            remote_api(config, mosquitto, client_id="eager") as eager,
-            remote_api(config, mosquitto, client_id="calm") as calm,
+            running_agent(config, mosquitto, tmp_path / "state"),
+            remote_api(config, mosquitto, client_id="hasty", timeout=0.3) as hasty,
         ):
-            for _ in range(3):
-                await eager.list_live_nodes()
+            await asyncio.gather(hasty.list_live_nodes(), hasty.list_live_nodes())
+            began = time.monotonic()
             with pytest.raises(RateLimited) as caught:
-                await eager.list_live_nodes()
-            told = caught.value
-            assert "agent.max_requests_per_s" in str(told) and "retry in" in str(told)
-            assert told.retry_after_s is not None and 0 < told.retry_after_s <= 0.5
-            # Asked again too early: refused by the client itself, at once, saying why
-            # (the agent would not answer).
-            with pytest.raises(RateLimited, match="not sent: agent 'a1' rate-limited") as again:
-                await eager.list_live_nodes()
-            assert again.value.retry_after_s is not None and again.value.retry_after_s <= 0.5
-            assert [n.id for n in await calm.list_live_nodes()] == ["demo"]
-            await asyncio.sleep(told.retry_after_s)
-            assert [n.id for n in await eager.list_live_nodes()] == ["demo"]
-            assert agent.counters.requests_rate_limited == 1
+                await hasty.list_live_nodes()
+            assert time.monotonic() - began < 0.2  # not after a wait
+            text = str(caught.value)
+            assert "agent.max_requests_per_s" in text and "timeout" in text
+            assert "3 requests at once and 2 a second" in text
+            assert caught.value.retry_after_s is not None
+            assert 0.3 < caught.value.retry_after_s <= 0.6
 
     run(body())
 
 
-def test_a_listing_begun_waits_out_the_budget_between_its_pages():
-    """The RemoteAPI's pages of one listing are paced as the agent says, not failed; a
-    first page over budget, or a wait too long, is the caller's error."""
-    served: list[int] = []
-    refusals = {2: 2, 4: 1}  # page -> times it is refused first
+def test_the_pace_on_a_fake_clock(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The reservation schedule: a burst (one below the agent's), then the rate; a
+    refusal's retry time moves it; an advertised budget that makes no sense is ignored."""
+    clock = FakeClock()
+    budgets: dict[str, dict[str, Any]] = {"a1": {"request_budget": {"per_s": 10, "burst": 5}}}
+    pacer = RequestPacer(lambda agent: budget_of(budgets.get(agent)), clock)
+    slept: list[float] = []
 
-    async def agent(agent_id, method, params):
-        page = params["page"]
-        if refusals.get(page):
-            refusals[page] -= 1
-            error = RateLimited("slow down")
-            error.retry_after_s = 0.05
-            raise error
-        served.append(page)
-        return {"items": [page], "page": page, "pages": 6, "token": "t"}
+    async def fake_sleep(seconds: float) -> None:
+        slept.append(seconds)  # the clock stands still: the waits add up
 
-    began = time.monotonic()
-    items = run(fetch_all_pages(agent, "a1", "list_collections", {}))
-    assert items == [0, 1, 2, 3, 4, 5] and served == items
-    assert time.monotonic() - began >= 0.15  # it waited as told, three times
+    monkeypatch.setattr(pacing.asyncio, "sleep", fake_sleep)
 
-    async def stern(agent_id, method, params):
-        if params["page"] == 1:
-            error = RateLimited("wait an hour")
-            error.retry_after_s = 3600.0
-            raise error
-        return {"items": [0], "page": 0, "pages": 2, "token": "t"}
+    def turn(agent: str = "a1", deadline: float | None = None) -> None:
+        run(pacer.wait_turn(agent, "list_nodes", deadline))
 
-    with pytest.raises(RateLimited, match="wait an hour"):
-        run(fetch_all_pages(stern, "a1", "list_collections", {}))
+    for _ in range(4):  # 5 - max(1, 10 %) = 4 at once
+        turn()
+    assert slept == []
+    turn()
+    assert slept == [pytest.approx(1 / 9.5)]  # then 95 % of the rate
+    clock.now += 10.0  # idle: the burst is back
+    slept.clear()
+    for _ in range(4):
+        turn()
+    assert slept == []
+    pacer.told("a1", 2.0)  # the agent's bucket is empty: nothing for 2 s, then the rate
+    turn()
+    turn()
+    assert slept == [pytest.approx(2.0), pytest.approx(2.0 + 1 / 9.5)]
+    with pytest.raises(RateLimited, match="after this call's timeout"):
+        turn(deadline=clock.now + 1.0)
+    # No budget announced: no pace, but a refusal's retry time is still honoured.
+    slept.clear()
+    for _ in range(10):
+        turn("a2")
+    pacer.told("a2", 0.5)
+    turn("a2")
+    assert slept == [pytest.approx(0.5)]
+    for silly in (
+        {"per_s": 0, "burst": 5}, {"per_s": 10, "burst": 0.5}, {"per_s": "10", "burst": 5},
+        {"per_s": float("inf"), "burst": 5}, {"per_s": True, "burst": 5}, [10, 5], None,
+    ):  # fmt: skip
+        assert budget_of({"request_budget": silly}) is None, silly
+    assert budget_of(None) is None and budget_of({}) is None
 
 
 # -- a flood against a real agent --------------------------------------------------------
