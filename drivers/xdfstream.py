@@ -22,6 +22,7 @@ pyxdf without those functions); the caller then loads the stream with ``load_xdf
 
 from __future__ import annotations
 
+import array
 import functools
 import struct
 import xml.etree.ElementTree as ET
@@ -38,15 +39,20 @@ from .base import Chunk
 try:
     from pyxdf import pyxdf as _pyxdf
 
-    _SYNC: tuple[Any, Any, Any, Any, Any] | None = (
+    _SYNC: tuple[Any, Any, Any, Any, Any, Any, Any] | None = (
         _pyxdf.StreamData,
         _pyxdf._xml2dict,
         _pyxdf._truncate_corrupted_offsets,
         _pyxdf._clock_sync,
-        _pyxdf._jitter_removal,
+        _pyxdf._detect_breaks,
+        _pyxdf._find_segment_indices,
+        _pyxdf._jitter_removal,  # only to check, once, that ours still agrees with it
     )
+    # Newer pyxdf leaves streams that declare can_drop_samples undejittered; older ones
+    # have no such rule and neither do we then.
+    _CAN_DROP: Any = getattr(_pyxdf, "_stream_can_drop_samples", None)
 except (ImportError, AttributeError):  # pragma: no cover - depends on the pyxdf version
-    _SYNC = None
+    _SYNC, _CAN_DROP = None, None
 
 __all__ = ["StreamIndex", "Unsupported", "index_stream"]
 
@@ -65,13 +71,14 @@ _FORMATS = {
 # load_xdf's defaults for what LOAD_OPTIONS does not set (pyxdf 1.16-1.17).
 _RESET_ARGS = (5, 5, 10, 1, 0.0001)  # stds, seconds, offset stds, offset seconds, winsor
 _JITTER_ARGS = (1, 500)  # break threshold seconds, samples
+_LINE_BLOCK = 1 << 16  # dejittered stamps are written this many at a time
 
 
 class Unsupported(Exception):
     """The streamed path cannot promise load_xdf's result here; load the whole stream."""
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class _SampleChunk:
     offset: int  # file offset of the first sample
     size: int  # bytes of sample data
@@ -292,6 +299,97 @@ def _read(handle: BinaryIO, size: int) -> bytes:
     return data
 
 
+def _fit_line(stamps: np.ndarray, start: int, stop: int) -> None:
+    """``stamps[start:stop]`` become pyxdf's least-squares line through them, bit for bit.
+
+    pyxdf fits ``[1, idx]`` (int64) against a gathered copy of the stamps; numpy casts
+    the ints to float64 before LAPACK sees them, so building that float64 matrix directly
+    (Fortran order, as LAPACK wants it) and passing a view of the stamps gives LAPACK the
+    same numbers, hence the same mapping. ``m0 + m1 * k`` is then the same two float
+    operations per sample whether ``k`` is an int or its float, so the line is written a
+    block at a time instead of through full-length temporaries.
+    """
+    design = np.empty((stop - start, 2), order="F")
+    design[:, 0] = 1.0
+    design[:, 1] = np.arange(start, stop, dtype=np.float64)  # exact: integers below 2**53
+    mapping = np.linalg.lstsq(design, stamps[start:stop, None], rcond=-1)[0]
+    del design  # freed before the write-back, which needs none of it
+    intercept, slope = mapping[0, 0], mapping[1, 0]
+    for at in range(start, stop, _LINE_BLOCK):
+        end = min(stop, at + _LINE_BLOCK)
+        stamps[at:end] = intercept + slope * np.arange(at, end, dtype=np.float64)
+
+
+def _dejitter(stream: Any, stream_id: int, header: Mapping[str, Any] | None) -> None:
+    """pyxdf's ``_jitter_removal`` for one stream: same stamps, segments, effective rate.
+
+    pyxdf's own rules (``_detect_breaks``, ``_find_segment_indices`` and, where it has
+    it, ``_stream_can_drop_samples``) pick the segments; only the fit of each segment is
+    ours (:func:`_fit_line`): 40 bytes a sample above the stamps where pyxdf's costs
+    about 80, which was the peak of the whole index pass.
+    """
+    assert _SYNC is not None
+    detect_breaks, find_segments = _SYNC[4], _SYNC[5]
+    stream.effective_srate = 0
+    stamps = stream.time_stamps
+    total = len(stamps)
+    if total == 0:
+        return
+    if stream.srate == 0:
+        stream.segments.append((0, total - 1))
+        return
+    if _CAN_DROP is not None and _CAN_DROP(header):
+        stream.segments.append((0, total - 1))
+        if total > 1 and (duration := stamps[-1] - stamps[0]) > 0:
+            stream.effective_srate = (total - 1) / duration
+        return
+    segments, starts, stops = find_segments(detect_breaks(stream, *_JITTER_ARGS))
+    stream.segments.extend(segments)
+    for first, last in segments:
+        _fit_line(stamps, first, last + 1)
+    counts = (stops + 1) - starts
+    if np.any(counts > 1):
+        # Weighted as pyxdf weighs it (numpy reductions, same order, same floats).
+        stream.effective_srate = np.sum(counts - 1) / np.sum(stamps[stops] - stamps[starts])
+    if np.abs(stream.srate - stream.effective_srate) / stream.srate > 0.1:
+        _pyxdf.logger.warning(  # pyxdf's note, on pyxdf's logger, as load_xdf gives it
+            "Stream %d: Calculated effective sampling rate %.4f Hz is different "
+            "from specified rate %.4f Hz.",
+            stream_id,
+            stream.effective_srate,
+            stream.srate,
+        )
+
+
+@functools.cache
+def _dejitter_agrees() -> bool:
+    """Whether :func:`_dejitter` gives pyxdf's ``_jitter_removal`` result, checked once.
+
+    A canary against a pyxdf release that fits differently: a small stream with jitter,
+    a gap and a lone sample goes through both (about a millisecond).
+    """
+    assert _SYNC is not None
+    stream_data, xml2dict, jitter_removal = _SYNC[0], _SYNC[1], _SYNC[6]
+    xml = (
+        "<info><channel_count>1</channel_count><nominal_srate>100</nominal_srate>"
+        "<channel_format>float32</channel_format></info>"
+    )
+    header = xml2dict(ET.fromstring(xml))
+    rng = np.random.default_rng(1)
+    stamps = 7.5 + np.arange(1200) / 100 + rng.normal(0, 1e-3, 1200)
+    stamps[600:] += 5.0  # a break: two segments
+    stamps[-1] += 5.0  # and a lone last sample
+    ours, theirs = stream_data(header), stream_data(header)
+    ours.time_stamps, theirs.time_stamps = stamps.copy(), stamps.copy()
+    _dejitter(ours, 1, header)
+    jitter_removal({1: theirs}, *_JITTER_ARGS, stream_headers={1: header})
+    return bool(
+        ours.time_stamps.tobytes() == theirs.time_stamps.tobytes()
+        and ours.segments == theirs.segments
+        and float(ours.effective_srate) == float(theirs.effective_srate)
+    )
+
+
 def index_stream(path: Path, xdf_id: int, options: Mapping[str, bool]) -> StreamIndex:
     """One pass over ``path``: stream ``xdf_id``'s chunks, stamps, offsets; then pyxdf's sync.
 
@@ -300,13 +398,14 @@ def index_stream(path: Path, xdf_id: int, options: Mapping[str, bool]) -> Stream
     """
     if _SYNC is None:
         raise Unsupported("this pyxdf has no clock sync functions to reuse")
-    stream_data, xml2dict, truncate_offsets, clock_sync, jitter_removal = _SYNC
+    stream_data, xml2dict, truncate_offsets, clock_sync = _SYNC[:4]
     if path.suffix.lower() != ".xdf":
         raise Unsupported("compressed files cannot be read chunk by chunk")
     header: dict[str, Any] | None = None
     temp: Any = None
     chunks: list[_SampleChunk] = []
-    stamps: list[np.ndarray] = []
+    # One growing buffer, not a list of pieces joined at the end (pieces + joined copy).
+    stamps = array.array("d")
     with path.open("rb") as handle:
         if handle.read(len(_MAGIC)) != _MAGIC:
             raise Unsupported("no XDF signature")
@@ -324,7 +423,7 @@ def index_stream(path: Path, xdf_id: int, options: Mapping[str, bool]) -> Stream
             if tag == _TAG_HEADER:
                 header = xml2dict(ET.fromstring(_read(handle, content).decode("utf-8", "replace")))
                 # A repeated header starts the stream afresh, as in load_xdf.
-                temp, chunks, stamps = stream_data(header), [], []
+                temp, chunks, stamps = stream_data(header), [], array.array("d")
                 if temp.fmt not in _FORMATS:
                     raise Unsupported(f"{temp.fmt} samples are decoded by pyxdf")
                 value_dtype = np.dtype(_FORMATS[temp.fmt])
@@ -344,10 +443,10 @@ def index_stream(path: Path, xdf_id: int, options: Mapping[str, bool]) -> Stream
                 first = extra == 8 and count > 1 and data[0] != 0
                 chunk = _SampleChunk(offset, size, count, extra // 8, first)
                 chunk_stamps = _decode(data, count, chunk.stamped, value_dtype, temp.nchns)[0]
-                chunk_stamps = np.array(chunk_stamps, dtype=np.float64)  # own the memory
+                chunk_stamps = np.array(chunk_stamps, dtype=np.float64)  # contiguous, writable
                 temp.last_timestamp = _fill_stamps(chunk_stamps, temp.last_timestamp, temp.tdiff)
                 chunks.append(chunk)
-                stamps.append(chunk_stamps)
+                stamps.frombytes(chunk_stamps.data.cast("B"))
             elif tag == _TAG_CLOCK:
                 clock = _read(handle, content)
                 if temp is None or len(clock) < 16:
@@ -361,8 +460,8 @@ def index_stream(path: Path, xdf_id: int, options: Mapping[str, bool]) -> Stream
                 header["footer"] = xml2dict(ET.fromstring(raw))
     if temp is None:
         raise Unsupported(f"no stream {xdf_id}")
-    temp.time_stamps = np.concatenate(stamps) if stamps else np.zeros((0,))
-    del stamps  # the pieces would otherwise stay alive through pyxdf's fit, its peak
+    # A writable view: clock sync and dejitter then work in place on these 8 bytes a sample.
+    temp.time_stamps = np.frombuffer(stamps, dtype=np.float64) if stamps else np.zeros(0)
     total = len(temp.time_stamps)
     # Only its length matters to pyxdf's sync (it may cut a pylsl#67 extra sample).
     temp.time_series = range(total)
@@ -371,7 +470,9 @@ def index_stream(path: Path, xdf_id: int, options: Mapping[str, bool]) -> Stream
         streams = truncate_offsets(streams, headers)
         streams = clock_sync(streams, options.get("handle_clock_resets", True), *_RESET_ARGS)
     if options.get("dejitter_timestamps"):
-        streams = jitter_removal(streams, *_JITTER_ARGS, stream_headers=headers)
+        if not _dejitter_agrees():
+            raise Unsupported("this pyxdf dejitters differently from our copy of its fit")
+        _dejitter(streams[xdf_id], xdf_id, header)
     result = streams[xdf_id]
     samples = len(result.time_series)
     return StreamIndex(

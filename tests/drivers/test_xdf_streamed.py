@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import logging
 import re
 import struct
 import tracemalloc
+import xml.etree.ElementTree as ET
 from pathlib import Path
 
 import numpy as np
@@ -15,7 +17,13 @@ from xdf_files import _chunk, _header, _varlen, _write
 pyxdf = pytest.importorskip("pyxdf")
 
 from streaminghub_datamux.drivers.xdf import LOAD_OPTIONS, XdfFormat  # noqa: E402
-from streaminghub_datamux.drivers.xdfstream import _SampleChunk, _spans, index_stream  # noqa: E402
+from streaminghub_datamux.drivers.xdfstream import (  # noqa: E402
+    _dejitter,
+    _dejitter_agrees,
+    _SampleChunk,
+    _spans,
+    index_stream,
+)
 from streaminghub_datamux.errors import DataError  # noqa: E402
 
 DATA = SHARED_DATA / "xdf"
@@ -127,8 +135,8 @@ def test_replay_holds_blocks_not_the_stream(tmp_path):
     finally:
         tracemalloc.stop()
     values_bytes = rows * 64 * 4
-    # What is held per sample is its timestamp and pyxdf's dejitter fit (~70 bytes while
-    # it runs), not its 256 bytes of values.
+    # What is held per sample is its timestamp and the dejitter fit's design matrix (16
+    # bytes while it runs; LAPACK's own copies are not traced), not 256 bytes of values.
     assert peak < 0.5 * values_bytes, (peak, values_bytes)
 
 
@@ -209,3 +217,118 @@ def test_xdf_replay_reads_blocks_of_at_least_min_block_bytes(tmp_path, monkeypat
     blocks = replay_module.open_reader(OneFile(), stream, block_bytes=256 << 10)
     assert sum(len(t) for t, _ in blocks()) == 2 * 250
     assert seen == [XdfFormat.min_block_bytes] and XdfFormat.min_block_bytes >= 4 << 20
+
+
+# -- the lean dejitter fit against pyxdf's _jitter_removal --------------------------------
+
+
+def _stream_data(rate: float, stamps: np.ndarray, can_drop: bool = False) -> tuple:
+    """A pyxdf StreamData with ``stamps`` (a copy), from a real header's XML, and its header."""
+    desc = "<synchronization><can_drop_samples>true</can_drop_samples></synchronization>"
+    xml = (
+        f"<info><channel_count>1</channel_count><nominal_srate>{rate}</nominal_srate>"
+        f"<channel_format>float32</channel_format><desc>{desc if can_drop else ''}</desc></info>"
+    )
+    header = pyxdf.pyxdf._xml2dict(ET.fromstring(xml))
+    stream = pyxdf.pyxdf.StreamData(header)
+    stream.time_stamps = np.array(stamps, dtype=np.float64)
+    return stream, header
+
+
+def _jittered(rate: float, n: int, seed: int, start: float = 1000.0) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    return start + np.arange(n) / rate + rng.normal(0, 0.2 / rate, n)
+
+
+def _assert_dejitter_like_pyxdf(caplog, rate: float, stamps: np.ndarray, **kw) -> object:
+    """Ours and pyxdf's on copies of the same stamps: bytes, segments, rate and log equal."""
+    theirs, header = _stream_data(rate, stamps, **kw)
+    ours, _ = _stream_data(rate, stamps, **kw)
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="pyxdf"):
+        pyxdf.pyxdf._jitter_removal({3: theirs}, 1, 500, stream_headers={3: header})
+        their_log = [r.getMessage() for r in caplog.records]
+        caplog.clear()
+        _dejitter(ours, 3, header)
+        our_log = [r.getMessage() for r in caplog.records]
+    assert ours.time_stamps.tobytes() == theirs.time_stamps.tobytes()
+    assert ours.segments == theirs.segments
+    rates = np.float64(ours.effective_srate), np.float64(theirs.effective_srate)
+    assert rates[0].tobytes() == rates[1].tobytes()
+    assert our_log == their_log
+    return theirs
+
+
+def test_lean_dejitter_is_pyxdfs_across_time_and_sample_breaks(caplog):
+    """Breaks by the 1 s threshold (1 kHz) and by the 500-sample one (100 Hz: 5 s)."""
+    fast = _jittered(1000.0, 20_000, 1)
+    fast[3_000:] += 1.5  # > 1 s: a break
+    fast[9_000:] -= 2.5  # backwards: a break too (pyxdf takes the absolute difference)
+    fast[15_000:] += 0.9  # below 1 s: no break
+    result = _assert_dejitter_like_pyxdf(caplog, 1000.0, fast)
+    assert [s for s, _ in result.segments] == [0, 3_000, 9_000]
+    slow = _jittered(100.0, 4_000, 2)
+    slow[1_000:] += 3.0  # 3 s: no break at 100 Hz (threshold 500 samples = 5 s)
+    slow[2_000:] += 6.0  # a break
+    result = _assert_dejitter_like_pyxdf(caplog, 100.0, slow)
+    assert [s for s, _ in result.segments] == [0, 2_000]
+
+
+def test_lean_dejitter_is_pyxdfs_for_lone_samples(caplog):
+    """Segments of one sample: first, in the middle, last, and a stream of only those."""
+    stamps = _jittered(250.0, 3_000, 3)
+    for at in (1, 1_500, 1_501, 2_999):
+        stamps[at:] += 10.0  # lone samples at 0, 1_500 and 2_999
+    result = _assert_dejitter_like_pyxdf(caplog, 250.0, stamps)
+    assert (0, 0) in result.segments and (2_999, 2_999) in result.segments
+    # Every sample alone: no rate can be measured, and pyxdf warns about it (so do we).
+    lone = 100.0 + 20.0 * np.arange(5)
+    _assert_dejitter_like_pyxdf(caplog, 250.0, lone)
+    assert "effective sampling rate" in caplog.text
+    _assert_dejitter_like_pyxdf(caplog, 250.0, lone[:1])
+
+
+def test_lean_dejitter_is_pyxdfs_for_long_segments(caplog):
+    """Segments over a million samples, starting mid-stream and spanning write blocks."""
+    stamps = _jittered(1000.0, 2_400_000, 4, start=5e5)
+    stamps[1_000_001:] += 30.0
+    result = _assert_dejitter_like_pyxdf(caplog, 1000.0, stamps)
+    assert result.segments == [(0, 1_000_000), (1_000_001, 2_399_999)]
+
+
+def test_lean_dejitter_leaves_irregular_and_droppable_streams_as_pyxdf_does(caplog):
+    stamps = _jittered(500.0, 1_000, 5)
+    stamps[500:] += 4.0
+    for rate, can_drop in ((0.0, False), (500.0, True)):
+        result = _assert_dejitter_like_pyxdf(caplog, rate, stamps, can_drop=can_drop)
+        assert result.time_stamps.tobytes() == stamps.tobytes()  # untouched
+        assert result.segments == [(0, 999)]
+    _assert_dejitter_like_pyxdf(caplog, 500.0, np.zeros(0))
+
+
+def test_lean_dejitter_traces_half_of_pyxdfs_memory():
+    """numpy arrays alive at the peak, ours vs pyxdf's, same 1 M stamps.
+
+    Ours: the design matrix (16 bytes a sample) and the float column filling it (8);
+    pyxdf's adds int64 copies and a gathered copy of the stamps. LAPACK's own copies (24
+    bytes a sample in both) are malloc'd by numpy's linalg module, so not traced here.
+    """
+    peaks = []
+    for fit in ("ours", "pyxdf"):
+        stream, header = _stream_data(1000.0, _jittered(1000.0, 1_000_000, 6))
+        tracemalloc.start()
+        try:
+            if fit == "ours":
+                _dejitter(stream, 3, header)
+            else:
+                pyxdf.pyxdf._jitter_removal({3: stream}, 1, 500, stream_headers={3: header})
+            peaks.append(tracemalloc.get_traced_memory()[1])
+        finally:
+            tracemalloc.stop()
+    ours, theirs = peaks
+    assert ours <= 25 * 1_000_000 and theirs >= 1.8 * ours, peaks
+
+
+def test_the_installed_pyxdf_dejitters_as_our_fit():
+    """The canary index_stream consults (a differing pyxdf means load_xdf, not our fit)."""
+    assert _dejitter_agrees()
