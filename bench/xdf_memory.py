@@ -9,7 +9,10 @@ in this process's memory. Each measurement runs in a fresh process, so its peak 
 * **idle**: the interpreter with numpy, pyxdf and datamux imported (the floor);
 * **pyxdf** (baseline): ``pyxdf.load_xdf(path, select_streams=[1], **LOAD_OPTIONS)``;
 * **replay**: ``API.replay_collection_stream(..., speed=0, framing="throughput")``
-  drained to END_OF_STREAM; time to the first frame and to the end.
+  drained to END_OF_STREAM; time to the first frame and to the end;
+* floors: the index pass alone, one plain read of the file, and **fit**: one
+  ``np.linalg.lstsq`` of as many stamps on the float64 n x 2 design matrix, what any
+  dejitter that agrees with pyxdf bit for bit (one LAPACK fit per segment) holds at least.
 
 Both pyxdf and replay hash the timestamps and values they produce (sha256, in order),
 so the bench also checks that replay gives load_xdf's result bit for bit. Runs alternate
@@ -95,7 +98,7 @@ def _peak_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
 
 
-def child(mode: str, root: Path) -> dict[str, Any]:
+def child(mode: str, root: Path, samples_in_file: int = 0) -> dict[str, Any]:
     """One measurement in this (fresh) process; JSON-able."""
     import pyxdf
 
@@ -140,6 +143,15 @@ def child(mode: str, root: Path) -> dict[str, Any]:
         index = index_stream(path, 1, LOAD_OPTIONS)
         first = time.perf_counter() - start
         samples = index.samples
+    elif mode == "fit":
+        # The dejitter fit alone: the stamps, the design matrix and LAPACK's copies of both.
+        stamps = np.arange(samples_in_file, dtype=np.float64) / RATE_HZ
+        design = np.empty((samples_in_file, 2), order="F")
+        design[:, 0] = 1.0
+        design[:, 1] = np.arange(samples_in_file, dtype=np.float64)
+        np.linalg.lstsq(design, stamps[:, None], rcond=-1)
+        first = time.perf_counter() - start
+        samples = samples_in_file
     elif mode == "read":
         # One plain read of the file in 1 MiB blocks: what any reader that must see the
         # whole file before its first frame waits at least.
@@ -157,9 +169,9 @@ def child(mode: str, root: Path) -> dict[str, Any]:
     }
 
 
-def measure(mode: str, root: Path) -> dict[str, Any]:
+def measure(mode: str, root: Path, samples: int) -> dict[str, Any]:
     done = subprocess.run(
-        [sys.executable, __file__, "--child", mode, "--root", str(root)],
+        [sys.executable, __file__, "--child", mode, "--root", str(root), "--samples", str(samples)],
         check=True,
         capture_output=True,
         text=True,
@@ -200,7 +212,9 @@ def render(
         f"{verdict(first <= AIM_FIRST_FRAME_S)} ({first:.2f} s). Replay's timestamps and "
         "values are load_xdf's bit for bit (sha256 of each, every run). Floors, same run: "
         f"replay's index pass alone peaks at {_median(results['index'], 'peak_mb'):.0f} MB "
-        f"and takes {_median(results['index'], 'seconds'):.2f} s; one plain read of the file "
+        f"and takes {_median(results['index'], 'seconds'):.2f} s; the one least-squares fit "
+        "over all its stamps that agreeing with pyxdf bit for bit requires peaks at "
+        f"{_median(results['fit'], 'peak_mb'):.0f} MB alone; one plain read of the file "
         f"takes {_median(results['read'], 'seconds'):.2f} s.",
         "",
         f"File: {info['minutes']:g} min of 64 ch float32 at 1 kHz ({info['samples']:,} "
@@ -217,8 +231,13 @@ def render(
         ('replay: `replay_collection_stream(..., speed=0, framing="throughput")`', replay),
         (
             "floor of replay: its index pass alone (`xdfstream.index_stream`: one read of "
-            "the file, then pyxdf's clock sync and dejitter fit on the stamps)",
+            "the file, pyxdf's clock sync, then the dejitter fit on the stamps)",
             results["index"],
+        ),
+        (
+            "floor of the index pass: one `np.linalg.lstsq` of as many stamps on the float64 "
+            "n x 2 design matrix (what a dejitter exact to pyxdf's holds at least)",
+            results["fit"],
         ),
         ("floor of the first frame: one plain read of the file (1 MiB blocks)", results["read"]),
     ):
@@ -241,12 +260,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--write-doc", action="store_true")
     parser.add_argument("--doc", type=Path, default=DEFAULT_DOC)
     parser.add_argument(
-        "--child", choices=["idle", "pyxdf", "replay", "index", "read"], help=argparse.SUPPRESS
+        "--child",
+        choices=["idle", "pyxdf", "replay", "index", "fit", "read"],
+        help=argparse.SUPPRESS,
     )
     parser.add_argument("--root", type=Path, help=argparse.SUPPRESS)
+    parser.add_argument("--samples", type=int, default=0, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.child:
-        print(json.dumps(child(args.child, args.root)))
+        print(json.dumps(child(args.child, args.root, args.samples)))
         return 0
     args.minutes = args.minutes or (1.0 if args.quick else 60.0)
     args.runs = args.runs or (1 if args.quick else 3)
@@ -264,13 +286,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             "code": code_version(),
         }
         loads = [load_average()]
-        modes = ["idle", "pyxdf", "replay", "index", "read"]
+        modes = ["idle", "pyxdf", "replay", "index", "fit", "read"]
         results: dict[str, list[dict[str, Any]]] = {mode: [] for mode in modes}
         for run in range(args.runs):
             order = modes if run % 2 == 0 else modes[::-1]
             for mode in order:
                 log(f"run {run + 1}/{args.runs}: {mode}")
-                results[mode].append(measure(mode, root))
+                results[mode].append(measure(mode, root, samples))
         loads.append(load_average())
         info["loads"] = loads
     digests = {r["digest"] for r in results["pyxdf"] + results["replay"]}

@@ -306,18 +306,26 @@ def _fit_line(stamps: np.ndarray, start: int, stop: int) -> None:
     the ints to float64 before LAPACK sees them, so building that float64 matrix directly
     (Fortran order, as LAPACK wants it) and passing a view of the stamps gives LAPACK the
     same numbers, hence the same mapping. ``m0 + m1 * k`` is then the same two float
-    operations per sample whether ``k`` is an int or its float, so the line is written a
-    block at a time instead of through full-length temporaries.
+    operations per sample whether ``k`` is an int or its float. Index columns are made a
+    block at a time: a freed full-length temporary stays resident (glibc raises its mmap
+    threshold after the clock sync's temporaries, then keeps such blocks in its heap).
     """
     design = np.empty((stop - start, 2), order="F")
     design[:, 0] = 1.0
-    design[:, 1] = np.arange(start, stop, dtype=np.float64)  # exact: integers below 2**53
+    for at, end, index in _index_blocks(start, stop):
+        design[at - start : end - start, 1] = index
     mapping = np.linalg.lstsq(design, stamps[start:stop, None], rcond=-1)[0]
     del design  # freed before the write-back, which needs none of it
     intercept, slope = mapping[0, 0], mapping[1, 0]
+    for at, end, index in _index_blocks(start, stop):
+        stamps[at:end] = intercept + slope * index
+
+
+def _index_blocks(start: int, stop: int) -> Iterator[tuple[int, int, np.ndarray]]:
+    """``(at, end, float64 at..end-1)`` covering start..stop-1 (exact: ints below 2**53)."""
     for at in range(start, stop, _LINE_BLOCK):
         end = min(stop, at + _LINE_BLOCK)
-        stamps[at:end] = intercept + slope * np.arange(at, end, dtype=np.float64)
+        yield at, end, np.arange(at, end, dtype=np.float64)
 
 
 def _dejitter(stream: Any, stream_id: int, header: Mapping[str, Any] | None) -> None:

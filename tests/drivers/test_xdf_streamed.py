@@ -306,12 +306,13 @@ def test_lean_dejitter_leaves_irregular_and_droppable_streams_as_pyxdf_does(capl
     _assert_dejitter_like_pyxdf(caplog, 500.0, np.zeros(0))
 
 
-def test_lean_dejitter_traces_half_of_pyxdfs_memory():
+def test_lean_dejitter_traces_a_third_of_pyxdfs_memory():
     """numpy arrays alive at the peak, ours vs pyxdf's, same 1 M stamps.
 
-    Ours: the design matrix (16 bytes a sample) and the float column filling it (8);
-    pyxdf's adds int64 copies and a gathered copy of the stamps. LAPACK's own copies (24
-    bytes a sample in both) are malloc'd by numpy's linalg module, so not traced here.
+    Ours: the design matrix (16 bytes a sample; pyxdf's break detection, 17, is as much);
+    pyxdf's adds int64 copies, a float cast and a gathered copy of the stamps. LAPACK's
+    own copies (24 bytes a sample in both) are malloc'd by numpy's linalg module, so they
+    are not traced here.
     """
     peaks = []
     for fit in ("ours", "pyxdf"):
@@ -326,7 +327,7 @@ def test_lean_dejitter_traces_half_of_pyxdfs_memory():
         finally:
             tracemalloc.stop()
     ours, theirs = peaks
-    assert ours <= 25 * 1_000_000 and theirs >= 1.8 * ours, peaks
+    assert ours <= 18 * 1_000_000 and theirs >= 2.5 * ours, peaks
 
 
 def test_the_installed_pyxdf_dejitters_as_our_fit():
