@@ -1680,7 +1680,7 @@ def render_section(
                 if r.recording.kind == "CSV"
             )
             + f". Agent peak RSS (VmHWM) after the throughput part: {throughput_peak_mb:.0f} "
-            f"MiB (XDF replay holds a stream's timestamps, and pyxdf's dejitter fit over them "
+            f"MiB (XDF replay holds a stream's timestamps, and the dejitter fit over them "
             "before the first frame). The largest frame is "
             f"{largest:,} bytes, within the broker's `max_packet_size` {BROKER_MAX_PACKET:,} "
             "(as in the production example).",

@@ -136,8 +136,8 @@ def child(mode: str, root: Path, samples_in_file: int = 0) -> dict[str, Any]:
         asyncio.run(drain())
     elif mode == "index":
         # The index pass alone: every chunk header read, the stamps decoded, then
-        # pyxdf's own clock sync and dejitter fit over them. Replay cannot start before
-        # it, nor hold less (the fit's arrays are pyxdf's exact result).
+        # pyxdf's clock sync and the dejitter fit over them. Replay cannot start before
+        # it, nor hold less (the fit gives pyxdf's exact result).
         from streaminghub_datamux.drivers.xdfstream import index_stream
 
         index = index_stream(path, 1, LOAD_OPTIONS)

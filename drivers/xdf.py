@@ -21,15 +21,16 @@ parsed, sample data is skipped), so listing is cheap; pyxdf's ``resolve_streams`
 be as cheap but drops ``desc``, where channel labels and units live. Descriptions are
 cached per (path, mtime, size). :meth:`XdfFormat.blocks` streams numeric streams of
 plain ``.xdf`` files chunk by chunk (:mod:`.xdfstream`: one indexing pass, then values
-decoded a block at a time, with pyxdf's own clock sync and dejitter on the timestamps, so
-the result is ``pyxdf.load_xdf`` with :data:`LOAD_OPTIONS`, bit for bit). String streams,
+decoded a block at a time, with pyxdf's own clock sync and pyxdf's dejitter (its
+segments, a leaner copy of its fit) on the timestamps, so the result is
+``pyxdf.load_xdf`` with :data:`LOAD_OPTIONS`, bit for bit). String streams,
 ``.xdfz`` files, truncated files and anything the index pass cannot decode are loaded
 whole with ``pyxdf.load_xdf``.
 
-Memory: streamed, a replay holds the stream's timestamps (8 bytes a sample, plus pyxdf's
-least-squares dejitter fit while it runs, once, before the first frame) and one block of
-values. Loaded whole, it holds all of the stream's samples. Only metadata is cached,
-never samples, and indexing passes and loads run one at a time.
+Memory: streamed, a replay holds the stream's timestamps (8 bytes a sample, plus 40 for
+the least-squares dejitter fit while it runs, once, before the first frame) and one
+block of values. Loaded whole, it holds all of the stream's samples. Only metadata is
+cached, never samples, and indexing passes and loads run one at a time.
 
 A file cut short after its stream headers (a crashed recorder) is still described; its
 replay yields what pyxdf recovers, then raises DataError. Python warnings raised while

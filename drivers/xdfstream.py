@@ -1,4 +1,4 @@
-"""Stream one numeric XDF stream chunk by chunk, with pyxdf's own clock sync and dejitter.
+"""Stream one numeric XDF stream chunk by chunk, with pyxdf's clock sync and dejitter.
 
 ``pyxdf.load_xdf`` decodes every sample of the file in Python before returning, so a
 replay held the whole stream in memory (2.2 bytes of RAM per byte of file) and its first
@@ -8,16 +8,26 @@ chunks, remembering where each chunk's data is; values are decoded later, a few 
 at a time, when replay asks for them (:meth:`StreamIndex.blocks`).
 
 Identical results: clock synchronisation and dejittering need every clock offset and
-every time stamp of the stream, which the index pass has, and they run through pyxdf's
-own functions (``_truncate_corrupted_offsets``, ``_clock_sync``, ``_jitter_removal``)
-with ``load_xdf``'s defaults, so timestamps are those of ``load_xdf`` bit for bit, for
-the installed pyxdf. Memory is the time stamps (8 bytes per sample, plus pyxdf's
-transient least-squares fit while dejittering) and one block of values, not the values
-of the whole stream.
+every time stamp of the stream, which the index pass has. Clock sync runs through
+pyxdf's own functions (``_truncate_corrupted_offsets``, ``_clock_sync``) with
+``load_xdf``'s defaults. Dejittering uses pyxdf's own rules for where segments break
+(``_detect_breaks``, ``_find_segment_indices``, ``_stream_can_drop_samples``) but our
+own least-squares fit per segment (:func:`_fit_line`): pyxdf's ``_jitter_removal``
+needs about 80 bytes a sample above the stamps while it fits, the peak of the whole
+pass; ours hands LAPACK the very same numbers in 40 (its copies of the design matrix
+and the stamps, 24, and the matrix, 16; one LAPACK fit over the segment, which exact
+agreement requires, cannot need less) and so gets the same line, written back a block at
+a time. Tests compare both, byte for byte, on breaks, lone samples, segments of over a
+million samples and irregular streams, and :func:`index_stream` checks once per process
+that the installed pyxdf still agrees (:func:`_dejitter_agrees`). Timestamps are thus
+those of ``load_xdf`` bit for bit, for the installed pyxdf. Memory is the time stamps
+(8 bytes per sample, plus the 40 of the fit, briefly, before the first frame) and one
+block of values, not the values of the whole stream.
 
 :func:`index_stream` raises :class:`Unsupported` when the streamed path cannot promise
 that (string streams, compressed files, a chunk it cannot decode, an older or newer
-pyxdf without those functions); the caller then loads the stream with ``load_xdf``.
+pyxdf without those functions or whose fit differs); the caller then loads the stream
+with ``load_xdf``.
 """
 
 from __future__ import annotations
