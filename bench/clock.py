@@ -65,6 +65,11 @@ def start_agent(broker: Broker, root: Path) -> subprocess.Popen[Any]:
     ]  # fmt: skip
     env = {k: v for k, v in os.environ.items() if not k.startswith("STREAMINGHUB_")}
     env.update(HOME=str(root), **{TEST_OFFSET_ENV: str(OFFSET_S)})
+    # 160 clock exchanges back to back per condition: lift the request budget, which
+    # would otherwise pace them (docs/protocol.md, "Rate limit") and spread the samples.
+    env.update(
+        STREAMINGHUB_AGENT__MAX_REQUESTS_PER_S="1000", STREAMINGHUB_AGENT__REQUEST_BURST="1000"
+    )
     log_file = (root / "agent.log").open("ab")
     return subprocess.Popen(command, stdout=log_file, stderr=subprocess.STDOUT, env=env, cwd=root)
 
