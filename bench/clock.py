@@ -24,18 +24,16 @@ from __future__ import annotations
 import argparse
 import asyncio
 import datetime as dt
-import os
+import functools
 import statistics
-import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
 from common import code_version, fill_markers  # bench/common.py
 from replay import load_average, machine_facts  # bench/replay.py
-from transport import LATENCY_NODE, LOOPBACK, Broker, make_config, stop_process, write_rc
+from transport import LATENCY_NODE, LOOPBACK, Broker, sim_workspace, with_fresh_agent
 
 import streaminghub_datamux as dm
 from streaminghub_datamux.clocks import TEST_OFFSET_ENV
@@ -56,22 +54,13 @@ def log(text: str) -> None:
     print(text, file=sys.stderr, flush=True)
 
 
-def start_agent(broker: Broker, root: Path) -> subprocess.Popen[Any]:
-    command = [
-        sys.executable, "-m", "streaminghub_datamux", "serve",
-        "--host", LOOPBACK, "--port", str(broker.port), "--id", AGENT_ID,
-        "--embedded", "never", "--drivers", "sim", "--state-dir", str(root / "state"),
-        "--data_dir", str(root / "data"), "--meta_dir", str(root / "meta"),
-    ]  # fmt: skip
-    env = {k: v for k, v in os.environ.items() if not k.startswith("STREAMINGHUB_")}
-    env.update(HOME=str(root), **{TEST_OFFSET_ENV: str(OFFSET_S)})
-    # 160 clock exchanges back to back per condition: lift the request budget, which
-    # would otherwise pace them (docs/protocol.md, "Rate limit") and spread the samples.
-    env.update(
-        STREAMINGHUB_AGENT__MAX_REQUESTS_PER_S="1000", STREAMINGHUB_AGENT__REQUEST_BURST="1000"
-    )
-    log_file = (root / "agent.log").open("ab")
-    return subprocess.Popen(command, stdout=log_file, stderr=subprocess.STDOUT, env=env, cwd=root)
+# 160 clock exchanges back to back per condition: the request budget is lifted, as it
+# would otherwise pace them (docs/protocol.md, "Rate limit") and spread the samples.
+AGENT_ENV = {
+    TEST_OFFSET_ENV: str(OFFSET_S),
+    "STREAMINGHUB_AGENT__MAX_REQUESTS_PER_S": "1000",
+    "STREAMINGHUB_AGENT__REQUEST_BURST": "1000",
+}
 
 
 async def connect(config: Any, broker: Broker) -> dm.RemoteAPI:
@@ -190,26 +179,11 @@ def main() -> int:
         args.runs, args.count = 2, 5
     args.load_start = load_average()
     results = []
-    with tempfile.TemporaryDirectory() as folder:
-        root = Path(folder)
-        (root / "data").mkdir()
-        (root / "meta").mkdir()
-        write_rc(root)
-        config = make_config(root)
-        broker = Broker(root)
-        try:
-            for run in range(args.runs):
-                agent = start_agent(broker, root)
-                try:
-                    results.append(asyncio.run(one_run(config, broker, args.count)))
-                except Exception:
-                    log((root / "agent.log").read_text()[-3000:])
-                    raise
-                finally:
-                    stop_process(agent, timeout=15)
-                log(f"run {run + 1}/{args.runs} done")
-        finally:
-            broker.stop()
+    with sim_workspace() as (root, config, broker):
+        for run in range(args.runs):
+            measure_run = functools.partial(one_run, config, broker, args.count)
+            results.append(with_fresh_agent(broker, root, AGENT_ID, AGENT_ENV, measure_run))
+            log(f"run {run + 1}/{args.runs} done")
     block = report(results, args)
     print(block)
     if args.write_doc:

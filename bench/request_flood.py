@@ -18,19 +18,18 @@ from __future__ import annotations
 import argparse
 import asyncio
 import datetime as dt
+import functools
 import itertools
-import os
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
 from common import code_version, log, median_range, n_runs, write_doc  # bench/common.py
 from replay import load_average, machine_facts  # bench/replay.py
-from transport import LATENCY_NODE, LOOPBACK, Broker, make_config, stop_process, write_rc
+from transport import LATENCY_NODE, LOOPBACK, Broker, sim_workspace, with_fresh_agent
 
 import streaminghub_datamux as dm
 
@@ -76,21 +75,6 @@ print(len(replies), flush=True)
 client.disconnect()
 client.loop_stop()
 """
-
-
-def start_agent(broker: Broker, root: Path, env: dict[str, str]) -> subprocess.Popen[Any]:
-    command = [
-        sys.executable, "-m", "streaminghub_datamux", "serve",
-        "--host", LOOPBACK, "--port", str(broker.port), "--id", AGENT_ID,
-        "--embedded", "never", "--drivers", "sim", "--state-dir", str(root / "state"),
-        "--data_dir", str(root / "data"), "--meta_dir", str(root / "meta"),
-    ]  # fmt: skip
-    environ = {k: v for k, v in os.environ.items() if not k.startswith("STREAMINGHUB_")}
-    environ.update(HOME=str(root), **env)
-    log_file = (root / "agent.log").open("ab")
-    return subprocess.Popen(
-        command, stdout=log_file, stderr=subprocess.STDOUT, env=environ, cwd=root
-    )
 
 
 async def one_run(config: Any, broker: Broker) -> dict[str, Any]:
@@ -201,27 +185,12 @@ def main() -> int:
         args.runs = 1
     args.load_start = load_average()
     results: dict[str, list[dict[str, Any]]] = {name: [] for name in CONDITIONS}
-    with tempfile.TemporaryDirectory() as folder:
-        root = Path(folder)
-        (root / "data").mkdir()
-        (root / "meta").mkdir()
-        write_rc(root)
-        config = make_config(root)
-        broker = Broker(root)
-        try:
-            for run in range(args.runs):
-                for name, env in CONDITIONS.items():
-                    agent = start_agent(broker, root, env)
-                    try:
-                        results[name].append(asyncio.run(one_run(config, broker)))
-                    except Exception:
-                        log((root / "agent.log").read_text()[-3000:])
-                        raise
-                    finally:
-                        stop_process(agent, timeout=15)
-                    log(f"run {run + 1}/{args.runs} {name}: {results[name][-1]}")
-        finally:
-            broker.stop()
+    with sim_workspace() as (root, config, broker):
+        for run in range(args.runs):
+            for name, env in CONDITIONS.items():
+                flood = functools.partial(one_run, config, broker)
+                results[name].append(with_fresh_agent(broker, root, AGENT_ID, env, flood))
+                log(f"run {run + 1}/{args.runs} {name}: {results[name][-1]}")
     generated = report(results, args)
     print(generated)
     if args.write_doc:

@@ -53,7 +53,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Coroutine, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -184,6 +184,54 @@ def stop_process(process: subprocess.Popen[Any], timeout: float = 10.0) -> int |
             process.kill()
             process.wait(timeout=5)
     return process.returncode
+
+
+@contextlib.contextmanager
+def sim_workspace() -> Iterator[tuple[Path, Config, Broker]]:
+    """A temporary root with the simulated nodes' rc (write_rc), its config and a broker
+    (stopped by its pid when done): what the small benches beside this one start from."""
+    with tempfile.TemporaryDirectory() as folder:
+        root = Path(folder)
+        (root / "data").mkdir()
+        (root / "meta").mkdir()
+        write_rc(root)
+        broker = Broker(root)
+        try:
+            yield root, make_config(root), broker
+        finally:
+            broker.stop()
+
+
+def with_fresh_agent(
+    broker: Broker,
+    root: Path,
+    agent_id: str,
+    env: dict[str, str],
+    run: Callable[[], Coroutine[Any, Any, Any]],
+) -> Any:
+    """``asyncio.run(run())`` beside a fresh agent (plain ``serve``, sim driver, ``env`` on
+    top of a clean environment); the agent's log tail is printed if it fails; the agent
+    is stopped by its pid either way."""
+    command = [
+        sys.executable, "-m", "streaminghub_datamux", "serve",
+        "--host", LOOPBACK, "--port", str(broker.port), "--id", agent_id,
+        "--embedded", "never", "--drivers", "sim", "--state-dir", str(root / "state"),
+        "--data_dir", str(root / "data"), "--meta_dir", str(root / "meta"),
+    ]  # fmt: skip
+    environ = {k: v for k, v in os.environ.items() if not k.startswith("STREAMINGHUB_")}
+    environ.update(HOME=str(root), **env)
+    log_path = root / "agent.log"
+    with log_path.open("ab") as log_file:
+        agent = subprocess.Popen(
+            command, stdout=log_file, stderr=subprocess.STDOUT, env=environ, cwd=root
+        )
+    try:
+        return asyncio.run(run())
+    except Exception:
+        log(log_path.read_text()[-3000:])
+        raise
+    finally:
+        stop_process(agent, timeout=15)
 
 
 class Broker:
