@@ -271,7 +271,9 @@ _KEYS = (
     Key(
         "agent.request_burst",
         "int",
-        60,
+        # No more than an agent serves at once (agent/requests.py, 32): a burst past
+        # that met "too many requests at once" although it was within its budget.
+        32,
         "Requests one client may send at once, before agent.max_requests_per_s applies.",
         check=_positive,
     ),

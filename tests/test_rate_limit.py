@@ -17,12 +17,14 @@ import time
 from pathlib import Path
 from typing import Any
 
+import cbor2
 import pytest
 from helpers import run
 from remote import AGENT_ID, AgentProcess, RawPeer, remote_api, running_agent
 
 import streaminghub_datamux as dm
 from streaminghub_datamux.agent.ratelimit import RequestBudget, Verdict
+from streaminghub_datamux.agent.requests import MAX_CONCURRENT_REQUESTS
 from streaminghub_datamux.client import pacing
 from streaminghub_datamux.client.pacing import RequestPacer, budget_of
 from streaminghub_datamux.client.rpc import _error_of
@@ -32,7 +34,7 @@ from streaminghub_datamux.errors import ConfigError, RateLimited, Unavailable
 from streaminghub_datamux.protocol import Topics
 
 TOPICS = Topics("streaminghub/v2")
-RATE, BURST = 20.0, 60  # the defaults
+RATE, BURST = 20.0, 32  # the defaults
 
 # -- the bucket, on a fake clock ---------------------------------------------------------
 
@@ -138,6 +140,33 @@ def test_the_defaults_and_a_valid_setting_load():
     assert config.get("agent.request_burst") == BURST
     env = {"STREAMINGHUB_AGENT__MAX_REQUESTS_PER_S": "2.5"}
     assert load_config(flags={}, env=env).get("agent.max_requests_per_s") == 2.5
+
+
+def test_a_whole_burst_sent_at_once_is_served_in_full(workspace, mosquitto, tmp_path):
+    """Found by a client written from docs/protocol.md: with the first default burst (60)
+    requests sent all at once within the budget met "unavailable: too many requests at
+    once" (an agent serves 32 at a time). The default burst is served in full."""
+    assert BURST <= MAX_CONCURRENT_REQUESTS
+
+    async def body() -> list[Any]:
+        async with running_agent(workspace.config(), mosquitto, tmp_path / "state"):
+            peer = RawPeer(mosquitto, "burster-conn")
+            try:
+                peer.subscribe(TOPICS.reply(AGENT_ID, "burster"))
+                for i in range(BURST):
+                    request = {"id": f"r{i}", "method": "list_live_nodes", "params": {}}
+                    peer.publish(TOPICS.rpc(AGENT_ID, "burster"), cbor2.dumps(request))
+                for _ in range(200):
+                    if len(peer.messages) >= BURST:
+                        break
+                    await asyncio.sleep(0.05)
+                return [decode(m.payload) for m in peer.messages]
+            finally:
+                peer.close()
+
+    replies = run(body())
+    assert len(replies) == BURST
+    assert [r for r in replies if not r.get("ok")] == []
 
 
 def test_a_rate_limited_reply_is_a_clear_error_with_when_to_retry():
