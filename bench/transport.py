@@ -186,6 +186,21 @@ def stop_process(process: subprocess.Popen[Any], timeout: float = 10.0) -> int |
     return process.returncode
 
 
+def serve_args(broker: Broker, root: Path, agent_id: str, state_dir: Path) -> list[str]:
+    """``serve`` with the sim driver on ``broker``, data and state under ``root``."""
+    return [
+        "serve", "--host", LOOPBACK, "--port", str(broker.port), "--id", agent_id,
+        "--embedded", "never", "--drivers", "sim", "--state-dir", str(state_dir),
+        "--data_dir", str(root / "data"), "--meta_dir", str(root / "meta"),
+    ]  # fmt: skip
+
+
+def agent_env(root: Path, extra: dict[str, str]) -> dict[str, str]:
+    """This environment without the user's STREAMINGHUB_ settings, HOME at ``root``."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("STREAMINGHUB_")}
+    return {**env, "HOME": str(root), **extra}
+
+
 @contextlib.contextmanager
 def sim_workspace() -> Iterator[tuple[Path, Config, Broker]]:
     """A temporary root with the simulated nodes' rc (write_rc), its config and a broker
@@ -212,18 +227,12 @@ def with_fresh_agent(
     """``asyncio.run(run())`` beside a fresh agent (plain ``serve``, sim driver, ``env`` on
     top of a clean environment); the agent's log tail is printed if it fails; the agent
     is stopped by its pid either way."""
-    command = [
-        sys.executable, "-m", "streaminghub_datamux", "serve",
-        "--host", LOOPBACK, "--port", str(broker.port), "--id", agent_id,
-        "--embedded", "never", "--drivers", "sim", "--state-dir", str(root / "state"),
-        "--data_dir", str(root / "data"), "--meta_dir", str(root / "meta"),
-    ]  # fmt: skip
-    environ = {k: v for k, v in os.environ.items() if not k.startswith("STREAMINGHUB_")}
-    environ.update(HOME=str(root), **env)
+    command = [sys.executable, "-m", "streaminghub_datamux"]
+    command += serve_args(broker, root, agent_id, root / "state")
     log_path = root / "agent.log"
     with log_path.open("ab") as log_file:
         agent = subprocess.Popen(
-            command, stdout=log_file, stderr=subprocess.STDOUT, env=environ, cwd=root
+            command, stdout=log_file, stderr=subprocess.STDOUT, env=agent_env(root, env), cwd=root
         )
     try:
         return asyncio.run(run())
@@ -279,16 +288,9 @@ class AgentProcess:
         self.counts_path = root / f"agent-{name}-loop.json"
         # bench/loop_counter.py: the agent as `python -m streaminghub_datamux`, its loop
         # turns counted (SIGUSR1 writes them to counts_path).
-        command = [
-            sys.executable, str(Path(__file__).resolve().parent / "loop_counter.py"), "serve",
-            "--host", LOOPBACK, "--port", str(broker.port), "--id", AGENT_ID,
-            "--embedded", "never", "--drivers", "sim",
-            "--state-dir", str(root / f"state-{name}"),
-            "--data_dir", str(root / "data"), "--meta_dir", str(root / "meta"),
-        ]  # fmt: skip
-        env = {k: v for k, v in os.environ.items() if not k.startswith("STREAMINGHUB_")}
-        env["HOME"] = str(root)
-        env["BENCH_LOOP_COUNTS"] = str(self.counts_path)
+        command = [sys.executable, str(Path(__file__).resolve().parent / "loop_counter.py")]
+        command += serve_args(broker, root, AGENT_ID, root / f"state-{name}")
+        env = agent_env(root, {"BENCH_LOOP_COUNTS": str(self.counts_path)})
         if profile := os.environ.get("BENCH_PROFILE"):  # SIGUSR2 toggles cProfile
             env["BENCH_PROFILE"] = profile
         with self.log_path.open("ab") as log_file:

@@ -62,15 +62,6 @@ def budget_of(state: Mapping[str, Any] | None) -> AgentBudget | None:
     return AgentBudget(float(per_s), float(burst))
 
 
-class _Schedule:
-    """When the next request to one agent may go (the GCRA's theoretical arrival time)."""
-
-    __slots__ = ("next_at",)
-
-    def __init__(self) -> None:
-        self.next_at = -math.inf
-
-
 class RequestPacer:
     """Per agent, when this client may send its next request.
 
@@ -84,7 +75,8 @@ class RequestPacer:
     ) -> None:
         self._budget = budget
         self._clock = clock
-        self._schedules: dict[str, _Schedule] = {}
+        # agent -> when its next request may go (the GCRA's theoretical arrival time)
+        self._next_at: dict[str, float] = {}
         self._told: dict[str, float] = {}  # agent -> no request before this time
 
     async def wait_turn(self, agent: str, method: str, deadline: float | None) -> None:
@@ -98,17 +90,16 @@ class RequestPacer:
         if start <= now:
             self._told.pop(agent, None)
         budget = self._budget(agent)
-        slot, schedule, interval = start, None, 0.0
+        slot = start
         if budget is not None:
-            schedule = self._schedules.setdefault(agent, _Schedule())
             burst = max(1.0, budget.burst - max(1.0, budget.burst * BURST_MARGIN))
             interval = 1.0 / (budget.per_s * RATE_MARGIN)
             # Up to a burst of requests may go at once: the schedule never lags more.
-            slot = max(schedule.next_at, now - (burst - 1) * interval, start)
+            slot = max(self._next_at.get(agent, -math.inf), now - (burst - 1) * interval, start)
         if deadline is not None and slot > deadline:
             raise self._too_long(agent, method, slot - now)
-        if schedule is not None:
-            schedule.next_at = slot + interval
+        if budget is not None:
+            self._next_at[agent] = slot + interval
         if slot > now:
             await asyncio.sleep(slot - now)
 
@@ -116,9 +107,8 @@ class RequestPacer:
         """The agent refused a request: nothing before ``retry_after_s`` from now."""
         until = self._clock() + retry_after_s
         self._told[agent] = max(until, self._told.get(agent, -math.inf))
-        schedule = self._schedules.get(agent)
-        if schedule is not None:  # the agent's bucket is empty: no burst from here
-            schedule.next_at = max(schedule.next_at, until)
+        if agent in self._next_at:  # the agent's bucket is empty: no burst from here
+            self._next_at[agent] = max(self._next_at[agent], until)
 
     def _too_long(self, agent: str, method: str, wait: float) -> RateLimited:
         budget = self._budget(agent)
